@@ -1,0 +1,86 @@
+"""Host-side argument checks shared by every attention op.
+
+They run on shapes and dtypes only (never on traced values), before anything is compiled, and
+each error names the parameter, its value and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kernels import masks as masks_lib
+
+
+def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int, int]:
+    """Checks q ``[B,T,N,H]``, k/v ``[B,S,K,H]``; returns ``(B, T, S, N, K, H)``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name}.shape={getattr(x, 'shape', None)} must be 4-D: "
+                             "q is [B, T, N, H] and k, v are [B, S, K, H].")
+    (b, t, n, h), (bk, s, kh, hk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k.shape={k.shape} and v.shape={v.shape} must match ([B, S, K, H]).")
+    if bk != b:
+        raise ValueError(f"k.shape[0]={bk} must equal q.shape[0]={b} (batch).")
+    if hk != h:
+        raise ValueError(f"k head dim k.shape[3]={hk} must equal q.shape[3]={h}; project q, k "
+                         "and v to the same head_dim.")
+    if kh < 1 or n % kh:
+        raise ValueError(f"num_heads={n} (q.shape[2]) must be a multiple of num_kv_heads={kh} "
+                         "(k.shape[2]); choose num_kv_heads dividing num_heads.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"dtypes must match: q.dtype={q.dtype}, k.dtype={k.dtype}, "
+                         f"v.dtype={v.dtype}; cast them to one dtype.")
+    return b, t, s, n, kh, h
+
+
+def check_mask(mask: Any) -> masks_lib.Mask:
+    if mask is None:
+        return masks_lib.Full()
+    if not isinstance(mask, masks_lib.Mask):
+        raise ValueError(f"mask={mask!r} must be a kernels.masks.Mask (e.g. Causal()) or None.")
+    return mask
+
+
+def check_segment_ids(segment_ids: Any, b: int, t: int, s: int) -> None:
+    if segment_ids is None:
+        return
+    if not isinstance(segment_ids, (tuple, list)) or len(segment_ids) != 2:
+        raise ValueError("segment_ids must be a pair (q_segment_ids [B, T], kv_segment_ids "
+                         f"[B, S]); got {type(segment_ids).__name__}.")
+    for name, ids, shape in (("q_segment_ids", segment_ids[0], (b, t)),
+                             ("kv_segment_ids", segment_ids[1], (b, s))):
+        if tuple(ids.shape) != shape:
+            raise ValueError(f"{name}.shape={tuple(ids.shape)} must be {shape} ([B, "
+                             f"{'T' if name[0] == 'q' else 'S'}]).")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{name}.dtype={ids.dtype} must be an integer dtype (int32).")
+
+
+def check_kv_lengths(kv_lengths: Any, b: int) -> None:
+    if kv_lengths is None:
+        return
+    if tuple(kv_lengths.shape) != (b,) or not np.issubdtype(kv_lengths.dtype, np.integer):
+        raise ValueError(f"kv_lengths (shape {tuple(kv_lengths.shape)}, dtype "
+                         f"{kv_lengths.dtype}) must be int32 of shape ({b},): valid keys per "
+                         "batch row.")
+
+
+def check_positions(name: str, positions: Any, b: int, length: int) -> None:
+    if positions is None:
+        return
+    if tuple(positions.shape) != (b, length) or not np.issubdtype(positions.dtype, np.integer):
+        raise ValueError(f"{name} (shape {tuple(positions.shape)}, dtype {positions.dtype}) "
+                         f"must be int32 of shape ({b}, {length}).")
+
+
+def check_bias(bias: Any, b: int, t: int, s: int, n: int) -> None:
+    if bias is None:
+        return
+    ok = bias.ndim == 4 and bias.shape[0] in (1, b) and bias.shape[1] in (1, n) \
+        and tuple(bias.shape[2:]) == (t, s)
+    if not ok:
+        raise ValueError(f"bias.shape={tuple(bias.shape)} must be [B or 1, N or 1, T, S] = "
+                         f"[{b} or 1, {n} or 1, {t}, {s}].")

@@ -1,0 +1,551 @@
+"""Flash attention in portable Pallas: forward and backward, masks with tile skipping, GQA.
+
+Algorithm: FlashAttention-2 (Dao, 2023, arXiv:2307.08691), online softmax over key tiles with
+fp32 accumulation; the backward pass recomputes the probabilities from the saved log-sum-exp
+in two kernels (dq over key tiles; dk/dv over query tiles) so no ``T x S`` matrix is ever in
+memory. Tile skipping follows splash attention's mask info / FlexAttention's block mask: each
+program walks a compact list of the non-empty tiles of its row (``kernels/tiles.py``), full
+tiles first (no per-element masking), then partial ones (mask predicate, bounds, segment ids,
+key lengths).
+
+Layout. A program handles one (batch, group of ``fold`` query heads sharing one K/V head,
+query block). The ``fold`` heads are folded into the rows of the q tile,
+``[block_q * fold, H]`` with row ``r`` = (position ``r // fold``, head ``r % fold``), so every
+K/V tile is loaded once for all of them and K/V are never repeated in memory. ``fold`` is the
+largest power of two dividing ``G = N / K`` (Triton tiles are powers of two); when ``G`` is not
+a power of two, ``G / fold`` programs share a K/V head and their dk/dv are summed.
+
+Ragged lengths: T, S and H are zero-padded to tile multiples (powers of two) outside the
+kernel; the edge tiles are PARTIAL, so padded keys and rows are masked, and the padding is
+sliced off. Fully masked rows return zeros and zero gradients (their lse is stored as +inf).
+
+Reference: ``kernels.reference.attention``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import block_sizes as block_sizes_lib
+from kernels import checks, tiles
+from kernels import masks as masks_lib
+from kernels.block_sizes import BlockSizes
+
+try:  # Triton launch parameters; absent on JAX builds without the Triton backend.
+    from jax.experimental.pallas import triton as _pl_triton
+except ImportError:  # pragma: no cover
+    _pl_triton = None
+
+__all__ = ["flash_attention", "registry_attention", "BlockSizes", "check_block_sizes"]
+
+_LOG2E = math.log2(math.e)
+_SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in ("float32", "bfloat16", "float16"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything static about one call (hashable: it keys jit and custom_vjp)."""
+
+    mask: masks_lib.Mask
+    scale: float
+    q_len: int          # T
+    kv_len: int         # S
+    head_dim: int       # H as given
+    head_dim_pad: int   # H padded to a power of two >= 16
+    group: int          # G = N / K
+    fold: int           # query heads per program (power of two dividing G)
+    blocks: BlockSizes  # effective (clamped) block sizes
+    has_segments: bool
+    has_lengths: bool
+    interpret: bool
+
+    @property
+    def q_pad(self) -> int:
+        b = self.blocks
+        return _round_up(self.q_len, max(b.block_q, b.block_q_dq, b.block_q_dkv))
+
+    @property
+    def kv_pad(self) -> int:
+        b = self.blocks
+        return _round_up(self.kv_len, max(b.block_k, b.block_k_dq, b.block_k_dkv))
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+# --- host-side validation ----------------------------------------------------------------------
+
+def check_block_sizes(block_sizes: Any) -> BlockSizes:
+    """Every tile must be a power of two in ``[MIN_BLOCK, MAX_BLOCK]``."""
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes={block_sizes!r} must be a "
+                         "kernels.block_sizes.BlockSizes or None (use the tuning table).")
+    lo, hi = block_sizes_lib.MIN_BLOCK, block_sizes_lib.MAX_BLOCK
+    for name, value in block_sizes.fields().items():
+        is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if not is_int or not lo <= value <= hi or value & (value - 1):
+            fix = min(hi, max(lo, _next_pow2(value))) if is_int else lo
+            raise ValueError(f"block_sizes.{name}={value!r} must be a power of two in "
+                             f"[{lo}, {hi}]; use e.g. {name}={fix}.")
+    return block_sizes
+
+
+def _check_dtype_and_head_dim(q) -> None:
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"q.dtype={q.dtype} is not supported; cast q, k and v to float32, "
+                         "bfloat16 or float16.")
+    h = q.shape[-1]
+    if not 1 <= h <= block_sizes_lib.MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={h} (q.shape[3]) must be in [1, "
+                         f"{block_sizes_lib.MAX_HEAD_DIM}]; split larger heads.")
+
+
+def _check_scale(scale: Any, h: int) -> float:
+    if scale is None:
+        return float(h) ** -0.5
+    if not np.isscalar(scale) or isinstance(scale, str) or not np.isfinite(scale) \
+            or isinstance(scale, bool):
+        raise ValueError(f"scale={scale!r} must be a finite Python float (it is static); "
+                         "pass None for head_dim ** -0.5.")
+    return float(scale)
+
+
+def _group_fold(group: int) -> int:
+    """The largest power of two dividing ``group``."""
+    return group & -group
+
+
+def _effective_blocks(bs: BlockSizes, q_len: int, kv_len: int) -> BlockSizes:
+    """Clamp tiles to the (power-of-two-rounded) sequence so short inputs pad little."""
+    qmax = max(block_sizes_lib.MIN_BLOCK, _next_pow2(q_len))
+    kmax = max(block_sizes_lib.MIN_BLOCK, _next_pow2(kv_len))
+    return dataclasses.replace(
+        bs, block_q=min(bs.block_q, qmax), block_q_dq=min(bs.block_q_dq, qmax),
+        block_q_dkv=min(bs.block_q_dkv, qmax), block_k=min(bs.block_k, kmax),
+        block_k_dq=min(bs.block_k_dq, kmax), block_k_dkv=min(bs.block_k_dkv, kmax))
+
+
+# --- the kernels -------------------------------------------------------------------------------
+
+def _dot(a, b, contract, precision):
+    """``a @ b`` contracting ``contract = (dim_a, dim_b)``, fp32 accumulation."""
+    return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+
+
+def _visible(cfg: _Config, q_block, kv_start, rows, cols, kv_len, q_seg, kv_seg):
+    """``[rows, cols]`` bool for a PARTIAL tile: the mask, bounds, key length, segments.
+
+    ``q_block`` is the query block index (row ``r`` is position ``q_block * block_q + r //
+    fold``), ``kv_start`` the first key of the tile.
+    """
+    t_idx = q_block * (rows // cfg.fold) + \
+        lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // cfg.fold          # [rows, 1]
+    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)      # [1, cols]
+    q_pos = t_idx + (cfg.kv_len - cfg.q_len)                               # bottom-right
+    visible = cfg.mask.predicate(q_pos, kv_pos, cfg.kv_len)
+    visible = visible & (t_idx < cfg.q_len) & (kv_pos < kv_len)
+    if q_seg is not None:
+        visible = visible & (q_seg[:, None] == kv_seg[None, :])
+    return visible
+
+
+def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precision):
+    if cfg.has_segments:
+        q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
+    else:
+        o_ref, lse_ref = refs
+    rows, block_k = q_ref.shape[0], cfg.blocks.block_k
+    q_block = pl.program_id(2)
+    q = q_ref[...]                                                         # [rows, Hp]
+    q_seg = q_seg_ref[...] if cfg.has_segments else None                   # [rows]
+    kv_len = table_ref[tiles.KV_LEN]
+    qk_scale = cfg.scale * _LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
+
+    def visit(i, carry, masked):
+        m_prev, l_prev, acc = carry
+        kv_start = pl.multiple_of(table_ref[tiles.HEADER + i] * block_k, block_k)
+        k = k_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
+        s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
+        if masked:
+            kv_seg = kv_seg_ref[pl.ds(kv_start, block_k)] if cfg.has_segments else None
+            keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
+            s = jnp.where(keep, s, -jnp.inf)
+        m_next = jnp.maximum(m_prev, s.max(axis=1))                        # [rows]
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # a row with nothing seen yet
+        alpha = jnp.exp2(m_prev - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])                                  # [rows, block_k]
+        l_next = alpha * l_prev + p.sum(axis=1)
+        v = v_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, (1, 0), precision)
+        return m_next, l_next, acc
+
+    carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros(q.shape, jnp.float32))
+    num_full, num_total = table_ref[tiles.NUM_FULL], table_ref[tiles.NUM_TOTAL]
+    carry = lax.fori_loop(0, num_full, functools.partial(visit, masked=False), carry)
+    carry = lax.fori_loop(num_full, num_total, functools.partial(visit, masked=True), carry)
+    m, l, acc = carry
+    seen = l > 0.0
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)  # acc is 0 where nothing seen
+    # Base-2 lse of the scaled logits; +inf makes every recomputed probability of a fully
+    # masked row exactly 0 in the backward pass.
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), jnp.inf)
+
+
+def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+               cfg: _Config, precision):
+    if cfg.has_segments:
+        q_seg_ref, kv_seg_ref, dq_ref = refs
+    else:
+        (dq_ref,) = refs
+    rows, block_k = q_ref.shape[0], cfg.blocks.block_k_dq
+    q_block = pl.program_id(2)
+    q, do = q_ref[...], do_ref[...]                                        # [rows, Hp]
+    lse, delta = lse_ref[...], delta_ref[...]                              # [rows]
+    q_seg = q_seg_ref[...] if cfg.has_segments else None
+    kv_len = table_ref[tiles.KV_LEN]
+    qk_scale = cfg.scale * _LOG2E
+
+    def visit(i, dq, masked):
+        kv_start = pl.multiple_of(table_ref[tiles.HEADER + i] * block_k, block_k)
+        k = k_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
+        v = v_ref[pl.ds(kv_start, block_k), :]
+        s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
+        p = jnp.exp2(s - lse[:, None])
+        if masked:
+            kv_seg = kv_seg_ref[pl.ds(kv_start, block_k)] if cfg.has_segments else None
+            keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
+            p = jnp.where(keep, p, 0.0)
+        dp = _dot(do, v, (1, 1), precision)                                # [rows, block_k]
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, (1, 0), precision)         # [rows, Hp]
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    num_full, num_total = table_ref[tiles.NUM_FULL], table_ref[tiles.NUM_TOTAL]
+    dq = lax.fori_loop(0, num_full, functools.partial(visit, masked=False), dq)
+    dq = lax.fori_loop(num_full, num_total, functools.partial(visit, masked=True), dq)
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                cfg: _Config, precision):
+    if cfg.has_segments:
+        q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
+    else:
+        dk_ref, dv_ref = refs
+    block_k = k_ref.shape[0]
+    rows = cfg.blocks.block_q_dkv * cfg.fold
+    kv_start = pl.program_id(2) * block_k
+    k, v = k_ref[...], v_ref[...]                                          # [block_k, Hp]
+    kv_seg = kv_seg_ref[...] if cfg.has_segments else None                 # [block_k]
+    kv_len = table_ref[tiles.KV_LEN]
+    qk_scale = cfg.scale * _LOG2E
+
+    def visit(i, carry, masked):
+        dk, dv = carry
+        q_block = table_ref[tiles.HEADER + i]
+        rows_slice = pl.ds(pl.multiple_of(q_block * rows, rows), rows)
+        q, do = q_ref[rows_slice, :], do_ref[rows_slice, :]                # [rows, Hp]
+        lse, delta = lse_ref[rows_slice], delta_ref[rows_slice]            # [rows]
+        s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
+        p = jnp.exp2(s - lse[:, None])
+        if masked:
+            q_seg = q_seg_ref[rows_slice] if cfg.has_segments else None
+            keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
+            p = jnp.where(keep, p, 0.0)
+        dv = dv + _dot(p.astype(do.dtype), do, (0, 0), precision)         # [block_k, Hp]
+        dp = _dot(do, v, (1, 1), precision)                                # [rows, block_k]
+        ds = p * (dp - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, (0, 0), precision)          # [block_k, Hp]
+        return dk, dv
+
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    num_full, num_total = table_ref[tiles.NUM_FULL], table_ref[tiles.NUM_TOTAL]
+    carry = lax.fori_loop(0, num_full, functools.partial(visit, masked=False), carry)
+    carry = lax.fori_loop(num_full, num_total, functools.partial(visit, masked=True), carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# --- pallas_call wiring ------------------------------------------------------------------------
+
+def _compiler_params(cfg: _Config):
+    if _pl_triton is None or cfg.interpret:
+        return None
+    return _pl_triton.CompilerParams(num_warps=cfg.blocks.num_warps,
+                                     num_stages=cfg.blocks.num_stages)
+
+
+def _precision(dtype):
+    # fp32 inputs get true fp32 dots (IEEE in Triton, not TF32) to match the reference.
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _table_spec(table):
+    """One row of the visit table per program; shared across the batch when it has no data."""
+    width = table.shape[-1]
+    if table.shape[0] == 1:
+        return pl.BlockSpec((None, None, width), lambda b, h, i: (0, i, 0))
+    return pl.BlockSpec((None, None, width), lambda b, h, i: (b, i, 0))
+
+
+def _kv_head(cfg: _Config):
+    per_kv = cfg.group // cfg.fold  # programs (head groups) per K/V head
+    return lambda h: h // per_kv
+
+
+def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg):
+    b, hg, rows_total, hp = q_f.shape
+    rows = cfg.blocks.block_q * cfg.fold
+    nq = -(-cfg.q_len // cfg.blocks.block_q)
+    kv_head = _kv_head(cfg)
+    s_pad = k_p.shape[1]
+    in_specs = [
+        _table_spec(table),
+        pl.BlockSpec((None, None, rows, hp), lambda b, h, i: (b, h, i, 0)),
+        pl.BlockSpec((None, s_pad, None, hp), lambda b, h, i: (b, 0, kv_head(h), 0)),
+        pl.BlockSpec((None, s_pad, None, hp), lambda b, h, i: (b, 0, kv_head(h), 0)),
+    ]
+    args = [table, q_f, k_p, v_p]
+    if cfg.has_segments:
+        in_specs += [pl.BlockSpec((None, rows), lambda b, h, i: (b, i)),
+                     pl.BlockSpec((None, s_pad), lambda b, h, i: (b, 0))]
+        args += [q_seg, kv_seg]
+    kernel = functools.partial(_forward_kernel, cfg=cfg, precision=_precision(q_f.dtype))
+    return pl.pallas_call(
+        kernel, grid=(b, hg, nq), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, rows, hp), lambda b, h, i: (b, h, i, 0)),
+                   pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q_f.shape, q_f.dtype),
+                   jax.ShapeDtypeStruct((b, hg, rows_total), jnp.float32)],
+        compiler_params=_compiler_params(cfg), interpret=cfg.interpret,
+        name="flash_attention_fwd",
+    )(*args)
+
+
+def _dq_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg):
+    b, hg, _, hp = q_f.shape
+    rows = cfg.blocks.block_q_dq * cfg.fold
+    nq = -(-cfg.q_len // cfg.blocks.block_q_dq)
+    kv_head = _kv_head(cfg)
+    s_pad = k_p.shape[1]
+    row_tile = pl.BlockSpec((None, None, rows, hp), lambda b, h, i: (b, h, i, 0))
+    row_vec = pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i))
+    kv_full = pl.BlockSpec((None, s_pad, None, hp), lambda b, h, i: (b, 0, kv_head(h), 0))
+    in_specs = [_table_spec(table), row_tile, kv_full, kv_full, row_tile, row_vec,
+                row_vec]
+    args = [table, q_f, k_p, v_p, do_f, lse, delta]
+    if cfg.has_segments:
+        in_specs += [pl.BlockSpec((None, rows), lambda b, h, i: (b, i)),
+                     pl.BlockSpec((None, s_pad), lambda b, h, i: (b, 0))]
+        args += [q_seg, kv_seg]
+    kernel = functools.partial(_dq_kernel, cfg=cfg, precision=_precision(q_f.dtype))
+    return pl.pallas_call(
+        kernel, grid=(b, hg, nq), in_specs=in_specs, out_specs=row_tile,
+        out_shape=jax.ShapeDtypeStruct(q_f.shape, jnp.float32),
+        compiler_params=_compiler_params(cfg), interpret=cfg.interpret,
+        name="flash_attention_dq",
+    )(*args)
+
+
+def _dkv_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg):
+    b, hg, rows_total, hp = q_f.shape
+    block_k = cfg.blocks.block_k_dkv
+    nk = -(-cfg.kv_len // block_k)
+    s_pad = k_p.shape[1]
+    kv_head = _kv_head(cfg)
+    q_full = pl.BlockSpec((None, None, rows_total, hp), lambda b, h, j: (b, h, 0, 0))
+    vec_full = pl.BlockSpec((None, None, rows_total), lambda b, h, j: (b, h, 0))
+    kv_tile = pl.BlockSpec((None, block_k, None, hp), lambda b, h, j: (b, j, kv_head(h), 0))
+    in_specs = [_table_spec(table), q_full, kv_tile, kv_tile, q_full, vec_full, vec_full]
+    args = [table, q_f, k_p, v_p, do_f, lse, delta]
+    if cfg.has_segments:
+        in_specs += [pl.BlockSpec((None, rows_total), lambda b, h, j: (b, 0)),
+                     pl.BlockSpec((None, block_k), lambda b, h, j: (b, j))]
+        args += [q_seg, kv_seg]
+    # One output slot per head group; groups sharing a K/V head (G not a power of two) are
+    # summed afterwards, in fp32.
+    out_dtype = k_p.dtype if cfg.group == cfg.fold else jnp.float32
+    out_tile = pl.BlockSpec((None, block_k, None, hp), lambda b, h, j: (b, j, h, 0))
+    out_shape = jax.ShapeDtypeStruct((b, s_pad, hg, hp), out_dtype)
+    kernel = functools.partial(_dkv_kernel, cfg=cfg, precision=_precision(q_f.dtype))
+    return pl.pallas_call(
+        kernel, grid=(b, hg, nk), in_specs=in_specs, out_specs=[out_tile, out_tile],
+        out_shape=[out_shape, out_shape],
+        compiler_params=_compiler_params(cfg), interpret=cfg.interpret,
+        name="flash_attention_dkv",
+    )(*args)
+
+
+# --- layouts -----------------------------------------------------------------------------------
+
+def _fold_rows(cfg: _Config, x_btnh):
+    """``[B,T,N,H]`` -> ``[B, N/fold, T_pad*fold, H_pad]``: fold heads into tile rows."""
+    b, t, n, h = x_btnh.shape
+    x = jnp.pad(x_btnh, ((0, 0), (0, cfg.q_pad - t), (0, 0), (0, cfg.head_dim_pad - h)))
+    x = x.reshape(b, cfg.q_pad, n // cfg.fold, cfg.fold, cfg.head_dim_pad)
+    return x.transpose(0, 2, 1, 3, 4).reshape(b, n // cfg.fold, cfg.q_pad * cfg.fold,
+                                              cfg.head_dim_pad)
+
+
+def _unfold_rows(cfg: _Config, x_f, dtype):
+    """Inverse of ``_fold_rows`` (drops the padding)."""
+    b, hg, _, hp = x_f.shape
+    x = x_f.reshape(b, hg, cfg.q_pad, cfg.fold, hp).transpose(0, 2, 1, 3, 4)
+    x = x.reshape(b, cfg.q_pad, hg * cfg.fold, hp)
+    return x[:, :cfg.q_len, :, :cfg.head_dim].astype(dtype)
+
+
+def _pad_kv(cfg: _Config, x_bskh):
+    s, h = x_bskh.shape[1], x_bskh.shape[3]
+    return jnp.pad(x_bskh, ((0, 0), (0, cfg.kv_pad - s), (0, 0), (0, cfg.head_dim_pad - h)))
+
+
+def _segments(cfg: _Config, segment_ids):
+    if segment_ids is None:
+        return None, None
+    q_seg, kv_seg = (x.astype(jnp.int32) for x in segment_ids)
+    q_seg = jnp.pad(q_seg, ((0, 0), (0, cfg.q_pad - cfg.q_len)))
+    q_seg = jnp.repeat(q_seg, cfg.fold, axis=1)  # one id per folded row
+    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, cfg.kv_pad - cfg.kv_len)))
+    return q_seg, kv_seg
+
+
+def _tables(cfg: _Config, segment_ids, kv_lengths):
+    b, t, s = cfg.blocks, cfg.q_len, cfg.kv_len
+    narrow = functools.partial(tiles.narrowed_table, cfg.mask, t, s, segment_ids=segment_ids,
+                               kv_lengths=kv_lengths)
+    return (narrow(b.block_q, b.block_k, transpose=False),
+            narrow(b.block_q_dq, b.block_k_dq, transpose=False),
+            narrow(b.block_q_dkv, b.block_k_dkv, transpose=True))
+
+
+# --- custom_vjp --------------------------------------------------------------------------------
+
+def _forward(cfg: _Config, q, k, v, segment_ids, kv_lengths):
+    table, _, _ = _tables(cfg, segment_ids, kv_lengths)
+    q_seg, kv_seg = _segments(cfg, segment_ids)
+    q_f, k_p, v_p = _fold_rows(cfg, q), _pad_kv(cfg, k), _pad_kv(cfg, v)
+    o_f, lse = _forward_call(cfg, table, q_f, k_p, v_p, q_seg, kv_seg)
+    return _unfold_rows(cfg, o_f, q.dtype), (q_f, k_p, v_p, o_f, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Config, q, k, v, segment_ids, kv_lengths):
+    return _forward(cfg, q, k, v, segment_ids, kv_lengths)[0]
+
+
+def _flash_fwd(cfg: _Config, q, k, v, segment_ids, kv_lengths):
+    out, (q_f, k_p, v_p, o_f, lse) = _forward(cfg, q, k, v, segment_ids, kv_lengths)
+    return out, (q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths)
+
+
+def _flash_bwd(cfg: _Config, residuals, do):
+    q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths = residuals
+    _, dq_table, dkv_table = _tables(cfg, segment_ids, kv_lengths)
+    q_seg, kv_seg = _segments(cfg, segment_ids)
+    do_f = _fold_rows(cfg, do.astype(q_f.dtype))
+    # delta_i = sum_h o_ih * do_ih = sum_j p_ij * dp_ij, the softmax-backward row term.
+    delta = jnp.sum(o_f.astype(jnp.float32) * do_f.astype(jnp.float32), axis=-1)
+    # Rows past T were never written by the forward kernel: pin them to "sees nothing".
+    real = (jnp.arange(cfg.q_pad * cfg.fold, dtype=jnp.int32) // cfg.fold < cfg.q_len)[None, None]
+    delta = jnp.where(real, delta, 0.0)
+    lse = jnp.where(real, lse, jnp.inf)
+    dq_f = _dq_call(cfg, dq_table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg)
+    dk_p, dv_p = _dkv_call(cfg, dkv_table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg)
+    b, s_pad, hg, hp = dk_p.shape
+    kh = hg * cfg.fold // cfg.group
+    if cfg.group != cfg.fold:  # head groups sharing a K/V head: sum their contributions
+        dk_p = dk_p.reshape(b, s_pad, kh, hg // kh, hp).sum(axis=3)
+        dv_p = dv_p.reshape(b, s_pad, kh, hg // kh, hp).sum(axis=3)
+    dq = _unfold_rows(cfg, dq_f, q_f.dtype)
+    dk = dk_p[:, :cfg.kv_len, :, :cfg.head_dim].astype(k_p.dtype)
+    dv = dv_p[:, :cfg.kv_len, :, :cfg.head_dim].astype(v_p.dtype)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _flash_jit(cfg: _Config, q, k, v, segment_ids, kv_lengths):
+    return _flash(cfg, q, k, v, segment_ids, kv_lengths)
+
+
+# --- public API --------------------------------------------------------------------------------
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                    mask: masks_lib.Mask | None = None,
+                    segment_ids: tuple[jax.Array, jax.Array] | None = None,
+                    kv_lengths: jax.Array | None = None, scale: float | None = None,
+                    block_sizes: BlockSizes | None = None,
+                    interpret: bool | None = None) -> jax.Array:
+    """Flash attention, q ``[B,T,N,H]``, k/v ``[B,S,K,H]`` -> ``[B,T,N,H]`` in q's dtype.
+
+    Same semantics as ``kernels.reference.attention`` (bottom-right aligned masks, segment ids,
+    key lengths, zeros for rows that see nothing), differentiable in q, k and v.
+
+    Args:
+      mask: a ``kernels.masks.Mask``; ``None`` means ``Full()``. Its tile map decides which
+        tiles are skipped (EMPTY), computed without masking (FULL) or masked (PARTIAL).
+      segment_ids: ``(q_segment_ids [B,T], kv_segment_ids [B,S])`` int; equal ids attend.
+      kv_lengths: ``[B]`` int; keys at or past the length are padding.
+      scale: static logit scale, default ``H ** -0.5``.
+      block_sizes: tiles; default from ``kernels.block_sizes.default_block_sizes``.
+      interpret: run the Pallas interpreter; ``None`` means "iff no GPU is present".
+    """
+    b, t, s, n, kh, h = checks.check_qkv(q, k, v)
+    mask = checks.check_mask(mask)
+    checks.check_segment_ids(segment_ids, b, t, s)
+    checks.check_kv_lengths(kv_lengths, b)
+    _check_dtype_and_head_dim(q)
+    scale = _check_scale(scale, h)
+    group = n // kh
+    fold = _group_fold(group)
+    if block_sizes is None:
+        device_kind = "cpu" if interpret else None  # interpret mode uses the CPU entries
+        block_sizes = block_sizes_lib.default_block_sizes(h, fold, device_kind)
+    check_block_sizes(block_sizes)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    cfg = _Config(mask=mask, scale=scale, q_len=t, kv_len=s, head_dim=h,
+                  head_dim_pad=max(block_sizes_lib.MIN_BLOCK, _next_pow2(h)), group=group,
+                  fold=fold, blocks=_effective_blocks(block_sizes, t, s),
+                  has_segments=segment_ids is not None, has_lengths=kv_lengths is not None,
+                  interpret=bool(interpret))
+    if segment_ids is not None:
+        segment_ids = (jnp.asarray(segment_ids[0]), jnp.asarray(segment_ids[1]))
+    return _flash_jit(cfg, q, k, v, segment_ids, kv_lengths)
+
+
+def registry_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None,
+                       segment_ids=None, kv_lengths=None, scale=None, bias=None,
+                       q_positions=None, kv_positions=None) -> jax.Array:
+    """``flash_attention`` with the signature of ``kernels.reference.attention``, for the
+    attention registry: cases it does not express raise ``NotImplementedError`` so the
+    registry falls back to the next implementation."""
+    if bias is not None:
+        raise NotImplementedError("the Pallas kernel takes no additive bias")
+    if q_positions is not None or kv_positions is not None:
+        raise NotImplementedError("the Pallas kernel uses bottom-right aligned positions only")
+    if q.dtype not in _SUPPORTED_DTYPES or q.shape[-1] > block_sizes_lib.MAX_HEAD_DIM:
+        raise NotImplementedError(f"dtype {q.dtype} / head_dim {q.shape[-1]} unsupported")
+    return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, kv_lengths=kv_lengths,
+                           scale=scale)

@@ -1,0 +1,100 @@
+"""The attention layer: projections, heads (MHA/GQA/MQA), a mask, an implementation.
+
+The three axes stay independent: ``num_kv_heads`` sets how K/V heads are shared, ``mask`` sets
+which keys a query sees, ``implementation`` names registry entries tried in order. Position
+information enters through two narrow hooks: ``rope`` rotates q and k, ``bias`` adds a
+``[B, N, T, S]`` logits bias (T5 relative buckets, ALiBi).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels import masks as masks_lib
+from tx.attention import cache as cache_lib
+from tx.attention import registry
+
+
+def _projection(rngs, shape, names, in_axis, out_axis, param_dtype):
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                             in_axis=in_axis, out_axis=out_axis)
+    init = nnx.with_partitioning(init, names, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, param_dtype))
+
+
+class Attention(nnx.Module):
+    """``[B, T, D] -> [B, T, D]`` self-attention, or cross-attention when given a context.
+
+    GQA is native: q is ``[B, T, N, H]``, k/v ``[B, S, K, H]`` and the implementation groups
+    the ``N / K`` query heads of each K/V head (no repeated K/V in memory).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 mask: masks_lib.Mask | None = None, implementation: Sequence[str] = ("xla",),
+                 rope: nnx.Module | None = None, bias: nnx.Module | None = None,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be divisible by "
+                             f"num_kv_heads={num_kv_heads}.")
+        n, k, h, d = num_heads, num_kv_heads, head_dim, d_model
+        self.q_dnh = _projection(rngs, (d, n, h), ("embed", "heads", "head_dim"), 0, (1, 2),
+                                 param_dtype)
+        self.k_dkh = _projection(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 0, (1, 2),
+                                 param_dtype)
+        self.v_dkh = _projection(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 0, (1, 2),
+                                 param_dtype)
+        self.o_nhd = _projection(rngs, (n, h, d), ("heads", "head_dim", "embed"), (0, 1), 2,
+                                 param_dtype)
+        self.mask = masks_lib.Full() if mask is None else mask
+        self.implementation = tuple(implementation)
+        self.rope, self.bias = rope, bias
+        self.dtype = dtype
+        self.cache: nnx.Module | None = nnx.data(None)  # set by init_cache for incremental decoding
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_dkh[...].shape[1]
+
+    def init_cache(self, batch: int, max_len: int, *, dtype=None) -> None:
+        """Switches this layer to incremental decoding (a rolling cache for causal windows)."""
+        _, k, h = self.k_dkh[...].shape
+        self.cache = nnx.data(cache_lib.make_cache(self.mask, batch, max_len, k, h,
+                                                   dtype=dtype or self.dtype))
+
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array | None = None, *,
+                 context_bsd: jax.Array | None = None, segment_ids=None,
+                 kv_lengths: jax.Array | None = None) -> jax.Array:
+        """Args:
+          x_btd: queries' input (and keys'/values' for self-attention).
+          positions_bt: int32 positions for ``rope``/``bias`` (default ``arange``, offset by
+            the cache for decoding); restart them per document when packing.
+          context_bsd: the encoder output for cross-attention.
+          segment_ids: ``(q_ids [B,T], kv_ids [B,S])``; equal ids attend.
+          kv_lengths: ``[B]`` valid keys per row (padding).
+        """
+        b, t, _ = x_btd.shape
+        x = x_btd.astype(self.dtype)
+        src = x if context_bsd is None else context_bsd.astype(self.dtype)
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_dnh[...].astype(self.dtype))
+        k = jnp.einsum("BSD,DKH->BSKH", src, self.k_dkh[...].astype(self.dtype))
+        v = jnp.einsum("BSD,DKH->BSKH", src, self.v_dkh[...].astype(self.dtype))
+        if positions_bt is None:
+            start = self.cache.index[...] if self.cache is not None else 0
+            positions_bt = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        kv_positions_bs = positions_bt
+        if self.rope is not None:
+            q, k = self.rope(q, positions_bt), self.rope(k, positions_bt)
+        mask_positions = {}
+        if self.cache is not None:
+            k, v, q_pos, kv_pos = self.cache.update(k, v)
+            mask_positions = dict(q_positions=q_pos, kv_positions=kv_pos)
+            positions_bt, kv_positions_bs = q_pos, kv_pos
+        bias = None if self.bias is None else self.bias(positions_bt, kv_positions_bs)
+        out = registry.attend(q, k, v, mask=self.mask, segment_ids=segment_ids,
+                              kv_lengths=kv_lengths, bias=bias,
+                              implementation=self.implementation, **mask_positions)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o_nhd[...].astype(self.dtype))

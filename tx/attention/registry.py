@@ -1,0 +1,74 @@
+"""Attention implementations by name, tried in order.
+
+An implementation is a function with the signature of ``kernels.reference.attention``. When it
+cannot serve a case (a mask it does not support, no GPU, custom positions...) it raises
+``NotImplementedError`` at trace time and ``attend`` tries the next name. The library never
+branches on implementation strings anywhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+
+from kernels import masks as masks_lib
+from kernels import reference
+from kernels.flash_attention import registry_attention as _pallas
+
+AttentionFn = Callable[..., jax.Array]
+_REGISTRY: dict[str, AttentionFn] = {}
+
+
+def register(name: str, fn: AttentionFn) -> None:
+    """Adds (or replaces) an implementation; research code may register its own."""
+    _REGISTRY[name] = fn
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def attend(q, k, v, *, implementation: Sequence[str] = ("xla",), **kwargs) -> jax.Array:
+    """Runs the first implementation in ``implementation`` that supports the case."""
+    if isinstance(implementation, str):
+        implementation = (implementation,)
+    reasons = []
+    for name in implementation:
+        if name not in _REGISTRY:
+            raise ValueError(f"implementation={name!r} is not registered; known: "
+                             f"{names()}.")
+        try:
+            return _REGISTRY[name](q, k, v, **kwargs)
+        except NotImplementedError as e:
+            reasons.append(f"{name}: {e}")
+    raise NotImplementedError(
+        f"no implementation in {tuple(implementation)} supports this case ("
+        + "; ".join(reasons) + "). Append 'xla', which supports every case.")
+
+
+def _cudnn(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=None, bias=None,
+           q_positions=None, kv_positions=None):
+    """``jax.nn.dot_product_attention`` with cuDNN, for the cases it expresses exactly."""
+    if jax.default_backend() != "gpu":
+        raise NotImplementedError("cuDNN needs a GPU")
+    if q.dtype.itemsize != 2:
+        raise NotImplementedError(f"cuDNN flash attention takes fp16/bf16, not {q.dtype}")
+    if segment_ids is not None or q_positions is not None or kv_positions is not None:
+        raise NotImplementedError("segment ids and custom positions are not expressed")
+    mask = masks_lib.Full() if mask is None else mask
+    t, s = q.shape[1], k.shape[1]
+    band = mask.band()
+    if band is None or (band[1] == 0 and t != s) or band[1] not in (0, float("inf")):
+        # jax.nn's causal flag is top-left aligned; only square causal cases agree with ours.
+        raise NotImplementedError(f"mask {mask} has no cuDNN equivalent")
+    causal = band[1] == 0
+    window = None if band[0] == float("-inf") else (int(-band[0]), 0)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, scale=scale, is_causal=causal, local_window_size=window,
+        key_value_seq_lengths=kv_lengths, implementation="cudnn")
+
+
+register("xla", reference.attention)
+register("cudnn", _cudnn)
+register("pallas", _pallas)

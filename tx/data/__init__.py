@@ -1,0 +1,117 @@
+"""tx.data: offline, numpy-only, deterministic datasets.
+
+Every dataset has ``task``, ``vocab_size`` and ``batch(step) -> dict[str, np.ndarray]``, a pure
+function of its constructor arguments and ``step`` (so the data position of a run is its step;
+see :class:`StepIterator`). Batch keys by ``task``:
+
+=============  ===============================================================================
+``lm``         ``inputs [B,T]``, ``targets [B,T]`` (next token), ``weights [B,T]`` float32;
+               packed rows add ``segment_ids [B,T]`` (1, 2, ... per document, 0 = padding) and
+               ``positions [B,T]`` (restarting at 0 per document)
+``mlm``        ``inputs`` (corrupted), ``targets`` (original), ``weights`` (1 at corrupted
+               positions only), ``lengths [B]``
+``seq_cls``    ``inputs [B,T]``, ``labels [B]``, ``lengths [B]``
+``token_cls``  ``inputs``, ``targets [B,T]``, ``weights``, ``lengths``
+``seq2seq``    ``source [B,S]``, ``source_lengths [B]``, ``inputs [B,T]`` (BOS + target,
+               teacher forcing), ``targets [B,T]`` (target + EOS), ``weights [B,T]``
+=============  ===============================================================================
+
+Integer arrays are int32, weights float32. :func:`make_dataset` builds one by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from tx.data.common import check_int, check_split
+from tx.data.loader import Dataset, StepIterator
+from tx.data.masking import bert_corrupt
+from tx.data.packing import pack
+from tx.data.synthetic import (MQAR, Copy, Duplicates, Majority, MaskedCopy, Reverse, Sort,
+                               SyntheticTask)
+from tx.data.text import (ByteLM, ByteMLM, Corpus, PackedBytes, corpus_from_paths,
+                          stdlib_corpus)
+from tx.data.vocab import (BOS, BYTE_VOCAB_SIZE, EOS, MASK, OFFSET, PAD, SEP, decode_bytes,
+                           encode_bytes)
+
+TASKS = ("lm", "mlm", "seq_cls", "token_cls", "seq2seq")
+
+
+_COMMON = ("self", "corpus", "batch_size", "seq_len", "seed", "split")
+_TEXT_EXTRAS = ("paths", "max_bytes", "eval_fraction")
+
+
+def _options(cls, extras=()) -> tuple[str, ...]:
+    """The keyword arguments a registered dataset takes besides the common ones."""
+    names = inspect.signature(cls.__init__).parameters
+    return tuple(n for n in names if n not in _COMMON) + tuple(extras)
+
+
+def _synthetic(cls) -> Callable:
+    def build(*, batch_size, seq_len, seed, split, **kwargs):
+        return cls(batch_size=batch_size, seq_len=seq_len, seed=seed, split=split, **kwargs)
+    build.__doc__ = cls.__doc__
+    build.options = _options(cls)
+    return build
+
+
+def _text(cls) -> Callable:
+    def build(*, batch_size, seq_len, seed, split, paths=None, max_bytes=None,
+              eval_fraction=None, **kwargs):
+        if paths is None:
+            corpus = stdlib_corpus(*(() if max_bytes is None else (max_bytes,)))
+        else:
+            corpus = corpus_from_paths(paths, max_bytes=max_bytes)
+        split_kwargs = {} if eval_fraction is None else {"eval_fraction": eval_fraction}
+        return cls(corpus.split(split, **split_kwargs), batch_size=batch_size, seq_len=seq_len,
+                   seed=seed, **kwargs)
+    build.__doc__ = cls.__doc__
+    build.options = _options(cls, _TEXT_EXTRAS)
+    return build
+
+
+REGISTRY: dict[str, Callable] = {
+    "copy": _synthetic(Copy),
+    "reverse": _synthetic(Reverse),
+    "sort": _synthetic(Sort),
+    "mqar": _synthetic(MQAR),
+    "classify": _synthetic(Majority),
+    "tagging": _synthetic(Duplicates),
+    "mlm": _synthetic(MaskedCopy),
+    "bytes": _text(ByteLM),
+    "bytes_mlm": _text(ByteMLM),
+    "packed_bytes": _text(PackedBytes),
+}
+
+
+def list_datasets() -> tuple[str, ...]:
+    return tuple(sorted(REGISTRY))
+
+
+def make_dataset(name: str, *, batch_size: int, seq_len: int, seed: int = 0,
+                 split: str = "train", **kwargs) -> Dataset:
+    """Build dataset ``name`` (see :func:`list_datasets`). ``kwargs`` go to the dataset class;
+    text datasets also take ``paths`` (files/directories instead of the stdlib corpus),
+    ``max_bytes`` and ``eval_fraction``."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
+    check_int("batch_size", batch_size, 1)
+    check_int("seq_len", seq_len, 1)
+    check_int("seed", seed, 0)
+    check_split(split)
+    build = REGISTRY[name]
+    unknown = sorted(set(kwargs) - set(build.options))
+    if unknown:
+        raise ValueError(f"dataset {name!r} got unknown options {unknown}; it takes "
+                         f"{list(build.options)}")
+    return build(batch_size=batch_size, seq_len=seq_len, seed=seed, split=split, **kwargs)
+
+
+__all__ = [
+    "BOS", "BYTE_VOCAB_SIZE", "EOS", "MASK", "OFFSET", "PAD", "SEP", "TASKS", "REGISTRY",
+    "ByteLM", "ByteMLM", "Copy", "Corpus", "Dataset", "Duplicates", "MQAR", "Majority",
+    "MaskedCopy", "PackedBytes", "Reverse", "Sort", "StepIterator", "SyntheticTask",
+    "bert_corrupt", "corpus_from_paths", "decode_bytes", "encode_bytes", "list_datasets",
+    "make_dataset", "pack", "stdlib_corpus",
+]

@@ -1,0 +1,45 @@
+"""Position-wise feed-forward block: plain (relu, gelu) or gated (swiglu, geglu)."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = ('relu', 'gelu', 'swiglu', 'geglu')
+# GELU uses the tanh approximation (jax default), as in GPT-2 and T5's gated-gelu.
+_NONLINEARITY = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu,
+                 'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
+
+
+def _dense(d_in, d_out, axes, *, use_bias, dtype, param_dtype, rngs):
+    # eager_sharding=False: logical axis names, mapped to a mesh later by axis rules.
+    kernel_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), axes,
+                                        eager_sharding=False)
+    bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:],
+                                      eager_sharding=False)
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    """`[B, T, D] -> [B, T, D]`. Gated variants (Shazeer 2020) compute
+    `act(x W_gate) * (x W_up)` with two `[D, F]` projections; dropout follows the
+    activation, controlled by `model.train()` / `model.eval()`."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = 'gelu',
+                 dropout_rate: float = 0.0, use_bias: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
+        dense = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.activation = activation
+        self.wi_gate = _dense(d_model, d_ff, ('embed', 'mlp'), **dense)
+        gated = activation in ('swiglu', 'geglu')
+        self.wi_up = _dense(d_model, d_ff, ('embed', 'mlp'), **dense) if gated else None
+        self.wo = _dense(d_ff, d_model, ('mlp', 'embed'), **dense)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        h_btf = _NONLINEARITY[self.activation](self.wi_gate(x_btd))
+        if self.wi_up is not None:
+            h_btf = h_btf * self.wi_up(x_btd)
+        return self.wo(self.dropout(h_btf))

@@ -1,0 +1,154 @@
+"""Position signals: absolute (sinusoidal, learned), rotary, and additive attention biases.
+
+Every function takes int32 position arrays rather than assuming `arange`: positions
+restart per document when sequences are packed and are offset during decoding.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def sinusoidal(positions_bt: jax.Array, d_model: int) -> jax.Array:
+    """Vaswani et al. (2017): `pe[2i] = sin(p / 10000^(2i/D))`, `pe[2i+1] = cos(...)`.
+
+    Returns `[B, T, D]` float32 (sin/cos interleaved, as in the paper's formula).
+    """
+    if d_model % 2:
+        raise ValueError(f"{d_model=} must be even for sinusoidal positions")
+    inv_freq = 10000.0 ** (-np.arange(0, d_model, 2, dtype=np.float32) / d_model)  # [D/2]
+    angles_btd2 = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    pairs = jnp.stack([jnp.sin(angles_btd2), jnp.cos(angles_btd2)], axis=-1)  # [B,T,D/2,2]
+    return pairs.reshape(*positions_bt.shape, d_model)
+
+
+class SinusoidalPositions(nnx.Module):
+    """Module wrapper around `sinusoidal`, so models can swap position modules."""
+
+    def __init__(self, d_model: int):
+        self.d_model = d_model
+
+    def __call__(self, positions_bt: jax.Array) -> jax.Array:
+        return sinusoidal(positions_bt, self.d_model)
+
+
+class LearnedPositions(nnx.Module):
+    """Learned absolute table `[max_len, D]`.
+
+    Positions outside `[0, max_len)` are clamped to the nearest row (a shape check cannot
+    see traced position values under jit), so callers must keep positions below max_len.
+    """
+
+    def __init__(self, max_len: int, d_model: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        # Small stddev (GPT-2's 0.02) keeps positions from dominating the token embedding.
+        # eager_sharding=False: logical names, mapped to a mesh later by axis rules.
+        init = nnx.with_partitioning(nnx.initializers.normal(stddev=0.02), (None, 'embed'),
+                                     eager_sharding=False)
+        self.table = nnx.Param(init(rngs.params(), (max_len, d_model), param_dtype))
+        self.max_len = max_len
+        self.dtype = dtype
+
+    def __call__(self, positions_bt: jax.Array) -> jax.Array:
+        return jnp.take(self.table[...], positions_bt, axis=0, mode='clip').astype(self.dtype)
+
+
+class RoPE(nnx.Module):
+    """Rotary embedding (Su et al., 2021), rotate-half convention (GPT-NeoX / Llama).
+
+    Dimension `i` is paired with `i + H/2` and the pair is rotated by angle
+    `p * base^(-2i/H)`, so `q(p)·k(p')` depends only on `p - p'`. Angles and the
+    rotation run in float32 (bf16 angles lose the low bits of large positions).
+    """
+
+    def __init__(self, head_dim: int, *, base: float = 10000.0):
+        if head_dim % 2:
+            raise ValueError(f"{head_dim=} must be even for RoPE (dimensions rotate in pairs)")
+        self.head_dim = head_dim
+        self.base = base
+
+    def __call__(self, x_btnh: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        half = self.head_dim // 2
+        inv_freq = self.base ** (-np.arange(half, dtype=np.float32) / half)  # [H/2]
+        angles_bth = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+        cos_bt1h = jnp.cos(angles_bth)[:, :, None, :]
+        sin_bt1h = jnp.sin(angles_bth)[:, :, None, :]
+        x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+        rotated = jnp.concatenate([x1 * cos_bt1h - x2 * sin_bt1h,
+                                   x2 * cos_bt1h + x1 * sin_bt1h], axis=-1)
+        return rotated.astype(x_btnh.dtype)
+
+
+def t5_bucket(relative_position: jax.Array, *, num_buckets: int, max_distance: int,
+              bidirectional: bool) -> jax.Array:
+    """T5's bucket of `relative_position = kv_pos - q_pos` (Raffel et al., 2020).
+
+    When bidirectional, keys after the query get their own half of the buckets. Within a
+    half, the first half of the buckets hold exact distances (nearby tokens matter most),
+    the rest cover distances up to `max_distance` logarithmically, and farther keys share
+    the last bucket.
+    """
+    offset = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        offset = jnp.where(relative_position > 0, num_buckets, 0)  # keys after the query
+        distance = jnp.abs(relative_position)
+    else:
+        distance = jnp.maximum(-relative_position, 0)  # future keys collapse into bucket 0
+    max_exact = num_buckets // 2
+    # max(distance, 1) keeps log finite; those entries take the exact branch anyway.
+    log_ratio = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+                 / math.log(max_distance / max_exact))
+    far = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+    far = jnp.minimum(far, num_buckets - 1)
+    return offset + jnp.where(distance < max_exact, distance, far)
+
+
+class T5RelativeBias(nnx.Module):
+    """Learned per-head scalar bias indexed by the T5 bucket of `kv_pos - q_pos`."""
+
+    def __init__(self, num_heads: int, *, num_buckets: int = 32, max_distance: int = 128,
+                 bidirectional: bool = True, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        # eager_sharding=False: logical names, mapped to a mesh later by axis rules.
+        init = nnx.with_partitioning(nnx.initializers.normal(stddev=0.02),
+                                     ('relpos_buckets', 'heads'), eager_sharding=False)
+        self.table = nnx.Param(init(rngs.params(), (num_buckets, num_heads), param_dtype))
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+
+    def __call__(self, q_pos_bt: jax.Array, kv_pos_bs: jax.Array) -> jax.Array:
+        """Returns the additive bias `[B, N, T, S]` in float32."""
+        rel_bts = kv_pos_bs[:, None, :] - q_pos_bt[:, :, None]
+        bucket_bts = t5_bucket(rel_bts, num_buckets=self.num_buckets,
+                               max_distance=self.max_distance, bidirectional=self.bidirectional)
+        bias_btsn = jnp.take(self.table[...].astype(jnp.float32), bucket_bts, axis=0)
+        return jnp.transpose(bias_btsn, (0, 3, 1, 2))
+
+
+def alibi_slopes(num_heads: int) -> tuple[float, ...]:
+    """Press et al. (2022): geometric slopes `2^(-8/n), 2^(-16/n), ...` for n heads.
+
+    For n not a power of two, take the slopes for the largest power of two m < n, then
+    fill the remaining n - m heads with every other slope for 2m (the 1st, 3rd, ...),
+    which interleave with the first set.
+    """
+    def geometric(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    m = 2 ** int(math.floor(math.log2(num_heads)))
+    return tuple(geometric(m) + geometric(2 * m)[0::2][:num_heads - m])
+
+
+class ALiBi(nnx.Module):
+    """Linear distance penalty `-slope_n * |q_pos - kv_pos|` (no parameters)."""
+
+    def __init__(self, num_heads: int):
+        self.slopes = alibi_slopes(num_heads)  # a tuple: static, not a parameter
+
+    def __call__(self, q_pos_bt: jax.Array, kv_pos_bs: jax.Array) -> jax.Array:
+        """Returns the additive bias `[B, N, T, S]` in float32."""
+        slopes_n = jnp.asarray(self.slopes, jnp.float32)
+        distance_bts = jnp.abs(q_pos_bt[:, :, None] - kv_pos_bs[:, None, :]).astype(jnp.float32)
+        return -slopes_n[None, :, None, None] * distance_bts[:, None, :, :]
