@@ -159,9 +159,10 @@ class GlobalTokens(Mask):
         object.__setattr__(self, "indices", indices)
 
     def predicate(self, q_pos, kv_pos, kv_len):
-        hit_q = functools.reduce(lambda acc, i: acc | (q_pos == i), self.indices, q_pos < 0)
-        hit_kv = functools.reduce(lambda acc, i: acc | (kv_pos == i), self.indices, kv_pos < 0)
-        return (q_pos >= 0) & (hit_q | hit_kv)
+        hit_q = functools.reduce(lambda acc, i: acc | (q_pos == i), self.indices, q_pos != q_pos)
+        hit_kv = functools.reduce(lambda acc, i: acc | (kv_pos == i), self.indices,
+                                  kv_pos != kv_pos)
+        return hit_q | hit_kv
 
 
 def _mix32(x):
@@ -207,7 +208,7 @@ class BigBird(Mask):
             key = qb.astype(np.uint32) * np.uint32(0x9E3779B1) + salt
             pick = (_mix32(key) % np.uint32(num_kv_blocks)).astype(kb.dtype)
             visible = visible | (kb == pick)
-        return visible & (q_pos >= 0)
+        return visible
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,7 +82,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
     checks.check_qkv(q, k, v)
     logits, visible_bts = _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias,
                                          q_positions, kv_positions)
-    probs = jax.nn.softmax(logits, axis=-1)
+    # Zeroing hidden pairs after the softmax keeps a -inf bias from pushing weight onto them.
+    probs = jnp.where(visible_bts[:, None, None], jax.nn.softmax(logits, axis=-1), 0.0)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     out = jnp.where(visible_bts.any(axis=-1)[:, :, None, None, None], out, 0.0)
@@ -96,5 +97,5 @@ def attention_weights(q: jax.Array, k: jax.Array, *, mask: Any = None, segment_i
     logits, visible_bts = _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias,
                                          q_positions, kv_positions)
     b, kh, g, t, s = logits.shape
-    probs = jax.nn.softmax(logits, axis=-1).reshape(b, kh * g, t, s)
-    return jnp.where(visible_bts.any(-1)[:, None, :, None], probs, 0.0)
+    probs = jnp.where(visible_bts[:, None, None], jax.nn.softmax(logits, axis=-1), 0.0)
+    return probs.reshape(b, kh * g, t, s)

@@ -54,18 +54,16 @@ def bf_strided(stride):
 
 
 def bf_global(indices):
-    # Convention of masks.py: a query at a negative position (only when q_len > kv_len) sees
-    # nothing under the sparse patterns.
+    # Every query sees the global keys, including queries at negative positions (those
+    # exist only when q_len > kv_len).
     def f(qp, kp):
-        return qp >= 0 and (qp in indices or kp in indices)
+        return qp in indices or kp in indices
     return f
 
 
 def bf_bigbird_static(block, window_blocks, global_blocks):
     """Sliding + global parts of BigBird (no random blocks)."""
     def f(qp, kp):
-        if qp < 0:
-            return False
         qb, kb = qp // block, kp // block
         return (abs(qb - kb) <= window_blocks // 2 or qb < global_blocks
                 or kb < global_blocks)
@@ -160,7 +158,8 @@ def test_bigbird_static_part(q_len, kv_len, block, window, glob):
 
 
 def _random_picks(mask: BigBird, q_len, kv_len):
-    """{query block: set of key blocks added by the random part} for non-negative queries."""
+    """{query block: set of key blocks added by the random part} for non-negative queries
+    (negative ones exist only when q_len > kv_len)."""
     base = dataclasses.replace(mask, random_blocks=0).dense(q_len, kv_len)
     full = mask.dense(q_len, kv_len)
     assert not (base & ~full).any(), "random blocks removed a visible pair"
@@ -170,7 +169,6 @@ def _random_picks(mask: BigBird, q_len, kv_len):
     for i in range(q_len):
         qp = i + kv_len - q_len
         if qp < 0:
-            assert not full[i].any()
             continue
         qb = qp // mask.block
         cols = {j // mask.block for j in np.flatnonzero(extra[i])}

@@ -24,7 +24,7 @@ PAIR = {
     "local2": lambda qp, kp: qp - 2 <= kp <= qp,
     "local1_2": lambda qp, kp: qp - 1 <= kp <= qp + 2,
     "strided3": lambda qp, kp: qp >= kp and ((qp - kp) < 3 or (qp - kp) % 3 == 0),
-    "global0": lambda qp, kp: qp >= 0 and (qp == 0 or kp == 0),
+    "global0": lambda qp, kp: qp == 0 or kp == 0,
 }
 MASKS = {"full": Full(), "causal": Causal(), "local2": Local(2), "local1_2": Local(1, 2),
          "strided3": Strided(3), "global0": GlobalTokens((0,))}

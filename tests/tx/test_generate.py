@@ -1,0 +1,135 @@
+"""Generation: caches agree with full recompute; sampling filters; beam search."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tx import models
+from tx.config import ModelConfig
+from tx.inference import generate as generate_lib
+from tx.inference.beam import beam_search
+from tx.inference.generate import generate
+from tx.inference.sampling import Greedy, Sample, filter_logits
+
+V = 64
+
+
+def _decoder(attention, **kw):
+    return models.build(ModelConfig(attention=attention, window=4, stride=3, vocab_size=V,
+                                    d_model=32, num_layers=2, d_ff=64, **kw))
+
+
+def _seq2seq():
+    return models.build(ModelConfig(family="encoder_decoder", task="seq2seq", vocab_size=V,
+                                    d_model=32, num_layers=1, d_ff=64, attention="gqa"))
+
+
+def _prompt(b=3, t=5, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, t), 8, V)
+
+
+def _sequence_logp(model, prompt, tokens):
+    full = jnp.concatenate([prompt, jnp.asarray(tokens)], axis=1)
+    logp = jax.nn.log_softmax(model(full)[:, prompt.shape[1] - 1:-1])
+    return jnp.take_along_axis(logp, jnp.asarray(tokens)[..., None], axis=-1)[..., 0].sum(-1)
+
+
+@pytest.mark.parametrize("attention", ["gqa", "gqa+local", "mqa+sparse"])
+@pytest.mark.parametrize("strategy", [Greedy(), Sample(0.8, top_k=10, top_p=0.9)])
+def test_cache_matches_recompute(attention, strategy):
+    model, prompt = _decoder(attention), _prompt()
+    cached = generate(model, prompt, max_new_tokens=12, strategy=strategy, seed=3)
+    recomputed = generate(model, prompt, max_new_tokens=12, strategy=strategy, seed=3,
+                          cache="none")
+    np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
+    assert cached.tokens.shape == (3, 12) and (cached.lengths == 12).all()
+
+
+def test_greedy_is_the_argmax_continuation():
+    model, prompt = _decoder("gqa"), _prompt(b=2)
+    out = generate(model, prompt, max_new_tokens=4).tokens
+    seq = prompt
+    for i in range(4):
+        nxt = jnp.argmax(model(seq)[:, -1], axis=-1)
+        np.testing.assert_array_equal(out[:, i], nxt)
+        seq = jnp.concatenate([seq, nxt[:, None].astype(seq.dtype)], axis=1)
+
+
+def test_stop_tokens_end_rows_with_pad():
+    model, prompt = _decoder("gqa"), _prompt()
+    free = generate(model, prompt, max_new_tokens=8)
+    stop = int(free.tokens[0, 2])  # row 0 emits it at step 2 (maybe earlier)
+    first = int(np.flatnonzero(free.tokens[0] == stop)[0])
+    out = generate(model, prompt, max_new_tokens=8, stop_tokens=(stop,))
+    assert out.lengths[0] == first + 1
+    np.testing.assert_array_equal(out.tokens[0, :first + 1], free.tokens[0, :first + 1])
+    assert (out.tokens[0, first + 1:] == generate_lib.PAD).all()
+
+
+def test_no_recompilation_per_token_or_per_call():
+    model, prompt = _decoder("gqa"), _prompt()
+    generate(model, prompt, max_new_tokens=6)
+    before = generate_lib._decode_cached._cache_size()
+    generate(model, _prompt(seed=1), max_new_tokens=6)
+    assert generate_lib._decode_cached._cache_size() == before
+
+
+def test_encoder_decoder_generation_cache_matches_recompute():
+    model = _seq2seq()
+    source, start = _prompt(b=2, t=7, seed=1), jnp.ones((2, 1), jnp.int32)
+    cached = generate(model, start, max_new_tokens=6, source_bs=source)
+    recomputed = generate(model, start, max_new_tokens=6, source_bs=source, cache="none")
+    np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
+    beams = beam_search(model, start, max_new_tokens=6, num_beams=3, source_bs=source)
+    assert beams.tokens.shape == (2, 6)
+
+
+def test_one_beam_is_greedy():
+    model, prompt = _decoder("gqa+local"), _prompt()
+    greedy = generate(model, prompt, max_new_tokens=10, stop_tokens=(9,))
+    beam = beam_search(model, prompt, max_new_tokens=10, num_beams=1, stop_tokens=(9,))
+    np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+
+
+def test_beam_scores_are_the_sequences_log_probability():
+    """Reordering the cache by parent beams is right iff the reported score equals the
+    recomputed log-probability of the returned tokens."""
+    model, prompt = _decoder("gqa+local"), _prompt()
+    beam = beam_search(model, prompt, max_new_tokens=8, num_beams=4, length_penalty=0.0)
+    np.testing.assert_allclose(beam.scores, _sequence_logp(model, prompt, beam.tokens),
+                               rtol=1e-4, atol=1e-4)
+    greedy = generate(model, prompt, max_new_tokens=8)
+    wider = beam_search(model, prompt, max_new_tokens=8, num_beams=8, length_penalty=0.0)
+    assert (wider.scores >= _sequence_logp(model, prompt, greedy.tokens) - 1e-4).mean() >= 0.5
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda x: np.isfinite(np.asarray(x)) & (np.asarray(x) > -1e30)  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)).sum() == 2
+    assert kept(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False, False]]
+    assert kept(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False, False]]
+    assert kept(filter_logits(logits, top_p=0.71)).tolist() == [[True, True, True, False, False]]
+    draws = jax.vmap(lambda k: Sample(top_k=2)(logits, k))(jax.random.split(jax.random.key(0), 200))
+    assert set(np.unique(draws).tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=4, cache="paged-ish"), "cache"),
+])
+def test_bad_generate_arguments(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        generate(_decoder("gqa"), _prompt(), **kwargs)
+
+
+def test_bad_sampling_values():
+    for kwargs, field in ((dict(temperature=0.0), "temperature"), (dict(top_k=0), "top_k"),
+                          (dict(top_p=1.5), "top_p")):
+        with pytest.raises(ValueError, match=field):
+            Sample(**kwargs)
+    with pytest.raises(ValueError, match="source_bs"):
+        generate(_seq2seq(), _prompt(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="num_beams"):
+        beam_search(_decoder("gqa"), _prompt(), max_new_tokens=2, num_beams=0)

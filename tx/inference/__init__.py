@@ -1,0 +1,7 @@
+"""Inference: generation (greedy, sampling, beam search) over KV caches."""
+
+from tx.inference.beam import beam_search
+from tx.inference.generate import Generation, generate
+from tx.inference.sampling import Greedy, Sample, filter_logits
+
+__all__ = ["generate", "beam_search", "Generation", "Greedy", "Sample", "filter_logits"]

@@ -1,0 +1,179 @@
+"""Generation for decoder-only and encoder-decoder tx models: prefill, then decode.
+
+The whole decode loop runs inside one ``jax.jit`` (a ``lax.while_loop`` over tokens that
+stops once every row has emitted a stop token), so nothing recompiles per token. Cache kinds:
+
+* ``"contiguous"``: the model's own KV caches (``init_cache``; rolling for causal windows);
+* ``"none"``: full recompute of the whole buffer every token (the reference the caches must
+  match; causal masks keep the not-yet-written tail from mattering).
+
+Prompts in a batch share one length (left-align ragged prompts into separate calls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tx.inference.sampling import Greedy
+
+PAD = 0
+CACHE_KINDS = ("contiguous", "none")
+
+
+@dataclasses.dataclass
+class Generation:
+    """``tokens [B, max_new_tokens]`` (PAD after a stop token) and ``lengths [B]`` (tokens
+    generated, the stop token included)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    scores: np.ndarray | None = None  # beam search: the best beam's total log-probability
+
+
+def _check(model, prompt_bt, max_new_tokens, cache, source_bs):
+    if getattr(prompt_bt, "ndim", None) != 2 or prompt_bt.shape[1] < 1:
+        raise ValueError(f"prompt_bt.shape={getattr(prompt_bt, 'shape', None)} must be "
+                         "[B, T] with T >= 1 (start with BOS for an empty prompt).")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache={cache!r} is not one of {CACHE_KINDS}.")
+    cfg = model.config
+    seq2seq = cfg.task == "seq2seq"
+    if cfg.task not in ("lm", "seq2seq"):
+        raise ValueError(f"model task {cfg.task!r} does not generate; use a decoder 'lm' or "
+                         "an encoder-decoder 'seq2seq' model.")
+    if seq2seq != (source_bs is not None):
+        raise ValueError("source_bs is required for an encoder-decoder model and must be None "
+                         f"for a decoder-only one (model task {cfg.task!r}).")
+    total = prompt_bt.shape[1] + max_new_tokens
+    if cfg.positions == "learned" and total > cfg.max_len:
+        raise ValueError(f"prompt length {prompt_bt.shape[1]} + max_new_tokens="
+                         f"{max_new_tokens} exceeds the learned positions' max_len="
+                         f"{cfg.max_len}.")
+    return total
+
+
+def _last_logits(model, tokens_bt, context):
+    """fp32 logits ``[B, V]`` of the last position of ``tokens_bt``."""
+    if context is None:
+        return model(tokens_bt)[:, -1]
+    return model.decode(tokens_bt, context["encoded"],
+                        source_lengths_b=context["source_lengths"])[:, -1]
+
+
+def _finish(done, new, stop_tokens):
+    """Marks rows that just emitted a stop token; rows already done emit PAD."""
+    new = jnp.where(done, PAD, new)
+    stopped = jnp.isin(new, jnp.asarray(stop_tokens, jnp.int32)) if stop_tokens else \
+        jnp.zeros_like(done)
+    return new, done | stopped
+
+
+def generate(model: nnx.Module, prompt_bt, *, max_new_tokens: int, strategy=Greedy(),
+             stop_tokens: Sequence[int] = (), cache: str = "contiguous", seed: int = 0,
+             source_bs=None, source_lengths_b=None) -> Generation:
+    """Continues ``prompt_bt [B, T]`` by up to ``max_new_tokens`` tokens.
+
+    For an encoder-decoder model, ``prompt_bt`` is the decoder's start (e.g. ``[[BOS]]``)
+    and ``source_bs`` the encoder input.
+    """
+    total = _check(model, prompt_bt, max_new_tokens, cache, source_bs)
+    prompt = jnp.asarray(prompt_bt, jnp.int32)
+    b = prompt.shape[0]
+    if cache == "contiguous":
+        model.init_cache(b, total)
+    graphdef, state = nnx.split(model)
+    if cache == "contiguous":
+        model.drop_cache()
+    run = _decode_cached if cache == "contiguous" else _decode_recompute
+    source = None if source_bs is None else jnp.asarray(source_bs, jnp.int32)
+    lengths = None if source_lengths_b is None else jnp.asarray(source_lengths_b, jnp.int32)
+    tokens, done_at = run(graphdef, state, prompt, source, lengths, jax.random.key(seed),
+                          max_new_tokens=max_new_tokens, strategy=strategy,
+                          stop_tokens=tuple(int(t) for t in stop_tokens))
+    return Generation(np.asarray(tokens), np.asarray(done_at))
+
+
+def _context(model, source, lengths):
+    if source is None:
+        return None
+    model.eval()
+    return {"encoded": model.encode(source, source_lengths_b=lengths), "source_lengths": lengths}
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "strategy", "stop_tokens"))
+def _decode_cached(graphdef, state, prompt, source, lengths, key, *, max_new_tokens, strategy,
+                   stop_tokens):
+    model = nnx.merge(graphdef, state, copy=True)
+    model.eval()
+    context = _context(model, source, lengths)
+    b = prompt.shape[0]
+    key, sub = jax.random.split(key)
+    first = strategy(_last_logits(model, prompt, context), sub)  # prefill
+    first, done = _finish(jnp.zeros((b,), bool), first, stop_tokens)
+    out = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(first)
+    gen_len = jnp.ones((b,), jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    def cond(carry):
+        i, _, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~done.all()
+
+    def body(carry):
+        i, state, out, gen_len, done, key = carry
+        model = nnx.merge(graphdef, state, copy=True)
+        key, sub = jax.random.split(key)
+        last_bt = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
+        new = strategy(_last_logits(model, last_bt, context), sub)
+        new, now_done = _finish(done, new, stop_tokens)
+        gen_len = gen_len + (~done).astype(jnp.int32)
+        out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], i, axis=1)
+        return i + 1, nnx.state(model), out, gen_len, now_done, key
+
+    carry = (jnp.int32(1), state, out, gen_len, done, key)
+    _, _, out, gen_len, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out, gen_len
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "strategy", "stop_tokens"))
+def _decode_recompute(graphdef, state, prompt, source, lengths, key, *, max_new_tokens,
+                      strategy, stop_tokens):
+    """No cache: every token reruns the model over the whole fixed-size buffer."""
+    model = nnx.merge(graphdef, state, copy=True)
+    model.eval()
+    context = _context(model, source, lengths)
+    b, t = prompt.shape
+    buffer = jnp.concatenate([prompt, jnp.full((b, max_new_tokens), PAD, jnp.int32)], axis=1)
+
+    def logits_at(buffer, pos):
+        if context is None:
+            logits = model(buffer)
+        else:
+            logits = model.decode(buffer, context["encoded"],
+                                  source_lengths_b=context["source_lengths"])
+        return jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False)
+
+    def cond(carry):
+        i, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~done.all()
+
+    def body(carry):
+        i, buffer, done, gen_len, key = carry
+        key, sub = jax.random.split(key)
+        new = strategy(logits_at(buffer, t + i - 1), sub)
+        new, now_done = _finish(done, new, stop_tokens)
+        gen_len = gen_len + (~done).astype(jnp.int32)
+        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, new[:, None], t + i, axis=1)
+        return i + 1, buffer, now_done, gen_len, key
+
+    carry = (jnp.int32(0), buffer, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), key)
+    _, buffer, _, gen_len, _ = jax.lax.while_loop(cond, body, carry)
+    return buffer[:, t:], gen_len
