@@ -1,0 +1,76 @@
+"""Decode speed: tokens/s generating N tokens from a P-token prompt, KV cache vs recompute.
+
+  python experiments/bench_decode.py                       # 256 new tokens, 128-token prompt
+  python experiments/bench_decode.py --new_tokens=16 --prompt=8 --layers=1   # smoke size
+
+Prints a table and one JSON line per row. Compile time is excluded (one warm-up call with
+the same shapes first); each figure is the median of ``--repeats`` timed calls.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from tx import models
+from tx.config import ModelConfig
+from tx.inference import generate
+
+_NEW = flags.DEFINE_integer("new_tokens", 256, "Tokens to generate.")
+_PROMPT = flags.DEFINE_integer("prompt", 128, "Prompt length.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Sequences generated together.")
+_LAYERS = flags.DEFINE_integer("layers", 4, "Decoder layers of the default small model.")
+_ATTENTION = flags.DEFINE_string("attention", "gqa", "Attention preset.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row (median reported).")
+
+
+def _time(fn) -> float:
+    jax.block_until_ready(fn().tokens)  # compile + warm-up
+    times = []
+    for _ in range(_REPEATS.value):
+        start = time.perf_counter()
+        jax.block_until_ready(fn().tokens)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run() -> list[dict]:
+    cfg = ModelConfig(vocab_size=264, d_model=256, num_heads=8, num_layers=_LAYERS.value,
+                      d_ff=1024, attention=_ATTENTION.value,
+                      max_len=_PROMPT.value + _NEW.value)
+    model = models.build(cfg)
+    prompt = jax.random.randint(jax.random.key(0), (_BATCH.value, _PROMPT.value), 8, 264)
+    rows = []
+    for cache in ("contiguous", "none"):
+        seconds = _time(lambda: generate(model, prompt, max_new_tokens=_NEW.value, cache=cache))
+        rows.append({"bench": "decode", "cache": cache, "attention": cfg.attention,
+                     "layers": cfg.num_layers, "d_model": cfg.d_model, "batch": _BATCH.value,
+                     "prompt": _PROMPT.value, "new_tokens": _NEW.value,
+                     "seconds": round(seconds, 4),
+                     "tokens_per_s": round(_BATCH.value * _NEW.value / seconds, 1)})
+    speedup = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+    for row in rows:
+        row.update(cache_speedup=round(speedup, 2), device=jax.devices()[0].device_kind,
+                   jax=jax.__version__, python=platform.python_version())
+    return rows
+
+
+def main(argv):
+    del argv
+    rows = run()
+    print(f"{'cache':<12}{'tokens/s':>12}{'seconds':>10}")
+    for row in rows:
+        print(f"{row['cache']:<12}{row['tokens_per_s']:>12.1f}{row['seconds']:>10.3f}")
+    print(f"KV cache speed-up over recompute: {rows[0]['cache_speedup']}x")
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    app.run(main)
