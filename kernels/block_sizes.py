@@ -75,3 +75,52 @@ def default_block_sizes(head_dim: int, fold: int = 1,
     return dataclasses.replace(base, block_q=rows(base.block_q),
                                block_q_dq=rows(base.block_q_dq),
                                block_q_dkv=rows(base.block_q_dkv))
+
+
+# --- paged decode (kernels/paged_attention.py) ---------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PagedBlockSizes:
+    """Tiles of the paged decode kernel.
+
+    ``block_k`` is the key positions a program loads per loop iteration; the kernel reads
+    ``pages_per_block = block_k // page_size`` pages at a time (at least one). ``num_warps`` /
+    ``num_stages`` are Triton launch parameters (ignored in interpret mode).
+    """
+
+    block_k: int
+    num_warps: int | None = None
+    num_stages: int = 2
+
+
+# (device family, padded head dim) -> paged decode tiles. Decode is bound by memory reads, so
+# the GPU tiles are as wide as the registers allow (JAX's defaults: 8 pages of 16 tokens);
+# interpret mode wants few, wide loop iterations.
+_PAGED_TABLE: dict[tuple[str, int], PagedBlockSizes] = {
+    ("cpu", 64): PagedBlockSizes(128),
+    ("cpu", 128): PagedBlockSizes(128),
+    ("cpu", 256): PagedBlockSizes(64),
+    ("gpu", 64): PagedBlockSizes(128, num_warps=4, num_stages=2),
+    ("gpu", 128): PagedBlockSizes(64, num_warps=4, num_stages=2),
+    ("gpu", 256): PagedBlockSizes(32, num_warps=8, num_stages=2),
+}
+# Programs worth launching before split-K stops paying: ~2 per SM on an H100 (132 SMs);
+# interpret mode runs programs one after another, so splitting only adds work there.
+PAGED_TARGET_PROGRAMS = {"cpu": 1, "gpu": 256}
+
+
+def default_paged_block_sizes(head_dim: int, device_kind: str | None = None) -> PagedBlockSizes:
+    """The paged decode table entry for this device and head dim."""
+    family = device_family(device_kind)
+    dim_key = next(d for d in (64, 128, 256) if head_dim <= d or d == 256)
+    return _PAGED_TABLE[(family, dim_key)]
+
+
+def default_split_k(programs: int, num_blocks: int, device_kind: str | None = None) -> int:
+    """Flash-decoding splits: enough programs (``programs`` = batch x kv heads, each split
+    ``split_k`` ways) to fill the device, a power of two unless capped by the compute blocks
+    (``num_blocks``) a sequence can have."""
+    target = PAGED_TARGET_PROGRAMS[device_family(device_kind)]
+    want = -(-target // max(1, programs))
+    split = 1 << max(0, want - 1).bit_length()
+    return max(1, min(split, num_blocks))

@@ -99,3 +99,28 @@ def attention_weights(q: jax.Array, k: jax.Array, *, mask: Any = None, segment_i
     b, kh, g, t, s = logits.shape
     probs = jnp.where(visible_bts[:, None, None], jax.nn.softmax(logits, axis=-1), 0.0)
     return probs.reshape(b, kh * g, t, s)
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                    block_tables: jax.Array, lengths: jax.Array, *,
+                    mask: masks_lib.Mask | None = None,
+                    scale: float | None = None) -> jax.Array:
+    """Reference for ``kernels.paged_attention``: gather each sequence's pages into contiguous
+    K/V ``[B, max_pages * L, K, H]``, then ``attention`` with the new tokens at positions
+    ``lengths - T .. lengths - 1`` and keys past ``lengths`` as padding.
+
+    q is ``[B, N, H]`` or ``[B, T, N, H]``; k_pages/v_pages ``[P, L, K, H]``; block_tables
+    ``[B, max_pages]`` int32; lengths ``[B]`` int32 (new tokens included).
+    """
+    squeeze = q.ndim == 3
+    q_btnh = q[:, None] if squeeze else q
+    b, t = q_btnh.shape[:2]
+    _, page, kh, h = k_pages.shape
+    s = block_tables.shape[1] * page
+    k = k_pages[block_tables].reshape(b, s, kh, h)  # [B, max_pages, L, K, H] -> [B, S, K, H]
+    v = v_pages[block_tables].reshape(b, s, kh, h)
+    lengths = lengths.astype(jnp.int32)
+    q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
+    out = attention(q_btnh, k, v, mask=mask, kv_lengths=lengths, scale=scale,
+                    q_positions=q_positions)
+    return out[:, 0] if squeeze else out

@@ -66,6 +66,10 @@ class ModelConfig:
     cross_attention: bool | None = None  # None: exactly when the family has a decoder on an encoder
     implementation: tuple[str, ...] = ("xla",)
     dtype: str = "float32"
+    norm_eps: float = 1e-6  # epsilon of every LayerNorm / RMSNorm
+    rope_base: float = 10000.0  # RoPE's theta: the angle of dimension pair i is p * base^(-2i/H)
+    attention_bias: bool = False  # biases on the q/k/v/o projections (GPT-2, BERT)
+    mlp_bias: bool = False  # biases on the MLP projections (GPT-2, BERT)
 
     def __post_init__(self):
         if isinstance(self.implementation, str):
@@ -121,6 +125,10 @@ class ModelConfig:
                   "encoder to attend to; use family='encoder_decoder'.")
         if self.positions == "learned" and self.max_len < 1:
             _fail("max_len", self.max_len, "learned positions need max_len >= 1.")
+        if not self.norm_eps > 0:
+            _fail("norm_eps", self.norm_eps, "must be a positive float, e.g. 1e-6.")
+        if not self.rope_base > 1:
+            _fail("rope_base", self.rope_base, "must be > 1, e.g. 10000.0.")
         if not 0.0 <= self.dropout_rate < 1.0:
             _fail("dropout_rate", self.dropout_rate, "must be in [0, 1).")
 

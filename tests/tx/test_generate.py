@@ -7,9 +7,9 @@ import pytest
 
 from tx import models
 from tx.config import ModelConfig
-from tx.inference import generate as generate_lib
+from tx.inference import generation as generate_lib
 from tx.inference.beam import beam_search
-from tx.inference.generate import generate
+from tx.inference.generation import generate
 from tx.inference.sampling import Greedy, Sample, filter_logits
 
 V = 64
@@ -46,6 +46,20 @@ def test_cache_matches_recompute(attention, strategy):
     assert cached.tokens.shape == (3, 12) and (cached.lengths == 12).all()
 
 
+@pytest.mark.parametrize("attention", ["gqa", "gqa+local"])
+def test_paged_cache_matches_contiguous_with_shared_prompts(attention):
+    model, prompt = _decoder(attention), _prompt()
+    prompt = prompt.at[1].set(prompt[0])  # rows 0 and 1 share their full prompt pages
+    pool = generate_lib.init_paged_cache(model, prompt, 12, page_size=4)
+    model.drop_cache()
+    shared = set(pool.pages(0)) & set(pool.pages(1))
+    assert len(shared) == prompt.shape[1] // 4  # the one full prompt page
+    paged = generate(model, prompt, max_new_tokens=12, cache="paged", page_size=4)
+    contiguous = generate(model, prompt, max_new_tokens=12)
+    np.testing.assert_array_equal(paged.tokens, contiguous.tokens)
+    np.testing.assert_array_equal(paged.tokens[0], paged.tokens[1])
+
+
 def test_greedy_is_the_argmax_continuation():
     model, prompt = _decoder("gqa"), _prompt(b=2)
     out = generate(model, prompt, max_new_tokens=4).tokens
@@ -80,7 +94,10 @@ def test_encoder_decoder_generation_cache_matches_recompute():
     source, start = _prompt(b=2, t=7, seed=1), jnp.ones((2, 1), jnp.int32)
     cached = generate(model, start, max_new_tokens=6, source_bs=source)
     recomputed = generate(model, start, max_new_tokens=6, source_bs=source, cache="none")
+    paged = generate(model, start, max_new_tokens=6, source_bs=source, cache="paged",
+                     page_size=4)
     np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
+    np.testing.assert_array_equal(paged.tokens, recomputed.tokens)
     beams = beam_search(model, start, max_new_tokens=6, num_beams=3, source_bs=source)
     assert beams.tokens.shape == (2, 6)
 

@@ -36,7 +36,8 @@ class Attention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  mask: masks_lib.Mask | None = None, implementation: Sequence[str] = ("xla",),
                  rope: nnx.Module | None = None, bias: nnx.Module | None = None,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be divisible by "
                              f"num_kv_heads={num_kv_heads}.")
@@ -49,6 +50,17 @@ class Attention(nnx.Module):
                                  param_dtype)
         self.o_nhd = _projection(rngs, (n, h, d), ("heads", "head_dim", "embed"), (0, 1), 2,
                                  param_dtype)
+        # Optional projection biases (GPT-2, BERT); None when absent, so no state entry.
+        def bias_param(shape, names):
+            if not use_bias:
+                return None
+            init = nnx.with_partitioning(nnx.initializers.zeros_init(), names,
+                                         eager_sharding=False)
+            return nnx.Param(init(rngs.params(), shape, param_dtype))
+        self.q_bias_nh = bias_param((n, h), ("heads", "head_dim"))
+        self.k_bias_kh = bias_param((k, h), ("kv_heads", "head_dim"))
+        self.v_bias_kh = bias_param((k, h), ("kv_heads", "head_dim"))
+        self.o_bias_d = bias_param((d,), ("embed",))
         self.mask = masks_lib.Full() if mask is None else mask
         self.implementation = tuple(implementation)
         self.rope, self.bias = rope, bias
@@ -82,6 +94,10 @@ class Attention(nnx.Module):
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_dnh[...].astype(self.dtype))
         k = jnp.einsum("BSD,DKH->BSKH", src, self.k_dkh[...].astype(self.dtype))
         v = jnp.einsum("BSD,DKH->BSKH", src, self.v_dkh[...].astype(self.dtype))
+        if self.q_bias_nh is not None:
+            q = q + self.q_bias_nh[...].astype(self.dtype)[None, None]
+            k = k + self.k_bias_kh[...].astype(self.dtype)[None, None]
+            v = v + self.v_bias_kh[...].astype(self.dtype)[None, None]
         if positions_bt is None:
             start = self.cache.index[...] if self.cache is not None else 0
             positions_bt = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -97,4 +113,7 @@ class Attention(nnx.Module):
         out = registry.attend(q, k, v, mask=self.mask, segment_ids=segment_ids,
                               kv_lengths=kv_lengths, bias=bias,
                               implementation=self.implementation, **mask_positions)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_nhd[...].astype(self.dtype))
+        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_nhd[...].astype(self.dtype))
+        if self.o_bias_d is not None:
+            out = out + self.o_bias_d[...].astype(self.dtype)[None, None]
+        return out

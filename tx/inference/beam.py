@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tx.inference.generate import PAD, Generation, _check, _context, _last_logits
+from tx.inference.generation import PAD, Generation, _check, _context, _last_logits
 
 _NEG = -1e30  # a finite "impossible" score keeps arithmetic NaN-free
 

@@ -25,7 +25,7 @@ from tx.layers.block import Block
 def _relative_positions(cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
     """(rope, bias) modules for the self-attention of one tower."""
     if cfg.positions == "rope":
-        return RoPE(cfg.head_size), None
+        return RoPE(cfg.head_size, base=cfg.rope_base), None
     if cfg.positions == "t5":
         return None, T5RelativeBias(cfg.num_heads, bidirectional=not causal, rngs=rngs)
     if cfg.positions == "alibi":
@@ -37,7 +37,7 @@ def make_attention(cfg: ModelConfig, mask: masks_lib.Mask, *, rope=None, bias=No
                    rngs: nnx.Rngs) -> Attention:
     return Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, mask=mask,
                      implementation=cfg.implementation, rope=rope, bias=bias,
-                     dtype=cfg.jnp_dtype, rngs=rngs)
+                     use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype, rngs=rngs)
 
 
 class Tower(nnx.Module):
@@ -54,14 +54,16 @@ class Tower(nnx.Module):
         for mask in layer_masks:
             cross_attn = make_attention(cfg, masks_lib.Full(), rngs=rngs) if cross else None
             mlp = MLP(cfg.d_model, cfg.d_ff, activation=cfg.activation,
-                      dropout_rate=cfg.dropout_rate, dtype=cfg.jnp_dtype, rngs=rngs)
+                      dropout_rate=cfg.dropout_rate, use_bias=cfg.mlp_bias,
+                      dtype=cfg.jnp_dtype, rngs=rngs)
             blocks.append(Block(make_attention(cfg, mask, rope=rope, bias=bias, rngs=rngs), mlp,
                                 d_model=cfg.d_model, cross_attn=cross_attn, norm=cfg.norm,
                                 pre_norm=cfg.pre_norm, dropout_rate=cfg.dropout_rate,
-                                dtype=cfg.jnp_dtype, rngs=rngs))
+                                dtype=cfg.jnp_dtype, norm_eps=cfg.norm_eps, rngs=rngs))
         self.blocks = nnx.List(blocks)
         # Pre-norm stacks end un-normalised; post-norm blocks already end in a norm.
-        self.final_norm = make_norm(cfg.norm, cfg.d_model, dtype=cfg.jnp_dtype, rngs=rngs) \
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=cfg.jnp_dtype,
+                                    rngs=rngs) \
             if cfg.pre_norm else None
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
         self.dtype = cfg.jnp_dtype

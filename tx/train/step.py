@@ -46,8 +46,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation) -> Callab
             return value, (metrics, nnx.split(model, nnx.Param, ...)[2])
 
         (_, (metrics, new_rest)), grads = jax.value_and_grad(loss, has_aux=True)(params, rest)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
+        if hasattr(opt_state, "notfinite_count"):  # optax.apply_if_finite's guard
+            metrics["nonfinite"] = opt_state.notfinite_count
         return optax.apply_updates(params, updates), new_rest, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1, 2))

@@ -4,6 +4,8 @@ The whole decode loop runs inside one ``jax.jit`` (a ``lax.while_loop`` over tok
 stops once every row has emitted a stop token), so nothing recompiles per token. Cache kinds:
 
 * ``"contiguous"``: the model's own KV caches (``init_cache``; rolling for causal windows);
+* ``"paged"``: K/V in fixed-size pages of a shared pool (``tx.attention.paged``), allocated
+  by the host-side ``PagePool``; rows with the same prompt share their full prompt pages;
 * ``"none"``: full recompute of the whole buffer every token (the reference the caches must
   match; causal masks keep the not-yet-written tail from mattering).
 
@@ -21,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tx.attention.paged import PagedKVCache
+from tx.inference.paged_cache import PagePool
 from tx.inference.sampling import Greedy
 
 PAD = 0
-CACHE_KINDS = ("contiguous", "none")
+CACHE_KINDS = ("contiguous", "paged", "none")
 
 
 @dataclasses.dataclass
@@ -77,9 +81,34 @@ def _finish(done, new, stop_tokens):
     return new, done | stopped
 
 
+def _decoding_tower(model):
+    return model.decoder if hasattr(model, "encode") else model.tower
+
+
+def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 16,
+                     num_pages: int | None = None) -> PagePool:
+    """Gives every decoding self-attention a ``PagedKVCache`` whose pages come from a
+    ``PagePool`` (prefix sharing on); returns the pool for inspection."""
+    prompt = np.asarray(prompt_bt)
+    b, t = prompt.shape
+    per_row = -(-(t + max_new_tokens) // page_size)
+    pool = PagePool(num_pages or b * per_row, page_size)
+    seq_ids = []
+    for row in prompt:
+        seq_ids.append(pool.add_sequence([int(x) for x in row]).seq_id)
+        pool.append(seq_ids[-1], max_new_tokens)  # reserve: decoding never allocates
+    tables = pool.block_table(seq_ids, width=per_row)
+    for block in _decoding_tower(model).blocks:
+        attn = block.self_attn
+        _, k, h = attn.k_dkh[...].shape
+        attn.cache = nnx.data(PagedKVCache(tables, pool.num_pages, page_size, k, h,
+                                           dtype=attn.dtype))
+    return pool
+
+
 def generate(model: nnx.Module, prompt_bt, *, max_new_tokens: int, strategy=Greedy(),
              stop_tokens: Sequence[int] = (), cache: str = "contiguous", seed: int = 0,
-             source_bs=None, source_lengths_b=None) -> Generation:
+             source_bs=None, source_lengths_b=None, page_size: int = 16) -> Generation:
     """Continues ``prompt_bt [B, T]`` by up to ``max_new_tokens`` tokens.
 
     For an encoder-decoder model, ``prompt_bt`` is the decoder's start (e.g. ``[[BOS]]``)
@@ -90,10 +119,12 @@ def generate(model: nnx.Module, prompt_bt, *, max_new_tokens: int, strategy=Gree
     b = prompt.shape[0]
     if cache == "contiguous":
         model.init_cache(b, total)
+    elif cache == "paged":
+        init_paged_cache(model, prompt, max_new_tokens, page_size=page_size)
     graphdef, state = nnx.split(model)
-    if cache == "contiguous":
+    if cache != "none":
         model.drop_cache()
-    run = _decode_cached if cache == "contiguous" else _decode_recompute
+    run = _decode_recompute if cache == "none" else _decode_cached
     source = None if source_bs is None else jnp.asarray(source_bs, jnp.int32)
     lengths = None if source_lengths_b is None else jnp.asarray(source_lengths_b, jnp.int32)
     tokens, done_at = run(graphdef, state, prompt, source, lengths, jax.random.key(seed),

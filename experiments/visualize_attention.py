@@ -1,0 +1,56 @@
+"""Draws attention-weight maps (one row per layer, one column per head) for one input as a PNG.
+
+  python experiments/visualize_attention.py --workdir=/tmp/tx/lm --text="def f(x): return x"
+  python experiments/visualize_attention.py --config=configs/mqar.py --workdir=/tmp/tx/mqar
+
+With a checkpoint in --workdir its weights are used (and its saved config when --config is
+not given); without one, a freshly initialised model. Without --text the first eval example.
+"""
+
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tx import data
+from tx.train import configs, loop, plots, visualize
+from tx.train.configs import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
+_TEXT = flags.DEFINE_string("text", None, "Input text (byte-level models).")
+_OUTPUT = flags.DEFINE_string("output", None, "PNG path (default: WORKDIR/attention.png).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
+        logging.set_verbosity(logging.WARNING)
+    try:
+        config = _CONFIG.value if _CONFIG.value is not None else loop.saved_config(_WORKDIR.value)
+        resolved = configs.resolve(config)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    model, step = loop.load_model(resolved, _WORKDIR.value)
+    if _TEXT.value is not None:
+        batch = {"inputs": data.encode_bytes(_TEXT.value)[None, :]}
+    else:
+        batch = configs.make_datasets(resolved)[1].batch(0)
+    maps = visualize.attention_maps(model, batch)
+    out = _OUTPUT.value or os.path.join(_WORKDIR.value, "attention.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    plots.attention_grid(maps, out, title=f"{resolved.model.attention}, "
+                         f"{'step ' + str(step) if step else 'untrained'}")
+    print(f"wrote {out} ({len(maps)} layers x {np.shape(maps[0])[0]} heads)")
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main)
+    except (AttributeError, KeyError) as e:  # config_flags: a misspelled --config.* key
+        sys.exit(f"error: the config has no field {e}; check the spelling of --config.* flags.")

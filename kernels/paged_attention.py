@@ -1,0 +1,449 @@
+"""Paged attention for decode in portable Pallas: block tables, native GQA, window page
+skipping and split-K (flash-decoding).
+
+Algorithm: PagedAttention (Kwon et al., 2023, arXiv:2309.06180): the KV cache lives in a pool
+of fixed-size physical pages ``[P, L, K, H]``; a sequence's ``block_tables`` row maps its
+logical pages to physical ones. The kernel walks those pages with the online softmax of
+FlashAttention (fp32 accumulation), and for long contexts with few sequences splits a
+sequence's pages over ``split_k`` programs whose partial outputs are merged with their
+log-sum-exp (Flash-Decoding, Dao et al., 2023).
+
+Layout. A program handles one (batch row, K/V head, split). The ``G = N / K`` query heads of
+the group and the ``T`` new tokens are folded into the rows of its q tile, ``[R, H]`` with row
+``r`` = (token ``r // G``, head ``r % G``), so each page is read once for all of them and K/V
+are never repeated. Rows are padded to a power of two >= 16 (Triton dot shapes).
+
+Which pages a program reads. The new tokens sit at positions ``length - T .. length - 1``
+(bottom-right aligned). For a banded mask (``mask.band() = (lo, hi)``: causal, sliding window)
+the visible keys lie in ``[length - T + lo, length - 1 + hi]``; ``page_bounds`` turns that into
+a page range per sequence on device, from ``lengths``, so pages wholly outside the window and
+pages past the sequence's length cost neither a load nor a loop iteration (dynamic loop
+bound). Other masks visit every page up to the length. Inside the range, each loop iteration
+loads ``pages_per_block`` pages; slots past the range are redirected to the range's last page
+(already in cache) and masked, so no page outside the range is ever read.
+
+Reference: ``kernels.reference.paged_attention`` (gather the pages, then dense attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import block_sizes as block_sizes_lib
+from kernels import checks
+from kernels import masks as masks_lib
+
+try:  # Triton launch parameters; absent on JAX builds without the Triton backend.
+    from jax.experimental.pallas import triton as _pl_triton
+except ImportError:  # pragma: no cover
+    _pl_triton = None
+
+__all__ = ["paged_attention", "page_bounds", "visited_pages"]
+
+_LOG2E = math.log2(math.e)
+_SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in ("float32", "bfloat16", "float16"))
+# Columns of the per-(sequence, split) meta row the kernel reads.
+_START, _STOP, _LENGTH = 0, 1, 2
+_META_WIDTH = 4  # a power of two for Triton
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything static about one call (hashable: it keys jit)."""
+
+    mask: masks_lib.Mask
+    scale: float
+    q_len: int            # T
+    group: int            # G = N / K
+    page_size: int        # L
+    max_pages: int        # block_tables.shape[1]
+    table_width: int      # max_pages padded for block loads (a power of two)
+    head_dim: int         # H as given
+    head_dim_pad: int     # H padded to a power of two >= 16
+    rows: int             # T * G padded to a power of two >= 16
+    pages_per_block: int
+    split_k: int
+    out_dtype: Any
+    squeeze: bool         # q was [B, N, H]
+    interpret: bool
+    num_warps: int | None
+    num_stages: int
+
+    @property
+    def kv_len(self) -> int:
+        """The static key length the mask sees: ``max_pages * L``."""
+        return self.max_pages * self.page_size
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _is_pow2(x: Any) -> bool:
+    return _is_int(x) and x >= 1 and not x & (x - 1)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+# --- page ranges -------------------------------------------------------------------------------
+
+def page_bounds(mask: masks_lib.Mask | None, lengths: jax.Array, q_len: int,
+                page_size: int) -> tuple[jax.Array, jax.Array]:
+    """``(first, stop)`` int32 ``[B]``: the logical pages ``[first, stop)`` that the last
+    ``q_len`` tokens of each sequence can see. Traceable; the kernel's loop bounds.
+
+    ``stop`` never passes the sequence's last page; for a banded mask the range also shrinks
+    to the window of the new tokens (``lo <= kv_pos - q_pos <= hi``). It is empty
+    (``first == stop``) when no key is visible.
+    """
+    mask = checks.check_mask(mask)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    num_pages = (lengths + page_size - 1) // page_size
+    first, stop = jnp.zeros_like(num_pages), num_pages
+    band = mask.band()
+    if band is not None:
+        lo, hi = band
+        if math.isfinite(lo):  # earliest key the first new token sees
+            first = jnp.maximum(lengths - q_len + int(lo), 0) // page_size
+        if math.isfinite(hi):  # latest key the last new token sees
+            last = jnp.minimum(lengths - 1 + int(hi), lengths - 1)
+            stop = jnp.floor_divide(last, page_size) + 1
+    first = jnp.clip(first, 0, num_pages)
+    stop = jnp.clip(stop, first, num_pages)
+    return first, stop
+
+
+def visited_pages(mask: masks_lib.Mask | None, lengths: Any, q_len: int,
+                  page_size: int) -> int:
+    """Pages the kernel loads per K/V head over the batch (the sum of its loop ranges)."""
+    first, stop = page_bounds(mask, lengths, q_len, page_size)
+    return int(jnp.sum(stop - first))
+
+
+def _split_meta(cfg: _Config, lengths: jax.Array) -> jax.Array:
+    """``[B, split_k, 4]`` int32 rows ``(start, stop, length, 0)``: split ``s`` of a sequence
+    walks pages ``[start, stop)``, an equal share of its compute blocks (possibly none)."""
+    first, stop = page_bounds(cfg.mask, lengths, cfg.q_len, cfg.page_size)   # [B]
+    ppb = cfg.pages_per_block
+    num_blocks = (stop - first + ppb - 1) // ppb
+    per_split = (num_blocks + cfg.split_k - 1) // cfg.split_k                # blocks
+    s = jnp.arange(cfg.split_k, dtype=jnp.int32)[None, :]                    # [1, S]
+    lo = jnp.minimum(first[:, None] + s * per_split[:, None] * ppb, stop[:, None])
+    hi = jnp.minimum(lo + per_split[:, None] * ppb, stop[:, None])
+    length = jnp.broadcast_to(lengths[:, None], lo.shape)
+    return jnp.stack([lo, hi, length, jnp.zeros_like(lo)], axis=-1).astype(jnp.int32)
+
+
+# --- the kernel --------------------------------------------------------------------------------
+
+def _dot(a, b, contract, precision):
+    """``a @ b`` contracting ``contract = (dim_a, dim_b)``, fp32 accumulation."""
+    return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+
+
+def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config,
+                  precision):
+    ppb, page = cfg.pages_per_block, cfg.page_size
+    block_k = ppb * page
+    rows, hp = q_ref.shape
+    start, stop, length = meta_ref[_START], meta_ref[_STOP], meta_ref[_LENGTH]
+    q = q_ref[...]                                                         # [rows, Hp]
+    t_idx = lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // cfg.group     # [rows, 1]
+    q_pos = length - cfg.q_len + t_idx                                     # bottom-right
+    real_row = t_idx < cfg.q_len
+    qk_scale = cfg.scale * _LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
+
+    def load(first):
+        """K and V of pages ``first .. first + ppb - 1``: ``[block_k, Hp]`` each."""
+        if ppb == 1:
+            page_id = table_ref[first]
+            return k_ref[page_id], v_ref[page_id]                          # [L, Hp]
+        slots = first + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
+        # Slots past the range re-read its last page (masked below): never a foreign page.
+        ids = jnp.where(slots < stop, table_ref[pl.ds(first, ppb)], table_ref[stop - 1])
+        k = k_ref[ids].reshape(block_k, hp)                                # [ppb * L, Hp]
+        v = v_ref[ids].reshape(block_k, hp)
+        return k, v
+
+    def visit(i, carry):
+        m_prev, l_prev, acc = carry
+        first = start + i * ppb
+        k, v = load(first)
+        s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
+        kv_pos = first * page + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        keep = cfg.mask.predicate(q_pos, kv_pos, cfg.kv_len)
+        keep = keep & real_row & (kv_pos < length) & (kv_pos < stop * page)
+        s = jnp.where(keep, s, -jnp.inf)
+        m_next = jnp.maximum(m_prev, s.max(axis=1))                        # [rows]
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # a row with nothing seen yet
+        alpha = jnp.exp2(m_prev - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])                                  # [rows, block_k]
+        l_next = alpha * l_prev + p.sum(axis=1)
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, (1, 0), precision)
+        return m_next, l_next, acc
+
+    carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros((rows, hp), jnp.float32))
+    num_iters = jnp.maximum(stop - start + ppb - 1, 0) // ppb
+    m, l, acc = lax.fori_loop(0, num_iters, visit, carry)
+    seen = l > 0.0
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)  # acc is 0 where nothing seen
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), -jnp.inf)         # base 2
+
+
+def _compiler_params(cfg: _Config):
+    if _pl_triton is None or cfg.interpret:
+        return None
+    return _pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _precision(dtype):
+    # fp32 inputs get true fp32 dots (IEEE in Triton, not TF32) to match the reference.
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages):
+    b, kh, rows, hp = q_f.shape
+    p, page = k_pages.shape[:2]
+    # One partial output per split; fp32 when they still have to be merged.
+    o_dtype = jnp.float32 if cfg.split_k > 1 else q_f.dtype
+    kv_spec = pl.BlockSpec((p, page, None, hp), lambda b, h, s: (0, 0, h, 0))
+    kernel = functools.partial(_paged_kernel, cfg=cfg, precision=_precision(q_f.dtype))
+    return pl.pallas_call(
+        kernel, grid=(b, kh, cfg.split_k),
+        in_specs=[pl.BlockSpec((None, None, _META_WIDTH), lambda b, h, s: (b, s, 0)),
+                  pl.BlockSpec((None, cfg.table_width), lambda b, h, s: (b, 0)),
+                  pl.BlockSpec((None, None, rows, hp), lambda b, h, s: (b, h, 0, 0)),
+                  kv_spec, kv_spec],
+        out_specs=[pl.BlockSpec((None, None, None, rows, hp), lambda b, h, s: (s, b, h, 0, 0)),
+                   pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((cfg.split_k, b, kh, rows, hp), o_dtype),
+                   jax.ShapeDtypeStruct((cfg.split_k, b, kh, rows), jnp.float32)],
+        compiler_params=_compiler_params(cfg), interpret=cfg.interpret,
+        name="paged_attention",
+    )(meta, table, q_f, k_pages, v_pages)
+
+
+def _merge_splits(o_s, lse_s):
+    """Flash-decoding epilogue: ``[S, ..., R, Hp]`` partials weighted by ``exp2(lse)``."""
+    m = lse_s.max(axis=0)                                                  # [B, K, R]
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp2(lse_s - m[None])                                          # 0 for empty splits
+    den = w.sum(axis=0)
+    num = (w[..., None] * o_s).sum(axis=0)
+    return num / jnp.where(den > 0, den, 1.0)[..., None]  # rows nobody sees stay 0
+
+
+# --- layouts -----------------------------------------------------------------------------------
+
+def _fold_rows(cfg: _Config, q_btnh):
+    """``[B,T,N,H]`` -> ``[B, K, R, Hp]`` with row ``t * G + g``."""
+    b, t, n, h = q_btnh.shape
+    kh = n // cfg.group
+    q = q_btnh.reshape(b, t, kh, cfg.group, h).transpose(0, 2, 1, 3, 4)
+    q = q.reshape(b, kh, t * cfg.group, h)
+    return jnp.pad(q, ((0, 0), (0, 0), (0, cfg.rows - t * cfg.group),
+                       (0, cfg.head_dim_pad - h)))
+
+
+def _unfold_rows(cfg: _Config, o_f):
+    b, kh = o_f.shape[:2]
+    t, g, h = cfg.q_len, cfg.group, cfg.head_dim
+    o = o_f[:, :, :t * g, :h].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
+    return o.reshape(b, t, kh * g, h).astype(cfg.out_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _paged_jit(cfg: _Config, q, k_pages, v_pages, block_tables, lengths):
+    if cfg.squeeze:
+        q = q[:, None]
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, cfg.kv_len)
+    # Clipped ids and a padded row keep every load in bounds even for traced garbage; the
+    # padding is never visited (loop bounds stop at the sequence's last page).
+    num_pages = k_pages.shape[0]
+    table = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
+    table = jnp.pad(table, ((0, 0), (0, cfg.table_width - cfg.max_pages)))
+    h = cfg.head_dim
+    if cfg.head_dim_pad != h:  # copies the pool: use head dims that are powers of two >= 16
+        pad = ((0, 0), (0, 0), (0, 0), (0, cfg.head_dim_pad - h))
+        k_pages, v_pages = jnp.pad(k_pages, pad), jnp.pad(v_pages, pad)
+    meta = _split_meta(cfg, lengths)
+    o_s, lse_s = _paged_call(cfg, meta, table, _fold_rows(cfg, q), k_pages, v_pages)
+    o_f = o_s[0] if cfg.split_k == 1 else _merge_splits(o_s, lse_s)
+    out = _unfold_rows(cfg, o_f)
+    return out[:, 0] if cfg.squeeze else out
+
+
+# --- host-side validation ----------------------------------------------------------------------
+
+def _check_shapes(q, k_pages, v_pages, block_tables, lengths):
+    """Returns ``(B, T, N, K, H, P, L, max_pages)``."""
+    if getattr(q, "ndim", None) not in (3, 4):
+        raise ValueError(f"q.shape={getattr(q, 'shape', None)} must be [B, N, H] (one new "
+                         "token per sequence) or [B, T, N, H] (T new tokens).")
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name}.shape={getattr(x, 'shape', None)} must be 4-D "
+                             "[P, L, K, H]: P pages of L tokens, K kv heads, head dim H.")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages.shape={k_pages.shape} and v_pages.shape={v_pages.shape} "
+                         "must match ([P, L, K, H]).")
+    b, t, n, h = q.shape if q.ndim == 4 else (q.shape[0], 1, *q.shape[1:])
+    p, page, kh, hk = k_pages.shape
+    if hk != h:
+        raise ValueError(f"head dim k_pages.shape[3]={hk} must equal q.shape[-1]={h}; "
+                         "project q, k and v to the same head_dim.")
+    if not 1 <= h <= block_sizes_lib.MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={h} (q.shape[-1]) must be in [1, "
+                         f"{block_sizes_lib.MAX_HEAD_DIM}]; split larger heads.")
+    if kh < 1 or n % kh:
+        raise ValueError(f"num_heads={n} (q.shape[-2]) must be a multiple of num_kv_heads={kh} "
+                         "(k_pages.shape[2]); choose num_kv_heads dividing num_heads.")
+    if p < 1:
+        raise ValueError(f"k_pages.shape[0]={p} must be >= 1 physical page.")
+    if not _is_pow2(page):
+        raise ValueError(f"page size k_pages.shape[1]={page} must be a power of two "
+                         f"(e.g. {_next_pow2(page)}); Triton tiles are powers of two.")
+    if not (q.dtype == k_pages.dtype == v_pages.dtype):
+        raise ValueError(f"dtypes must match: q.dtype={q.dtype}, k_pages.dtype={k_pages.dtype}"
+                         f", v_pages.dtype={v_pages.dtype}; cast them to one dtype.")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"q.dtype={q.dtype} is not supported; cast q, k_pages and v_pages to "
+                         "float32, bfloat16 or float16.")
+    shape = getattr(block_tables, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != b or shape[1] < 1:
+        raise ValueError(f"block_tables.shape={shape} must be [B, max_pages] = [{b}, "
+                         "max_pages >= 1] (physical page ids per sequence).")
+    if block_tables.dtype != jnp.int32:
+        raise ValueError(f"block_tables.dtype={block_tables.dtype} must be int32; use "
+                         "block_tables.astype(jnp.int32).")
+    if getattr(lengths, "shape", None) != (b,):
+        raise ValueError(f"lengths.shape={getattr(lengths, 'shape', None)} must be ({b},): "
+                         "tokens in each sequence, new ones included.")
+    if lengths.dtype != jnp.int32:
+        raise ValueError(f"lengths.dtype={lengths.dtype} must be int32; use "
+                         "lengths.astype(jnp.int32).")
+    return b, t, n, kh, h, p, page, shape[1]
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_values(block_tables, lengths, t, p, page, max_pages):
+    """Data checks, when the arrays are concrete (inside a trace they are skipped)."""
+    if _is_concrete(lengths):
+        lens = np.asarray(lengths)
+        low = max(1, t)
+        bad = np.flatnonzero((lens < low) | (lens > max_pages * page))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"lengths[{i}]={int(lens[i])} must be in [{low}, max_pages * L = "
+                             f"{max_pages} * {page} = {max_pages * page}]: every sequence "
+                             f"holds its {t} new token(s) and fits its block table; widen "
+                             "block_tables or shorten the sequence.")
+    if _is_concrete(lengths) and _is_concrete(block_tables):
+        ids = np.asarray(block_tables)
+        used = np.arange(max_pages)[None, :] < -(-np.clip(np.asarray(lengths), 0, None)
+                                                  // page)[:, None]
+        bad = np.argwhere(used & ((ids < 0) | (ids >= p)))
+        if bad.size:
+            i, j = (int(x) for x in bad[0])
+            raise ValueError(f"block_tables[{i}, {j}]={int(ids[i, j])} is not a page id in "
+                             f"[0, P={p}); entries for pages below cdiv(lengths, L) must name "
+                             "physical pages of k_pages/v_pages (entries past them are "
+                             "ignored).")
+
+
+def _check_scale(scale: Any, h: int) -> float:
+    if scale is None:
+        return float(h) ** -0.5
+    if isinstance(scale, (bool, str)) or not np.isscalar(scale) or not np.isfinite(scale):
+        raise ValueError(f"scale={scale!r} must be a finite Python float (it is static); "
+                         "pass None for head_dim ** -0.5.")
+    return float(scale)
+
+
+def _choose_pages_per_block(pages_per_block, page, max_pages, h, device_kind, interpret):
+    if pages_per_block is None:
+        block_k = block_sizes_lib.default_paged_block_sizes(h, device_kind).block_k
+        # Wide enough for a Triton dot (>= 16 keys), no wider than the table needs.
+        floor = _next_pow2(-(-block_sizes_lib.MIN_BLOCK // page))
+        return max(floor, min(max(1, block_k // page), _next_pow2(max_pages)))
+    if not _is_pow2(pages_per_block):
+        raise ValueError(f"pages_per_block={pages_per_block!r} must be a power of two >= 1 "
+                         "(or None for the tuning table).")
+    if not interpret and pages_per_block * page < block_sizes_lib.MIN_BLOCK:
+        fix = _next_pow2(-(-block_sizes_lib.MIN_BLOCK // page))
+        raise ValueError(f"pages_per_block={pages_per_block} * page size {page} must be >= "
+                         f"{block_sizes_lib.MIN_BLOCK} keys for a Triton dot; use "
+                         f"pages_per_block={fix}.")
+    return int(pages_per_block)
+
+
+# --- public API --------------------------------------------------------------------------------
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                    block_tables: jax.Array, lengths: jax.Array, *,
+                    mask: masks_lib.Mask | None = None, scale: float | None = None,
+                    split_k: int | None = None, pages_per_block: int | None = None,
+                    interpret: bool | None = None) -> jax.Array:
+    """Attention of a few new tokens per sequence over a paged KV cache.
+
+    Args:
+      q: ``[B, N, H]`` (one new token per sequence) or ``[B, T, N, H]``; the ``T`` new tokens
+        sit at positions ``lengths - T .. lengths - 1``.
+      k_pages, v_pages: ``[P, L, K, H]`` physical pages of ``L`` tokens (``L`` a power of two).
+      block_tables: ``[B, max_pages]`` int32; logical page ``j`` of sequence ``b`` is physical
+        page ``block_tables[b, j]``. Entries at or past ``cdiv(lengths[b], L)`` are never read.
+      lengths: ``[B]`` int32 tokens in each sequence, the new ones included.
+      mask: a ``kernels.masks.Mask`` (``None``: ``Full()``), evaluated at (query position, key
+        position, ``kv_len = max_pages * L``). Banded masks (causal, ``Local``) skip the pages
+        outside the window of the new tokens.
+      scale: static logit scale, default ``H ** -0.5``.
+      split_k: programs per (sequence, kv head) that share its pages (flash-decoding); their
+        partial results are merged by log-sum-exp. ``None``: from the tuning table (1 in
+        interpret mode).
+      pages_per_block: pages loaded per loop iteration; ``None``: from the tuning table.
+      interpret: run the Pallas interpreter; ``None`` means "iff no GPU is present".
+
+    Returns:
+      ``[B, N, H]`` or ``[B, T, N, H]`` (q's shape and dtype); rows that see no key are zero.
+    """
+    b, t, n, kh, h, p, page, max_pages = _check_shapes(q, k_pages, v_pages, block_tables,
+                                                       lengths)
+    mask = checks.check_mask(mask)
+    _check_values(block_tables, lengths, t, p, page, max_pages)
+    scale = _check_scale(scale, h)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    device_kind = "cpu" if interpret else None  # interpret mode uses the CPU entries
+    ppb = _choose_pages_per_block(pages_per_block, page, max_pages, h, device_kind, interpret)
+    num_blocks = -(-max_pages // ppb)
+    if split_k is None:
+        split_k = block_sizes_lib.default_split_k(b * kh, num_blocks, device_kind)
+    elif not _is_int(split_k) or split_k < 1:
+        raise ValueError(f"split_k={split_k!r} must be an integer >= 1 (1 = no split), or "
+                         "None for the tuning table.")
+    tiles = block_sizes_lib.default_paged_block_sizes(h, device_kind)
+    cfg = _Config(mask=mask, scale=scale, q_len=t, group=n // kh, page_size=page,
+                  max_pages=max_pages, table_width=_next_pow2(max_pages + ppb - 1),
+                  head_dim=h, head_dim_pad=max(block_sizes_lib.MIN_BLOCK, _next_pow2(h)),
+                  rows=max(block_sizes_lib.MIN_BLOCK, _next_pow2(t * (n // kh))),
+                  pages_per_block=ppb, split_k=int(split_k), out_dtype=jnp.dtype(q.dtype),
+                  squeeze=q.ndim == 3, interpret=bool(interpret),
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return _paged_jit(cfg, q, k_pages, v_pages, block_tables, lengths)

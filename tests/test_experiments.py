@@ -1,0 +1,125 @@
+"""The experiment scripts end to end, in subprocesses: exact resume after SIGKILL, a save
+killed mid-write, one-line errors for bad flags, evaluation and attention maps."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# A small MQAR decoder; 20 steps take about a second on CPU, so a kill lands mid-run.
+TINY = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.steps=40",
+        "--config.train.warmup_steps=5", "--config.train.log_every=1",
+        "--config.train.eval_every=20", "--config.train.eval_batches=1",
+        "--config.train.checkpoint_every=20", "--config.train.batch_size=32"]
+
+
+def script(name, *args, workdir=None, config="mqar.py"):
+    cmd = [sys.executable, str(ROOT / "experiments" / f"{name}.py")]
+    if config:
+        cmd.append(f"--config={ROOT / 'configs' / config}")
+    if workdir is not None:
+        cmd.append(f"--workdir={workdir}")
+    return cmd + list(args)
+
+
+def run(cmd, **kwargs):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, **kwargs)
+
+
+def losses(workdir):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+def _kill_when(proc, ready, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
+def test_sigkill_after_a_checkpoint_then_resume_is_exact(tmp_path):
+    full = run(script("train", *TINY, workdir=tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(script("train", *TINY, workdir=killed), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(proc, lambda: (killed / "checkpoints" / "20").is_dir())
+    assert losses(killed)[-1][0] < 40
+    resumed = run(script("train", *TINY, workdir=killed))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step 20" in resumed.stdout
+    assert losses(killed) == losses(tmp_path / "full")
+    assert [s for s, _ in losses(killed)] == list(range(1, 41))
+
+
+def test_save_killed_mid_write_is_not_taken_for_complete(tmp_path):
+    # Big enough that a synchronous save takes a while; kill while it is in its temporary dir.
+    big = ["--config.model.d_model=512", "--config.model.d_ff=2048",
+           "--config.model.num_layers=4", "--config.train.steps=6",
+           "--config.train.checkpoint_every=2", "--config.train.async_checkpoints=false",
+           "--config.train.batch_size=2", "--config.data.seq_len=24",
+           "--config.model.max_len=24", "--config.data.options.num_kv_pairs=4",
+           "--config.train.eval_every=100", "--config.train.warmup_steps=1"]
+    ckpts = tmp_path / "checkpoints"
+
+    def writing_after_a_complete_one():
+        names = [p.name for p in ckpts.iterdir()] if ckpts.is_dir() else []
+        return "2" in names and any("tmp" in n for n in names)
+
+    proc = subprocess.Popen(script("train", *big, workdir=tmp_path), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(proc, writing_after_a_complete_one)
+    torn = [p.name for p in ckpts.iterdir() if "tmp" in p.name]
+    assert torn, "expected a temporary (incomplete) checkpoint directory"
+    resumed = run(script("train", *big, workdir=tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step 2" in resumed.stdout
+    assert not [p for p in ckpts.iterdir() if "tmp" in p.name]  # cleaned up on restart
+    assert [s for s, _ in losses(tmp_path)] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("flag,field", [
+    ("--config.model.nonexistent=1", "nonexistent"),
+    ("--config.train.steps=abc", "steps"),
+    ("--config.model.attention=fancy", "attention"),
+    ("--config.model.num_kv_heads=3", "num_kv_heads"),
+    ("--config.train.grad_accum=3", "grad_accum"),
+])
+def test_bad_flags_fail_with_one_line_naming_the_field(flag, field, tmp_path):
+    out = run(script("train", flag, workdir=tmp_path / "w"))
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    naming = [line for line in out.stderr.splitlines() if field in line]
+    assert len(naming) == 1, out.stderr
+
+
+def test_unwritable_workdir_fails_with_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = run(script("train", workdir=blocker / "run"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "workdir=" in out.stderr and "not writable" in out.stderr
+
+
+def test_evaluate_and_visualize_a_trained_run(tmp_path):
+    short = [a for a in TINY if "steps=" not in a and "every" not in a]
+    assert run(script("train", *short, "--config.train.steps=2",
+                      "--config.train.warmup_steps=1", workdir=tmp_path)).returncode == 0
+    out = run(script("evaluate", workdir=tmp_path, config=None))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "step=2" in out.stdout and "eval_loss=" in out.stdout
+    png = tmp_path / "maps.png"
+    out = run(script("visualize_attention", f"--output={png}", workdir=tmp_path, config=None))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert png.stat().st_size > 1000 and "2 layers x 4 heads" in out.stdout

@@ -1,0 +1,243 @@
+"""Experiment configs: one ``ml_collections.ConfigDict`` with ``model``, ``data`` and ``train``.
+
+``model`` holds exactly the fields of :class:`tx.config.ModelConfig` (``None`` defaults become
+typed placeholders so ``--config.model.num_kv_heads=2`` type-checks); ``data`` names a
+``tx.data`` dataset and its options; ``train`` holds the loop's knobs (see :data:`TRAIN`).
+:func:`resolve` validates all three up front, so a bad flag fails before any compile with a
+:class:`ConfigError` that names the field, its value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import typing
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from tx import data as data_lib
+from tx.config import ModelConfig
+
+# The training knobs and their defaults; a config file overrides some of them.
+TRAIN = dict(
+    steps=200,  # optimizer updates
+    batch_size=16,  # examples per update (split into grad_accum micro-batches)
+    grad_accum=1,
+    learning_rate=3e-3,
+    min_learning_rate_ratio=0.1,  # cosine decay ends at learning_rate * this
+    warmup_steps=20,
+    weight_decay=0.01,
+    b1=0.9,
+    b2=0.98,
+    clip_norm=1.0,  # global-norm clipping; 0 disables
+    max_nonfinite=5,  # stop after this many non-finite updates in a row (each is skipped)
+    seed=0,  # model init and data order
+    remat=False,  # recompute each block's activations in the backward pass
+    log_every=10,
+    eval_every=100,
+    eval_batches=4,
+    checkpoint_every=100,
+    keep=3,  # latest checkpoints kept (the latest is never deleted)
+    keep_best=0,  # also keep this many best-by-eval-loss checkpoints (0: off)
+    async_checkpoints=True,
+)
+# Fields that may change between a run and its resumption (they do not alter the trajectory).
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.checkpoint_every", "train.keep", "train.keep_best",
+                     "train.async_checkpoints")
+
+
+class ConfigError(ValueError):
+    """A config or flag value that cannot work; the message names the field and the fix."""
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(ModelConfig)
+
+
+def model_dict(cfg: ModelConfig | None = None, **changes) -> ml_collections.ConfigDict:
+    """``ModelConfig`` fields as a ConfigDict; ``None`` values become typed placeholders."""
+    cfg = dataclasses.replace(cfg or ModelConfig(), **changes)
+    out = ml_collections.ConfigDict()
+    for field, hint in _hints().items():
+        value = getattr(cfg, field)
+        if value is None:
+            inner = [t for t in typing.get_args(hint) if t is not type(None)]
+            value = config_dict.placeholder(inner[0])
+        out[field] = value
+    return out
+
+
+def experiment(model: ModelConfig, *, dataset: str, seq_len: int, options: dict | None = None,
+               **train) -> ml_collections.ConfigDict:
+    """A full experiment config: ``model``, ``data`` (``name``, ``seq_len``, ``options``) and
+    ``train`` (:data:`TRAIN` updated by ``train``)."""
+    unknown = sorted(set(train) - set(TRAIN))
+    if unknown:
+        raise ConfigError(f"train fields {unknown} do not exist; known: {sorted(TRAIN)}")
+    config = ml_collections.ConfigDict()
+    config.model = model_dict(model)
+    config.data = ml_collections.ConfigDict(dict(name=dataset, seq_len=seq_len,
+                                                 options=dict(options or {})))
+    config.train = ml_collections.ConfigDict({**TRAIN, **train})
+    return config
+
+
+def load_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of a config file (how a config derives from a sibling file)."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"_txconfig_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def sibling(this_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config of ``configs/<name>.py`` next to ``this_file``."""
+    return load_file(pathlib.Path(this_file).with_name(f"{name}.py"), arg)
+
+
+# ------------------------------------------------------------------------------ resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    model: ModelConfig
+    config: ml_collections.ConfigDict  # the full config (a locked copy)
+
+    @property
+    def train(self):
+        return self.config.train
+
+    @property
+    def data(self):
+        return self.config.data
+
+    @property
+    def micro_batch(self) -> int:
+        return self.train.batch_size // self.train.grad_accum
+
+
+def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
+    values = model.to_dict()
+    unknown = sorted(set(values) - set(_hints()))
+    if unknown:
+        raise ConfigError(f"model fields {unknown} are not ModelConfig fields; known: "
+                          f"{sorted(_hints())}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return ModelConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model.{e}") from None
+
+
+def _check_train(train) -> None:
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
+                 "eval_batches", "checkpoint_every", "keep", "max_nonfinite"):
+        value = train[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.train.{name}={value!r}: must be a positive integer.")
+    for name in ("warmup_steps", "keep_best", "seed"):
+        if isinstance(train[name], bool) or not isinstance(train[name], int) or train[name] < 0:
+            raise ConfigError(f"config.train.{name}={train[name]!r}: must be an integer >= 0.")
+    if train.batch_size % train.grad_accum:
+        raise ConfigError(f"config.train.grad_accum={train.grad_accum}: must divide "
+                          f"train.batch_size={train.batch_size}; pick a divisor.")
+    if not train.learning_rate > 0:
+        raise ConfigError(f"config.train.learning_rate={train.learning_rate}: must be > 0.")
+    if train.warmup_steps >= train.steps:
+        raise ConfigError(f"config.train.warmup_steps={train.warmup_steps}: must be < "
+                          f"train.steps={train.steps}.")
+    if train.clip_norm < 0:
+        raise ConfigError(f"config.train.clip_norm={train.clip_norm}: use 0 (off) or > 0.")
+
+
+def make_datasets(resolved: Resolved):
+    """(train, eval) datasets of the config at ``train.batch_size`` (the loop splits a batch
+    into micro-batches, so the data order does not depend on ``grad_accum``)."""
+    d = resolved.data
+    try:
+        return tuple(data_lib.make_dataset(d.name, batch_size=resolved.train.batch_size,
+                                           seq_len=d.seq_len, seed=resolved.train.seed,
+                                           split=split, **d.options.to_dict())
+                     for split in ("train", "eval"))
+    except ValueError as e:
+        raise ConfigError(f"config.data (name={d.name!r}): {e}") from None
+
+
+def _check_data(resolved: Resolved):
+    train_ds, _ = make_datasets(resolved)
+    m = resolved.model
+    if train_ds.task != m.task:
+        raise ConfigError(f"config.data.name={resolved.data.name!r}: its task "
+                          f"{train_ds.task!r} does not match config.model.task={m.task!r}.")
+    if train_ds.vocab_size > m.vocab_size:
+        raise ConfigError(f"config.model.vocab_size={m.vocab_size}: dataset "
+                          f"{resolved.data.name!r} needs >= {train_ds.vocab_size}.")
+    if m.positions == "learned" and resolved.data.seq_len > m.max_len:
+        raise ConfigError(f"config.model.max_len={m.max_len}: learned positions need >= "
+                          f"data.seq_len={resolved.data.seq_len}.")
+    num_classes = getattr(train_ds, "num_classes", None)
+    if num_classes is not None and m.num_classes < num_classes:
+        raise ConfigError(f"config.model.num_classes={m.num_classes}: dataset "
+                          f"{resolved.data.name!r} has {num_classes} classes.")
+
+
+def resolve(config: ml_collections.ConfigDict) -> Resolved:
+    """Validates the whole config; raises :class:`ConfigError` naming the bad field."""
+    for section in ("model", "data", "train"):
+        if section not in config:
+            raise ConfigError(f"config.{section} is missing; build configs with "
+                              "tx.train.configs.experiment(...).")
+    unknown = sorted(set(config.train) - set(TRAIN))
+    if unknown:
+        raise ConfigError(f"config.train fields {unknown} do not exist; known: {sorted(TRAIN)}")
+    _check_train(config.train)
+    resolved = Resolved(model_config(config.model), config)
+    _check_data(resolved)
+    return resolved
+
+
+def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+    """Creates ``workdir`` and checks it is writable (fails with the path and the fix)."""
+    path = pathlib.Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".tx_write_probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"workdir={str(path)!r}: not writable ({e.strerror}); pick a "
+                          "directory you can write to.") from None
+    return path
+
+
+# ------------------------------------------------------------------------------ comparison
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def diff(saved: dict, current: dict, ignore=RESUMABLE_CHANGES) -> list[str]:
+    """Lines ``field: saved -> current`` for every field that differs (JSON-normalised)."""
+    a, b = _flatten(json.loads(json.dumps(saved, default=str))), \
+        _flatten(json.loads(json.dumps(current, default=str)))
+    return [f"  {k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]

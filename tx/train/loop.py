@@ -1,0 +1,278 @@
+"""The training loop: ``run(config, workdir)`` trains, evaluates, checkpoints and resumes.
+
+Rerunning the same config on the same workdir resumes from the latest complete checkpoint
+(params, optimizer state, RNG, step = data position) and reproduces the uninterrupted run's
+per-step losses exactly. A config that differs from the checkpoint's in a field that changes
+the trajectory fails with a diff of those fields.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tx import models
+from tx.train import configs as configs_lib
+from tx.train.checkpoint import Checkpointer
+from tx.train.configs import ConfigError, Resolved
+from tx.train.metrics import MetricsLog, Progress
+from tx.train.optim import make_optimizer, schedule
+from tx.train.step import init_state, make_eval_step, make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite updates in a row."""
+
+
+# -------------------------------------------------------------------------------- the model
+
+
+class Remat(nnx.Module):
+    """Wraps a block so its activations are recomputed in the backward pass."""
+
+    def __init__(self, inner: nnx.Module):
+        self.inner = inner
+
+    @property
+    def self_attn(self) -> nnx.Module:  # what Tower reads for decoding caches
+        return self.inner.self_attn
+
+    def __call__(self, *args, **kwargs):
+        return nnx.remat(lambda block, a, k: block(*a, **k))(self.inner, args, kwargs)
+
+
+def _remat_blocks(model: nnx.Module) -> None:
+    for _, node in list(nnx.iter_graph(model)):
+        blocks = getattr(node, "blocks", None)
+        if isinstance(blocks, nnx.List):
+            for i in range(len(blocks)):
+                if not isinstance(blocks[i], Remat):
+                    blocks[i] = Remat(blocks[i])
+
+
+def build_model(resolved: Resolved) -> nnx.Module:
+    model = models.build(resolved.model, seed=resolved.train.seed)
+    if resolved.train.remat:
+        _remat_blocks(model)
+    return model
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def kv_bytes_per_token(cfg) -> int:
+    """Self-attention K and V cache bytes one decoded token costs (0 for encoders)."""
+    if cfg.family == "encoder":
+        return 0
+    return 2 * cfg.decoder_layers * cfg.kv_heads * cfg.head_size * jnp.dtype(cfg.jnp_dtype).itemsize
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_params(eval_step, params, rest, eval_ds, batches: int) -> dict[str, float]:
+    """Loss and accuracy summed over the first ``batches`` eval batches (a fixed set)."""
+    sums = [eval_step(params, rest, eval_ds.batch(i)) for i in range(batches)]
+    total = {k: float(sum(m[k] for m in sums)) for k in ("loss_sum", "correct", "count")}
+    count = max(total["count"], 1.0)
+    return {"eval_loss": total["loss_sum"] / count, "eval_accuracy": total["correct"] / count}
+
+
+# -------------------------------------------------------------------------------- resuming
+
+
+def _check_compatible(saved: dict, current: ml_collections.ConfigDict, workdir, step) -> None:
+    lines = configs_lib.diff(saved, current.to_dict())
+    if lines:
+        raise ConfigError(
+            f"workdir={str(workdir)!r} holds a checkpoint at step {step} made with a different "
+            "config (saved -> now):\n" + "\n".join(lines) +
+            "\nRevert these fields, or use a new --workdir to start a fresh run.")
+
+
+def _restore(ckpt: Checkpointer, step: int, state, config, workdir):
+    meta = ckpt.read_meta(step)
+    _check_compatible(meta["config"], config, workdir, step)
+    template = {"params": state.params, "rest": state.rest, "opt_state": state.opt_state}
+    restored, meta = ckpt.restore(step, template)
+    if meta["step"] != step:
+        raise RuntimeError(f"checkpoint {step} records step {meta['step']}")
+    return restored
+
+
+# ------------------------------------------------------------------------------------ loop
+
+
+class _Window:
+    """Device metrics of the steps since the last log, fetched together (one host sync)."""
+
+    def __init__(self):
+        self.pending, self.start = [], time.perf_counter()
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self) -> tuple[list[tuple[int, dict]], float]:
+        fetched = jax.device_get(self.pending)
+        now = time.perf_counter()
+        elapsed, self.pending, self.start = now - self.start, [], now
+        return fetched, elapsed
+
+
+def _split(batch: dict, parts: int) -> list[dict]:
+    """``parts`` equal micro-batches along the batch axis."""
+    if parts == 1:
+        return [batch]
+    size = len(next(iter(batch.values()))) // parts
+    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def _merge(micro: list[dict]) -> dict:
+    out = {k: sum(m[k] for m in micro) for k in ("loss_sum", "correct", "count")}
+    out["grad_norm"] = micro[-1]["grad_norm"]
+    out["nonfinite"] = micro[-1].get("nonfinite", 0)
+    return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+        print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary:
+    final ``loss``, ``eval_loss``, ``eval_accuracy``, ``tokens_per_second``, ``params``,
+    ``kv_bytes_per_token``, ``steps``, ``skipped``, ``wall_seconds``."""
+    wall_start = time.perf_counter()
+    resolved = configs_lib.resolve(config)
+    workdir = configs_lib.check_workdir(workdir)
+    train = resolved.train
+    ckpt = Checkpointer(workdir, keep=train.keep, keep_best=train.keep_best,
+                        async_save=train.async_checkpoints)
+    try:
+        return _train(resolved, workdir, ckpt, print_fn, wall_start)
+    finally:
+        ckpt.close()
+
+
+def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_fn,
+           wall_start: float) -> dict[str, Any]:
+    train, config = resolved.train, resolved.config
+    optimizer = make_optimizer(train)
+    state = init_state(build_model(resolved), optimizer)
+    start = ckpt.latest_step() or 0
+    if start:
+        restored = _restore(ckpt, start, state, config, workdir)
+        state.params, state.rest, state.opt_state = (restored["params"], restored["rest"],
+                                                     restored["opt_state"])
+        if print_fn:
+            print_fn(f"resuming from step {start} in {workdir}")
+    (workdir / "config.json").write_text(configs_lib.to_json(config))
+    train_ds, eval_ds = configs_lib.make_datasets(resolved)
+    train_step = make_train_step(state.graphdef, optimizer)
+    eval_step = make_eval_step(state.graphdef)
+    lr = schedule(train)
+    log = MetricsLog(workdir, start_step=start)
+    progress = Progress(train.steps, print_fn)
+    k, seq_len = train.grad_accum, resolved.data.seq_len
+    tokens_per_step = train.batch_size * seq_len
+    params, rest, opt_state = state.params, state.rest, state.opt_state
+    window, skipped, rates, last = _Window(), 0, [], {}
+    try:
+        for step in range(start + 1, train.steps + 1):
+            micro, batch = [], train_ds.batch(step - 1)
+            for part in _split(batch, k):
+                params, rest, opt_state, metrics = train_step(params, rest, opt_state, part)
+                micro.append(metrics)
+            window.add(step, _merge(micro))
+            evals = {}
+            if step % train.eval_every == 0 or step == train.steps:
+                evals = evaluate_params(eval_step, params, rest, eval_ds, train.eval_batches)
+            save = step % train.checkpoint_every == 0 or step == train.steps
+            # Log before saving, so every checkpointed step is in metrics.jsonl.
+            if step % train.log_every == 0 or step == train.steps or evals or save:
+                fetched, elapsed = window.flush()
+                rate = len(fetched) * tokens_per_step / elapsed
+                rates.append((step - len(fetched), rate))
+                for s, m in fetched:
+                    skipped += int(m["nonfinite"] > 0)
+                    last = {"step": s, "loss": m["loss_sum"] / max(m["count"], 1.0),
+                            "accuracy": m["correct"] / max(m["count"], 1.0),
+                            "grad_norm": m["grad_norm"], "learning_rate": lr(s - 1),
+                            "tokens_per_second": rate, "skipped": skipped}
+                    if s == step:
+                        last.update(evals)
+                    log.write(last)
+                    if m["nonfinite"] >= train.max_nonfinite * k:
+                        raise NonFiniteError(
+                            f"stopped at step {s}: {train.max_nonfinite} non-finite updates in "
+                            f"a row were skipped (loss={last['loss']}, grad_norm="
+                            f"{last['grad_norm']}); lower config.train.learning_rate, set "
+                            "config.train.clip_norm, or use float32 activations "
+                            "(config.model.dtype='float32').")
+                progress(step, last["loss"], rate, elapsed / len(fetched))
+            if save:
+                ckpt.save(step, {"params": params, "rest": rest, "opt_state": opt_state},
+                          {"step": step, "config": config.to_dict()},
+                          eval_loss=evals.get("eval_loss"))
+    finally:
+        log.close()
+    if start >= train.steps:  # nothing left to train: report the restored model
+        last = dict(log.records[-1]) if log.records else {"loss": float("nan")}
+        last.update(evaluate_params(eval_step, params, rest, eval_ds, train.eval_batches))
+    from tx.train import plots  # matplotlib is imported only when a run finishes
+    plots.loss_curves({"run": log.records}, workdir / "loss.png", title=str(workdir.name))
+    steady = [r for s, r in rates if s > start] or [r for _, r in rates] or [float("nan")]
+    return {"steps": train.steps, "loss": float(last.get("loss", float("nan"))), "eval_loss": last.get("eval_loss"),
+            "eval_accuracy": last.get("eval_accuracy"),
+            "tokens_per_second": float(np.median(steady[1:] or steady)),
+            "params": param_count(params), "kv_bytes_per_token": kv_bytes_per_token(resolved.model),
+            "skipped": skipped, "wall_seconds": time.perf_counter() - wall_start}
+
+
+def saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to ``workdir/config.json``."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"workdir={str(workdir)!r} has no config.json; train there first or "
+                          "pass --config.")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_model(resolved: Resolved, workdir: str | pathlib.Path, *,
+               step: int | None = None) -> tuple[nnx.Module, int | None]:
+    """The model of the latest (or ``step``) checkpoint in ``workdir``, or a freshly initialised
+    one (step ``None``) when there is none."""
+    model = build_model(resolved)
+    if not (pathlib.Path(workdir) / "checkpoints").is_dir():
+        return model, None
+    ckpt = Checkpointer(workdir, keep=resolved.train.keep, async_save=False)
+    try:
+        step = step or ckpt.latest_step()
+        if step is None:
+            return model, None
+        state = init_state(model, make_optimizer(resolved.train))
+        restored = _restore(ckpt, step, state, resolved.config, workdir)
+    finally:
+        ckpt.close()
+    return nnx.merge(state.graphdef, restored["params"], restored["rest"]), step
+
+
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Path, *,
+             step: int | None = None, batches: int | None = None) -> dict[str, float]:
+    """Evaluates the latest checkpoint (or ``step``) of ``workdir``; ``config=None`` uses the
+    config saved with the run."""
+    resolved = configs_lib.resolve(saved_config(workdir) if config is None else config)
+    model, step = load_model(resolved, workdir, step=step)
+    if step is None:
+        raise ConfigError(f"workdir={str(workdir)!r} holds no complete checkpoint.")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _, eval_ds = configs_lib.make_datasets(resolved)
+    out = evaluate_params(make_eval_step(graphdef), params, rest, eval_ds,
+                          batches or resolved.train.eval_batches)
+    return {"step": step, **out}
