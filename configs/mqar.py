@@ -16,7 +16,7 @@ def get_config():
                         num_heads=4, d_ff=128, max_len=48, positions="rope", window=8,
                         stride=8)
     return experiment(model, dataset="mqar", seq_len=48,
-                      options=dict(num_kv_pairs=4, num_keys=16, num_values=16),
+                      options=dict(num_kv_pairs=4, num_keys=8, num_values=8),
                       steps=400, batch_size=64, learning_rate=3e-3, warmup_steps=30,
                       weight_decay=0.0, log_every=20, eval_every=100, eval_batches=4,
                       checkpoint_every=200)

@@ -1,0 +1,85 @@
+"""Attention swaps on a built (e.g. loaded) model: the ablation use case.
+
+* ``set_masks``: a different pattern (Local, BigBird, ...) in every self-attention layer, or a
+  per-layer schedule; the weights are untouched.
+* ``pool_kv_heads``: fewer K/V heads by mean-pooling the K/V projections of each group of heads,
+  the GQA paper's checkpoint conversion before uptraining (Ainslie et al., 2023).
+
+Both edit the model in place (NNX attribute assignment) and keep ``model.config`` truthful.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from flax import nnx
+
+from kernels import masks as masks_lib
+from tx import config as config_lib
+
+
+def _towers(model):
+    """The self-attention towers of a tx model (decoder, encoder, or both of a seq2seq)."""
+    found = []
+    for name in ("tower", "encoder", "decoder"):
+        sub = getattr(model, name, None)
+        if sub is None:
+            continue
+        found.append(sub if hasattr(sub, "blocks") else sub.tower)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no tower of attention blocks.")
+    return found
+
+
+def set_masks(model: nnx.Module, mask: masks_lib.Mask | Sequence[masks_lib.Mask]) -> None:
+    """Gives every self-attention layer ``mask`` (or ``mask[i % len(mask)]`` for layer i).
+
+    Drop any decoding cache first: a rolling cache is sized for the mask it was built for.
+    """
+    schedule = (mask,) if isinstance(mask, masks_lib.Mask) else tuple(mask)
+    if not schedule or not all(isinstance(m, masks_lib.Mask) for m in schedule):
+        raise ValueError(f"mask={mask!r}: give a kernels.masks.Mask or a non-empty sequence "
+                         "of them.")
+    for tower in _towers(model):
+        for i, block in enumerate(tower.blocks):
+            block.self_attn.mask = schedule[i % len(schedule)]
+
+
+def pool_kv_heads(model: nnx.Module, num_kv_heads: int) -> None:
+    """Mean-pools each self-attention layer's K/V heads down to ``num_kv_heads`` groups of
+    consecutive heads (query head n keeps using K/V group ``n // (N / K')``)."""
+    cfg = model.config
+    current = cfg.kv_heads
+    if num_kv_heads < 1 or current % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads}: must divide the current number of "
+                         f"K/V heads ({current}).")
+    ratio = current // num_kv_heads
+    for tower in _towers(model):
+        for block in tower.blocks:
+            attn = block.self_attn
+            if attn.cache is not None:
+                raise ValueError("drop the decoding cache (model.drop_cache()) before pooling "
+                                 "K/V heads.")
+            for name in ("k_dkh", "v_dkh"):
+                w = getattr(attn, name)[...]
+                d, _, h = w.shape
+                getattr(attn, name).set_value(w.reshape(d, num_kv_heads, ratio, h).mean(2))
+            for name in ("k_bias_kh", "v_bias_kh"):
+                if getattr(attn, name, None) is not None:
+                    b = getattr(attn, name)[...]
+                    getattr(attn, name).set_value(b.reshape(num_kv_heads, ratio, -1).mean(1))
+    model.config = config_lib.replace(cfg, num_kv_heads=num_kv_heads,
+                                      attention=_heads_free(cfg.attention))
+    for sub in ("encoder", "decoder"):  # seq2seq parts carry their own config reference
+        part = getattr(model, sub, None)
+        if part is not None and hasattr(part, "config"):
+            part.config = model.config
+
+
+def _heads_free(attention: str) -> str:
+    """``attention`` without its heads preset (num_kv_heads now says it), e.g. gqa+local ->
+    local."""
+    parts = [p for p in attention.split("+") if p not in config_lib.HEAD_PRESETS]
+    return "+".join(parts) or "mha"
+
+
