@@ -112,7 +112,7 @@ def test_unwritable_workdir_fails_with_one_line(tmp_path):
     assert "workdir=" in out.stderr and "not writable" in out.stderr
 
 
-def test_evaluate_and_visualize_a_trained_run(tmp_path):
+def test_evaluate_visualize_and_generate_from_a_trained_run(tmp_path):
     short = [a for a in TINY if "steps=" not in a and "every" not in a]
     assert run(script("train", *short, "--config.train.steps=2",
                       "--config.train.warmup_steps=1", workdir=tmp_path)).returncode == 0
@@ -123,3 +123,9 @@ def test_evaluate_and_visualize_a_trained_run(tmp_path):
     out = run(script("visualize_attention", f"--output={png}", workdir=tmp_path, config=None))
     assert out.returncode == 0, out.stderr[-2000:]
     assert png.stat().st_size > 1000 and "2 layers x 4 heads" in out.stdout
+    for extra in (["--num_beams=2"], ["--temperature=0.7", "--top_k=5", "--cache=paged"]):
+        out = run(script("generate", "--prompt=9 10 11", "--max_new_tokens=5", *extra,
+                         workdir=tmp_path, config=None))
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = out.stdout.strip().splitlines()
+        assert lines[0] == "# checkpoint step 2" and 1 <= len(lines[1].split()) <= 5
