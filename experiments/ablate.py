@@ -8,13 +8,12 @@ order) and writes results.md, results.csv and loss_curves.png to the workdir.
 """
 
 import os
-import sys
 
-from absl import app, flags, logging
+import _cli  # experiments/_cli.py, beside this script
+from absl import flags
 from ml_collections import config_flags
 
 from tx.train import ablation
-from tx.train.configs import ConfigError
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
                         "ablation.py")
@@ -26,19 +25,11 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-        logging.set_verbosity(logging.WARNING)
-    try:
+    _cli.start(argv)
+    with _cli.one_line_errors():
         ablation.ablate(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
     print(f"results: {os.path.join(_WORKDIR.value, 'results.md')}")
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except (AttributeError, KeyError) as e:  # config_flags: a misspelled --config.* key
-        sys.exit(f"error: the config has no field {e}; check the spelling of --config.* flags.")
+    _cli.run(main)

@@ -7,10 +7,9 @@
 Byte-level models take the prompt as text; other models take space-separated token ids.
 """
 
-import sys
-
 import numpy as np
-from absl import app, flags, logging
+import _cli  # experiments/_cli.py, beside this script
+from absl import flags
 
 from tx.data import vocab
 from tx.inference import Greedy, Sample, beam_search, generate
@@ -36,10 +35,8 @@ def _encode(prompt: str, byte_level: bool) -> np.ndarray:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    try:
+    _cli.start(argv)
+    with _cli.one_line_errors(ValueError):
         resolved = configs_lib.resolve(loop.saved_config(_WORKDIR.value))
         model, step = loop.load_model(resolved, _WORKDIR.value)
         if step is None:
@@ -54,12 +51,10 @@ def main(argv):
                 _TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
             out = generate(model, prompt, max_new_tokens=_STEPS.value, strategy=strategy,
                            stop_tokens=(vocab.EOS,), cache=_CACHE.value, seed=_SEED.value)
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"error: {e}")
     tokens = out.tokens[0, :out.lengths[0]]
     print(f"# checkpoint step {step}")
     print(vocab.decode_bytes(tokens) if byte_level else " ".join(map(str, tokens)))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

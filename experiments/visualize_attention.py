@@ -8,15 +8,14 @@ not given); without one, a freshly initialised model. Without --text the first e
 """
 
 import os
-import sys
 
 import numpy as np
-from absl import app, flags, logging
+import _cli  # experiments/_cli.py, beside this script
+from absl import flags
 from ml_collections import config_flags
 
 from tx import data
 from tx.train import configs, loop, plots, visualize
-from tx.train.configs import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
                                           lock_config=True)
@@ -27,15 +26,10 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-        logging.set_verbosity(logging.WARNING)
-    try:
+    _cli.start(argv)
+    with _cli.one_line_errors():
         config = _CONFIG.value if _CONFIG.value is not None else loop.saved_config(_WORKDIR.value)
         resolved = configs.resolve(config)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
     model, step = loop.load_model(resolved, _WORKDIR.value)
     if _TEXT.value is not None:
         batch = {"inputs": data.encode_bytes(_TEXT.value)[None, :]}
@@ -50,7 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except (AttributeError, KeyError) as e:  # config_flags: a misspelled --config.* key
-        sys.exit(f"error: the config has no field {e}; check the spelling of --config.* flags.")
+    _cli.run(main)
