@@ -38,6 +38,9 @@ from jax.experimental import pallas as pl
 from kernels import block_sizes as block_sizes_lib
 from kernels import checks, tiles
 from kernels import masks as masks_lib
+from kernels import online_softmax
+from kernels.online_softmax import dot as _dot
+from kernels.online_softmax import precision as _precision
 from kernels.block_sizes import BlockSizes
 
 try:  # Triton launch parameters; absent on JAX builds without the Triton backend.
@@ -141,12 +144,6 @@ def _effective_blocks(bs: BlockSizes, q_len: int, kv_len: int) -> BlockSizes:
 
 # --- the kernels -------------------------------------------------------------------------------
 
-def _dot(a, b, contract, precision):
-    """``a @ b`` contracting ``contract = (dim_a, dim_b)``, fp32 accumulation."""
-    return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
-                           precision=precision, preferred_element_type=jnp.float32)
-
-
 def _visible(cfg: _Config, q_block, kv_start, rows, cols, kv_len, q_seg, kv_seg):
     """``[rows, cols]`` bool for a PARTIAL tile: the mask, bounds, key length, segments.
 
@@ -185,14 +182,8 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precisi
             kv_seg = kv_seg_ref[pl.ds(kv_start, block_k)] if cfg.has_segments else None
             keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
             s = jnp.where(keep, s, -jnp.inf)
-        m_next = jnp.maximum(m_prev, s.max(axis=1))                        # [rows]
-        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # a row with nothing seen yet
-        alpha = jnp.exp2(m_prev - m_safe)
-        p = jnp.exp2(s - m_safe[:, None])                                  # [rows, block_k]
-        l_next = alpha * l_prev + p.sum(axis=1)
         v = v_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, (1, 0), precision)
-        return m_next, l_next, acc
+        return online_softmax.update(m_prev, l_prev, acc, s, v, precision)
 
     carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
              jnp.zeros(q.shape, jnp.float32))
@@ -291,11 +282,6 @@ def _compiler_params(cfg: _Config):
         return None
     return _pl_triton.CompilerParams(num_warps=cfg.blocks.num_warps,
                                      num_stages=cfg.blocks.num_stages)
-
-
-def _precision(dtype):
-    # fp32 inputs get true fp32 dots (IEEE in Triton, not TF32) to match the reference.
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _table_spec(table):

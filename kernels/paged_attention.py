@@ -41,6 +41,9 @@ from jax.experimental import pallas as pl
 from kernels import block_sizes as block_sizes_lib
 from kernels import checks
 from kernels import masks as masks_lib
+from kernels import online_softmax
+from kernels.online_softmax import dot as _dot
+from kernels.online_softmax import precision as _precision
 
 try:  # Triton launch parameters; absent on JAX builds without the Triton backend.
     from jax.experimental.pallas import triton as _pl_triton
@@ -147,12 +150,6 @@ def _split_meta(cfg: _Config, lengths: jax.Array) -> jax.Array:
 
 # --- the kernel --------------------------------------------------------------------------------
 
-def _dot(a, b, contract, precision):
-    """``a @ b`` contracting ``contract = (dim_a, dim_b)``, fp32 accumulation."""
-    return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
-                           precision=precision, preferred_element_type=jnp.float32)
-
-
 def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config,
                   precision):
     ppb, page = cfg.pages_per_block, cfg.page_size
@@ -186,13 +183,7 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
         keep = cfg.mask.predicate(q_pos, kv_pos, cfg.kv_len)
         keep = keep & real_row & (kv_pos < length) & (kv_pos < stop * page)
         s = jnp.where(keep, s, -jnp.inf)
-        m_next = jnp.maximum(m_prev, s.max(axis=1))                        # [rows]
-        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # a row with nothing seen yet
-        alpha = jnp.exp2(m_prev - m_safe)
-        p = jnp.exp2(s - m_safe[:, None])                                  # [rows, block_k]
-        l_next = alpha * l_prev + p.sum(axis=1)
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, (1, 0), precision)
-        return m_next, l_next, acc
+        return online_softmax.update(m_prev, l_prev, acc, s, v, precision)
 
     carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
              jnp.zeros((rows, hp), jnp.float32))
@@ -208,11 +199,6 @@ def _compiler_params(cfg: _Config):
     if _pl_triton is None or cfg.interpret:
         return None
     return _pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _precision(dtype):
-    # fp32 inputs get true fp32 dots (IEEE in Triton, not TF32) to match the reference.
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages):
