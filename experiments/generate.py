@@ -24,7 +24,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 means greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely tokens.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Sample from the smallest set with this mass.")
 _BEAMS = flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams when > 1.")
-_CACHE = flags.DEFINE_enum("cache", "contiguous", ["contiguous", "paged", "none"], "KV cache.")
+_CACHE = flags.DEFINE_enum("cache", "contiguous", ["contiguous", "paged", "none"],
+                           "KV cache (beam search: contiguous or paged; beams share pages).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -45,7 +46,8 @@ def main(argv):
         prompt = _encode(_PROMPT.value, byte_level)
         if _BEAMS.value > 1:
             out = beam_search(model, prompt, max_new_tokens=_STEPS.value,
-                              num_beams=_BEAMS.value, stop_tokens=(vocab.EOS,))
+                              num_beams=_BEAMS.value, stop_tokens=(vocab.EOS,),
+                              cache="paged" if _CACHE.value == "paged" else "contiguous")
         else:
             strategy = Greedy() if _TEMPERATURE.value == 0 else Sample(
                 _TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)

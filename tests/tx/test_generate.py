@@ -150,3 +150,64 @@ def test_bad_sampling_values():
         generate(_seq2seq(), _prompt(), max_new_tokens=2)
     with pytest.raises(ValueError, match="num_beams"):
         beam_search(_decoder("gqa"), _prompt(), max_new_tokens=2, num_beams=0)
+
+
+# -- forks: beams and samples share prompt pages; copy-on-write keeps siblings apart ---------------
+@pytest.mark.parametrize("page_size", [4, 5])  # the 5-token prompt ends mid-page / on a boundary
+def test_paged_beam_search_equals_contiguous(page_size):
+    model, prompt = _decoder("gqa"), _prompt()
+    kw = dict(max_new_tokens=7, num_beams=3, length_penalty=0.0, stop_tokens=(9,))
+    contiguous = beam_search(model, prompt, **kw)
+    paged = beam_search(model, prompt, cache="paged", page_size=page_size, **kw)
+    np.testing.assert_array_equal(paged.tokens, contiguous.tokens)
+    np.testing.assert_allclose(paged.scores, contiguous.scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(paged.scores, _sequence_logp(model, prompt, paged.tokens),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_decoder_paged_beam_search_equals_contiguous():
+    model = _seq2seq()
+    source = _prompt(b=2, t=6, seed=1)
+    start = jnp.full((2, 1), 1, jnp.int32)
+    kw = dict(max_new_tokens=5, num_beams=3, source_bs=source, length_penalty=0.0)
+    paged = beam_search(model, start, cache="paged", page_size=4, **kw)
+    contiguous = beam_search(model, start, **kw)
+    np.testing.assert_array_equal(paged.tokens, contiguous.tokens)
+    np.testing.assert_allclose(paged.scores, contiguous.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_beams_store_the_prompts_full_pages_once():
+    model, prompt = _decoder("gqa"), _prompt(b=2, t=9)
+    pool = generate_lib.init_paged_cache(model, prompt, 6, page_size=4, forks=3)
+    model.drop_cache()
+    # Per prompt: 2 full pages shared by 3 beams, 2 private pages per beam (the first a
+    # copy-on-write copy of the prompt's partly filled third page).
+    assert pool.num_pages == 2 * (2 + 3 * 2) and pool.num_free_pages == 0
+    for seq_id in (0, 1):  # the prompts' own sequences; their forks are 2, 3 and 4, 5
+        full = pool.pages(seq_id)[:2]
+        assert [pool.refcount(p) for p in full] == [3, 3]
+    contiguous_pages = 2 * 3 * 4  # every beam storing its whole sequence
+    assert pool.num_pages < contiguous_pages
+
+
+def test_fork_mid_page_then_extend_keeps_siblings_apart():
+    """Two forks of one 5-token prompt (page size 4: the fork lands mid-page) append different
+    tokens; each must see exactly its own sequence, so its logits equal a fresh full forward."""
+    model, prompt = _decoder("gqa"), _prompt(b=1, t=5)
+    generate_lib.init_paged_cache(model, prompt, 3, page_size=4, forks=2)
+    model.eval()
+    model(prompt)  # prefill once
+    for c in generate_lib.caches(model):
+        c.fork(2)
+    steps = jnp.asarray([[11, 12, 13], [21, 22, 23]], jnp.int32)  # [forks, new tokens]
+    for i in range(steps.shape[1]):
+        logits = model(steps[:, i:i + 1])[:, -1]
+    model.drop_cache()
+    full = jnp.concatenate([jnp.repeat(prompt, 2, axis=0), steps], axis=1)
+    np.testing.assert_allclose(logits, model(full)[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_beam_cache():
+    model, prompt = _decoder("gqa"), _prompt()
+    with pytest.raises(ValueError, match="cache='none'"):
+        beam_search(model, prompt, max_new_tokens=3, cache="none")

@@ -4,6 +4,10 @@ Both caches answer ``update(k_new, v_new) -> (k, v, q_positions, kv_positions)``
 values to attend over and the positions at which the mask is evaluated there. A slot with
 position ``-1`` is empty and nobody sees it. The model enables decoding by attribute
 assignment (``attn.cache = KVCache(...)``), not by a ``decode`` flag.
+
+Beam search and parallel sampling also use ``fork(n)`` (each row becomes ``n`` consecutive
+rows after the prompt is prefilled once) and ``reorder(rows)`` (row ``i`` continues from row
+``rows[i]``); the paged cache answers both too, by sharing and copying pages.
 """
 
 from __future__ import annotations
@@ -15,7 +19,20 @@ from flax import nnx
 from kernels import masks as masks_lib
 
 
-class KVCache(nnx.Module):
+class _RowCache(nnx.Module):
+    """``fork`` / ``reorder`` for caches that hold every row's K/V in ``k``/``v [B, ...]``."""
+
+    def fork(self, n: int) -> None:
+        # `set_value` rather than `[...] =`: the row count changes.
+        self.k.set_value(jnp.repeat(self.k[...], n, axis=0))
+        self.v.set_value(jnp.repeat(self.v[...], n, axis=0))
+
+    def reorder(self, rows: jax.Array) -> None:
+        self.k[...] = self.k[...][rows]
+        self.v[...] = self.v[...][rows]
+
+
+class KVCache(_RowCache):
     """Contiguous, preallocated cache of ``max_len`` positions ``[B, S, K, H]``."""
 
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *,
@@ -41,7 +58,7 @@ class KVCache(nnx.Module):
                 jnp.broadcast_to(kv_pos, (b, self.max_len)))
 
 
-class RollingKVCache(nnx.Module):
+class RollingKVCache(_RowCache):
     """Ring buffer of the last ``window`` positions, for causal sliding-window masks.
 
     Memory is O(window) however long the sequence grows. A chunk of new tokens attends over

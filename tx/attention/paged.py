@@ -6,11 +6,19 @@ tables ``[B, max_pages]`` and the number of tokens written. ``update`` scatters 
 their pages and returns the gathered view, so every registry implementation can attend over
 it; ``attend_pages`` is the fast path through the Pallas paged-decode kernel, which reads the
 pages in place.
+
+Forking (beam search, parallel sampling) follows the page pool's plan: after the prompts are
+prefilled once, ``fork`` switches to the forked rows' block tables, whose full prompt pages are
+shared (stored once) and whose partly filled prompt page was copied for each fork
+(copy-on-write); ``reorder`` then copies only the pages a row owns, from ``private_from`` on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
@@ -18,17 +26,66 @@ from kernels import masks as masks_lib
 from kernels.paged_attention import paged_attention
 
 
+@dataclasses.dataclass(frozen=True)
+class ForkPlan:
+    """What ``fork`` switches to, as the host-side ``PagePool`` planned it.
+
+    Attributes:
+      block_tables: int32 ``[B * n, max_pages]`` of the forked rows (row ``b * n + j`` is the
+        ``j``-th fork of prompt row ``b``).
+      copies: int32 ``[C, 2]`` ``(src_page, dst_page)`` copy-on-write copies of shared, partly
+        filled pages, applied once the prompts are written.
+      private_from: first block-table column whose pages each forked row owns alone; earlier
+        columns hold shared (read-only) prompt pages.
+    """
+
+    block_tables: np.ndarray
+    copies: np.ndarray
+    private_from: int
+
+
 class PagedKVCache(nnx.Module):
     """Pages ``[P, L, K, H]`` addressed through ``block_tables [B, max_pages]``."""
 
     def __init__(self, block_tables, num_pages: int, page_size: int, num_kv_heads: int,
-                 head_dim: int, *, dtype=jnp.float32):
+                 head_dim: int, *, dtype=jnp.float32, fork_plan: ForkPlan | None = None):
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k_pages = nnx.Cache(jnp.zeros(shape, dtype))
         self.v_pages = nnx.Cache(jnp.zeros(shape, dtype))
         self.block_tables = nnx.Cache(jnp.asarray(block_tables, jnp.int32))
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))
         self.page_size = page_size
+        self.fork_tables = self.fork_copies = nnx.data(None)
+        self.private_from = 0
+        if fork_plan is not None:
+            self.fork_tables = nnx.Cache(jnp.asarray(fork_plan.block_tables, jnp.int32))
+            self.fork_copies = nnx.Cache(jnp.asarray(fork_plan.copies, jnp.int32).reshape(-1, 2))
+            self.private_from = int(fork_plan.private_from)
+
+    def fork(self, n: int) -> None:
+        """Each row becomes ``n`` rows: the planned block tables, after copy-on-write."""
+        if self.fork_tables is None:
+            raise ValueError("this PagedKVCache has no fork plan; build it with "
+                             "fork_plan=ForkPlan(...) from the PagePool's forks.")
+        rows = self.block_tables[...].shape[0] * n
+        if self.fork_tables[...].shape[0] != rows:
+            raise ValueError(f"fork(n={n}) makes {rows} rows but the fork plan has "
+                             f"{self.fork_tables[...].shape[0]}; plan n forks per row.")
+        src, dst = self.fork_copies[...][:, 0], self.fork_copies[...][:, 1]
+        self.k_pages[...] = self.k_pages[...].at[dst].set(self.k_pages[...][src])
+        self.v_pages[...] = self.v_pages[...].at[dst].set(self.v_pages[...][src])
+        self.block_tables.set_value(self.fork_tables[...])  # more rows: replace the array
+
+    def reorder(self, rows: jax.Array) -> None:
+        """Row ``i`` continues from row ``rows[i]``: its own pages get ``rows[i]``'s contents.
+
+        Shared prompt pages are identical for every row of a prompt and are left alone; all
+        reads happen before any write, so rows may swap pages.
+        """
+        tables = self.block_tables[...][:, self.private_from:]
+        src, dst = tables[rows].reshape(-1), tables.reshape(-1)
+        self.k_pages[...] = self.k_pages[...].at[dst].set(self.k_pages[...][src])
+        self.v_pages[...] = self.v_pages[...].at[dst].set(self.v_pages[...][src])
 
     def _write(self, k_new, v_new):
         b, t = k_new.shape[:2]

@@ -1,8 +1,11 @@
-"""Beam search over a contiguous KV cache, inside one ``jax.jit``.
+"""Beam search over a contiguous or paged KV cache, inside one ``jax.jit``.
 
-The batch is expanded to ``B * n`` rows; after each token the cache rows are reordered by the
-surviving beams' parents. Finished beams (a stop token emitted) only extend with PAD at no
-cost. The final ranking divides each beam's log-probability by the GNMT length penalty
+The prompt is prefilled once per row; the cache then forks every row into ``n`` beams (the
+paged cache shares the prompt's full pages between a row's beams and copies only a partly
+filled last page, the contiguous one repeats its rows). After each token the caches are
+reordered by the surviving beams' parents (paged: only the pages a beam owns are copied).
+Finished beams (a stop token emitted) only extend with PAD at no cost. The final ranking
+divides each beam's log-probability by the GNMT length penalty
 ``((5 + length) / 6) ** length_penalty``.
 """
 
@@ -16,40 +19,54 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tx.inference.generation import PAD, Generation, _check, _context, _last_logits
+from tx.inference.generation import (PAD, Generation, _check, _context, _last_logits, caches,
+                                     init_paged_cache)
 
 _NEG = -1e30  # a finite "impossible" score keeps arithmetic NaN-free
+BEAM_CACHES = ("contiguous", "paged")
 
 
 def beam_search(model: nnx.Module, prompt_bt, *, max_new_tokens: int, num_beams: int = 4,
                 length_penalty: float = 1.0, stop_tokens: Sequence[int] = (), source_bs=None,
-                source_lengths_b=None) -> Generation:
-    """Best beam per row: ``tokens [B, max_new_tokens]`` and ``lengths [B]``."""
+                source_lengths_b=None, cache: str = "contiguous",
+                page_size: int = 16) -> Generation:
+    """Best beam per row: ``tokens [B, max_new_tokens]``, ``lengths [B]`` and ``scores [B]``
+    (the beam's total log-probability)."""
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams={num_beams!r} must be a positive integer.")
-    total = _check(model, prompt_bt, max_new_tokens, "contiguous", source_bs)
-    prompt = jnp.repeat(jnp.asarray(prompt_bt, jnp.int32), num_beams, axis=0)
-    source = None if source_bs is None else jnp.repeat(jnp.asarray(source_bs, jnp.int32),
-                                                       num_beams, axis=0)
-    lengths = None if source_lengths_b is None else jnp.repeat(
-        jnp.asarray(source_lengths_b, jnp.int32), num_beams, axis=0)
-    model.init_cache(prompt.shape[0], total)
+    if cache not in BEAM_CACHES:
+        raise ValueError(f"cache={cache!r} is not one of {BEAM_CACHES} (beam search needs a "
+                         "cache to fork).")
+    total = _check(model, prompt_bt, max_new_tokens, cache, source_bs)
+    prompt = jnp.asarray(prompt_bt, jnp.int32)
+    if cache == "contiguous":
+        model.init_cache(prompt.shape[0], total)
+    else:
+        init_paged_cache(model, prompt, max_new_tokens, page_size=page_size, forks=num_beams)
     graphdef, state = nnx.split(model)
     model.drop_cache()
+    source = None if source_bs is None else jnp.asarray(source_bs, jnp.int32)
+    lengths = None if source_lengths_b is None else jnp.asarray(source_lengths_b, jnp.int32)
     tokens, gen_len, scores = _beam(graphdef, state, prompt, source, lengths, num_beams=num_beams,
                             max_new_tokens=max_new_tokens, length_penalty=float(length_penalty),
                             stop_tokens=tuple(int(t) for t in stop_tokens))
     return Generation(np.asarray(tokens), np.asarray(gen_len), np.asarray(scores))
 
 
-def _reorder_cache(state, rows):
-    """Gathers the K/V cache rows of the surviving beams' parents."""
-    def pick(path, x):
-        names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
-        names = [n for n in names if n != "value"]  # nnx.Variable's own leaf
-        in_cache = "cache" in names and names[-1] in ("k", "v")
-        return x[rows] if in_cache and x.ndim == 4 else x
-    return jax.tree_util.tree_map_with_path(pick, state)
+def _fork(model, context, n):
+    """Every prefilled row becomes ``n`` beams: the caches fork, the encoder output repeats."""
+    for c in caches(model):
+        c.fork(n)
+    if context is None:
+        return None
+    return jax.tree.map(lambda x: None if x is None else jnp.repeat(x, n, axis=0), context)
+
+
+def _reorder(graphdef, state, rows):
+    model = nnx.merge(graphdef, state, copy=True)
+    for c in caches(model):
+        c.reorder(rows)
+    return nnx.state(model)
 
 
 @functools.partial(jax.jit, static_argnames=("num_beams", "max_new_tokens", "length_penalty",
@@ -59,9 +76,9 @@ def _beam(graphdef, state, prompt, source, lengths, *, num_beams, max_new_tokens
     model = nnx.merge(graphdef, state, copy=True)
     model.eval()
     context = _context(model, source, lengths)
-    rows, n = prompt.shape[0], num_beams
-    b = rows // n
-    logits = _last_logits(model, prompt, context)  # prefill, [B * n, V]
+    b, n = prompt.shape[0], num_beams
+    logits = jnp.repeat(_last_logits(model, prompt, context), n, axis=0)  # prefill once
+    context = _fork(model, context, n)  # [B * n] rows from here on
     # Only beam 0 is alive at first, so the n beams start as n different tokens.
     scores = jnp.tile(jnp.array([0.0] + [_NEG] * (n - 1), jnp.float32), (b, 1))  # [B, n]
     out = jnp.full((b, n, max_new_tokens), PAD, jnp.int32)
@@ -85,7 +102,7 @@ def _beam(graphdef, state, prompt, source, lengths, *, num_beams, max_new_tokens
         gen_len = jnp.take_along_axis(gen_len, parent, axis=1) + (~was_done).astype(jnp.int32)
         done = was_done | jnp.isin(token, stops)
         flat_rows = (parent + jnp.arange(b)[:, None] * n).reshape(-1)
-        return _reorder_cache(state, flat_rows), scores, out, done, gen_len, token.reshape(-1)
+        return _reorder(graphdef, state, flat_rows), scores, out, done, gen_len, token.reshape(-1)
 
     state, scores, out, done, gen_len, token = step(0, logits, state, scores, out, done, gen_len)
 

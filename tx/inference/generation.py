@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tx.attention.paged import PagedKVCache
+from tx.attention.paged import ForkPlan, PagedKVCache
 from tx.inference.paged_cache import PagePool
 from tx.inference.sampling import Greedy
 
@@ -85,25 +85,54 @@ def _decoding_tower(model):
     return model.decoder if hasattr(model, "encode") else model.tower
 
 
+def caches(model) -> list[nnx.Module]:
+    """The decoding self-attentions' caches, in layer order."""
+    return [block.self_attn.cache for block in _decoding_tower(model).blocks]
+
+
 def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 16,
-                     num_pages: int | None = None) -> PagePool:
+                     num_pages: int | None = None, forks: int = 1) -> PagePool:
     """Gives every decoding self-attention a ``PagedKVCache`` whose pages come from a
-    ``PagePool`` (prefix sharing on); returns the pool for inspection."""
+    ``PagePool`` (prefix sharing on); returns the pool for inspection.
+
+    With ``forks > 1`` the cache starts with one row per prompt (prefilled once) and carries
+    the pool's plan for ``fork(forks)``: every fork shares the prompt's full pages, gets its
+    own copy of a partly filled last prompt page (copy-on-write) and its own pages for the
+    ``max_new_tokens`` it will generate.
+    """
     prompt = np.asarray(prompt_bt)
     b, t = prompt.shape
-    per_row = -(-(t + max_new_tokens) // page_size)
-    pool = PagePool(num_pages or b * per_row, page_size)
-    seq_ids = []
-    for row in prompt:
-        seq_ids.append(pool.add_sequence([int(x) for x in row]).seq_id)
-        pool.append(seq_ids[-1], max_new_tokens)  # reserve: decoding never allocates
-    tables = pool.block_table(seq_ids, width=per_row)
-    for block in _decoding_tower(model).blocks:
-        attn = block.self_attn
+    width = -(-(t + max_new_tokens) // page_size)
+    shared = t // page_size if forks > 1 else 0  # full prompt pages, stored once per prompt
+    pool = PagePool(num_pages or b * (shared + forks * (width - shared)), page_size)
+    seq_ids = [pool.add_sequence([int(x) for x in row]).seq_id for row in prompt]
+    plan = None
+    if forks > 1:
+        tables = pool.block_table(seq_ids, width=width)  # the prefill writes the prompt pages
+        plan = _plan_forks(pool, seq_ids, forks, max_new_tokens, width, shared)
+    else:
+        for seq_id in seq_ids:
+            pool.append(seq_id, max_new_tokens)  # reserve: decoding never allocates
+        tables = pool.block_table(seq_ids, width=width)
+    for attn in (block.self_attn for block in _decoding_tower(model).blocks):
         _, k, h = attn.k_dkh[...].shape
         attn.cache = nnx.data(PagedKVCache(tables, pool.num_pages, page_size, k, h,
-                                           dtype=attn.dtype))
+                                           dtype=attn.dtype, fork_plan=plan))
     return pool
+
+
+def _plan_forks(pool: PagePool, seq_ids, forks: int, max_new_tokens: int, width: int,
+                shared: int) -> ForkPlan:
+    rows = []
+    for seq_id in seq_ids:
+        rows += [seq_id] + [pool.fork(seq_id) for _ in range(forks - 1)]
+    copies = []
+    for row in rows:  # reserve every fork's pages; a shared partial page is copied first
+        copies += pool.append(row, max_new_tokens).copies
+    # Every row holds exactly `width` pages, so reorder never touches a padding entry.
+    assert all(len(pool.pages(row)) == width for row in rows)
+    return ForkPlan(pool.block_table(rows, width=width), np.asarray(copies, np.int32),
+                    private_from=shared)
 
 
 def generate(model: nnx.Module, prompt_bt, *, max_new_tokens: int, strategy=Greedy(),
