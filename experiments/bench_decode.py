@@ -1,9 +1,12 @@
-"""Decode speed: tokens/s generating N tokens from a P-token prompt, KV cache vs recompute.
+"""Decode speed: tokens/s generating N tokens from a P-token prompt, KV cache vs recompute;
+then one paged decode step of our Pallas kernel against its reference and JAX's own Pallas
+paged attention, with GB/s read and % of the measured copy bandwidth (``_paged_bench.py``).
 
   python experiments/bench_decode.py                       # 256 new tokens, 128-token prompt
   python experiments/bench_decode.py --new_tokens=16 --prompt=8 --layers=1   # smoke size
+  python experiments/bench_decode.py --nokernel            # generation rows only
 
-Prints a table and one JSON line per row. Compile time is excluded (one warm-up call with
+Prints tables and one JSON line per row. Compile time is excluded (one warm-up call with
 the same shapes first); each figure is the median of ``--repeats`` timed calls.
 """
 
@@ -18,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+import _paged_bench  # experiments/_paged_bench.py, beside this script
+
 from tx import models
 from tx.config import ModelConfig
 from tx.inference import generate
@@ -28,6 +33,10 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Sequences generated together.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder layers of the default small model.")
 _ATTENTION = flags.DEFINE_string("attention", "gqa", "Attention preset.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row (median reported).")
+_KERNEL = flags.DEFINE_bool("kernel", True, "Also time the paged decode kernel and its peers.")
+_K_BATCH = flags.DEFINE_integer("kernel_batch", None, "Kernel rows: sequences (default: table).")
+_K_CONTEXT = flags.DEFINE_integer("kernel_context", None, "Kernel rows: tokens per sequence.")
+_K_SPLIT = flags.DEFINE_integer("kernel_split_k", 4, "Kernel rows: split-K programs.")
 
 
 def _time(fn) -> float:
@@ -56,9 +65,21 @@ def run() -> list[dict]:
                      "tokens_per_s": round(_BATCH.value * _NEW.value / seconds, 1)})
     speedup = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     for row in rows:
-        row.update(cache_speedup=round(speedup, 2), device=jax.devices()[0].device_kind,
-                   jax=jax.__version__, python=platform.python_version())
+        row.update(cache_speedup=round(speedup, 2), **_versions())
     return rows
+
+
+def _versions() -> dict:
+    return dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                python=platform.python_version())
+
+
+def kernel_rows() -> list[dict]:
+    on_gpu = jax.default_backend() == "gpu"
+    shapes = _paged_bench.default_shapes(on_gpu, _K_BATCH.value, _K_CONTEXT.value)
+    rows = _paged_bench.run(shapes, interpret=not on_gpu, split_k=_K_SPLIT.value,
+                            iters=_REPEATS.value)
+    return [{**row, **_versions()} for row in rows]
 
 
 def main(argv):
@@ -68,6 +89,10 @@ def main(argv):
     for row in rows:
         print(f"{row['cache']:<12}{row['tokens_per_s']:>12.1f}{row['seconds']:>10.3f}")
     print(f"KV cache speed-up over recompute: {rows[0]['cache_speedup']}x")
+    if _KERNEL.value:
+        kernel = kernel_rows()
+        _paged_bench.print_table(kernel)
+        rows += kernel
     for row in rows:
         print(json.dumps(row))
 
