@@ -9,7 +9,7 @@ order) and writes results.md, results.csv and loss_curves.png to the workdir.
 
 import os
 
-import _cli  # experiments/_cli.py, beside this script
+from experiments import _cli
 from absl import flags
 from ml_collections import config_flags
 
@@ -31,5 +31,10 @@ def main(argv):
     print(f"results: {os.path.join(_WORKDIR.value, 'results.md')}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry point (``tx-ablate``)."""
     _cli.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-import _paged_bench  # experiments/_paged_bench.py, beside this script
+from experiments import _paged_bench
 
 from tx import models
 from tx.config import ModelConfig

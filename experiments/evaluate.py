@@ -3,7 +3,7 @@
   python experiments/evaluate.py --workdir=/tmp/tx/lm [--config=configs/decoder_lm.py] [--step=200]
 """
 
-import _cli  # experiments/_cli.py, beside this script
+from experiments import _cli
 from absl import flags
 from ml_collections import config_flags
 
@@ -26,5 +26,10 @@ def main(argv):
                    for k, v in out.items()))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry point (``tx-evaluate``)."""
     _cli.run(main)
+
+
+if __name__ == "__main__":
+    cli()

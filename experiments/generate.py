@@ -8,7 +8,7 @@ Byte-level models take the prompt as text; other models take space-separated tok
 """
 
 import numpy as np
-import _cli  # experiments/_cli.py, beside this script
+from experiments import _cli
 from absl import flags
 
 from tx.data import vocab
@@ -58,5 +58,10 @@ def main(argv):
     print(vocab.decode_bytes(tokens) if byte_level else " ".join(map(str, tokens)))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry point (``tx-generate``)."""
     _cli.run(main)
+
+
+if __name__ == "__main__":
+    cli()

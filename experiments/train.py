@@ -4,7 +4,7 @@
       --config.model.attention=gqa --config.train.steps=500
 """
 
-import _cli  # experiments/_cli.py, beside this script
+from experiments import _cli
 from absl import flags
 from ml_collections import config_flags
 
@@ -24,5 +24,10 @@ def main(argv):
                    for k, v in summary.items()))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry point (``tx-train``)."""
     _cli.run(main)
+
+
+if __name__ == "__main__":
+    cli()

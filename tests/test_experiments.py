@@ -129,3 +129,19 @@ def test_evaluate_visualize_and_generate_from_a_trained_run(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         lines = out.stdout.strip().splitlines()
         assert lines[0] == "# checkpoint step 2" and 1 <= len(lines[1].split()) <= 5
+
+
+def test_console_entry_points_run_the_scripts(tmp_path):
+    """`tx-train` (installed by pip beside this Python) is experiments/train.py."""
+    entry = pathlib.Path(sys.executable).parent / "tx-train"
+    if not entry.exists():
+        pytest.skip("tx is not pip-installed in this environment (no console scripts)")
+    out = run([str(entry), f"--config={ROOT / 'configs' / 'mqar.py'}",
+               f"--workdir={tmp_path}", *TINY[:2], "--config.train.steps=2",
+               "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+               "--config.train.warmup_steps=1", "--config.train.eval_batches=1"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(losses(tmp_path)) >= 2
+    bad = run([str(pathlib.Path(sys.executable).parent / "tx-ablate"), "--workdir=/x",
+               f"--config={ROOT / 'configs' / 'ablation.py'}", "--config.model.nmu_heads=2"])
+    assert bad.returncode != 0 and "nmu_heads" in bad.stderr

@@ -28,6 +28,7 @@ from tx.data.common import check_int, check_split
 from tx.data.loader import Dataset, StepIterator
 from tx.data.masking import bert_corrupt
 from tx.data.packing import pack
+from tx.data import records
 from tx.data.synthetic import (MQAR, Copy, Duplicates, Majority, MaskedCopy, Reverse, Sort,
                                SyntheticTask)
 from tx.data.text import (ByteLM, ByteMLM, Corpus, PackedBytes, corpus_from_paths,
@@ -71,6 +72,14 @@ def _text(cls) -> Callable:
     return build
 
 
+_GRAIN_OPTIONS = ("record_format", "vocab_size", "docs_per_row", "strategy")
+
+
+def _grain(build_fn, *own) -> Callable:
+    build_fn.options = tuple(own) + _GRAIN_OPTIONS
+    return build_fn
+
+
 REGISTRY: dict[str, Callable] = {
     "copy": _synthetic(Copy),
     "reverse": _synthetic(Reverse),
@@ -82,6 +91,9 @@ REGISTRY: dict[str, Callable] = {
     "bytes": _text(ByteLM),
     "bytes_mlm": _text(ByteMLM),
     "packed_bytes": _text(PackedBytes),
+    # Real data (the `data` extra): grain over ArrayRecord files or a local HF dataset.
+    "array_record": _grain(records.array_record_lm, "paths", "eval_paths"),
+    "hf": _grain(records.hf_lm, "path", "train_split", "eval_split", "column"),
 }
 
 
@@ -113,5 +125,5 @@ __all__ = [
     "ByteLM", "ByteMLM", "Copy", "Corpus", "Dataset", "Duplicates", "MQAR", "Majority",
     "MaskedCopy", "PackedBytes", "Reverse", "Sort", "StepIterator", "SyntheticTask",
     "bert_corrupt", "corpus_from_paths", "decode_bytes", "encode_bytes", "list_datasets",
-    "make_dataset", "pack", "stdlib_corpus",
+    "make_dataset", "pack", "records", "stdlib_corpus",
 ]
