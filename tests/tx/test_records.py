@@ -129,11 +129,11 @@ def test_hf_token_id_column(tmp_path):
 
 def test_training_on_array_records_resumes_exactly(text_files, tmp_path):
     """The loop trains on grain-fed data, and a resumed run sees the same batches."""
-    config = configs_lib.load_file(ROOT / "configs" / "decoder_lm.py")
+    config = configs_lib.load_file(ROOT / "configs" / "decoder_lm.py", "records")
     config.model.d_model, config.model.d_ff, config.model.num_layers = 16, 32, 1
     config.data.seq_len, config.model.max_len = 32, 32
-    config.data.name = "array_record"
-    config.data.options = dict(paths=text_files[0], eval_paths=text_files[1], docs_per_row=2)
+    config.data.options.paths, config.data.options.eval_paths = text_files
+    config.data.options.docs_per_row = 2
     t = config.train
     t.steps, t.warmup_steps, t.batch_size, t.log_every, t.eval_batches = 4, 1, 2, 1, 1
     t.eval_every, t.checkpoint_every, t.async_checkpoints = 4, 2, False
@@ -145,3 +145,14 @@ def test_training_on_array_records_resumes_exactly(text_files, tmp_path):
     loop.run(config, tmp_path / "b", print_fn=None)
     resumed = [r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
     assert resumed == full and len(full) == 4 and all(np.isfinite(full))
+
+
+def test_hf_config_variant_builds_its_datasets(tmp_path):
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS}),
+                          "validation": datasets.Dataset.from_dict({"text": TEXTS[:2]})}
+                         ).save_to_disk(str(tmp_path / "hf"))
+    config = configs_lib.load_file(ROOT / "configs" / "decoder_lm.py", "hf")
+    config.data.options.path = str(tmp_path / "hf")
+    train, evals = configs_lib.make_datasets(configs_lib.resolve(config))
+    assert (train.num_documents, evals.num_documents) == (len(TEXTS), 2)
+    assert train.batch(0)["inputs"].shape == (config.train.batch_size, config.data.seq_len)

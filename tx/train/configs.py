@@ -157,6 +157,11 @@ def _check_train(train) -> None:
         raise ConfigError(f"config.train.clip_norm={train.clip_norm}: use 0 (off) or > 0.")
 
 
+def _set_options(options) -> dict:
+    """Dataset options minus unset placeholders (``None``), which keep the dataset's default."""
+    return {k: v for k, v in options.to_dict().items() if v is not None}
+
+
 def make_datasets(resolved: Resolved):
     """(train, eval) datasets of the config at ``train.batch_size`` (the loop splits a batch
     into micro-batches, so the data order does not depend on ``grad_accum``)."""
@@ -164,7 +169,7 @@ def make_datasets(resolved: Resolved):
     try:
         return tuple(data_lib.make_dataset(d.name, batch_size=resolved.train.batch_size,
                                            seq_len=d.seq_len, seed=resolved.train.seed,
-                                           split=split, **d.options.to_dict())
+                                           split=split, **_set_options(d.options))
                      for split in ("train", "eval"))
     except ValueError as e:
         raise ConfigError(f"config.data (name={d.name!r}): {e}") from None
