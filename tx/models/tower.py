@@ -1,7 +1,8 @@
 """A stack of blocks over token embeddings: the shared core of every tx model.
 
 ``Tower`` turns tokens into hidden states: embedding (plus token-type embeddings and a norm
-when configured, as in BERT), absolute positions if configured, ``num_layers`` blocks (each with its own mask from the per-layer schedule), final norm.
+when configured, as in BERT), absolute positions if configured, ``num_layers`` blocks (each
+with its own mask from the per-layer schedule), final norm (pre-norm stacks only).
 Relative position modules (RoPE, T5 bias, ALiBi) are created once per tower and shared by
 its layers, as in T5.
 """
