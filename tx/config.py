@@ -19,6 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from kernels import masks
+from tx.layers.rope_scaling import RopeScaling
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 TASKS = {"decoder": ("lm",), "encoder": ("mlm", "seq_cls", "token_cls"),
@@ -27,7 +28,8 @@ HEAD_PRESETS = ("mha", "gqa", "mqa")
 PATTERN_PRESETS = ("full", "causal", "local", "sparse", "strided", "bigbird", "global")
 POSITIONS = ("rope", "sinusoidal", "learned", "t5", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "swiglu", "geglu")
+POOLERS = ("mean", "cls")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
@@ -70,6 +72,15 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE's theta: the angle of dimension pair i is p * base^(-2i/H)
     attention_bias: bool = False  # biases on the q/k/v/o projections (GPT-2, BERT)
     mlp_bias: bool = False  # biases on the MLP projections (GPT-2, BERT)
+    rope_scaling: RopeScaling | None = None  # long-context RoPE frequencies (linear, yarn...)
+    attention_scale: float | None = None  # logits scale; None: head_dim ** -0.5 (T5: 1.0)
+    # Hooks for imported architectures (BERT, T5); the defaults change nothing.
+    type_vocab_size: int = 0  # token-type (segment) embeddings added to the input; BERT: 2
+    embed_norm: bool = False  # a norm right after the summed input embeddings (BERT)
+    head_transform: bool = False  # dense + activation + norm before the vocab head (BERT MLM)
+    head_bias: bool = False  # output biases on the vocab and class heads (BERT)
+    head_scale: float = 1.0  # multiplies the last hidden state before the vocab head (T5)
+    pooler: str = "mean"  # seq_cls: mean over valid tokens, or 'cls' = tanh(dense(first)) (BERT)
 
     def __post_init__(self):
         if isinstance(self.implementation, str):
@@ -131,6 +142,23 @@ class ModelConfig:
             _fail("rope_base", self.rope_base, "must be > 1, e.g. 10000.0.")
         if not 0.0 <= self.dropout_rate < 1.0:
             _fail("dropout_rate", self.dropout_rate, "must be in [0, 1).")
+        self._validate_hooks()
+
+    def _validate_hooks(self) -> None:
+        if self.rope_scaling is not None and (self.positions != "rope" or
+                                              not isinstance(self.rope_scaling, RopeScaling)):
+            _fail("rope_scaling", self.rope_scaling, "give a tx.layers.RopeScaling, with "
+                  "positions='rope'.")
+        if self.attention_scale is not None and not self.attention_scale > 0:
+            _fail("attention_scale", self.attention_scale, "must be > 0, or None for "
+                  "head_dim ** -0.5.")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            _fail("type_vocab_size", self.type_vocab_size, "must be an integer >= 0 (0: no "
+                  "token-type embeddings).")
+        if not self.head_scale > 0:
+            _fail("head_scale", self.head_scale, "must be > 0 (1.0 leaves the head alone).")
+        if self.pooler not in POOLERS:
+            _fail("pooler", self.pooler, f"use one of {POOLERS}.")
 
     def _split_attention(self) -> tuple[str, str | None]:
         """Parses ``attention`` into (heads preset, pattern preset or None)."""

@@ -4,6 +4,7 @@ import pytest
 
 from kernels import masks
 from tx.config import ModelConfig
+from tx.layers import RopeScaling
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -26,6 +27,11 @@ from tx.config import ModelConfig
     (dict(layer_pattern=("local", "dilated")), "layer_pattern"),
     (dict(attention="gqa", num_heads=4, num_kv_heads=4), "num_kv_heads"),
     (dict(dropout_rate=1.5), "dropout_rate"),
+    (dict(pooler="max"), "pooler"),
+    (dict(attention_scale=0.0), "attention_scale"),
+    (dict(head_scale=-1.0), "head_scale"),
+    (dict(type_vocab_size=-1), "type_vocab_size"),
+    (dict(positions="learned", rope_scaling=RopeScaling("linear", 2.0)), "rope_scaling"),
 ])
 def test_bad_config_names_field(changes, field):
     with pytest.raises(ValueError, match=rf"\b{field}="):
@@ -58,3 +64,14 @@ def test_layer_schedule_cycles():
 
 def test_implementation_from_comma_string():
     assert ModelConfig(implementation="cudnn,xla").implementation == ("cudnn", "xla")
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(kind="ntk"), "kind"),
+    (dict(factor=0.5), "factor"),
+    (dict(original_max_len=0), "original_max_len"),
+    (dict(kind="llama3", low_freq_factor=4.0, high_freq_factor=1.0), "high_freq_factor"),
+])
+def test_bad_rope_scaling_names_field(changes, field):
+    with pytest.raises(ValueError, match=rf"\b{field}="):
+        RopeScaling(**{"kind": "linear", "factor": 2.0, **changes})

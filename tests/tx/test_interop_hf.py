@@ -234,11 +234,66 @@ def test_swap_to_fewer_kv_heads_by_mean_pooling(llama):
         pool_kv_heads(model, 3)
 
 
+# -- RoPE scaling variants (LLaMA) ---------------------------------------------------------------
+# Sequences of 12 and generation to 16 tokens run past each variant's original context of 8.
+ROPE = {
+    "linear": dict(rope_type="linear", factor=2.0),
+    "dynamic": dict(rope_type="dynamic", factor=3.0),  # grows the base past max_position (8)
+    "llama3": dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8),
+}
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory):
+    """``scaled(kind) -> (HF model, checkpoint path)``, each built and saved once."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            config = _llama_config(max_position_embeddings=8 if kind == "dynamic" else 32,
+                                   rope_parameters=dict(rope_theta=500.0, **ROPE[kind]))
+            ref = _hf_model("LlamaForCausalLM", "LlamaConfig", **config)
+            built[kind] = ref, _save(tmp_path_factory, f"rope_{kind}", ref)
+        return built[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE))
+def test_rope_scaling_logits_match(scaled, kind):
+    ref, path = scaled(kind)
+    model = hf.load(path)
+    assert model.config.rope_scaling.kind == kind
+    ids, valid, lengths = _padded_batch()
+    got = np.asarray(model(jnp.asarray(ids), lengths_b=jnp.asarray(lengths)))
+    assert np.abs(got - _hf_logits(ref, ids, valid.astype(np.int64)))[valid].max() <= TOL, kind
+    plain = hf.load(path, rope_scaling=None)  # the same weights with unscaled RoPE differ
+    assert np.abs(np.asarray(plain(jnp.asarray(ids))) - got)[valid].max() > 1e-3, kind
+    # config.json -> tx -> config.json -> tx is the identity.
+    assert hf.config_from_hf(hf.hf_config_from(model.config)) == model.config
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "yarn"])  # static frequencies: logits suffice
+def test_rope_scaling_generation_matches(scaled, kind):
+    ref, path = scaled(kind)
+    prompt = np.random.RandomState(1).randint(3, VOCAB, (2, 6))
+    with torch.no_grad():  # the dynamic base grows token by token from position 8 on
+        want = ref.generate(torch.tensor(prompt), attention_mask=torch.ones_like(
+            torch.tensor(prompt)), do_sample=False, max_new_tokens=10, eos_token_id=None,
+            pad_token_id=0).numpy()[:, 6:]
+    got = generate(hf.load(path), prompt, max_new_tokens=10)
+    np.testing.assert_array_equal(got.tokens, want, err_msg=kind)
+
+
 # -- (5) unsupported options fail by name --------------------------------------------------------
 @pytest.mark.parametrize("change, option", [
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling.rope_type"),
-    (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
+    (dict(rope_scaling={"rope_type": "longrope", "factor": 4.0}), "rope_scaling.rope_type"),
+    (dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0}),
      "rope_parameters.rope_type"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0,
+                           "partial_rotary_factor": 0.5}),
+     "rope_parameters.partial_rotary_factor"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(model_type="falcon"), "model_type"),
     (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),

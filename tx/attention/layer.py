@@ -3,7 +3,8 @@
 The three axes stay independent: ``num_kv_heads`` sets how K/V heads are shared, ``mask`` sets
 which keys a query sees, ``implementation`` names registry entries tried in order. Position
 information enters through two narrow hooks: ``rope`` rotates q and k, ``bias`` adds a
-``[B, N, T, S]`` logits bias (T5 relative buckets, ALiBi).
+``[B, N, T, S]`` logits bias (T5 relative buckets, ALiBi). ``scale`` multiplies the logits
+(default ``head_dim ** -0.5``; T5 folds it into its initialisation and uses 1.0).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class Attention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  mask: masks_lib.Mask | None = None, implementation: Sequence[str] = ("xla",),
                  rope: nnx.Module | None = None, bias: nnx.Module | None = None,
-                 use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 use_bias: bool = False, scale: float | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be divisible by "
                              f"num_kv_heads={num_kv_heads}.")
@@ -64,6 +65,7 @@ class Attention(nnx.Module):
         self.mask = masks_lib.Full() if mask is None else mask
         self.implementation = tuple(implementation)
         self.rope, self.bias = rope, bias
+        self.scale = scale
         self.dtype = dtype
         self.cache: nnx.Module | None = nnx.data(None)  # set by init_cache for incremental decoding
 
@@ -111,7 +113,7 @@ class Attention(nnx.Module):
             positions_bt, kv_positions_bs = q_pos, kv_pos
         bias = None if self.bias is None else self.bias(positions_bt, kv_positions_bs)
         out = registry.attend(q, k, v, mask=self.mask, segment_ids=segment_ids,
-                              kv_lengths=kv_lengths, bias=bias,
+                              kv_lengths=kv_lengths, bias=bias, scale=self.scale,
                               implementation=self.implementation, **mask_positions)
         out = jnp.einsum("BTNH,NHD->BTD", out, self.o_nhd[...].astype(self.dtype))
         if self.o_bias_d is not None:

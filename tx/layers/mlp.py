@@ -1,12 +1,16 @@
-"""Position-wise feed-forward block: plain (relu, gelu) or gated (swiglu, geglu)."""
+"""Position-wise feed-forward block: plain (relu, gelu, gelu_exact) or gated (swiglu, geglu)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ACTIVATIONS = ('relu', 'gelu', 'swiglu', 'geglu')
-# GELU uses the tanh approximation (jax default), as in GPT-2 and T5's gated-gelu.
-_NONLINEARITY = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu,
-                 'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
+ACTIVATIONS = ('relu', 'gelu', 'gelu_exact', 'swiglu', 'geglu')
+# 'gelu' is the tanh approximation (jax default), as in GPT-2 and T5's gated-gelu;
+# 'gelu_exact' is the erf form BERT was trained with (the two differ by up to ~1e-3).
+NONLINEARITY = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu,
+                'gelu_exact': functools.partial(jax.nn.gelu, approximate=False),
+                'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
 
 
 def _dense(d_in, d_out, axes, *, use_bias, dtype, param_dtype, rngs):
@@ -39,7 +43,7 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        h_btf = _NONLINEARITY[self.activation](self.wi_gate(x_btd))
+        h_btf = NONLINEARITY[self.activation](self.wi_gate(x_btd))
         if self.wi_up is not None:
             h_btf = h_btf * self.wi_up(x_btd)
         return self.wo(self.dropout(h_btf))

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tx.layers.rope_scaling import RopeScaling, dynamic_inv_freq, static_inv_freq
+
 
 def sinusoidal(positions_bt: jax.Array, d_model: int) -> jax.Array:
     """Vaswani et al. (2017): `pe[2i] = sin(p / 10000^(2i/D))`, `pe[2i+1] = cos(...)`.
@@ -61,20 +63,30 @@ class RoPE(nnx.Module):
     Dimension `i` is paired with `i + H/2` and the pair is rotated by angle
     `p * base^(-2i/H)`, so `q(p)·k(p')` depends only on `p - p'`. Angles and the
     rotation run in float32 (bf16 angles lose the low bits of large positions).
+    `scaling` stretches the frequencies for long contexts (see `rope_scaling.py`).
     """
 
-    def __init__(self, head_dim: int, *, base: float = 10000.0):
+    def __init__(self, head_dim: int, *, base: float = 10000.0,
+                 scaling: RopeScaling | None = None):
         if head_dim % 2:
             raise ValueError(f"{head_dim=} must be even for RoPE (dimensions rotate in pairs)")
         self.head_dim = head_dim
         self.base = base
+        self.scaling = scaling
+        # A tuple: static under jit, not a parameter.
+        self.inv_freq = tuple(float(f) for f in static_inv_freq(head_dim, base, scaling))
+
+    def _inv_freq(self, positions_bt: jax.Array) -> jax.Array:
+        if self.scaling is not None and self.scaling.kind == "dynamic":
+            return dynamic_inv_freq(self.head_dim, self.base, self.scaling, positions_bt)
+        return jnp.asarray(self.inv_freq, jnp.float32)
 
     def __call__(self, x_btnh: jax.Array, positions_bt: jax.Array) -> jax.Array:
-        half = self.head_dim // 2
-        inv_freq = self.base ** (-np.arange(half, dtype=np.float32) / half)  # [H/2]
+        inv_freq = self._inv_freq(positions_bt)  # [H/2]
         angles_bth = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
-        cos_bt1h = jnp.cos(angles_bth)[:, :, None, :]
-        sin_bt1h = jnp.sin(angles_bth)[:, :, None, :]
+        gain = 1.0 if self.scaling is None else self.scaling.attention_factor
+        cos_bt1h = (jnp.cos(angles_bth) * gain)[:, :, None, :]
+        sin_bt1h = (jnp.sin(angles_bth) * gain)[:, :, None, :]
         x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
         rotated = jnp.concatenate([x1 * cos_bt1h - x2 * sin_bt1h,
                                    x2 * cos_bt1h + x1 * sin_bt1h], axis=-1)

@@ -7,7 +7,7 @@ from flax import nnx
 
 from tx.config import ModelConfig
 from tx.layers import Embed
-from tx.models.heads import VocabHead
+from tx.models.heads import vocab_head
 from tx.models.tower import Tower
 
 
@@ -19,8 +19,7 @@ class DecoderLM(nnx.Module):
         embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, rngs=rngs)
         self.tower = Tower(cfg, embed, cfg.layer_masks(cfg.num_layers, causal=True),
                            causal=True, rngs=rngs)
-        self.head = VocabHead(embed, cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings,
-                              rngs=rngs)
+        self.head = vocab_head(cfg, embed, rngs=rngs)
 
     def __call__(self, tokens_bt: jax.Array, *, positions_bt=None, segment_ids_bt=None,
                  lengths_b=None) -> jax.Array:

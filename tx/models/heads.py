@@ -6,33 +6,88 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tx.layers import Embed
+from tx.config import ModelConfig
+from tx.layers import Embed, make_norm
+from tx.layers.mlp import NONLINEARITY
 
 
-def _dense(d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
+def _dense(d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs, *,
+           use_bias: bool = False) -> nnx.Linear:
     init = nnx.with_partitioning(nnx.initializers.lecun_normal(), names, eager_sharding=False)
-    return nnx.Linear(d_in, d_out, kernel_init=init, use_bias=False, rngs=rngs)
+    bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:],
+                                      eager_sharding=False)
+    return nnx.Linear(d_in, d_out, kernel_init=init, bias_init=bias_init, use_bias=use_bias,
+                      rngs=rngs)
+
+
+class HeadTransform(nnx.Module):
+    """``norm(act(dense(x)))``, ``[B, T, D] -> [B, T, D]``: BERT's MLM prediction transform."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dense = _dense(cfg.d_model, cfg.d_model, ("embed", "mlp"), rngs, use_bias=True)
+        self.act = NONLINEARITY[cfg.activation]
+        self.norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        return self.norm(self.act(self.dense(x_btd.astype(jnp.float32))))
 
 
 class VocabHead(nnx.Module):
-    """``[B, T, D] -> [B, T, V]`` fp32 logits, through the embedding table when tied."""
+    """``[B, T, D] -> [B, T, V]`` fp32 logits, through the embedding table when tied.
+
+    Optional, for imported models: a ``transform`` before the projection and an output
+    ``bias`` (BERT), a ``scale`` on the hidden state (T5 with tied embeddings: ``D ** -0.5``).
+    """
 
     def __init__(self, embed: Embed, d_model: int, vocab_size: int, *, tied: bool,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, transform: nnx.Module | None = None, use_bias: bool = False,
+                 scale: float = 1.0):
         self.embed = embed if tied else None
         self.proj = None if tied else _dense(d_model, vocab_size, ("embed", "vocab"), rngs)
+        self.transform = transform
+        init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("vocab",),
+                                     eager_sharding=False)
+        self.bias_v = nnx.Param(init(rngs.params(), (vocab_size,), jnp.float32)) \
+            if use_bias else None
+        self.scale = scale
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
+        if self.transform is not None:
+            x_btd = self.transform(x_btd)
+        if self.scale != 1.0:
+            x_btd = x_btd * self.scale
         if self.embed is not None:
-            return self.embed.attend(x_btd)
-        return self.proj(x_btd.astype(jnp.float32))
+            logits = self.embed.attend(x_btd)
+        else:
+            logits = self.proj(x_btd.astype(jnp.float32))
+        if self.bias_v is not None:
+            logits = logits + self.bias_v[...][None, None, :]
+        return logits
+
+
+def vocab_head(cfg: ModelConfig, embed: Embed, *, rngs: nnx.Rngs) -> VocabHead:
+    """The vocabulary head ``cfg`` asks for."""
+    transform = HeadTransform(cfg, rngs=rngs) if cfg.head_transform else None
+    return VocabHead(embed, cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings, rngs=rngs,
+                     transform=transform, use_bias=cfg.head_bias, scale=cfg.head_scale)
+
+
+class ClsPooler(nnx.Module):
+    """``[B, T, D] -> [B, D]``: ``tanh(dense(h[:, 0]))``, BERT's pooler on the [CLS] token."""
+
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs):
+        self.dense = _dense(d_model, d_model, ("embed", "mlp"), rngs, use_bias=True)
+
+    def __call__(self, h_btd: jax.Array) -> jax.Array:
+        return jnp.tanh(self.dense(h_btd[:, 0].astype(jnp.float32)))
 
 
 class ClassHead(nnx.Module):
     """``[B, ..., D] -> [B, ..., C]`` fp32 logits."""
 
-    def __init__(self, d_model: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.proj = _dense(d_model, num_classes, ("embed", "classes"), rngs)
+    def __init__(self, d_model: int, num_classes: int, *, rngs: nnx.Rngs,
+                 use_bias: bool = False):
+        self.proj = _dense(d_model, num_classes, ("embed", "classes"), rngs, use_bias=use_bias)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.proj(x.astype(jnp.float32))

@@ -8,7 +8,7 @@ from flax import nnx
 from tx.config import ModelConfig
 from tx.layers import Embed
 from tx.models.encoder import Encoder
-from tx.models.heads import VocabHead
+from tx.models.heads import vocab_head
 from tx.models.tower import Tower
 
 
@@ -25,8 +25,7 @@ class Seq2Seq(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs, embed=embed)
         self.decoder = Tower(cfg, embed, cfg.layer_masks(cfg.decoder_layers, causal=True),
                              causal=True, cross=True, rngs=rngs)
-        self.head = VocabHead(embed, cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings,
-                              rngs=rngs)
+        self.head = vocab_head(cfg, embed, rngs=rngs)
 
     def encode(self, source_bs, *, source_lengths_b=None, source_segment_ids_bs=None,
                source_positions_bs=None) -> jax.Array:

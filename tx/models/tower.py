@@ -1,7 +1,8 @@
 """A stack of blocks over token embeddings: the shared core of every tx model.
 
-``Tower`` turns tokens into hidden states: embedding, absolute positions if configured,
-``num_layers`` blocks (each with its own mask from the per-layer schedule), final norm.
+``Tower`` turns tokens into hidden states: embedding (plus token-type embeddings and a norm
+when configured, as in BERT), absolute positions if configured, ``num_layers`` blocks (each
+with its own mask from the per-layer schedule), final norm (pre-norm stacks only).
 Relative position modules (RoPE, T5 bias, ALiBi) are created once per tower and shared by
 its layers, as in T5.
 """
@@ -25,7 +26,7 @@ from tx.layers.block import Block
 def _relative_positions(cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
     """(rope, bias) modules for the self-attention of one tower."""
     if cfg.positions == "rope":
-        return RoPE(cfg.head_size, base=cfg.rope_base), None
+        return RoPE(cfg.head_size, base=cfg.rope_base, scaling=cfg.rope_scaling), None
     if cfg.positions == "t5":
         return None, T5RelativeBias(cfg.num_heads, bidirectional=not causal, rngs=rngs)
     if cfg.positions == "alibi":
@@ -37,7 +38,8 @@ def make_attention(cfg: ModelConfig, mask: masks_lib.Mask, *, rope=None, bias=No
                    rngs: nnx.Rngs) -> Attention:
     return Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, mask=mask,
                      implementation=cfg.implementation, rope=rope, bias=bias,
-                     use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype, rngs=rngs)
+                     use_bias=cfg.attention_bias, scale=cfg.attention_scale,
+                     dtype=cfg.jnp_dtype, rngs=rngs)
 
 
 class Tower(nnx.Module):
@@ -49,6 +51,10 @@ class Tower(nnx.Module):
         self.absolute = cfg.positions
         self.learned = LearnedPositions(cfg.max_len, cfg.d_model, dtype=cfg.jnp_dtype,
                                         rngs=rngs) if cfg.positions == "learned" else None
+        self.token_types = Embed(cfg.type_vocab_size, cfg.d_model, dtype=cfg.jnp_dtype,
+                                 rngs=rngs) if cfg.type_vocab_size else None
+        self.embed_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=cfg.jnp_dtype,
+                                    rngs=rngs) if cfg.embed_norm else None
         rope, bias = _relative_positions(cfg, causal=causal, rngs=rngs)
         blocks = []
         for mask in layer_masks:
@@ -83,15 +89,26 @@ class Tower(nnx.Module):
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None, *,
                  segment_ids_bt=None, lengths_b=None, context_bsd=None,
-                 context_segment_ids_bs=None, context_lengths_b=None) -> jax.Array:
+                 context_segment_ids_bs=None, context_lengths_b=None,
+                 token_types_bt=None) -> jax.Array:
+        """``token_types_bt`` (BERT's sentence A/B ids) default to type 0."""
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(self.start() + jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens_bt).astype(self.dtype)
+        if self.token_types is not None:
+            if token_types_bt is None:
+                token_types_bt = jnp.zeros((b, t), jnp.int32)
+            x = x + self.token_types(token_types_bt)
+        elif token_types_bt is not None:
+            raise ValueError("token_types_bt given, but the model has no token-type embeddings "
+                             "(type_vocab_size=0); set type_vocab_size in the config.")
         if self.absolute == "sinusoidal":  # Vaswani et al.: scale tokens up to the sines' size
             x = x * math.sqrt(x.shape[-1]) + sinusoidal(positions_bt, x.shape[-1]).astype(x.dtype)
         elif self.learned is not None:
             x = x + self.learned(positions_bt)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.dropout(x)
         segment_ids = None if segment_ids_bt is None else (segment_ids_bt, segment_ids_bt)
         for block in self.blocks:

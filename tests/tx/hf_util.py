@@ -1,0 +1,37 @@
+"""Helpers shared by the Hugging Face parity tests: tiny random ``transformers`` models, saved
+once, and padded batches. No downloads."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TOL = 1e-4  # fp32 max abs logit difference
+
+
+def hf_model(transformers, torch, cls_name: str, config_name: str, *, seed: int = 0,
+             spread: float = 0.0, **config):
+    """A random ``cls_name`` model in eval mode. ``spread > 0`` redraws every weight as
+    ``N(0, spread)`` (norm scales ``1 + N(0, 0.1)``): HF's small default init makes tiny
+    models predict one token everywhere, which would make greedy parity vacuous."""
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(getattr(transformers, config_name)(**config)).eval()
+    if spread:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                noise = torch.randn_like(p)
+                p.copy_(1 + 0.1 * noise if "norm" in name.lower() else spread * noise)
+    return model
+
+
+def save(tmp_path_factory, name: str, model) -> str:
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def padded_batch(vocab: int, seed: int = 0, t: int = 12, lengths=(12, 7, 3)):
+    """Right-padded ids ``[B, T]`` (pad 0), validity ``[B, T]`` and lengths ``[B]``."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, vocab, (len(lengths), t))
+    valid = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
+    return np.where(valid, ids, 0), valid, np.asarray(lengths, np.int32)

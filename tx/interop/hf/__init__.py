@@ -1,0 +1,165 @@
+"""Hugging Face checkpoints <-> tx models, without PyTorch.
+
+``load(path)`` reads ``config.json`` and the ``*.safetensors`` weights (one file or a sharded
+``model.safetensors.index.json``) of a local checkpoint directory as numpy and returns a tx
+model; ``save(model, path)`` writes a tx model of a supported family back in that format, so
+``transformers``' ``from_pretrained`` loads it. ``config_from_hf`` alone maps a ``config.json``
+dict to a ``ModelConfig``.
+
+Families, one module each: ``decoders`` (``llama`` with RoPE scaling, ``mistral``, ``gpt2``),
+``bert`` (masked LM, sequence classification), ``t5`` (conditional generation). A config
+option tx cannot reproduce raises a ``ValueError`` naming the option, rather than loading a
+model that computes something else. Layouts are described in ``common.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tx import models
+from tx.config import ModelConfig
+from tx.interop.hf import bert, decoders, t5
+from tx.interop.hf.common import unsupported
+
+_FAMILIES = (decoders, bert, t5)
+_BY_TYPE = {name: family for family in _FAMILIES for name in family.ARCHITECTURES}
+MODEL_TYPES = tuple(_BY_TYPE)
+
+
+def _family(model_type: str):
+    if model_type not in _BY_TYPE:
+        unsupported("model_type", model_type, f"tx loads {MODEL_TYPES}.")
+    return _BY_TYPE[model_type]
+
+
+# -- config.json <-> ModelConfig ---------------------------------------------------------------
+def _read_config(hf: dict | str | os.PathLike) -> dict:
+    if isinstance(hf, dict):
+        return hf
+    path = os.fspath(hf)
+    with open(os.path.join(path, "config.json") if os.path.isdir(path) else path) as f:
+        return json.load(f)
+
+
+def config_from_hf(hf: dict | str | os.PathLike, **overrides) -> ModelConfig:
+    """A ``ModelConfig`` from a ``config.json`` dict (or a checkpoint directory / file path).
+
+    ``overrides`` set tx fields afterwards (e.g. ``implementation=("pallas", "xla")``).
+    """
+    hf = _read_config(hf)
+    model_type = hf.get("model_type")
+    fields = _family(model_type).fields(hf, model_type)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def model_type_of(cfg: ModelConfig) -> str:
+    """The HF ``model_type`` a tx config corresponds to; ValueError when none does."""
+    for family in _FAMILIES:
+        found = family.model_type(cfg)
+        if found is not None:
+            return found
+    raise ValueError("this tx config has no supported Hugging Face equivalent (LLaMA: rmsnorm, "
+                     "swiglu, rope; Mistral: the same with a local pattern; GPT-2: layernorm, "
+                     "gelu, learned positions, biases, MHA; BERT: post-norm encoder with "
+                     "token types, embedding norm and BERT heads; T5: encoder-decoder with t5 "
+                     "positions, rmsnorm, attention_scale=1).")
+
+
+def hf_config_from(cfg: ModelConfig) -> dict:
+    """The ``config.json`` dict for a tx config (inverse of ``config_from_hf``)."""
+    model_type = model_type_of(cfg)
+    family = _family(model_type)
+    archs = {task: arch for arch, task in family.ARCHITECTURES[model_type].items()}
+    hf = dict(model_type=model_type, architectures=[archs[cfg.task]], dtype="float32")
+    hf.update(family.hf_config(cfg, model_type))
+    return hf
+
+
+# -- weights -----------------------------------------------------------------------------------
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory (single file or sharded index) as numpy."""
+    from safetensors.numpy import load_file
+    path = os.fspath(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path!r} holds neither model.safetensors nor "
+                                "model.safetensors.index.json.")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        tensors.update(load_file(os.path.join(path, name)))
+    return tensors
+
+
+def load_weights(model, tensors: dict[str, np.ndarray]) -> None:
+    """Copies HF-named ``tensors`` into ``model`` in place; every tensor must be used."""
+    model_type = model_type_of(model.config)
+    family = _family(model_type)
+    tensors = family.prepare(dict(tensors), model_type)
+    used = set()
+    for entry in family.entries(model, model_type):
+        if entry.key not in tensors:
+            raise KeyError(f"checkpoint lacks tensor {entry.key!r}.")
+        values = entry.to_tx(np.asarray(tensors[entry.key], np.float32))
+        used.add(entry.key)
+        for param, value in zip(entry.params, values):
+            if tuple(param[...].shape) != tuple(value.shape):
+                raise ValueError(f"tensor {entry.key!r}: shape {value.shape} does not fit the "
+                                 f"tx parameter's {param[...].shape}.")
+            param.set_value(jnp.asarray(value, dtype=param[...].dtype))
+    ignored = family.ignored(model.config, model_type)
+    extra = sorted(k for k in tensors if k not in used and not k.endswith(ignored))
+    if extra:
+        raise ValueError(f"checkpoint tensors {extra[:5]}{'...' if len(extra) > 5 else ''} "
+                         "have no place in the tx model: an unsupported option is in use.")
+
+
+def load(path: str | os.PathLike, *, seed: int = 0, **overrides) -> nnx.Module:
+    """A tx model with the weights of the HF checkpoint directory ``path``."""
+    hf = _read_config(path)
+    tensors = read_safetensors(path)
+    family = _family(hf.get("model_type"))
+    if hasattr(family, "tensor_overrides"):  # options only the weights reveal (T5's tying)
+        overrides = {**family.tensor_overrides(hf, tensors), **overrides}
+    model = models.build(config_from_hf(hf, **overrides), seed=seed)
+    load_weights(model, tensors)
+    return model
+
+
+def state_dict(model) -> dict[str, np.ndarray]:
+    """The model's parameters under HF names, in HF layouts (numpy, fp32)."""
+    model_type = model_type_of(model.config)
+    out = {}
+    for entry in _family(model_type).entries(model, model_type):
+        out[entry.key] = np.ascontiguousarray(
+            entry.to_hf(*(np.asarray(p[...], np.float32) for p in entry.params)))
+    return out
+
+
+def save(model, path: str | os.PathLike, *, extra_config: dict | None = None) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` for ``transformers``' from_pretrained."""
+    from safetensors.numpy import save_file
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    hf = hf_config_from(model.config)
+    hf.update(extra_config or {})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    save_file(state_dict(model), os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+__all__: Sequence[str] = ("MODEL_TYPES", "config_from_hf", "hf_config_from", "load",
+                          "load_weights", "model_type_of", "read_safetensors", "save",
+                          "state_dict")

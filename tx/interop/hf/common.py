@@ -1,0 +1,83 @@
+"""Shared pieces of the Hugging Face mappings: errors, and HF tensor <-> tx parameter entries.
+
+Layouts. HF linear weights are ``[out, in]`` (torch ``nn.Linear``), except GPT-2's ``Conv1D``
+which stores ``[in, out]``. tx keeps attention projections per head: ``q [D, N, H]``,
+``k/v [D, K, H]``, ``o [N, H, D]``; HF's flattened head axis is head-major (``n * H + h``), so
+the mapping is a transpose and a reshape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+from flax import nnx
+
+
+def unsupported(option: str, value: Any, why: str) -> None:
+    raise ValueError(f"unsupported Hugging Face config option {option}={value!r}: {why}")
+
+
+def check_architecture(hf: dict, model_type: str, known: dict[str, str]) -> str:
+    """The tx task of ``hf['architectures'][0]`` (default: the first known one)."""
+    arch = (hf.get("architectures") or [next(iter(known))])[0]
+    if arch not in known:
+        unsupported("architectures", hf.get("architectures"),
+                    f"tx maps {tuple(known)} for {model_type}.")
+    return known[arch]
+
+
+@dataclasses.dataclass
+class Entry:
+    """One HF tensor <-> one or more tx parameters."""
+
+    key: str
+    params: tuple[nnx.Param, ...]
+    to_tx: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    to_hf: Callable[..., np.ndarray]
+
+
+def one(key, param, to_tx=lambda w: w, to_hf=lambda w: w) -> Entry:
+    return Entry(key, (param,), lambda w: (to_tx(w),), to_hf)
+
+
+def linear(key, param) -> Entry:
+    """torch Linear ``[out, in]`` <-> flax Linear kernel ``[in, out]``."""
+    return one(key, param, lambda w: w.T, lambda w: w.T)
+
+
+def dense(prefix: str, layer: nnx.Linear) -> list[Entry]:
+    """A torch Linear with bias (``prefix.weight``, ``prefix.bias``) <-> an ``nnx.Linear``."""
+    return [linear(prefix + ".weight", layer.kernel), one(prefix + ".bias", layer.bias)]
+
+
+def norm(prefix: str, module, *, bias: bool = True, weight: str = "weight") -> list[Entry]:
+    out = [one(f"{prefix}.{weight}", module.scale)]
+    return out + [one(prefix + ".bias", module.bias)] if bias else out
+
+
+def heads_in(key, param, n, h) -> Entry:
+    """torch ``[N*H, D]`` (or bias ``[N*H]``) <-> tx ``[D, N, H]`` (or ``[N, H]``)."""
+    def to_tx(w):
+        return w.reshape(n, h) if w.ndim == 1 else w.T.reshape(-1, n, h)
+    return one(key, param, to_tx, lambda w: w.reshape(n * h) if w.ndim == 2 else
+               w.reshape(w.shape[0], n * h).T)
+
+
+def heads_out(key, param, n, h) -> Entry:
+    """torch ``[D, N*H]`` <-> tx ``[N, H, D]``."""
+    return one(key, param, lambda w: w.T.reshape(n, h, -1), lambda w: w.reshape(n * h, -1).T)
+
+
+def attention(prefix: str, attn, names: tuple[str, str, str, str], n: int, k: int, h: int, *,
+              bias: bool) -> list[Entry]:
+    """q/k/v/o projections named ``prefix + names[i] + '.weight'`` (and ``.bias``)."""
+    q, kk, v, o = (prefix + name for name in names)
+    out = [heads_in(q + ".weight", attn.q_dnh, n, h), heads_in(kk + ".weight", attn.k_dkh, k, h),
+           heads_in(v + ".weight", attn.v_dkh, k, h), heads_out(o + ".weight", attn.o_nhd, n, h)]
+    if bias:
+        out += [heads_in(q + ".bias", attn.q_bias_nh, n, h),
+                heads_in(kk + ".bias", attn.k_bias_kh, k, h),
+                heads_in(v + ".bias", attn.v_bias_kh, k, h), one(o + ".bias", attn.o_bias_d)]
+    return out
