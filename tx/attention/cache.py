@@ -14,6 +14,14 @@ from flax import nnx
 
 from kernels import masks as masks_lib
 
+# Logical names of a cache's K/V ``[B, S, K, H]``: under a mesh (``tx.parallel``) the rows split
+# like the batch and the K/V heads like the attention heads.
+KV_NAMES = ("batch", None, "kv_heads", "head_dim")
+
+
+def kv_buffer(shape, dtype) -> nnx.Cache:
+    return nnx.Cache(jnp.zeros(shape, dtype), out_sharding=KV_NAMES, eager_sharding=False)
+
 
 class KVCache(nnx.Module):
     """Contiguous, preallocated cache of ``max_len`` positions ``[B, S, K, H]``."""
@@ -21,8 +29,7 @@ class KVCache(nnx.Module):
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *,
                  dtype=jnp.float32):
         shape = (batch, max_len, num_kv_heads, head_dim)
-        self.k = nnx.Cache(jnp.zeros(shape, dtype))
-        self.v = nnx.Cache(jnp.zeros(shape, dtype))
+        self.k, self.v = kv_buffer(shape, dtype), kv_buffer(shape, dtype)
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))  # tokens written so far
         self.max_len = max_len
 
@@ -51,8 +58,7 @@ class RollingKVCache(nnx.Module):
     def __init__(self, batch: int, window: int, num_kv_heads: int, head_dim: int, *,
                  dtype=jnp.float32):
         shape = (batch, window, num_kv_heads, head_dim)
-        self.k = nnx.Cache(jnp.zeros(shape, dtype))
-        self.v = nnx.Cache(jnp.zeros(shape, dtype))
+        self.k, self.v = kv_buffer(shape, dtype), kv_buffer(shape, dtype)
         self.pos = nnx.Cache(jnp.full((window,), -1, jnp.int32))  # position held by each slot
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))
         self.window = window

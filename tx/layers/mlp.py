@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tx import parallel
+
 ACTIVATIONS = ('relu', 'gelu', 'swiglu', 'geglu')
 # GELU uses the tanh approximation (jax default), as in GPT-2 and T5's gated-gelu.
 _NONLINEARITY = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu,
@@ -42,4 +44,5 @@ class MLP(nnx.Module):
         h_btf = _NONLINEARITY[self.activation](self.wi_gate(x_btd))
         if self.wi_up is not None:
             h_btf = h_btf * self.wi_up(x_btd)
-        return self.wo(self.dropout(h_btf))
+        h_btf = parallel.constrain(h_btf, ('batch', None, 'mlp'))  # hidden units over tensor
+        return parallel.constrain(self.wo(self.dropout(h_btf)), ('batch', None, 'embed'))
