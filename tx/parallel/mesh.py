@@ -14,6 +14,7 @@ must use every device (``data * fsdp * tensor == jax.device_count()``).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -99,3 +100,24 @@ def make_mesh(config: MeshConfig, devices=None) -> jax.sharding.Mesh:
     config.check_devices(len(devices))
     grid = np.asarray(devices[:config.size]).reshape(config.shape)
     return jax.sharding.Mesh(grid, AXES)
+
+
+# Environment variables that say this process is one of several (set by the launcher).
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def launched_on_many_hosts() -> bool:
+    """Whether a launcher started several processes (JAX's coordinator address, or SLURM /
+    Open MPI with more than one task)."""
+    return any(os.environ.get(k, "1") not in ("", "1") for k in _CLUSTER_ENV)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins this process to a multi-host run (``jax.distributed.initialize``); call it before
+    anything touches a device. Arguments left ``None`` are detected by JAX from the cluster
+    environment (SLURM, Open MPI, Kubernetes, Cloud TPU; ``JAX_COORDINATOR_ADDRESS``).
+    Afterwards ``jax.devices()`` lists the devices of every host, and a mesh spans them all."""
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)

@@ -128,9 +128,16 @@ def put(tree: Any, shardings: Any) -> Any:
     def one(x, sharding):
         if sharding.is_fully_addressable:  # one host: a plain transfer
             return jax.device_put(x, sharding)
+        if _is_key(x):  # typed PRNG keys travel as their uint32 data
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding),
+                                            impl=jax.random.key_impl(x))
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
     return jax.tree.map(one, tree, shardings)
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def shard_module(module: nnx.Module, parallel: Parallel) -> nnx.Module:

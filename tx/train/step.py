@@ -103,7 +103,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
     if parallel is None or parallel.size == 1:
         return jax.jit(step, donate_argnums=(0, 1, 2))
     jitted = jax.jit(step, donate_argnums=(0, 1, 2),
-                     in_shardings=(*shardings, parallel.rows()), out_shardings=(*shardings, parallel.replicated()))
+                     in_shardings=(*shardings, parallel.rows()),
+                     out_shardings=(*shardings, parallel.replicated()))
     return _placing(jitted, parallel)
 
 
