@@ -195,7 +195,41 @@ def check_kernels():
             q1, pages_k, pages_v, tables, lengths + 14)
     out["paged_err"] = float(jnp.abs(plain - per).max())
     out["paged_spec"] = str(per.sharding.spec)
+    out.update(_decode_with_a_sharded_cache(par))
     return out
+
+
+def _decode_with_a_sharded_cache(mesh):
+    """Prefill + one decode step of a GQA decoder with its KV cache split by the rules."""
+    from flax import nnx
+
+    from tx import models, parallel as parallel_lib
+    from tx.config import ModelConfig
+
+    cfg = ModelConfig(d_model=32, d_ff=64, num_heads=8, num_kv_heads=4, max_len=16)
+    tokens = jax.random.randint(jax.random.key(1), (4, 9), 0, cfg.vocab_size)
+
+    def decode(model, par):
+        model.init_cache(batch=4, max_len=16)
+        if par is not None:
+            parallel_lib.shard_module(model, par)
+        graphdef, state = nnx.split(model)
+
+        def step(state, ids):
+            model = nnx.merge(graphdef, state)
+            with parallel_lib.use(par):
+                logits = model(ids)
+            return logits, nnx.state(model)
+        step = jax.jit(step)
+        first, state = step(state, tokens[:, :8])
+        second, state = step(state, tokens[:, 8:])
+        return jnp.concatenate([first, second], axis=1), nnx.merge(graphdef, state)
+
+    plain, _ = decode(models.build(cfg), None)
+    sharded, model = decode(models.build(cfg), mesh)
+    cache = model.tower.blocks[0].self_attn.cache
+    return {"cache_spec": str(cache.k[...].sharding.spec),
+            "decode_err": float(jnp.abs(plain - sharded).max())}
 
 
 def main(names):

@@ -64,7 +64,7 @@ def test_meshes_train_like_one_device_shard_by_the_rules_and_swap_checkpoints():
         np.testing.assert_allclose(ckpt[mesh]["losses"], ckpt["continued"], rtol=2e-6)
 
 
-def test_pallas_kernels_run_per_shard():
+def test_pallas_kernels_and_kv_caches_run_per_shard():
     out = eight_devices("kernels")["kernels"]
     np.testing.assert_allclose(*out["flash_loss"], rtol=1e-6)
     assert out["flash_grad_err"] < 3e-6
@@ -72,6 +72,9 @@ def test_pallas_kernels_run_per_shard():
     assert out["mqa_grad_err"] < 3e-6
     assert out["paged_err"] < 1e-5
     assert "fsdp" in out["paged_spec"] and "tensor" in out["paged_spec"]  # really split
+    # A decoder's KV cache [B, S, K, H] split by rows and K/V heads; prefill + decode agree.
+    assert out["cache_spec"] == "P('fsdp', None, 'tensor')"
+    assert out["decode_err"] < 1e-5
 
 
 # ------------------------------------------------------------------- validation, in-process
