@@ -3,7 +3,7 @@ every tx parameter carries (``nnx.with_partitioning``) into ``NamedSharding``s, 
 states (parameters, optimizer state, KV caches) or single activations.
 
 A dimension whose size the mesh axes do not divide is kept whole (replicated) rather than
-failing: the vocabulary of a byte model (259) on ``tensor=4``, a decode batch of 1. For a
+failing: a vocabulary of 40 tokens on ``tensor=16``, a decode batch of 1. For a
 batch split over ``("data", "fsdp")`` the longest leading part of that tuple that divides the
 size is used. Heads are the exception; ``MeshConfig.check_heads`` rejects uneven head splits
 up front, because the attention kernels shard by head.
@@ -83,10 +83,6 @@ class Parallel:
     def batch_sharding(self, shape: Sequence[int]) -> NamedSharding:
         """Rows split over ``(data, fsdp)``; every other dimension whole."""
         return self.sharding(("batch",) + (None,) * (len(shape) - 1), shape)
-
-
-def single_device() -> Parallel:
-    return Parallel(mesh_lib.make_mesh(mesh_lib.MeshConfig()))
 
 
 # --------------------------------------------------------------------------- the active mesh

@@ -256,12 +256,13 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
 
 
 def saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to ``workdir/config.json``."""
+    """The resolved config a run wrote to ``workdir/config.json``, on one device when the
+    run's mesh does not fit the devices here (a checkpoint restores under any mesh)."""
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise ConfigError(f"workdir={str(workdir)!r} has no config.json; train there first or "
                           "pass --config.")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return configs_lib.fit_mesh(ml_collections.ConfigDict(json.loads(path.read_text())))
 
 
 def load_model(resolved: Resolved, workdir: str | pathlib.Path, *,
@@ -288,9 +289,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Pa
              step: int | None = None, batches: int | None = None) -> dict[str, float]:
     """Evaluates the latest checkpoint (or ``step``) of ``workdir``; ``config=None`` uses the
     config saved with the run (on one device when its mesh does not fit the devices here)."""
-    if config is None:
-        config = configs_lib.fit_mesh(saved_config(workdir))
-    resolved = configs_lib.resolve(config)
+    resolved = configs_lib.resolve(saved_config(workdir) if config is None else config)
     model, step = load_model(resolved, workdir, step=step)
     if step is None:
         raise ConfigError(f"workdir={str(workdir)!r} holds no complete checkpoint.")
