@@ -91,7 +91,7 @@ def tiny(mesh=(1, 1, 1), **model):
 
 @pytest.mark.parametrize("mesh,model,match", [
     ((2, 2, 2), {}, r"config\.mesh\.data \* mesh\.fsdp \* mesh\.tensor = 2 \* 2 \* 2 = 8, "
-                    r"but there are 1 devices"),
+                    r"but jax\.device_count\(\) is 1"),
     ((1, 1, 3), {}, r"config\.mesh\.tensor=3 must divide model\.num_heads=8"),
     ((1, 1, 4), {"num_kv_heads": 2}, r"config\.mesh\.tensor=4 must divide "
                                      r"model\.num_kv_heads=2"),

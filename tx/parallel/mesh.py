@@ -72,7 +72,7 @@ class MeshConfig:
         if self.size != 1 and self.size != n:
             raise ValueError(
                 f"mesh.data * mesh.fsdp * mesh.tensor = {self.data} * {self.fsdp} * "
-                f"{self.tensor} = {self.size}, but there are {n} devices; choose degrees "
+                f"{self.tensor} = {self.size}, but jax.device_count() is {n}; choose degrees "
                 f"whose product is {n} (or all 1 for one device).")
 
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:

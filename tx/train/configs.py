@@ -164,7 +164,7 @@ def _check_mesh(resolved: Resolved) -> None:
     """Before anything compiles: the mesh fits the devices, splits heads and batches evenly."""
     mesh, train = resolved.mesh, resolved.train
     field = "train.batch_size" if train.grad_accum == 1 else \
-        f"train.batch_size / train.grad_accum = {train.batch_size} / {train.grad_accum}"
+        f"train.batch_size / train.grad_accum ({train.batch_size} / {train.grad_accum})"
     try:
         mesh.check_heads(resolved.model.num_heads, resolved.model.kv_heads)
         mesh.check_batch(resolved.micro_batch, field)
