@@ -18,6 +18,14 @@ from flax import nnx
 
 from kernels import masks as masks_lib
 
+# Logical names of a cache's K/V ``[B, S, K, H]``: under a mesh (``tx.parallel``) the rows split
+# like the batch and the K/V heads like the attention heads.
+KV_NAMES = ("batch", None, "kv_heads", "head_dim")
+
+
+def kv_buffer(shape, dtype) -> nnx.Cache:
+    return nnx.Cache(jnp.zeros(shape, dtype), out_sharding=KV_NAMES, eager_sharding=False)
+
 
 class _RowCache(nnx.Module):
     """``fork`` / ``reorder`` for caches that hold every row's K/V in ``k``/``v [B, ...]``."""
@@ -38,8 +46,7 @@ class KVCache(_RowCache):
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *,
                  dtype=jnp.float32):
         shape = (batch, max_len, num_kv_heads, head_dim)
-        self.k = nnx.Cache(jnp.zeros(shape, dtype))
-        self.v = nnx.Cache(jnp.zeros(shape, dtype))
+        self.k, self.v = kv_buffer(shape, dtype), kv_buffer(shape, dtype)
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))  # tokens written so far
         self.max_len = max_len
 
@@ -68,8 +75,7 @@ class RollingKVCache(_RowCache):
     def __init__(self, batch: int, window: int, num_kv_heads: int, head_dim: int, *,
                  dtype=jnp.float32):
         shape = (batch, window, num_kv_heads, head_dim)
-        self.k = nnx.Cache(jnp.zeros(shape, dtype))
-        self.v = nnx.Cache(jnp.zeros(shape, dtype))
+        self.k, self.v = kv_buffer(shape, dtype), kv_buffer(shape, dtype)
         self.pos = nnx.Cache(jnp.full((window,), -1, jnp.int32))  # position held by each slot
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))
         self.window = window

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import masks as masks_lib
+from tx import parallel
 from tx.attention import cache as cache_lib
 from tx.attention import registry
 
@@ -100,6 +101,10 @@ class Attention(nnx.Module):
             q = q + self.q_bias_nh[...].astype(self.dtype)[None, None]
             k = k + self.k_bias_kh[...].astype(self.dtype)[None, None]
             v = v + self.v_bias_kh[...].astype(self.dtype)[None, None]
+        # Under a mesh: rows over (data, fsdp), heads over tensor (a no-op on one device).
+        q = parallel.constrain(q, ("batch", None, "heads", None))
+        k = parallel.constrain(k, ("batch", None, "kv_heads", None))
+        v = parallel.constrain(v, ("batch", None, "kv_heads", None))
         if positions_bt is None:
             start = self.cache.index[...] if self.cache is not None else 0
             positions_bt = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -118,4 +123,4 @@ class Attention(nnx.Module):
         out = jnp.einsum("BTNH,NHD->BTD", out, self.o_nhd[...].astype(self.dtype))
         if self.o_bias_d is not None:
             out = out + self.o_bias_d[...].astype(self.dtype)[None, None]
-        return out
+        return parallel.constrain(out, ("batch", None, "embed"))

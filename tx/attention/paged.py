@@ -24,6 +24,9 @@ from flax import nnx
 
 from kernels import masks as masks_lib
 from kernels.paged_attention import paged_attention
+from tx.parallel import per_shard
+
+_paged_per_shard = per_shard.paged(paged_attention)  # the kernel per shard under a mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +53,14 @@ class PagedKVCache(nnx.Module):
     def __init__(self, block_tables, num_pages: int, page_size: int, num_kv_heads: int,
                  head_dim: int, *, dtype=jnp.float32, fork_plan: ForkPlan | None = None):
         shape = (num_pages, page_size, num_kv_heads, head_dim)
-        self.k_pages = nnx.Cache(jnp.zeros(shape, dtype))
-        self.v_pages = nnx.Cache(jnp.zeros(shape, dtype))
-        self.block_tables = nnx.Cache(jnp.asarray(block_tables, jnp.int32))
+        # Pages split by K/V head under a mesh; tables by sequence (see tx.parallel.per_shard).
+        names = (None, None, "kv_heads", "head_dim")
+        self.k_pages = nnx.Cache(jnp.zeros(shape, dtype), out_sharding=names,
+                                 eager_sharding=False)
+        self.v_pages = nnx.Cache(jnp.zeros(shape, dtype), out_sharding=names,
+                                 eager_sharding=False)
+        self.block_tables = nnx.Cache(jnp.asarray(block_tables, jnp.int32),
+                                      out_sharding=("batch", None), eager_sharding=False)
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))
         self.page_size = page_size
         self.fork_tables = self.fork_copies = nnx.data(None)
@@ -117,5 +125,5 @@ class PagedKVCache(nnx.Module):
         """Writes the new tokens and attends with the Pallas paged kernel (no gather)."""
         self._write(k_new, v_new)
         lengths = jnp.full((q_btnh.shape[0],), self.index[...], jnp.int32)
-        return paged_attention(q_btnh, self.k_pages[...], self.v_pages[...],
-                               self.block_tables[...], lengths, mask=mask)
+        return _paged_per_shard(q_btnh, self.k_pages[...], self.v_pages[...],
+                                self.block_tables[...], lengths, mask=mask)

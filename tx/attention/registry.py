@@ -3,7 +3,9 @@
 An implementation is a function with the signature of ``kernels.reference.attention``. When it
 cannot serve a case (a mask it does not support, no GPU, custom positions...) it raises
 ``NotImplementedError`` at trace time and ``attend`` tries the next name. The library never
-branches on implementation strings anywhere else.
+branches on implementation strings anywhere else. Under an active device mesh
+(``tx.parallel.use``) XLA partitions the ``xla`` einsums itself; the Pallas kernel runs per
+shard (``tx.parallel.per_shard``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 from kernels import masks as masks_lib
 from kernels import reference
 from kernels.flash_attention import registry_attention as _pallas
+from tx.parallel import per_shard
 
 AttentionFn = Callable[..., jax.Array]
 _REGISTRY: dict[str, AttentionFn] = {}
@@ -71,4 +74,4 @@ def _cudnn(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=None,
 
 register("xla", reference.attention)
 register("cudnn", _cudnn)
-register("pallas", _pallas)
+register("pallas", per_shard.attention(_pallas))  # per shard under a mesh; GSPMD splits xla

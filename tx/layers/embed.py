@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tx import parallel
+
 
 class Embed(nnx.Module):
     """Lookup table `[V, D]`; `attend` reuses it as the output projection.
@@ -26,7 +28,11 @@ class Embed(nnx.Module):
 
     def __call__(self, ids_bt: jax.Array) -> jax.Array:
         """`[B, T]` int ids -> `[B, T, D]` in `dtype`. Out-of-range ids give NaN (jnp.take fill)."""
-        return jnp.take(self.table_vd[...], ids_bt, axis=0).astype(self.dtype)
+        # Under a mesh, gather the fsdp-split columns first (FSDP's all-gather before use) so
+        # the looked-up rows come out split by batch rather than by the table's layout.
+        table_vd = parallel.constrain(self.table_vd[...], ('vocab', None))
+        x_btd = jnp.take(table_vd, ids_bt, axis=0).astype(self.dtype)
+        return parallel.constrain(x_btd, ('batch', None, 'embed'))
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
         """`[B, T, D]` -> `[B, T, V]` float32 logits; matmul in `dtype`, accumulated in fp32."""

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tx import parallel
+
 ACTIVATIONS = ('relu', 'gelu', 'gelu_exact', 'swiglu', 'geglu')
 # 'gelu' is the tanh approximation (jax default), as in GPT-2 and T5's gated-gelu;
 # 'gelu_exact' is the erf form BERT was trained with (the two differ by up to ~1e-3).
@@ -46,4 +48,5 @@ class MLP(nnx.Module):
         h_btf = NONLINEARITY[self.activation](self.wi_gate(x_btd))
         if self.wi_up is not None:
             h_btf = h_btf * self.wi_up(x_btd)
-        return self.wo(self.dropout(h_btf))
+        h_btf = parallel.constrain(h_btf, ('batch', None, 'mlp'))  # hidden units over tensor
+        return parallel.constrain(self.wo(self.dropout(h_btf)), ('batch', None, 'embed'))

@@ -2,7 +2,8 @@
 resume (``run``), evaluation, and the ablation runner (``ablate``)."""
 
 from tx.train.losses import LOSSES, loss_fn
-from tx.train.step import TrainState, init_state, make_eval_step, make_train_step
+from tx.train.step import (TrainState, create_state, init_state, make_eval_step,
+                           make_train_step, state_shardings)
 
 
 def run(config, workdir, **kwargs):
@@ -17,5 +18,5 @@ def ablate(config, workdir, **kwargs):
     return ablation.ablate(config, workdir, **kwargs)
 
 
-__all__ = ["LOSSES", "loss_fn", "TrainState", "init_state", "make_train_step",
-           "make_eval_step", "run", "ablate"]
+__all__ = ["LOSSES", "loss_fn", "TrainState", "init_state", "create_state", "state_shardings",
+           "make_train_step", "make_eval_step", "run", "ablate"]

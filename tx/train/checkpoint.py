@@ -7,8 +7,10 @@ and renames it when complete, so a save killed mid-write is never listed as a st
 
 A save holds the train state (params, rest = RNG counters and other non-parameter variables,
 opt_state), the step (which is also the data position: batches are pure functions of the step)
-and the resolved config as JSON. Arrays are restored onto the default device, so a checkpoint
-written on an accelerator restores on CPU.
+and the resolved config as JSON. Arrays are restored in the shardings of the template (the
+current run's state), so a checkpoint written under one device mesh restores under another, on
+one device, or on CPU. On several hosts every process calls ``save`` and ``restore``: Orbax
+writes and reads collectively (each process its own shards) into one shared directory.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ def _from_savable(restored, template):
 
 
 def _abstract(tree):
+    """Restore targets in the template's own shardings: a checkpoint written under one mesh
+    restores under another (or on one device); Orbax reads each device's slices only."""
     def spec(x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        x = np.asarray(x)
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     return jax.tree.map(spec, _to_savable(tree))

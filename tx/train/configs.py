@@ -1,8 +1,11 @@
-"""Experiment configs: one ``ml_collections.ConfigDict`` with ``model``, ``data`` and ``train``.
+"""Experiment configs: one ``ml_collections.ConfigDict`` with ``model``, ``data``, ``train`` and
+``mesh``.
 
 ``model`` holds exactly the fields of :class:`tx.config.ModelConfig` (``None`` defaults become
 typed placeholders so ``--config.model.num_kv_heads=2`` type-checks); ``data`` names a
-``tx.data`` dataset and its options; ``train`` holds the loop's knobs (see :data:`TRAIN`).
+``tx.data`` dataset and its options; ``train`` holds the loop's knobs (see :data:`TRAIN`);
+``mesh`` the ``data``/``fsdp``/``tensor`` degrees (:class:`tx.parallel.MeshConfig`, all 1 by
+default; a config without a ``mesh`` section runs on one device).
 :func:`resolve` validates all three up front, so a bad flag fails before any compile with a
 :class:`ConfigError` that names the field, its value and the fix.
 """
@@ -17,11 +20,13 @@ import pathlib
 import typing
 from typing import Any
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
 from tx import data as data_lib
 from tx.config import ModelConfig
+from tx.parallel import MeshConfig
 
 # The training knobs and their defaults; a config file overrides some of them.
 TRAIN = dict(
@@ -46,10 +51,12 @@ TRAIN = dict(
     keep_best=0,  # also keep this many best-by-eval-loss checkpoints (0: off)
     async_checkpoints=True,
 )
-# Fields that may change between a run and its resumption (they do not alter the trajectory).
+MESH = dict(data=1, fsdp=1, tensor=1)
+# Fields that may change between a run and its resumption (they do not alter the trajectory;
+# a checkpoint restores under any mesh).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep", "train.keep_best",
-                     "train.async_checkpoints")
+                     "train.async_checkpoints", "mesh.data", "mesh.fsdp", "mesh.tensor")
 
 
 class ConfigError(ValueError):
@@ -85,6 +92,7 @@ def experiment(model: ModelConfig, *, dataset: str, seq_len: int, options: dict 
     config.data = ml_collections.ConfigDict(dict(name=dataset, seq_len=seq_len,
                                                  options=dict(options or {})))
     config.train = ml_collections.ConfigDict({**TRAIN, **train})
+    config.mesh = ml_collections.ConfigDict(MESH)
     return config
 
 
@@ -122,6 +130,10 @@ class Resolved:
     def micro_batch(self) -> int:
         return self.train.batch_size // self.train.grad_accum
 
+    @property
+    def mesh(self) -> MeshConfig:
+        return mesh_config(self.config)
+
 
 def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
     values = model.to_dict()
@@ -134,6 +146,43 @@ def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
         return ModelConfig(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model.{e}") from None
+
+
+def mesh_config(config: ml_collections.ConfigDict) -> MeshConfig:
+    """The config's mesh degrees (all 1 when it has no ``mesh`` section)."""
+    values = config.mesh.to_dict() if "mesh" in config else {}
+    unknown = sorted(set(values) - set(MESH))
+    if unknown:
+        raise ConfigError(f"config.mesh fields {unknown} do not exist; known: {sorted(MESH)}")
+    try:
+        return MeshConfig(**values)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+
+
+def _check_mesh(resolved: Resolved) -> None:
+    """Before anything compiles: the mesh fits the devices, splits heads and batches evenly."""
+    mesh, train = resolved.mesh, resolved.train
+    field = "train.batch_size" if train.grad_accum == 1 else \
+        f"train.batch_size / train.grad_accum ({train.batch_size} / {train.grad_accum})"
+    try:
+        mesh.check_heads(resolved.model.num_heads, resolved.model.kv_heads)
+        mesh.check_batch(resolved.micro_batch, field)
+        mesh.check_devices()
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+
+
+def fit_mesh(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with a one-device mesh when its mesh does not fit the devices here (how a
+    run saved on many devices is evaluated on one)."""
+    try:
+        mesh_config(config).check_devices()
+        return config
+    except ValueError:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.mesh = ml_collections.ConfigDict(MESH)
+        return config
 
 
 def _check_train(train) -> None:
@@ -204,6 +253,7 @@ def resolve(config: ml_collections.ConfigDict) -> Resolved:
         raise ConfigError(f"config.train fields {unknown} do not exist; known: {sorted(TRAIN)}")
     _check_train(config.train)
     resolved = Resolved(model_config(config.model), config)
+    _check_mesh(resolved)
     _check_data(resolved)
     return resolved
 
@@ -213,7 +263,7 @@ def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
     path = pathlib.Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".tx_write_probe"
+        probe = path / f".tx_write_probe{jax.process_index()}"  # one per host: no races
         probe.write_text("")
         probe.unlink()
     except OSError as e:

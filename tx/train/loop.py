@@ -20,12 +20,13 @@ import numpy as np
 from flax import nnx
 
 from tx import models
+from tx import parallel as parallel_lib
 from tx.train import configs as configs_lib
 from tx.train.checkpoint import Checkpointer
 from tx.train.configs import ConfigError, Resolved
 from tx.train.metrics import MetricsLog, Progress
 from tx.train.optim import make_optimizer, schedule
-from tx.train.step import init_state, make_eval_step, make_train_step
+from tx.train.step import create_state, make_eval_step, make_train_step, state_shardings
 
 
 class NonFiniteError(RuntimeError):
@@ -100,6 +101,7 @@ def _check_compatible(saved: dict, current: ml_collections.ConfigDict, workdir, 
 
 
 def _restore(ckpt: Checkpointer, step: int, state, config, workdir):
+    """The checkpoint's arrays, in the shardings of ``state`` (the current mesh)."""
     meta = ckpt.read_meta(step)
     _check_compatible(meta["config"], config, workdir, step)
     template = {"params": state.params, "rest": state.rest, "opt_state": state.opt_state}
@@ -107,6 +109,16 @@ def _restore(ckpt: Checkpointer, step: int, state, config, workdir):
     if meta["step"] != step:
         raise RuntimeError(f"checkpoint {step} records step {meta['step']}")
     return restored
+
+
+def make_parallel(resolved: Resolved) -> parallel_lib.Parallel:
+    """The config's device mesh (one device by default)."""
+    return parallel_lib.Parallel(parallel_lib.make_mesh(resolved.mesh))
+
+
+def is_main_process() -> bool:
+    """Only process 0 writes logs, metrics, plots and prints; checkpoints are collective."""
+    return jax.process_index() == 0
 
 
 # ------------------------------------------------------------------------------------ loop
@@ -151,6 +163,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     wall_start = time.perf_counter()
     resolved = configs_lib.resolve(config)
     workdir = configs_lib.check_workdir(workdir)
+    if not is_main_process():
+        print_fn = None
     train = resolved.train
     ckpt = Checkpointer(workdir, keep=train.keep, keep_best=train.keep_best,
                         async_save=train.async_checkpoints)
@@ -164,7 +178,9 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
            wall_start: float) -> dict[str, Any]:
     train, config = resolved.train, resolved.config
     optimizer = make_optimizer(train)
-    state = init_state(build_model(resolved), optimizer)
+    parallel = make_parallel(resolved)
+    state = create_state(lambda: build_model(resolved), optimizer, parallel)
+    shardings = state_shardings(state, parallel)
     start = ckpt.latest_step() or 0
     if start:
         restored = _restore(ckpt, start, state, config, workdir)
@@ -172,12 +188,15 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
                                                      restored["opt_state"])
         if print_fn:
             print_fn(f"resuming from step {start} in {workdir}")
-    (workdir / "config.json").write_text(configs_lib.to_json(config))
+    main = is_main_process()
+    if main:
+        (workdir / "config.json").write_text(configs_lib.to_json(config))
     train_ds, eval_ds = configs_lib.make_datasets(resolved)
-    train_step = make_train_step(state.graphdef, optimizer)
-    eval_step = make_eval_step(state.graphdef)
+    train_step = make_train_step(state.graphdef, optimizer, parallel=parallel,
+                                 shardings=shardings)
+    eval_step = make_eval_step(state.graphdef, parallel=parallel, shardings=shardings)
     lr = schedule(train)
-    log = MetricsLog(workdir, start_step=start)
+    log = MetricsLog(workdir, start_step=start, tensorboard=main, write=main)
     progress = Progress(train.steps, print_fn)
     k, seq_len = train.grad_accum, resolved.data.seq_len
     tokens_per_step = train.batch_size * seq_len
@@ -225,8 +244,9 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
     if start >= train.steps:  # nothing left to train: report the restored model
         last = dict(log.records[-1]) if log.records else {"loss": float("nan")}
         last.update(evaluate_params(eval_step, params, rest, eval_ds, train.eval_batches))
-    from tx.train import plots  # matplotlib is imported only when a run finishes
-    plots.loss_curves({"run": log.records}, workdir / "loss.png", title=str(workdir.name))
+    if main:
+        from tx.train import plots  # matplotlib is imported only when a run finishes
+        plots.loss_curves({"run": log.records}, workdir / "loss.png", title=str(workdir.name))
     steady = [r for s, r in rates if s > start] or [r for _, r in rates] or [float("nan")]
     return {"steps": train.steps, "loss": float(last.get("loss", float("nan"))), "eval_loss": last.get("eval_loss"),
             "eval_accuracy": last.get("eval_accuracy"),
@@ -236,27 +256,29 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
 
 
 def saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to ``workdir/config.json``."""
+    """The resolved config a run wrote to ``workdir/config.json``, on one device when the
+    run's mesh does not fit the devices here (a checkpoint restores under any mesh)."""
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise ConfigError(f"workdir={str(workdir)!r} has no config.json; train there first or "
                           "pass --config.")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return configs_lib.fit_mesh(ml_collections.ConfigDict(json.loads(path.read_text())))
 
 
 def load_model(resolved: Resolved, workdir: str | pathlib.Path, *,
                step: int | None = None) -> tuple[nnx.Module, int | None]:
     """The model of the latest (or ``step``) checkpoint in ``workdir``, or a freshly initialised
-    one (step ``None``) when there is none."""
-    model = build_model(resolved)
+    one (step ``None``) when there is none; its arrays are split over the config's mesh,
+    whatever mesh the checkpoint was written under."""
     if not (pathlib.Path(workdir) / "checkpoints").is_dir():
-        return model, None
+        return build_model(resolved), None
     ckpt = Checkpointer(workdir, keep=resolved.train.keep, async_save=False)
     try:
         step = step or ckpt.latest_step()
         if step is None:
-            return model, None
-        state = init_state(model, make_optimizer(resolved.train))
+            return build_model(resolved), None
+        state = create_state(lambda: build_model(resolved), make_optimizer(resolved.train),
+                             make_parallel(resolved))
         restored = _restore(ckpt, step, state, resolved.config, workdir)
     finally:
         ckpt.close()
@@ -266,13 +288,16 @@ def load_model(resolved: Resolved, workdir: str | pathlib.Path, *,
 def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Path, *,
              step: int | None = None, batches: int | None = None) -> dict[str, float]:
     """Evaluates the latest checkpoint (or ``step``) of ``workdir``; ``config=None`` uses the
-    config saved with the run."""
+    config saved with the run (on one device when its mesh does not fit the devices here)."""
     resolved = configs_lib.resolve(saved_config(workdir) if config is None else config)
     model, step = load_model(resolved, workdir, step=step)
     if step is None:
         raise ConfigError(f"workdir={str(workdir)!r} holds no complete checkpoint.")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    parallel = make_parallel(resolved)
+    eval_step = make_eval_step(graphdef, parallel=parallel,
+                               shardings=parallel.shardings((params, rest)))
     _, eval_ds = configs_lib.make_datasets(resolved)
-    out = evaluate_params(make_eval_step(graphdef), params, rest, eval_ds,
+    out = evaluate_params(eval_step, params, rest, eval_ds,
                           batches or resolved.train.eval_batches)
     return {"step": step, **out}

@@ -30,13 +30,17 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Appends records to ``workdir/metrics.jsonl`` and TensorBoard scalars to ``workdir/tb``."""
+    """Appends records to ``workdir/metrics.jsonl`` and TensorBoard scalars to ``workdir/tb``;
+    with ``write=False`` (every process but the first of a multi-host run) it only keeps the
+    records in memory."""
 
     def __init__(self, workdir: str | pathlib.Path, *, start_step: int = 0,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, write: bool = True):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.write_file = write
+        if write:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.records = kept
         self.writer = None
         if tensorboard:
@@ -48,8 +52,9 @@ class MetricsLog:
         record = {k: (float(v) if not isinstance(v, (int, str)) else v)
                   for k, v in record.items()}
         self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.write_file:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, float) and math.isfinite(value):
