@@ -93,9 +93,10 @@ def test_int32_records_and_their_vocabulary(tmp_path):
     (dict(paths="/nonexistent/*.array_record"), "no such file"),
     (dict(paths="x", record_format="utf16"), "record_format='utf16'"),
     (dict(paths="x", docs_per_row=0), "docs_per_row"),
+    (dict(), "needs paths="),
 ])
 def test_array_record_bad_options(text_files, options, match):
-    if options["paths"] == "x":
+    if options.get("paths") == "x":
         options = {**options, "paths": text_files[0]}
     with pytest.raises(ValueError, match=match):
         data.make_dataset("array_record", batch_size=2, seq_len=16, **options)
@@ -112,6 +113,8 @@ def test_hf_dataset_dict_from_disk(tmp_path):
     assert sorted(bytes((d - OFFSET).astype(np.uint8)).decode() for d in epoch) == sorted(TEXTS)
     evals = data.make_dataset("hf", batch_size=1, seq_len=32, split="eval", path=path)
     assert bytes((evals.documents(0)[0] - OFFSET).astype(np.uint8)) == b"held out"
+    with pytest.raises(ValueError, match="needs path="):
+        data.make_dataset("hf", batch_size=1, seq_len=32)
     with pytest.raises(ValueError, match="column='body'"):
         data.make_dataset("hf", batch_size=1, seq_len=32, path=path, column="body")
     with pytest.raises(ValueError, match="eval_split='test'"):

@@ -97,8 +97,12 @@ REGISTRY: dict[str, Callable] = {
 }
 
 
-def list_datasets() -> tuple[str, ...]:
-    return tuple(sorted(REGISTRY))
+EXTERNAL = ("array_record", "hf")  # these read the user's files (options paths / path)
+
+
+def list_datasets(*, built_in: bool = False) -> tuple[str, ...]:
+    """Registered dataset names; ``built_in=True``: only those that need no files of yours."""
+    return tuple(sorted(n for n in REGISTRY if not (built_in and n in EXTERNAL)))
 
 
 def make_dataset(name: str, *, batch_size: int, seq_len: int, seed: int = 0,
@@ -121,7 +125,7 @@ def make_dataset(name: str, *, batch_size: int, seq_len: int, seed: int = 0,
 
 
 __all__ = [
-    "BOS", "BYTE_VOCAB_SIZE", "EOS", "MASK", "OFFSET", "PAD", "SEP", "TASKS", "REGISTRY",
+    "BOS", "BYTE_VOCAB_SIZE", "EOS", "EXTERNAL", "MASK", "OFFSET", "PAD", "SEP", "TASKS", "REGISTRY",
     "ByteLM", "ByteMLM", "Copy", "Corpus", "Dataset", "Duplicates", "MQAR", "Majority",
     "MaskedCopy", "PackedBytes", "Reverse", "Sort", "StepIterator", "SyntheticTask",
     "bert_corrupt", "corpus_from_paths", "decode_bytes", "encode_bytes", "list_datasets",

@@ -124,11 +124,14 @@ def _paths(paths: str | Sequence[str], what: str) -> list[str]:
 
 
 def array_record_lm(*, batch_size: int, seq_len: int, seed: int, split: str,
-                    paths: str | Sequence[str], eval_paths: str | Sequence[str] | None = None,
-                    **options) -> GrainLM:
+                    paths: str | Sequence[str] | None = None,
+                    eval_paths: str | Sequence[str] | None = None, **options) -> GrainLM:
     """LM over ArrayRecord files (``paths`` for train, ``eval_paths`` for eval)."""
     sources = _require("grain.sources")
     check_split(split)
+    if not paths:
+        raise ValueError("the array_record dataset needs paths=<ArrayRecord files or globs> "
+                         "(--config.data.options.paths=...).")
     if split == "eval" and not eval_paths:
         raise ValueError("split='eval' needs eval_paths=<ArrayRecord files held out from "
                          "training>.")
@@ -154,13 +157,16 @@ class _Column:
         return self.dataset[int(i)][self.column]
 
 
-def hf_lm(*, batch_size: int, seq_len: int, seed: int, split: str, path: str,
+def hf_lm(*, batch_size: int, seq_len: int, seed: int, split: str, path: str | None = None,
           train_split: str = "train", eval_split: str = "validation", column: str = "text",
           **options) -> GrainLM:
     """LM over a local Hugging Face dataset: a ``save_to_disk`` directory or anything
     ``datasets.load_dataset(path)`` reads offline (a directory of json/csv/parquet/text files)."""
     datasets = _require("datasets")
     check_split(split)
+    if not path:
+        raise ValueError("the hf dataset needs path=<a local dataset directory> "
+                         "(--config.data.options.path=...).")
     name = train_split if split == "train" else eval_split
     if os.path.isfile(os.path.join(path, "dataset_dict.json")) or \
             os.path.isfile(os.path.join(path, "dataset_info.json")):
