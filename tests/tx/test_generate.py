@@ -211,3 +211,29 @@ def test_bad_beam_cache():
     model, prompt = _decoder("gqa"), _prompt()
     with pytest.raises(ValueError, match="cache='none'"):
         beam_search(model, prompt, max_new_tokens=3, cache="none")
+
+
+def test_paged_generation_reads_pages_with_the_pallas_kernel(monkeypatch):
+    """With implementation ('pallas', 'xla') decode steps over a paged cache go through the
+    Pallas paged kernel (in interpret mode here) and give the contiguous cache's tokens."""
+    from tx.attention import registry
+    calls = []
+    kernel = registry.paged_kernel("pallas")
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape)
+        return kernel(q, *args, **kwargs)
+
+    monkeypatch.setitem(registry._PAGED, "pallas", counting)
+    model = models.build(ModelConfig(attention="gqa+local", window=6, vocab_size=V, d_model=24,
+                                     num_layers=2, d_ff=48, implementation=("pallas", "xla")))
+    prompt = _prompt(b=2, t=7)
+    paged = generate(model, prompt, max_new_tokens=6, cache="paged", page_size=4)
+    contiguous = generate(model, prompt, max_new_tokens=6)
+    np.testing.assert_array_equal(paged.tokens, contiguous.tokens)
+    # Decode steps (one token, [B, 1, N, H]) took the kernel; the 7-token prefill did too.
+    assert (2, 1, 4, 6) in calls
+    beams = beam_search(model, prompt, max_new_tokens=5, num_beams=2, cache="paged",
+                        page_size=4, length_penalty=0.0)
+    np.testing.assert_allclose(beams.scores, _sequence_logp(model, prompt, beams.tokens),
+                               rtol=1e-4, atol=1e-4)

@@ -111,6 +111,11 @@ class Attention(nnx.Module):
         kv_positions_bs = positions_bt
         if self.rope is not None:
             q, k = self.rope(q, positions_bt), self.rope(k, positions_bt)
+        paged = getattr(self.cache, "attend", None)  # a paged cache may read pages in place
+        if paged is not None and self.bias is None and segment_ids is None and kv_lengths is None:
+            out = paged(q, k, v, mask=self.mask, scale=self.scale,
+                        implementation=self.implementation)
+            return self._project_out(out)
         mask_positions = {}
         if self.cache is not None:
             k, v, q_pos, kv_pos = self.cache.update(k, v)
@@ -120,7 +125,10 @@ class Attention(nnx.Module):
         out = registry.attend(q, k, v, mask=self.mask, segment_ids=segment_ids,
                               kv_lengths=kv_lengths, bias=bias, scale=self.scale,
                               implementation=self.implementation, **mask_positions)
-        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_nhd[...].astype(self.dtype))
+        return self._project_out(out)
+
+    def _project_out(self, out_btnh: jax.Array) -> jax.Array:
+        out = jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_nhd[...].astype(self.dtype))
         if self.o_bias_d is not None:
             out = out + self.o_bias_d[...].astype(self.dtype)[None, None]
         return parallel.constrain(out, ("batch", None, "embed"))

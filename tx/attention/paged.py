@@ -2,10 +2,10 @@
 
 The host-side page manager (``tx.inference.paged_cache``) decides which physical pages each
 sequence uses; this module holds the device side: the page pool ``[P, L, K, H]``, the block
-tables ``[B, max_pages]`` and the number of tokens written. ``update`` scatters new K/V into
-their pages and returns the gathered view, so every registry implementation can attend over
-it; ``attend_pages`` is the fast path through the Pallas paged-decode kernel, which reads the
-pages in place.
+tables ``[B, max_pages]`` and the number of tokens written. ``attend`` scatters new K/V into
+their pages and attends: through a paged kernel that reads the pages in place (``pallas``: the
+Pallas paged-decode kernel) when the layer's implementation list names one, else over the
+gathered pages like any registry implementation (``update`` returns that gathered view).
 
 Forking (beam search, parallel sampling) follows the page pool's plan: after the prompts are
 prefilled once, ``fork`` switches to the forked rows' block tables, whose full prompt pages are
@@ -16,6 +16,7 @@ shared (stored once) and whose partly filled prompt page was copied for each for
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -23,10 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import masks as masks_lib
-from kernels.paged_attention import paged_attention
-from tx.parallel import per_shard
-
-_paged_per_shard = per_shard.paged(paged_attention)  # the kernel per shard under a mesh
+from tx.attention import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +104,10 @@ class PagedKVCache(nnx.Module):
         self.v_pages[...] = self.v_pages[...].at[pages, offsets].set(v_new.astype(dtype))
         self.index[...] = self.index[...] + t
 
-    def update(self, k_new, v_new):
-        """Writes the new tokens; returns the gathered ``(k, v, q_positions, kv_positions)``."""
-        b, t = k_new.shape[:2]
-        self._write(k_new, v_new)
+    def _gather(self, t: int):
+        """Every row's pages as contiguous ``(k, v, q_positions, kv_positions)``."""
         tables = self.block_tables[...]
+        b = tables.shape[0]
         _, page, kh, h = self.k_pages[...].shape
         s = tables.shape[1] * page
         k = self.k_pages[...][tables].reshape(b, s, kh, h)
@@ -121,9 +118,32 @@ class PagedKVCache(nnx.Module):
         q_pos = jnp.broadcast_to(end - t + jnp.arange(t, dtype=jnp.int32), (b, t))
         return k, v, q_pos, kv_pos
 
-    def attend_pages(self, q_btnh, k_new, v_new, mask: masks_lib.Mask):
-        """Writes the new tokens and attends with the Pallas paged kernel (no gather)."""
+    def update(self, k_new, v_new):
+        """Writes the new tokens; returns the gathered ``(k, v, q_positions, kv_positions)``."""
+        self._write(k_new, v_new)
+        return self._gather(k_new.shape[1])
+
+    def attend(self, q_btnh, k_new, v_new, *, mask: masks_lib.Mask, scale=None,
+               implementation: Sequence[str] = ("xla",)):
+        """Writes the new tokens, then attends: implementations are tried in order, one with a
+        paged kernel (``registry.register_paged``, e.g. ``pallas``) reads the pages in place;
+        from the first without one (or once every kernel declined) the gathered pages go
+        through ``registry.attend``."""
         self._write(k_new, v_new)
         lengths = jnp.full((q_btnh.shape[0],), self.index[...], jnp.int32)
-        return _paged_per_shard(q_btnh, self.k_pages[...], self.v_pages[...],
-                                self.block_tables[...], lengths, mask=mask)
+        implementation = tuple(implementation)
+        for i, name in enumerate(implementation):
+            kernel = registry.paged_kernel(name)
+            if kernel is None:
+                break
+            try:
+                return kernel(q_btnh, self.k_pages[...], self.v_pages[...],
+                              self.block_tables[...], lengths, mask=mask, scale=scale)
+            except NotImplementedError:
+                continue
+        else:
+            i = 0  # no name without a kernel is left: the registry says why
+        k, v, q_pos, kv_pos = self._gather(q_btnh.shape[1])
+        return registry.attend(q_btnh, k, v, mask=mask, scale=scale,
+                               implementation=implementation[i:], q_positions=q_pos,
+                               kv_positions=kv_pos)

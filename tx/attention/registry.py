@@ -17,6 +17,7 @@ import jax
 from kernels import masks as masks_lib
 from kernels import reference
 from kernels.flash_attention import registry_attention as _pallas
+from kernels.paged_attention import paged_attention as _paged_pallas
 from tx.parallel import per_shard
 
 AttentionFn = Callable[..., jax.Array]
@@ -30,6 +31,22 @@ def register(name: str, fn: AttentionFn) -> None:
 
 def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+# Kernels that read a paged KV cache in place (the signature of ``kernels.paged_attention``),
+# by implementation name. A paged cache tries them in its ``implementation`` order and attends
+# over its gathered pages (``attend``) from the first name that has none.
+_PAGED: dict[str, AttentionFn] = {}
+_MAX_PAGED_TOKENS = 16  # longer chunks (prefill) attend over gathered pages, with flash
+
+
+def register_paged(name: str, fn: AttentionFn) -> None:
+    """Adds (or replaces) the paged-cache kernel of implementation ``name``."""
+    _PAGED[name] = fn
+
+
+def paged_kernel(name: str) -> AttentionFn | None:
+    return _PAGED.get(name)
 
 
 def attend(q, k, v, *, implementation: Sequence[str] = ("xla",), **kwargs) -> jax.Array:
@@ -72,6 +89,19 @@ def _cudnn(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=None,
         key_value_seq_lengths=kv_lengths, implementation="cudnn")
 
 
+def _pallas_paged(q, k_pages, v_pages, block_tables, lengths, *, mask, scale=None):
+    """Our Pallas paged-decode kernel, for the decode steps it is built for."""
+    t, page = (1 if q.ndim == 3 else q.shape[1]), k_pages.shape[1]
+    if t > _MAX_PAGED_TOKENS:
+        raise NotImplementedError(f"{t} new tokens: the paged kernel serves decode steps of "
+                                  f"up to {_MAX_PAGED_TOKENS}")
+    if page & (page - 1):
+        raise NotImplementedError(f"page size {page} is not a power of two")
+    return per_shard.paged(_paged_pallas)(q, k_pages, v_pages, block_tables, lengths,
+                                          mask=mask, scale=scale)
+
+
 register("xla", reference.attention)
 register("cudnn", _cudnn)
 register("pallas", per_shard.attention(_pallas))  # per shard under a mesh; GSPMD splits xla
+register_paged("pallas", _pallas_paged)
