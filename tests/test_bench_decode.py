@@ -16,7 +16,7 @@ def test_bench_decode_smoke():
                          check=True, timeout=300).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     decode = [r for r in rows if r["bench"] == "decode"]
-    assert [r["cache"] for r in decode] == ["contiguous", "none"]
+    assert [r["cache"] for r in decode] == ["contiguous", "paged", "none"]
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 8 for r in decode)
     assert "tokens/s" in out and decode[0]["cache_speedup"] > 0
     kernel = {r["impl"]: r for r in rows if r["bench"] == "paged_kernel"}
