@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments._timing import median_seconds
 from kernels import reference
 from kernels.paged_attention import paged_attention
 
@@ -94,20 +93,10 @@ def implementations(interpret: bool, split_k: int) -> dict[str, Callable]:
     return impls
 
 
-def _median_seconds(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def copy_bandwidth(on_gpu: bool, iters: int) -> float:
     """Bytes/s of ``x + 1`` over a large array (read once, written once)."""
     x = jnp.zeros(((1 << 28) if on_gpu else (1 << 24),), jnp.float32)
-    return 2 * x.nbytes / _median_seconds(jax.jit(lambda a: a + 1), (x,), iters)
+    return 2 * x.nbytes / median_seconds(jax.jit(lambda a: a + 1), (x,), iters)
 
 
 def bytes_read(shape: Shape, lengths) -> int:
@@ -132,7 +121,7 @@ def run(shapes: list[Shape], *, interpret: bool, split_k: int, iters: int) -> li
             row = {"bench": "paged_kernel", "impl": name, **dataclasses.asdict(shape),
                    "interpret": interpret and name != "xla"}
             try:
-                seconds = _median_seconds(fn, args, iters)
+                seconds = median_seconds(fn, args, iters)
                 error = float(jnp.max(jnp.abs(fn(*args).astype(jnp.float32) - want)))
             except Exception as e:  # a peer that cannot run this cell says why  # noqa: BLE001
                 rows.append({**row, "ms": None, "why": f"{type(e).__name__}: {e}"[:160]})

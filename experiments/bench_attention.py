@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import time
 from typing import Callable
 
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments._timing import median_seconds
 from kernels import masks as masks_lib
 from kernels import reference
 from kernels.flash_attention import flash_attention
@@ -191,13 +191,8 @@ def _fp32_reference(cell: Cell, q, k, v) -> np.ndarray:
 
 
 def _time(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    """Median milliseconds."""
+    return 1e3 * median_seconds(fn, args, iters)
 
 
 def _max_err(x, ref) -> float:

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import _paged_bench
-
+from experiments._timing import median_seconds
 from tx import models
 from tx.config import ModelConfig
 from tx.inference import generate
@@ -40,13 +37,7 @@ _K_SPLIT = flags.DEFINE_integer("kernel_split_k", 4, "Kernel rows: split-K progr
 
 
 def _time(fn) -> float:
-    jax.block_until_ready(fn().tokens)  # compile + warm-up
-    times = []
-    for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        jax.block_until_ready(fn().tokens)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: fn().tokens, (), _REPEATS.value)
 
 
 def run() -> list[dict]:
