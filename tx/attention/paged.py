@@ -19,12 +19,20 @@ import dataclasses
 from typing import Sequence
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kernels import masks as masks_lib
 from tx.attention import registry
+
+
+def copy_page_pairs(k_pages: jax.Array, v_pages: jax.Array, src: jax.Array,
+                    dst: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Copies pages ``src[i] -> dst[i]`` of ``[P, L, K, H]`` pools; every page is read before
+    any is written, so pairs may swap pages. A destination listed twice must get the same
+    contents each time (an unchanged shared page)."""
+    return k_pages.at[dst].set(k_pages[src]), v_pages.at[dst].set(v_pages[src])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +85,7 @@ class PagedKVCache(nnx.Module):
         if self.fork_tables[...].shape[0] != rows:
             raise ValueError(f"fork(n={n}) makes {rows} rows but the fork plan has "
                              f"{self.fork_tables[...].shape[0]}; plan n forks per row.")
-        src, dst = self.fork_copies[...][:, 0], self.fork_copies[...][:, 1]
-        self.k_pages[...] = self.k_pages[...].at[dst].set(self.k_pages[...][src])
-        self.v_pages[...] = self.v_pages[...].at[dst].set(self.v_pages[...][src])
+        self._copy(self.fork_copies[...][:, 0], self.fork_copies[...][:, 1])
         self.block_tables.set_value(self.fork_tables[...])  # more rows: replace the array
 
     def reorder(self, rows: jax.Array) -> None:
@@ -89,9 +95,11 @@ class PagedKVCache(nnx.Module):
         reads happen before any write, so rows may swap pages.
         """
         tables = self.block_tables[...][:, self.private_from:]
-        src, dst = tables[rows].reshape(-1), tables.reshape(-1)
-        self.k_pages[...] = self.k_pages[...].at[dst].set(self.k_pages[...][src])
-        self.v_pages[...] = self.v_pages[...].at[dst].set(self.v_pages[...][src])
+        self._copy(tables[rows].reshape(-1), tables.reshape(-1))
+
+    def _copy(self, src, dst) -> None:
+        self.k_pages[...], self.v_pages[...] = copy_page_pairs(
+            self.k_pages[...], self.v_pages[...], src, dst)
 
     def _write(self, k_new, v_new):
         b, t = k_new.shape[:2]

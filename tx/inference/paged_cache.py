@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tx.attention.paged import copy_page_pairs
+
 __all__ = ["PagePool", "Update", "OutOfPages", "copy_pages", "write_kv"]
 
 
@@ -288,8 +290,8 @@ def copy_pages(k_pages: jax.Array, v_pages: jax.Array,
     copies = np.asarray(list(copies), np.int32).reshape(-1, 2)
     if not copies.size:
         return k_pages, v_pages
-    src, dst = jnp.asarray(copies[:, 0]), jnp.asarray(copies[:, 1])
-    return k_pages.at[dst].set(k_pages[src]), v_pages.at[dst].set(v_pages[src])
+    return copy_page_pairs(k_pages, v_pages, jnp.asarray(copies[:, 0]),
+                           jnp.asarray(copies[:, 1]))
 
 
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, slots: jax.Array, k_new: jax.Array,
