@@ -14,7 +14,6 @@ Kubernetes and Cloud TPU are detected; elsewhere add ``--coordinator_address=hos
 be a shared directory, and only process 0 writes logs and prints.
 """
 
-import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -45,7 +44,7 @@ def main(argv):
                                         _PROCESS_ID.value)
     with _cli.one_line_errors():
         summary = loop.run(_CONFIG.value, _WORKDIR.value)
-    if jax.process_index() == 0:
+    if loop.is_main_process():
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in summary.items()))
 

@@ -80,10 +80,6 @@ class Parallel:
         batch the mesh divides (what the config checks): the step's batch in-sharding."""
         return NamedSharding(self.mesh, PartitionSpec(mesh_lib.BATCH_AXES))
 
-    def batch_sharding(self, shape: Sequence[int]) -> NamedSharding:
-        """Rows split over ``(data, fsdp)``; every other dimension whole."""
-        return self.sharding(("batch",) + (None,) * (len(shape) - 1), shape)
-
 
 # --------------------------------------------------------------------------- the active mesh
 
@@ -124,7 +120,7 @@ def put(tree: Any, shardings: Any) -> Any:
     def one(x, sharding):
         if sharding.is_fully_addressable:  # one host: a plain transfer
             return jax.device_put(x, sharding)
-        if _is_key(x):  # typed PRNG keys travel as their uint32 data
+        if is_prng_key(x):  # typed PRNG keys travel as their uint32 data
             return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding),
                                             impl=jax.random.key_impl(x))
         host = np.asarray(x)
@@ -132,7 +128,8 @@ def put(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(one, tree, shardings)
 
 
-def _is_key(x) -> bool:
+def is_prng_key(x) -> bool:
+    """A typed PRNG key array (Orbax and host transfers take its uint32 key data)."""
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 

@@ -22,19 +22,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+from tx.parallel.shard import is_prng_key
 
 
 def _to_savable(tree):
     """Typed PRNG keys -> their uint32 key data (Orbax stores plain arrays)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+    return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, tree)
 
 
 def _from_savable(restored, template):
     def back(r, t):
-        return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_key(t) else r
+        return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if is_prng_key(t) else r
     return jax.tree.map(back, restored, template)
 
 

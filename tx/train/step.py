@@ -71,7 +71,6 @@ def _placing(jitted: Callable, parallel: parallel_lib.Parallel | None) -> Callab
     def call(*args):
         *state, batch = args
         return jitted(*state, parallel_lib.put_batch(parallel, batch))
-    call.jitted = jitted
     return call
 
 
