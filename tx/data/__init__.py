@@ -77,6 +77,7 @@ _GRAIN_OPTIONS = ("record_format", "vocab_size", "docs_per_row", "strategy")
 
 def _grain(build_fn, *own) -> Callable:
     build_fn.options = tuple(own) + _GRAIN_OPTIONS
+    build_fn.reads_your_files = True
     return build_fn
 
 
@@ -97,7 +98,8 @@ REGISTRY: dict[str, Callable] = {
 }
 
 
-EXTERNAL = ("array_record", "hf")  # these read the user's files (options paths / path)
+# Datasets that read the user's files (options paths / path) rather than built-in data.
+EXTERNAL = tuple(n for n, b in REGISTRY.items() if getattr(b, "reads_your_files", False))
 
 
 def list_datasets(*, built_in: bool = False) -> tuple[str, ...]:
