@@ -12,6 +12,8 @@ import dataclasses
 
 import jax
 
+from kernels.common import next_pow2
+
 MIN_BLOCK = 16     # Triton's dot needs >= 16 along every dimension
 MAX_BLOCK = 512    # beyond this a tile no longer fits in registers/shared memory
 MAX_HEAD_DIM = 256
@@ -122,5 +124,4 @@ def default_split_k(programs: int, num_blocks: int, device_kind: str | None = No
     (``num_blocks``) a sequence can have."""
     target = PAGED_TARGET_PROGRAMS[device_family(device_kind)]
     want = -(-target // max(1, programs))
-    split = 1 << max(0, want - 1).bit_length()
-    return max(1, min(split, num_blocks))
+    return max(1, min(next_pow2(want), num_blocks))

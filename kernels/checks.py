@@ -44,6 +44,16 @@ def check_mask(mask: Any) -> masks_lib.Mask:
     return mask
 
 
+def check_scale(scale: Any, h: int) -> float:
+    """The static logit scale as a float; ``None`` means ``h ** -0.5``."""
+    if scale is None:
+        return float(h) ** -0.5
+    if isinstance(scale, (bool, str)) or not np.isscalar(scale) or not np.isfinite(scale):
+        raise ValueError(f"scale={scale!r} must be a finite Python float (it is static); "
+                         "pass None for head_dim ** -0.5.")
+    return float(scale)
+
+
 def check_segment_ids(segment_ids: Any, b: int, t: int, s: int) -> None:
     if segment_ids is None:
         return

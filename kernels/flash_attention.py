@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -39,19 +37,13 @@ from kernels import block_sizes as block_sizes_lib
 from kernels import checks, tiles
 from kernels import masks as masks_lib
 from kernels import online_softmax
+from kernels.common import SUPPORTED_DTYPES, compiler_params, is_int, next_pow2, round_up
+from kernels.online_softmax import LOG2E
 from kernels.online_softmax import dot as _dot
 from kernels.online_softmax import precision as _precision
 from kernels.block_sizes import BlockSizes
 
-try:  # Triton launch parameters; absent on JAX builds without the Triton backend.
-    from jax.experimental.pallas import triton as _pl_triton
-except ImportError:  # pragma: no cover
-    _pl_triton = None
-
 __all__ = ["flash_attention", "registry_attention", "BlockSizes", "check_block_sizes"]
-
-_LOG2E = math.log2(math.e)
-_SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in ("float32", "bfloat16", "float16"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,20 +66,12 @@ class _Config:
     @property
     def q_pad(self) -> int:
         b = self.blocks
-        return _round_up(self.q_len, max(b.block_q, b.block_q_dq, b.block_q_dkv))
+        return round_up(self.q_len, max(b.block_q, b.block_q_dq, b.block_q_dkv))
 
     @property
     def kv_pad(self) -> int:
         b = self.blocks
-        return _round_up(self.kv_len, max(b.block_k, b.block_k_dq, b.block_k_dkv))
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
+        return round_up(self.kv_len, max(b.block_k, b.block_k_dq, b.block_k_dkv))
 
 
 # --- host-side validation ----------------------------------------------------------------------
@@ -99,32 +83,22 @@ def check_block_sizes(block_sizes: Any) -> BlockSizes:
                          "kernels.block_sizes.BlockSizes or None (use the tuning table).")
     lo, hi = block_sizes_lib.MIN_BLOCK, block_sizes_lib.MAX_BLOCK
     for name, value in block_sizes.fields().items():
-        is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-        if not is_int or not lo <= value <= hi or value & (value - 1):
-            fix = min(hi, max(lo, _next_pow2(value))) if is_int else lo
+        integer = is_int(value)
+        if not integer or not lo <= value <= hi or value & (value - 1):
+            fix = min(hi, max(lo, next_pow2(value))) if integer else lo
             raise ValueError(f"block_sizes.{name}={value!r} must be a power of two in "
                              f"[{lo}, {hi}]; use e.g. {name}={fix}.")
     return block_sizes
 
 
 def _check_dtype_and_head_dim(q) -> None:
-    if q.dtype not in _SUPPORTED_DTYPES:
+    if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q.dtype={q.dtype} is not supported; cast q, k and v to float32, "
                          "bfloat16 or float16.")
     h = q.shape[-1]
     if not 1 <= h <= block_sizes_lib.MAX_HEAD_DIM:
         raise ValueError(f"head_dim={h} (q.shape[3]) must be in [1, "
                          f"{block_sizes_lib.MAX_HEAD_DIM}]; split larger heads.")
-
-
-def _check_scale(scale: Any, h: int) -> float:
-    if scale is None:
-        return float(h) ** -0.5
-    if not np.isscalar(scale) or isinstance(scale, str) or not np.isfinite(scale) \
-            or isinstance(scale, bool):
-        raise ValueError(f"scale={scale!r} must be a finite Python float (it is static); "
-                         "pass None for head_dim ** -0.5.")
-    return float(scale)
 
 
 def _group_fold(group: int) -> int:
@@ -134,8 +108,8 @@ def _group_fold(group: int) -> int:
 
 def _effective_blocks(bs: BlockSizes, q_len: int, kv_len: int) -> BlockSizes:
     """Clamp tiles to the (power-of-two-rounded) sequence so short inputs pad little."""
-    qmax = max(block_sizes_lib.MIN_BLOCK, _next_pow2(q_len))
-    kmax = max(block_sizes_lib.MIN_BLOCK, _next_pow2(kv_len))
+    qmax = max(block_sizes_lib.MIN_BLOCK, next_pow2(q_len))
+    kmax = max(block_sizes_lib.MIN_BLOCK, next_pow2(kv_len))
     return dataclasses.replace(
         bs, block_q=min(bs.block_q, qmax), block_q_dq=min(bs.block_q_dq, qmax),
         block_q_dkv=min(bs.block_q_dkv, qmax), block_k=min(bs.block_k, kmax),
@@ -171,11 +145,11 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precisi
     q = q_ref[...]                                                         # [rows, Hp]
     q_seg = q_seg_ref[...] if cfg.has_segments else None                   # [rows]
     kv_len = table_ref[tiles.KV_LEN]
-    qk_scale = cfg.scale * _LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    qk_scale = cfg.scale * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
-    def visit(i, carry, masked):
+    def visit(kv_block, carry, masked):
         m_prev, l_prev, acc = carry
-        kv_start = pl.multiple_of(table_ref[tiles.HEADER + i] * block_k, block_k)
+        kv_start = pl.multiple_of(kv_block * block_k, block_k)
         k = k_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
         s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
         if masked:
@@ -187,10 +161,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precisi
 
     carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
              jnp.zeros(q.shape, jnp.float32))
-    num_full, num_total = table_ref[tiles.NUM_FULL], table_ref[tiles.NUM_TOTAL]
-    carry = lax.fori_loop(0, num_full, functools.partial(visit, masked=False), carry)
-    carry = lax.fori_loop(num_full, num_total, functools.partial(visit, masked=True), carry)
-    m, l, acc = carry
+    m, l, acc = tiles.visit_tiles(table_ref, visit, carry)
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)  # acc is 0 where nothing seen
@@ -211,10 +182,10 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
     lse, delta = lse_ref[...], delta_ref[...]                              # [rows]
     q_seg = q_seg_ref[...] if cfg.has_segments else None
     kv_len = table_ref[tiles.KV_LEN]
-    qk_scale = cfg.scale * _LOG2E
+    qk_scale = cfg.scale * LOG2E
 
-    def visit(i, dq, masked):
-        kv_start = pl.multiple_of(table_ref[tiles.HEADER + i] * block_k, block_k)
+    def visit(kv_block, dq, masked):
+        kv_start = pl.multiple_of(kv_block * block_k, block_k)
         k = k_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
         v = v_ref[pl.ds(kv_start, block_k), :]
         s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
@@ -227,10 +198,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, (1, 0), precision)         # [rows, Hp]
 
-    dq = jnp.zeros(q.shape, jnp.float32)
-    num_full, num_total = table_ref[tiles.NUM_FULL], table_ref[tiles.NUM_TOTAL]
-    dq = lax.fori_loop(0, num_full, functools.partial(visit, masked=False), dq)
-    dq = lax.fori_loop(num_full, num_total, functools.partial(visit, masked=True), dq)
+    dq = tiles.visit_tiles(table_ref, visit, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -246,11 +214,10 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
     k, v = k_ref[...], v_ref[...]                                          # [block_k, Hp]
     kv_seg = kv_seg_ref[...] if cfg.has_segments else None                 # [block_k]
     kv_len = table_ref[tiles.KV_LEN]
-    qk_scale = cfg.scale * _LOG2E
+    qk_scale = cfg.scale * LOG2E
 
-    def visit(i, carry, masked):
+    def visit(q_block, carry, masked):
         dk, dv = carry
-        q_block = table_ref[tiles.HEADER + i]
         rows_slice = pl.ds(pl.multiple_of(q_block * rows, rows), rows)
         q, do = q_ref[rows_slice, :], do_ref[rows_slice, :]                # [rows, Hp]
         lse, delta = lse_ref[rows_slice], delta_ref[rows_slice]            # [rows]
@@ -267,22 +234,12 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
         return dk, dv
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    num_full, num_total = table_ref[tiles.NUM_FULL], table_ref[tiles.NUM_TOTAL]
-    carry = lax.fori_loop(0, num_full, functools.partial(visit, masked=False), carry)
-    carry = lax.fori_loop(num_full, num_total, functools.partial(visit, masked=True), carry)
-    dk, dv = carry
+    dk, dv = tiles.visit_tiles(table_ref, visit, carry)
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # --- pallas_call wiring ------------------------------------------------------------------------
-
-def _compiler_params(cfg: _Config):
-    if _pl_triton is None or cfg.interpret:
-        return None
-    return _pl_triton.CompilerParams(num_warps=cfg.blocks.num_warps,
-                                     num_stages=cfg.blocks.num_stages)
-
 
 def _table_spec(table):
     """One row of the visit table per program; shared across the batch when it has no data."""
@@ -321,7 +278,7 @@ def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg):
                    pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q_f.shape, q_f.dtype),
                    jax.ShapeDtypeStruct((b, hg, rows_total), jnp.float32)],
-        compiler_params=_compiler_params(cfg), interpret=cfg.interpret,
+        compiler_params=compiler_params(cfg.interpret, cfg.blocks), interpret=cfg.interpret,
         name="flash_attention_fwd",
     )(*args)
 
@@ -346,7 +303,7 @@ def _dq_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg
     return pl.pallas_call(
         kernel, grid=(b, hg, nq), in_specs=in_specs, out_specs=row_tile,
         out_shape=jax.ShapeDtypeStruct(q_f.shape, jnp.float32),
-        compiler_params=_compiler_params(cfg), interpret=cfg.interpret,
+        compiler_params=compiler_params(cfg.interpret, cfg.blocks), interpret=cfg.interpret,
         name="flash_attention_dq",
     )(*args)
 
@@ -375,7 +332,7 @@ def _dkv_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_se
     return pl.pallas_call(
         kernel, grid=(b, hg, nk), in_specs=in_specs, out_specs=[out_tile, out_tile],
         out_shape=[out_shape, out_shape],
-        compiler_params=_compiler_params(cfg), interpret=cfg.interpret,
+        compiler_params=compiler_params(cfg.interpret, cfg.blocks), interpret=cfg.interpret,
         name="flash_attention_dkv",
     )(*args)
 
@@ -502,7 +459,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     checks.check_segment_ids(segment_ids, b, t, s)
     checks.check_kv_lengths(kv_lengths, b)
     _check_dtype_and_head_dim(q)
-    scale = _check_scale(scale, h)
+    scale = checks.check_scale(scale, h)
     group = n // kh
     fold = _group_fold(group)
     if block_sizes is None:
@@ -512,7 +469,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     cfg = _Config(mask=mask, scale=scale, q_len=t, kv_len=s, head_dim=h,
-                  head_dim_pad=max(block_sizes_lib.MIN_BLOCK, _next_pow2(h)), group=group,
+                  head_dim_pad=max(block_sizes_lib.MIN_BLOCK, next_pow2(h)), group=group,
                   fold=fold, blocks=_effective_blocks(block_sizes, t, s),
                   has_segments=segment_ids is not None, has_lengths=kv_lengths is not None,
                   interpret=bool(interpret))
@@ -531,7 +488,7 @@ def registry_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None,
         raise NotImplementedError("the Pallas kernel takes no additive bias")
     if q_positions is not None or kv_positions is not None:
         raise NotImplementedError("the Pallas kernel uses bottom-right aligned positions only")
-    if q.dtype not in _SUPPORTED_DTYPES or q.shape[-1] > block_sizes_lib.MAX_HEAD_DIM:
+    if q.dtype not in SUPPORTED_DTYPES or q.shape[-1] > block_sizes_lib.MAX_HEAD_DIM:
         raise NotImplementedError(f"dtype {q.dtype} / head_dim {q.shape[-1]} unsupported")
     return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, kv_lengths=kv_lengths,
                            scale=scale)

@@ -1,8 +1,13 @@
 """The pieces every attention kernel here shares: fp32-accumulating dots and one step of the
 online (streaming) softmax over a tile of keys, in base 2 as FlashAttention-2 computes it."""
 
+import math
+
 import jax.numpy as jnp
 from jax import lax
+
+# Logits are scaled by ``LOG2E`` so the softmax runs in base 2: exp(x) = exp2(x * log2(e)).
+LOG2E = math.log2(math.e)
 
 
 def dot(a, b, contract, precision):

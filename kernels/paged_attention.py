@@ -42,18 +42,13 @@ from kernels import block_sizes as block_sizes_lib
 from kernels import checks
 from kernels import masks as masks_lib
 from kernels import online_softmax
+from kernels.common import SUPPORTED_DTYPES, compiler_params, is_int, next_pow2
+from kernels.online_softmax import LOG2E
 from kernels.online_softmax import dot as _dot
 from kernels.online_softmax import precision as _precision
 
-try:  # Triton launch parameters; absent on JAX builds without the Triton backend.
-    from jax.experimental.pallas import triton as _pl_triton
-except ImportError:  # pragma: no cover
-    _pl_triton = None
-
 __all__ = ["paged_attention", "page_bounds", "visited_pages"]
 
-_LOG2E = math.log2(math.e)
-_SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in ("float32", "bfloat16", "float16"))
 # Columns of the per-(sequence, split) meta row the kernel reads.
 _START, _STOP, _LENGTH = 0, 1, 2
 _META_WIDTH = 4  # a power of two for Triton
@@ -87,16 +82,8 @@ class _Config:
         return self.max_pages * self.page_size
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 def _is_pow2(x: Any) -> bool:
-    return _is_int(x) and x >= 1 and not x & (x - 1)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+    return is_int(x) and x >= 1 and not x & (x - 1)
 
 
 # --- page ranges -------------------------------------------------------------------------------
@@ -160,7 +147,7 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
     t_idx = lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // cfg.group     # [rows, 1]
     q_pos = length - cfg.q_len + t_idx                                     # bottom-right
     real_row = t_idx < cfg.q_len
-    qk_scale = cfg.scale * _LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    qk_scale = cfg.scale * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
     def load(first):
         """K and V of pages ``first .. first + ppb - 1``: ``[block_k, Hp]`` each."""
@@ -195,12 +182,6 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
     lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), -jnp.inf)         # base 2
 
 
-def _compiler_params(cfg: _Config):
-    if _pl_triton is None or cfg.interpret:
-        return None
-    return _pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages):
     b, kh, rows, hp = q_f.shape
     p, page = k_pages.shape[:2]
@@ -218,7 +199,7 @@ def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages):
                    pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0))],
         out_shape=[jax.ShapeDtypeStruct((cfg.split_k, b, kh, rows, hp), o_dtype),
                    jax.ShapeDtypeStruct((cfg.split_k, b, kh, rows), jnp.float32)],
-        compiler_params=_compiler_params(cfg), interpret=cfg.interpret,
+        compiler_params=compiler_params(cfg.interpret, cfg), interpret=cfg.interpret,
         name="paged_attention",
     )(meta, table, q_f, k_pages, v_pages)
 
@@ -302,11 +283,11 @@ def _check_shapes(q, k_pages, v_pages, block_tables, lengths):
         raise ValueError(f"k_pages.shape[0]={p} must be >= 1 physical page.")
     if not _is_pow2(page):
         raise ValueError(f"page size k_pages.shape[1]={page} must be a power of two "
-                         f"(e.g. {_next_pow2(page)}); Triton tiles are powers of two.")
+                         f"(e.g. {next_pow2(page)}); Triton tiles are powers of two.")
     if not (q.dtype == k_pages.dtype == v_pages.dtype):
         raise ValueError(f"dtypes must match: q.dtype={q.dtype}, k_pages.dtype={k_pages.dtype}"
                          f", v_pages.dtype={v_pages.dtype}; cast them to one dtype.")
-    if q.dtype not in _SUPPORTED_DTYPES:
+    if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q.dtype={q.dtype} is not supported; cast q, k_pages and v_pages to "
                          "float32, bfloat16 or float16.")
     shape = getattr(block_tables, "shape", None)
@@ -354,26 +335,17 @@ def _check_values(block_tables, lengths, t, p, page, max_pages):
                              "ignored).")
 
 
-def _check_scale(scale: Any, h: int) -> float:
-    if scale is None:
-        return float(h) ** -0.5
-    if isinstance(scale, (bool, str)) or not np.isscalar(scale) or not np.isfinite(scale):
-        raise ValueError(f"scale={scale!r} must be a finite Python float (it is static); "
-                         "pass None for head_dim ** -0.5.")
-    return float(scale)
-
-
 def _choose_pages_per_block(pages_per_block, page, max_pages, h, device_kind, interpret):
     if pages_per_block is None:
         block_k = block_sizes_lib.default_paged_block_sizes(h, device_kind).block_k
         # Wide enough for a Triton dot (>= 16 keys), no wider than the table needs.
-        floor = _next_pow2(-(-block_sizes_lib.MIN_BLOCK // page))
-        return max(floor, min(max(1, block_k // page), _next_pow2(max_pages)))
+        floor = next_pow2(-(-block_sizes_lib.MIN_BLOCK // page))
+        return max(floor, min(max(1, block_k // page), next_pow2(max_pages)))
     if not _is_pow2(pages_per_block):
         raise ValueError(f"pages_per_block={pages_per_block!r} must be a power of two >= 1 "
                          "(or None for the tuning table).")
     if not interpret and pages_per_block * page < block_sizes_lib.MIN_BLOCK:
-        fix = _next_pow2(-(-block_sizes_lib.MIN_BLOCK // page))
+        fix = next_pow2(-(-block_sizes_lib.MIN_BLOCK // page))
         raise ValueError(f"pages_per_block={pages_per_block} * page size {page} must be >= "
                          f"{block_sizes_lib.MIN_BLOCK} keys for a Triton dot; use "
                          f"pages_per_block={fix}.")
@@ -413,7 +385,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                                        lengths)
     mask = checks.check_mask(mask)
     _check_values(block_tables, lengths, t, p, page, max_pages)
-    scale = _check_scale(scale, h)
+    scale = checks.check_scale(scale, h)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     device_kind = "cpu" if interpret else None  # interpret mode uses the CPU entries
@@ -421,14 +393,14 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     num_blocks = -(-max_pages // ppb)
     if split_k is None:
         split_k = block_sizes_lib.default_split_k(b * kh, num_blocks, device_kind)
-    elif not _is_int(split_k) or split_k < 1:
+    elif not is_int(split_k) or split_k < 1:
         raise ValueError(f"split_k={split_k!r} must be an integer >= 1 (1 = no split), or "
                          "None for the tuning table.")
     tiles = block_sizes_lib.default_paged_block_sizes(h, device_kind)
     cfg = _Config(mask=mask, scale=scale, q_len=t, group=n // kh, page_size=page,
-                  max_pages=max_pages, table_width=_next_pow2(max_pages + ppb - 1),
-                  head_dim=h, head_dim_pad=max(block_sizes_lib.MIN_BLOCK, _next_pow2(h)),
-                  rows=max(block_sizes_lib.MIN_BLOCK, _next_pow2(t * (n // kh))),
+                  max_pages=max_pages, table_width=next_pow2(max_pages + ppb - 1),
+                  head_dim=h, head_dim_pad=max(block_sizes_lib.MIN_BLOCK, next_pow2(h)),
+                  rows=max(block_sizes_lib.MIN_BLOCK, next_pow2(t * (n // kh))),
                   pages_per_block=ppb, split_k=int(split_k), out_dtype=jnp.dtype(q.dtype),
                   squeeze=q.ndim == 3, interpret=bool(interpret),
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)

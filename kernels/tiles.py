@@ -10,7 +10,8 @@ int32 row of a *visit table*::
 masking), ``b_{num_full} .. b_{num_total-1}`` the PARTIAL ones (mask predicate plus bounds);
 EMPTY tiles are absent, so they cost neither a load nor a loop iteration. ``kv_len`` is the
 number of valid keys of the batch row (``S`` unless ``kv_lengths`` narrows it). Rows are padded
-to a power of two (Triton block shapes must be powers of two).
+to a power of two (Triton block shapes must be powers of two). A kernel walks its row with
+``visit_tiles``.
 
 The static part is host numpy, computed once per (mask, shape, block sizes) and cached. Data
 (segment ids, key lengths) narrows it on device with a few ``[B, nq, nk]`` integer ops: a tile
@@ -25,15 +26,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from kernels import masks as masks_lib
+from kernels.common import next_pow2
 
 NUM_FULL, NUM_TOTAL, KV_LEN = 0, 1, 2
 HEADER = 4  # header columns before the block ids
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def tile_kinds(mask: masks_lib.Mask, q_len: int, kv_len: int, block_q: int,
@@ -54,7 +53,7 @@ def _rank(kinds):
 
 
 def _table_width(max_count: int) -> int:
-    return _next_pow2(HEADER + max(1, max_count))
+    return next_pow2(HEADER + max(1, max_count))
 
 
 def _compact_np(kinds: np.ndarray, kv_len: int) -> np.ndarray:
@@ -147,3 +146,20 @@ def narrowed_table(mask: masks_lib.Mask, q_len: int, kv_len: int, block_q: int, 
                         jnp.zeros((batch, rows), jnp.int32)], axis=-1)
     pad = width - HEADER - order.shape[-1]
     return jnp.concatenate([header, jnp.pad(order, ((0, 0), (0, 0), (0, pad)))], axis=-1)
+
+
+def visit_tiles(table_ref, visit, carry):
+    """Walks one row of a visit table inside a kernel: ``visit(block, carry, masked)`` for each
+    listed block, the FULL ones first with ``masked=False`` (no per-element masking), then the
+    PARTIAL ones with ``masked=True``; returns the last carry.
+
+    ``table_ref`` is the program's row (``[width]`` int32). Both loops have dynamic bounds, so
+    EMPTY tiles (absent from the list) cost no iteration; ``masked`` is static, so each loop
+    body is traced once, with or without the mask.
+    """
+    def body(masked):
+        return lambda i, carry: visit(table_ref[HEADER + i], carry, masked)
+
+    num_full, num_total = table_ref[NUM_FULL], table_ref[NUM_TOTAL]
+    carry = lax.fori_loop(0, num_full, body(False), carry)
+    return lax.fori_loop(num_full, num_total, body(True), carry)
