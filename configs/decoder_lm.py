@@ -17,7 +17,7 @@ Records hold UTF-8 text by default; for token ids from your own tokenizer set
 
 from ml_collections import config_dict
 
-from tx.config import ModelConfig
+from tx.flags import ModelFlags
 from tx.data import BYTE_VOCAB_SIZE
 from tx.train.configs import experiment
 
@@ -36,8 +36,8 @@ def get_config(source=None):
         raise ValueError(f"decoder_lm.py:{source}: choose one of {sorted(filter(None, _DATA))} "
                          "or none (built-in text).")
     dataset, options = _DATA[source]
-    model = ModelConfig(family="decoder", task="lm", vocab_size=BYTE_VOCAB_SIZE, d_model=128,
-                        num_layers=2, num_heads=4, d_ff=512, max_len=128, attention="mha")
+    model = ModelFlags(task="lm", vocab_size=BYTE_VOCAB_SIZE, d_model=128,
+                       num_layers=2, num_heads=4, d_ff=512, max_len=128, attention="mha")
     return experiment(model, dataset=dataset, options=options, seq_len=128, steps=300,
                       batch_size=16, learning_rate=3e-3, warmup_steps=20, eval_every=100,
                       checkpoint_every=100)

@@ -7,22 +7,22 @@
 the synthetic majority task (``tx.data.Majority``).
 """
 
-from tx.config import ModelConfig
+from tx.flags import ModelFlags
 from tx.data import BYTE_VOCAB_SIZE
-from tx.train.configs import experiment, model_config, model_dict
+from tx.train.configs import experiment, model_dict, model_flags
 
 
 def get_config(variant: str = "mlm"):
-    model = ModelConfig(family="encoder", task="mlm", vocab_size=BYTE_VOCAB_SIZE, d_model=128,
-                        num_layers=2, num_heads=4, d_ff=512, max_len=128, attention="full",
-                        norm="layernorm", activation="gelu", positions="learned")
+    model = ModelFlags(task="mlm", vocab_size=BYTE_VOCAB_SIZE, d_model=128, num_layers=2,
+                       num_heads=4, d_ff=512, max_len=128, attention="full", norm="layernorm",
+                       activation="gelu", positions="learned")
     config = experiment(model, dataset="bytes_mlm", seq_len=128, steps=300, batch_size=16,
                         learning_rate=1e-3, warmup_steps=20, eval_every=100,
                         checkpoint_every=100)
     if variant == "mlm":
         return config
     if variant == "cls":
-        cls = model_config(config.model)
+        cls = model_flags(config.model)
         config.model = model_dict(cls, task="seq_cls", num_classes=2, vocab_size=32,
                                   max_len=64)
         config.data.name, config.data.seq_len = "classify", 64

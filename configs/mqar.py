@@ -7,14 +7,14 @@ reach a query's key (a local window shorter than the key-query distance) cannot 
   python experiments/train.py --config=configs/mqar.py --workdir=/tmp/tx/mqar
 """
 
-from tx.config import ModelConfig
+from tx.flags import ModelFlags
 from tx.train.configs import experiment
 
 
 def get_config():
-    model = ModelConfig(family="decoder", task="lm", vocab_size=40, d_model=64, num_layers=2,
-                        num_heads=4, d_ff=128, max_len=48, positions="rope", window=8,
-                        stride=8)
+    model = ModelFlags(task="lm", vocab_size=40, d_model=64, num_layers=2,
+                       num_heads=4, d_ff=128, max_len=48, positions="rope", window=8,
+                       stride=8)
     return experiment(model, dataset="mqar", seq_len=48,
                       options=dict(num_kv_pairs=4, num_keys=8, num_values=8),
                       steps=400, batch_size=64, learning_rate=3e-3, warmup_steps=30,

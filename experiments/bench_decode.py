@@ -21,7 +21,8 @@ from absl import app, flags
 from experiments import _paged_bench
 from experiments._timing import median_seconds
 from tx import models
-from tx.config import ModelConfig
+from tx import flags as tx_flags
+from tx.flags import ModelFlags
 from tx.inference import generate
 
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Tokens to generate.")
@@ -41,14 +42,15 @@ def _time(fn) -> float:
 
 
 def run() -> list[dict]:
-    cfg = ModelConfig(vocab_size=264, d_model=256, num_heads=8, num_layers=_LAYERS.value,
+    cfg = ModelFlags(vocab_size=264, d_model=256, num_heads=8, num_layers=_LAYERS.value,
                       d_ff=1024, attention=_ATTENTION.value,
                       max_len=_PROMPT.value + _NEW.value)
-    model = models.build(cfg)
+    model = models.build(tx_flags.parse(cfg))
     prompt = jax.random.randint(jax.random.key(0), (_BATCH.value, _PROMPT.value), 8, 264)
     rows = []
     for cache in ("contiguous", "paged", "none"):
-        seconds = _time(lambda: generate(model, prompt, max_new_tokens=_NEW.value, cache=cache))
+        seconds = _time(lambda: generate(model, prompt, max_new_tokens=_NEW.value,
+                                               cache=tx_flags.cache(cache)))
         rows.append({"bench": "decode", "cache": cache, "attention": cfg.attention,
                      "layers": cfg.num_layers, "d_model": cfg.d_model, "batch": _BATCH.value,
                      "prompt": _PROMPT.value, "new_tokens": _NEW.value,

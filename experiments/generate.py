@@ -11,6 +11,7 @@ import numpy as np
 from experiments import _cli
 from absl import flags
 
+from tx import flags as tx_flags
 from tx.data import vocab
 from tx.inference import Greedy, Sample, beam_search, generate
 from tx.train import configs as configs_lib
@@ -47,12 +48,13 @@ def main(argv):
         if _BEAMS.value > 1:
             out = beam_search(model, prompt, max_new_tokens=_STEPS.value,
                               num_beams=_BEAMS.value, stop_tokens=(vocab.EOS,),
-                              cache="paged" if _CACHE.value == "paged" else "contiguous")
+                              cache=tx_flags.cache(_CACHE.value))
         else:
             strategy = Greedy() if _TEMPERATURE.value == 0 else Sample(
                 _TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
             out = generate(model, prompt, max_new_tokens=_STEPS.value, strategy=strategy,
-                           stop_tokens=(vocab.EOS,), cache=_CACHE.value, seed=_SEED.value)
+                           stop_tokens=(vocab.EOS,), cache=tx_flags.cache(_CACHE.value),
+                           seed=_SEED.value)
     tokens = out.tokens[0, :out.lengths[0]]
     print(f"# checkpoint step {step}")
     print(vocab.decode_bytes(tokens) if byte_level else " ".join(map(str, tokens)))

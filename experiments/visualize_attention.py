@@ -38,7 +38,7 @@ def main(argv):
     maps = visualize.attention_maps(model, batch)
     out = _OUTPUT.value or os.path.join(_WORKDIR.value, "attention.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    plots.attention_grid(maps, out, title=f"{resolved.model.attention}, "
+    plots.attention_grid(maps, out, title=f"{resolved.flags.attention}, "
                          f"{'step ' + str(step) if step else 'untrained'}")
     print(f"wrote {out} ({len(maps)} layers x {np.shape(maps[0])[0]} heads)")
 

@@ -204,9 +204,9 @@ def _decode_with_a_sharded_cache(mesh):
     from flax import nnx
 
     from tx import models, parallel as parallel_lib
-    from tx.config import ModelConfig
+    from tx.flags import model_config
 
-    cfg = ModelConfig(d_model=32, d_ff=64, num_heads=8, num_kv_heads=4, max_len=16)
+    cfg = model_config(d_model=32, d_ff=64, num_heads=8, num_kv_heads=4, max_len=16)
     tokens = jax.random.randint(jax.random.key(1), (4, 9), 0, cfg.vocab_size)
 
     def decode(model, par):

@@ -6,22 +6,22 @@ import numpy as np
 import pytest
 
 from tx import models
-from tx.config import ModelConfig
+from tx.flags import model_config
 from tx.inference import generation as generate_lib
 from tx.inference.beam import beam_search
-from tx.inference.generation import generate
+from tx.inference.generation import Paged, Recompute, generate
 from tx.inference.sampling import Greedy, Sample, filter_logits
 
 V = 64
 
 
 def _decoder(attention, **kw):
-    return models.build(ModelConfig(attention=attention, window=4, stride=3, vocab_size=V,
+    return models.build(model_config(attention=attention, window=4, stride=3, vocab_size=V,
                                     d_model=32, num_layers=2, d_ff=64, **kw))
 
 
 def _seq2seq():
-    return models.build(ModelConfig(family="encoder_decoder", task="seq2seq", vocab_size=V,
+    return models.build(model_config(task="seq2seq", vocab_size=V,
                                     d_model=32, num_layers=1, d_ff=64, attention="gqa"))
 
 
@@ -41,7 +41,7 @@ def test_cache_matches_recompute(attention, strategy):
     model, prompt = _decoder(attention), _prompt()
     cached = generate(model, prompt, max_new_tokens=12, strategy=strategy, seed=3)
     recomputed = generate(model, prompt, max_new_tokens=12, strategy=strategy, seed=3,
-                          cache="none")
+                          cache=Recompute())
     np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
     assert cached.tokens.shape == (3, 12) and (cached.lengths == 12).all()
 
@@ -54,7 +54,7 @@ def test_paged_cache_matches_contiguous_with_shared_prompts(attention):
     model.drop_cache()
     shared = set(pool.pages(0)) & set(pool.pages(1))
     assert len(shared) == prompt.shape[1] // 4  # the one full prompt page
-    paged = generate(model, prompt, max_new_tokens=12, cache="paged", page_size=4)
+    paged = generate(model, prompt, max_new_tokens=12, cache=Paged(4))
     contiguous = generate(model, prompt, max_new_tokens=12)
     np.testing.assert_array_equal(paged.tokens, contiguous.tokens)
     np.testing.assert_array_equal(paged.tokens[0], paged.tokens[1])
@@ -93,9 +93,8 @@ def test_encoder_decoder_generation_cache_matches_recompute():
     model = _seq2seq()
     source, start = _prompt(b=2, t=7, seed=1), jnp.ones((2, 1), jnp.int32)
     cached = generate(model, start, max_new_tokens=6, source_bs=source)
-    recomputed = generate(model, start, max_new_tokens=6, source_bs=source, cache="none")
-    paged = generate(model, start, max_new_tokens=6, source_bs=source, cache="paged",
-                     page_size=4)
+    recomputed = generate(model, start, max_new_tokens=6, source_bs=source, cache=Recompute())
+    paged = generate(model, start, max_new_tokens=6, source_bs=source, cache=Paged(4))
     np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
     np.testing.assert_array_equal(paged.tokens, recomputed.tokens)
     beams = beam_search(model, start, max_new_tokens=6, num_beams=3, source_bs=source)
@@ -134,7 +133,7 @@ def test_filter_logits_top_k_and_top_p():
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(max_new_tokens=4, cache="paged-ish"), "cache"),
+    (dict(max_new_tokens=4, cache="paged"), "cache='paged': give a cache value"),
 ])
 def test_bad_generate_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -158,7 +157,7 @@ def test_paged_beam_search_equals_contiguous(page_size):
     model, prompt = _decoder("gqa"), _prompt()
     kw = dict(max_new_tokens=7, num_beams=3, length_penalty=0.0, stop_tokens=(9,))
     contiguous = beam_search(model, prompt, **kw)
-    paged = beam_search(model, prompt, cache="paged", page_size=page_size, **kw)
+    paged = beam_search(model, prompt, cache=Paged(page_size), **kw)
     np.testing.assert_array_equal(paged.tokens, contiguous.tokens)
     np.testing.assert_allclose(paged.scores, contiguous.scores, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(paged.scores, _sequence_logp(model, prompt, paged.tokens),
@@ -170,7 +169,7 @@ def test_encoder_decoder_paged_beam_search_equals_contiguous():
     source = _prompt(b=2, t=6, seed=1)
     start = jnp.full((2, 1), 1, jnp.int32)
     kw = dict(max_new_tokens=5, num_beams=3, source_bs=source, length_penalty=0.0)
-    paged = beam_search(model, start, cache="paged", page_size=4, **kw)
+    paged = beam_search(model, start, cache=Paged(4), **kw)
     contiguous = beam_search(model, start, **kw)
     np.testing.assert_array_equal(paged.tokens, contiguous.tokens)
     np.testing.assert_allclose(paged.scores, contiguous.scores, rtol=1e-5, atol=1e-5)
@@ -209,8 +208,10 @@ def test_fork_mid_page_then_extend_keeps_siblings_apart():
 
 def test_bad_beam_cache():
     model, prompt = _decoder("gqa"), _prompt()
-    with pytest.raises(ValueError, match="cache='none'"):
-        beam_search(model, prompt, max_new_tokens=3, cache="none")
+    with pytest.raises(ValueError, match=r"cache=Recompute\(\): beam search needs a cache"):
+        beam_search(model, prompt, max_new_tokens=3, cache=Recompute())
+    with pytest.raises(ValueError, match="cache.page_size=0"):
+        Paged(0)
 
 
 def test_paged_generation_reads_pages_with_the_pallas_kernel(monkeypatch):
@@ -225,15 +226,15 @@ def test_paged_generation_reads_pages_with_the_pallas_kernel(monkeypatch):
         return kernel(q, *args, **kwargs)
 
     monkeypatch.setitem(registry._PAGED, "pallas", counting)
-    model = models.build(ModelConfig(attention="gqa+local", window=6, vocab_size=V, d_model=24,
+    model = models.build(model_config(attention="gqa+local", window=6, vocab_size=V, d_model=24,
                                      num_layers=2, d_ff=48, implementation=("pallas", "xla")))
     prompt = _prompt(b=2, t=7)
-    paged = generate(model, prompt, max_new_tokens=6, cache="paged", page_size=4)
+    paged = generate(model, prompt, max_new_tokens=6, cache=Paged(4))
     contiguous = generate(model, prompt, max_new_tokens=6)
     np.testing.assert_array_equal(paged.tokens, contiguous.tokens)
     # Decode steps (one token, [B, 1, N, H]) took the kernel; the 7-token prefill did too.
     assert (2, 1, 4, 6) in calls
-    beams = beam_search(model, prompt, max_new_tokens=5, num_beams=2, cache="paged",
-                        page_size=4, length_penalty=0.0)
+    beams = beam_search(model, prompt, max_new_tokens=5, num_beams=2, cache=Paged(4),
+                        length_penalty=0.0)
     np.testing.assert_allclose(beams.scores, _sequence_logp(model, prompt, beams.tokens),
                                rtol=1e-4, atol=1e-4)

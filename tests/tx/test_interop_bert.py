@@ -16,7 +16,8 @@ torch.set_num_threads(1)  # the CPU is shared with JAX and pytest-xdist workers
 
 from tests.tx.hf_util import TOL, hf_model, padded_batch, save  # noqa: E402
 from tx import models  # noqa: E402
-from tx.config import ModelConfig  # noqa: E402
+from tx.flags import model_config  # noqa: E402
+from tx.interop.hf.common import activation_of  # noqa: E402
 from tx.interop import hf  # noqa: E402
 
 VOCAB = 97
@@ -69,9 +70,10 @@ def test_logits_match_on_padded_batch(pair):
 def test_config_mapping(pair):
     name, ref, model = pair
     cfg = model.config
-    assert (cfg.pre_norm, cfg.embed_norm, cfg.norm_eps, cfg.max_len) == (False, True, 1e-12, 32)
-    assert cfg.activation == ("gelu" if "tanh" in name else "gelu_exact")
-    assert cfg.num_classes == {"seq_cls": 3, "token_cls": 5}.get(name, cfg.num_classes)
+    assert (cfg.norm.pre, cfg.embed.norm, cfg.norm.eps, cfg.positions.max_len) == \
+        (False, True, 1e-12, 32)
+    assert activation_of(cfg) == ("gelu" if "tanh" in name else "gelu_exact")
+    assert getattr(cfg.head, "num_classes", None) == {"seq_cls": 3, "token_cls": 5}.get(name)
 
 
 # -- tx -> HF files -> transformers --------------------------------------------------------------
@@ -85,7 +87,7 @@ ROUND_TRIP = {
 @pytest.mark.parametrize("task", sorted(ROUND_TRIP))
 def test_round_trip_to_transformers(task, tmp_path):
     auto, extra = ROUND_TRIP[task]
-    cfg = ModelConfig(family="encoder", vocab_size=VOCAB, d_model=32, num_layers=2,
+    cfg = model_config(vocab_size=VOCAB, d_model=32, num_layers=2,
                       num_heads=4, d_ff=48, max_len=16, activation="gelu_exact",
                       norm="layernorm", pre_norm=False, positions="learned", attention="full",
                       norm_eps=1e-12, attention_bias=True, mlp_bias=True, type_vocab_size=2,
@@ -124,6 +126,6 @@ def test_unsupported_option_raises_naming_it(change, option):
 
 
 def test_token_types_need_the_embedding():
-    model = models.build(ModelConfig(family="encoder", task="mlm"))
+    model = models.build(model_config(task="mlm"))
     with pytest.raises(ValueError, match="type_vocab_size"):
         model(jnp.zeros((1, 4), jnp.int32), token_types_bt=jnp.zeros((1, 4), jnp.int32))

@@ -20,7 +20,8 @@ torch.set_num_threads(1)  # the CPU is shared with JAX and pytest-xdist workers
 
 from kernels import masks  # noqa: E402
 from tx import models  # noqa: E402
-from tx.config import ModelConfig  # noqa: E402
+from tx.flags import model_config  # noqa: E402
+from tx.layers import LayerNorm, Learned  # noqa: E402
 from tx.inference import generate  # noqa: E402
 from tx.interop import hf, pool_kv_heads, set_masks  # noqa: E402
 
@@ -118,12 +119,12 @@ def test_greedy_generation_matches(pair):
 
 def test_config_mapping():
     cfg = hf.config_from_hf(dict(model_type="mistral", **_llama_config(sliding_window=4)))
-    assert (cfg.kv_heads, cfg.head_size, cfg.norm_eps, cfg.rope_base) == (2, 8, 1e-5, 5000.0)
-    assert cfg.layer_masks(1, causal=True) == (masks.Local(3),)
+    assert (cfg.kv_heads, cfg.head_dim, cfg.norm.eps, cfg.positions.base) == (2, 8, 1e-5, 5000.0)
+    assert cfg.attention.masks == (masks.Local(3),)
     gpt2 = hf.config_from_hf(dict(model_type="gpt2", vocab_size=50, n_embd=16, n_layer=1,
                                   n_head=2, n_positions=32))
-    assert (gpt2.positions, gpt2.norm, gpt2.d_ff, gpt2.attention_bias) == \
-        ("learned", "layernorm", 64, True)
+    assert (gpt2.positions, gpt2.norm, gpt2.mlp.d_ff, gpt2.attention.bias) == \
+        (Learned(32), LayerNorm(1e-5), 64, True)
 
 
 # -- sharded checkpoints -------------------------------------------------------------------------
@@ -150,7 +151,7 @@ ROUND_TRIP = {
 
 @pytest.mark.parametrize("model_type", sorted(ROUND_TRIP))
 def test_round_trip_to_transformers(model_type, tmp_path):
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, d_ff=48,
+    cfg = model_config(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, d_ff=48,
                       max_len=64, **ROUND_TRIP[model_type])
     model = models.build(cfg, seed=3)
     # Non-trivial norms and biases, so a dropped or misplaced one shows.
@@ -264,7 +265,7 @@ def scaled(tmp_path_factory):
 def test_rope_scaling_logits_match(scaled, kind):
     ref, path = scaled(kind)
     model = hf.load(path)
-    assert model.config.rope_scaling.kind == kind
+    assert model.config.positions.scaling.kind == kind
     ids, valid, lengths = _padded_batch()
     got = np.asarray(model(jnp.asarray(ids), lengths_b=jnp.asarray(lengths)))
     assert np.abs(got - _hf_logits(ref, ids, valid.astype(np.int64)))[valid].max() <= TOL, kind
@@ -316,4 +317,4 @@ def test_unsupported_gpt2_option_and_stray_tensor(llama, tmp_path):
     with pytest.raises(ValueError, match="q_norm"):
         hf.load_weights(model, tensors)
     with pytest.raises(ValueError, match="no supported Hugging Face equivalent"):
-        hf.save(models.build(ModelConfig(positions="alibi")), tmp_path)
+        hf.save(models.build(model_config(positions="alibi")), tmp_path)

@@ -1,5 +1,6 @@
 """T5 <-> tx: ``T5ForConditionalGeneration`` v1.0 (relu, tied head scaled by ``d_model**-0.5``)
-and v1.1 (gated-gelu, untied head, ``d_kv * heads != d_model``, deeper decoder) built with
+and v1.1 (gated-gelu, untied head, ``d_kv * heads != d_model``, deeper decoder, 8 relative
+buckets up to distance 20) built with
 ``transformers``, saved, loaded into tx and compared on logits with a padded source (fp32, max
 abs diff <= 1e-4) and greedy generation against ``transformers.generate`` token for token;
 tx -> HF files -> transformers round trips; unsupported options fail by name."""
@@ -17,9 +18,10 @@ torch.set_num_threads(1)  # the CPU is shared with JAX and pytest-xdist workers
 
 from tests.tx.hf_util import TOL, hf_model, padded_batch, save  # noqa: E402
 from tx import models  # noqa: E402
-from tx.config import ModelConfig  # noqa: E402
+from tx.flags import model_config  # noqa: E402
 from tx.inference import generate  # noqa: E402
 from tx.interop import hf  # noqa: E402
+from tx.layers import T5Bias  # noqa: E402
 
 VOCAB, PAD, EOS = 97, 0, 1  # T5: decoder start = pad = 0, eos = 1
 BASE = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -27,8 +29,10 @@ BASE = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_hea
             pad_token_id=PAD, eos_token_id=EOS)
 VARIANTS = {
     "v1_0": dict(feed_forward_proj="relu"),
+    # Also a bias table of its own size: 8 buckets up to distance 20 (tx reads both).
     "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, d_kv=4,
-                 num_decoder_layers=3),
+                 num_decoder_layers=3, relative_attention_num_buckets=8,
+                 relative_attention_max_distance=20),
 }
 
 
@@ -58,8 +62,9 @@ def test_logits_match_with_padded_source(pair):
                            source_lengths_b=jnp.asarray(lengths)))
     assert np.abs(got - want).max() <= TOL, name
     cfg = model.config
-    assert cfg.tie_embeddings == (name == "v1_0")
-    assert cfg.head_scale == (32 ** -0.5 if name == "v1_0" else 1.0)
+    assert cfg.head.tie == (name == "v1_0")
+    assert cfg.head.scale == (32 ** -0.5 if name == "v1_0" else 1.0)
+    assert cfg.positions == (T5Bias(8, 20) if name == "v1_1" else T5Bias(32, 128))
 
 
 def test_greedy_generation_matches(pair):
@@ -83,7 +88,7 @@ def test_greedy_generation_matches(pair):
 # -- tx -> HF files -> transformers --------------------------------------------------------------
 @pytest.mark.parametrize("activation, tied", [("relu", True), ("geglu", False)])
 def test_round_trip_to_transformers(activation, tied, tmp_path):
-    cfg = ModelConfig(family="encoder_decoder", task="seq2seq", vocab_size=VOCAB, d_model=32,
+    cfg = model_config(task="seq2seq", vocab_size=VOCAB, d_model=32,
                       num_layers=2, num_heads=4, d_ff=48, activation=activation, norm="rmsnorm",
                       positions="t5", attention="full", attention_scale=1.0,
                       tie_embeddings=tied, head_scale=32 ** -0.5 if tied else 1.0)
@@ -111,7 +116,7 @@ def test_round_trip_to_transformers(activation, tied, tmp_path):
 # -- unsupported options fail by name ------------------------------------------------------------
 @pytest.mark.parametrize("change, option", [
     (dict(feed_forward_proj="gated-relu"), "feed_forward_proj"),
-    (dict(relative_attention_num_buckets=16), "relative_attention_num_buckets"),
+    (dict(relative_attention_num_buckets=7), "num_buckets=7"),
     (dict(is_decoder=True), "is_decoder"),
     (dict(architectures=["T5EncoderModel"]), "architectures"),
 ])

@@ -74,7 +74,7 @@ def test_learned_positions_shape_and_clamp(dtype):
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_rope_shape_dtype_and_norm(dtype):
     x = jax.random.normal(jax.random.key(0), (B, T, N, H), jnp.float32)
-    out = layers.RoPE(H)(x.astype(dtype), _positions((B, T)))
+    out = layers.Rotary(H)(x.astype(dtype), _positions((B, T)))
     assert out.shape == (B, T, N, H) and out.dtype == dtype
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
     np.testing.assert_allclose(np.linalg.norm(np.asarray(out, np.float32), axis=-1),
@@ -84,12 +84,12 @@ def test_rope_shape_dtype_and_norm(dtype):
 
 def test_rope_position_zero_is_identity():
     x = jax.random.normal(jax.random.key(0), (B, T, N, H))
-    out = layers.RoPE(H)(x, jnp.zeros((B, T), jnp.int32))
+    out = layers.Rotary(H)(x, jnp.zeros((B, T), jnp.int32))
     np.testing.assert_allclose(np.asarray(out), np.asarray(x), atol=1e-6)
 
 
 def test_rope_scores_depend_only_on_position_difference():
-    rope = layers.RoPE(H)
+    rope = layers.Rotary(H)
     q = jax.random.normal(jax.random.key(1), (B, T, N, H))
     k = jax.random.normal(jax.random.key(2), (B, S, N, H))
     q_pos, k_pos = _positions((B, T), 1), _positions((B, S), 2)
@@ -108,7 +108,7 @@ def test_rope_scores_depend_only_on_position_difference():
 
 def test_rope_rejects_odd_head_dim():
     with pytest.raises(ValueError, match='head_dim'):
-        layers.RoPE(7)
+        layers.Rotary(7)
 
 
 def _t5_bucket_reference(rel, num_buckets, max_distance, bidirectional):
@@ -169,7 +169,7 @@ def test_alibi_slopes():
 
 def test_alibi_bias():
     q_pos, kv_pos = _positions((B, T), 5), _positions((B, S), 6)
-    bias = np.asarray(layers.ALiBi(N)(q_pos, kv_pos))
+    bias = np.asarray(layers.ALiBiBias(N)(q_pos, kv_pos))
     assert bias.shape == (B, N, T, S) and bias.dtype == np.float32
     dist = np.abs(np.asarray(q_pos)[:, None, :, None] - np.asarray(kv_pos)[:, None, None, :])
     slopes = np.asarray(layers.alibi_slopes(N))[None, :, None, None]

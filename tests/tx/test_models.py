@@ -9,21 +9,20 @@ import pytest
 from flax import nnx
 
 from tx import models
-from tx.config import ModelConfig
+from tx.flags import model_config
+from tx.models import heads as heads_lib
 from tx.train import loss_fn
 
 V, B, T = 64, 2, 12
-ARCHS = {"decoder": ("decoder", "lm"), "encoder": ("encoder", "mlm"),
-         "encoder_decoder": ("encoder_decoder", "seq2seq")}
+ARCHS = {"decoder": "lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}
 PATTERNS = ("full", "local", "sparse", "strided", "bigbird", "global")
 HEADS = ("mha", "gqa", "mqa")
 
 
 def _config(arch="decoder", **changes):
-    family, task = ARCHS[arch]
-    base = dict(family=family, task=task, vocab_size=V, d_model=32, num_heads=4, num_layers=1,
+    base = dict(task=ARCHS[arch], vocab_size=V, d_model=32, num_heads=4, num_layers=1,
                 d_ff=64, window=4, stride=3, sparse_block=4, max_len=32)
-    return ModelConfig(**{**base, **changes})
+    return model_config(**{**base, **changes})
 
 
 def _tokens(seed, shape=(B, T)):
@@ -34,12 +33,12 @@ def _batch(cfg):
     toks = _tokens(0)
     batch = {"inputs": toks, "targets": _tokens(1), "weights": jnp.ones((B, T), jnp.float32),
              "lengths": jnp.array([T, T - 3], jnp.int32)}
-    if cfg.task == "seq2seq":
+    if "source" in cfg.head.batch_keys:
         batch.update(source=_tokens(2, (B, T + 3)), source_lengths=jnp.array([T + 3, 5]))
-    if cfg.task == "seq_cls":
+    if "labels" in cfg.head.batch_keys:
         batch["labels"] = jnp.array([0, 1], jnp.int32)
-    if cfg.task == "token_cls":
-        batch["targets"] = batch["targets"] % cfg.num_classes
+    if isinstance(cfg.head, heads_lib.TokenClassifier):
+        batch["targets"] = batch["targets"] % cfg.head.num_classes
     return batch
 
 
@@ -65,7 +64,8 @@ def test_forward_backward_every_variant(arch, heads, dtype):
     cfg = _config(arch, attention=heads, dtype=dtype, layer_pattern=PATTERNS,
                   num_layers=len(PATTERNS))
     # 'sparse' is 'strided' when causal and 'bigbird' when not: five distinct masks.
-    assert len(set(cfg.layer_masks(cfg.num_layers, causal=arch != "encoder"))) == 5
+    masks = cfg.head.masks if arch == "encoder_decoder" else cfg.attention.masks
+    assert len(set(masks)) == 5
     run, params, rest = _value_and_grad(cfg)
     loss, grads = run(params, rest, _batch(cfg))
     assert np.isfinite(float(loss)) and 2.0 < float(loss) < 10.0
@@ -84,7 +84,7 @@ def test_encoder_classification_heads(task):
 
 
 def _logits(model, cfg, toks, source=None):
-    if cfg.task == "seq2seq":
+    if isinstance(cfg.head, heads_lib.Seq2SeqLM):
         return model(source, toks)
     return model(toks)
 
@@ -109,7 +109,7 @@ def test_invisible_positions_do_not_matter(arch, pattern):
     (bit for bit), and changing a visible one changes it (so the check can fail)."""
     cfg = _config(arch, attention=pattern, positions="learned", window=3, sparse_block=2)
     model = models.build(cfg)
-    (mask,) = cfg.layer_masks(1, causal=arch == "decoder")
+    (mask,) = cfg.attention.masks
     dense = mask.dense(T, T)
     toks = _tokens(0, (1, T))
     # Row j of the batch has the token at position j changed; the last row is unchanged

@@ -7,7 +7,7 @@ import optax
 from flax import nnx
 
 from tx import models
-from tx.config import ModelConfig
+from tx.flags import model_config
 from tx.data import pack
 
 V = 48
@@ -28,7 +28,7 @@ def test_packed_rows_give_the_per_document_loss_of_one_per_row():
     packed = pack(docs, 16, strategy="first_fit", return_provenance=True)
     single = pack(docs, 16, strategy="none", return_provenance=True)
     assert packed["inputs"].shape[0] < single["inputs"].shape[0]  # really packed
-    cfg = ModelConfig(vocab_size=V, d_model=32, num_heads=4, num_layers=2, d_ff=64,
+    cfg = model_config(vocab_size=V, d_model=32, num_heads=4, num_layers=2, d_ff=64,
                       attention="gqa", positions="rope")
     model = models.build(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

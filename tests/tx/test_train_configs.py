@@ -52,7 +52,8 @@ def test_gpt2_small_has_gpt2_small_size():
     params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     # GPT-2 small is 124M with its 50k-token vocabulary; with 260 byte ids it is ~86M.
     assert 80e6 < params < 90e6, params
-    assert (cfg.num_layers, cfg.num_heads, cfg.d_model, cfg.max_len) == (12, 12, 768, 1024)
+    assert (cfg.num_layers, cfg.num_heads, cfg.d_model, cfg.positions.max_len) == \
+        (12, 12, 768, 1024)
 
 
 def test_classification_variant_derives_from_the_mlm_base():
@@ -64,6 +65,6 @@ def test_classification_variant_derives_from_the_mlm_base():
 
 def test_model_dict_round_trips_every_field():
     config = configs_lib.load_file(ROOT / "configs" / "decoder_lm.py")
-    assert configs_lib.model_config(config.model).implementation == ("xla",)
+    assert configs_lib.model_config(config.model).attention.implementation == ("xla",)
     config.model.num_kv_heads = 2  # a placeholder field takes an int
     assert configs_lib.model_config(config.model).kv_heads == 2

@@ -1,9 +1,16 @@
 """KV caches for incremental decoding, held as ``nnx.Cache`` state on the attention module.
 
-Both caches answer ``update(k_new, v_new) -> (k, v, q_positions, kv_positions)``: the keys and
-values to attend over and the positions at which the mask is evaluated there. A slot with
-position ``-1`` is empty and nobody sees it. The model enables decoding by attribute
-assignment (``attn.cache = KVCache(...)``), not by a ``decode`` flag.
+Every cache, the paged one (``tx.attention.paged``) included, answers one protocol:
+
+* ``start()``: tokens written so far (where the positions of new tokens begin);
+* ``attend(q, k_new, v_new, positions_bt, *, mask, scale, implementation, positions, ...)``:
+  stores the new keys and values and returns the attention output ``[B, T, N, H]``;
+* ``update(k_new, v_new) -> (k, v, q_positions, kv_positions)``: the keys and values to attend
+  over and the positions at which the mask (and a position bias) is evaluated there. A slot
+  with position ``-1`` is empty and nobody sees it.
+
+``NO_CACHE`` answers the same calls for training and encoders. The model enables decoding by
+attribute assignment (``attn.cache = KVCache(...)``), not by a ``decode`` flag.
 
 Beam search and parallel sampling also use ``fork(n)`` (each row becomes ``n`` consecutive
 rows after the prompt is prefilled once) and ``reorder(rows)`` (row ``i`` continues from row
@@ -17,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import masks as masks_lib
+from tx.attention import registry
 
 # Logical names of a cache's K/V ``[B, S, K, H]``: under a mesh (``tx.parallel``) the rows split
 # like the batch and the K/V heads like the attention heads.
@@ -27,8 +35,46 @@ def kv_buffer(shape, dtype) -> nnx.Cache:
     return nnx.Cache(jnp.zeros(shape, dtype), out_sharding=KV_NAMES, eager_sharding=False)
 
 
+def attend_cached(q_btnh, k, v, q_pos_bt, kv_pos_bs, *, mask, scale, implementation,
+                  positions, segment_ids=None, kv_lengths=None) -> jax.Array:
+    """Attention over a cache's keys, the mask and the position bias taken at the positions
+    the cache reports."""
+    return registry.attend(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
+                           kv_lengths=kv_lengths, bias=positions.bias(q_pos_bt, kv_pos_bs),
+                           scale=scale, implementation=implementation, q_positions=q_pos_bt,
+                           kv_positions=kv_pos_bs)
+
+
+class _NoCache:
+    """Training, scoring and encoders: attend over this call's keys only."""
+
+    def start(self) -> int:
+        return 0
+
+    def attend(self, q_btnh, k_bskh, v_bskh, positions_bt, *, mask, scale, implementation,
+               positions, segment_ids=None, kv_lengths=None, cross=False) -> jax.Array:
+        bias = None if cross else positions.bias(positions_bt, positions_bt)
+        return registry.attend(q_btnh, k_bskh, v_bskh, mask=mask, segment_ids=segment_ids,
+                               kv_lengths=kv_lengths, bias=bias, scale=scale,
+                               implementation=implementation)
+
+
+NO_CACHE = _NoCache()
+
+
 class _RowCache(nnx.Module):
-    """``fork`` / ``reorder`` for caches that hold every row's K/V in ``k``/``v [B, ...]``."""
+    """The cached ``attend``, ``start`` and ``fork`` / ``reorder`` for caches that hold every
+    row's K/V in ``k``/``v [B, ...]``."""
+
+    def start(self) -> jax.Array:
+        return self.index[...]
+
+    def attend(self, q_btnh, k_new, v_new, positions_bt=None, *, mask, scale, implementation,
+               positions, segment_ids=None, kv_lengths=None, cross=False) -> jax.Array:
+        k, v, q_pos, kv_pos = self.update(k_new, v_new)
+        return attend_cached(q_btnh, k, v, q_pos, kv_pos, mask=mask, scale=scale,
+                             implementation=implementation, positions=positions,
+                             segment_ids=segment_ids, kv_lengths=kv_lengths)
 
     def fork(self, n: int) -> None:
         # `set_value` rather than `[...] =`: the row count changes.

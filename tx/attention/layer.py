@@ -1,10 +1,14 @@
 """The attention layer: projections, heads (MHA/GQA/MQA), a mask, an implementation.
 
 The three axes stay independent: ``num_kv_heads`` sets how K/V heads are shared, ``mask`` sets
-which keys a query sees, ``implementation`` names registry entries tried in order. Position
-information enters through two narrow hooks: ``rope`` rotates q and k, ``bias`` adds a
-``[B, N, T, S]`` logits bias (T5 relative buckets, ALiBi). ``scale`` multiplies the logits
-(default ``head_dim ** -0.5``; T5 folds it into its initialisation and uses 1.0).
+which keys a query sees, ``implementation`` names registry entries (or callables) tried in
+order. Position information enters through one module shared by a tower's layers
+(``tx.layers.positions.Positions``): it ``rotate``s q and k (RoPE) and may ``bias`` the logits
+(T5 relative buckets, ALiBi). ``scale`` multiplies the logits (default ``head_dim ** -0.5``;
+T5 folds it into its initialisation and uses 1.0).
+
+Every call goes through a cache with one protocol, ``attend`` (``tx.attention.cache``): no cache
+(training, encoders), contiguous, rolling or paged (decoding).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from kernels import masks as masks_lib
 from tx import parallel
 from tx.attention import cache as cache_lib
 from tx.attention import registry
+from tx.layers.positions import Positions
 
 
 def _projection(rngs, shape, names, in_axis, out_axis, param_dtype):
@@ -36,13 +41,14 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 mask: masks_lib.Mask | None = None, implementation: Sequence[str] = ("xla",),
-                 rope: nnx.Module | None = None, bias: nnx.Module | None = None,
-                 use_bias: bool = False, scale: float | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 mask: masks_lib.Mask | None = None, implementation: Sequence = ("xla",),
+                 positions: Positions | None = None, use_bias: bool = False,
+                 scale: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be divisible by "
                              f"num_kv_heads={num_kv_heads}.")
+        registry.check(implementation)
         n, k, h, d = num_heads, num_kv_heads, head_dim, d_model
         self.q_dnh = _projection(rngs, (d, n, h), ("embed", "heads", "head_dim"), 0, (1, 2),
                                  param_dtype)
@@ -65,7 +71,7 @@ class Attention(nnx.Module):
         self.o_bias_d = bias_param((d,), ("embed",))
         self.mask = masks_lib.Full() if mask is None else mask
         self.implementation = tuple(implementation)
-        self.rope, self.bias = rope, bias
+        self.positions = Positions() if positions is None else positions
         self.scale = scale
         self.dtype = dtype
         self.cache: nnx.Module | None = nnx.data(None)  # set by init_cache for incremental decoding
@@ -105,26 +111,16 @@ class Attention(nnx.Module):
         q = parallel.constrain(q, ("batch", None, "heads", None))
         k = parallel.constrain(k, ("batch", None, "kv_heads", None))
         v = parallel.constrain(v, ("batch", None, "kv_heads", None))
+        cache = cache_lib.NO_CACHE if self.cache is None else self.cache
         if positions_bt is None:
-            start = self.cache.index[...] if self.cache is not None else 0
-            positions_bt = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        kv_positions_bs = positions_bt
-        if self.rope is not None:
-            q, k = self.rope(q, positions_bt), self.rope(k, positions_bt)
-        paged = getattr(self.cache, "attend", None)  # a paged cache may read pages in place
-        if paged is not None and self.bias is None and segment_ids is None and kv_lengths is None:
-            out = paged(q, k, v, mask=self.mask, scale=self.scale,
-                        implementation=self.implementation)
-            return self._project_out(out)
-        mask_positions = {}
-        if self.cache is not None:
-            k, v, q_pos, kv_pos = self.cache.update(k, v)
-            mask_positions = dict(q_positions=q_pos, kv_positions=kv_pos)
-            positions_bt, kv_positions_bs = q_pos, kv_pos
-        bias = None if self.bias is None else self.bias(positions_bt, kv_positions_bs)
-        out = registry.attend(q, k, v, mask=self.mask, segment_ids=segment_ids,
-                              kv_lengths=kv_lengths, bias=bias, scale=self.scale,
-                              implementation=self.implementation, **mask_positions)
+            positions_bt = jnp.broadcast_to(cache.start() + jnp.arange(t, dtype=jnp.int32),
+                                            (b, t))
+        if context_bsd is None:  # cross-attention has no positions to rotate
+            q, k = self.positions.rotate(q, k, positions_bt)
+        out = cache.attend(q, k, v, positions_bt, mask=self.mask, scale=self.scale,
+                           implementation=self.implementation, positions=self.positions,
+                           segment_ids=segment_ids, kv_lengths=kv_lengths,
+                           cross=context_bsd is not None)
         return self._project_out(out)
 
     def _project_out(self, out_btnh: jax.Array) -> jax.Array:

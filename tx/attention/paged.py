@@ -25,6 +25,7 @@ from flax import nnx
 
 from kernels import masks as masks_lib
 from tx.attention import registry
+from tx.attention.cache import attend_cached
 
 
 def copy_page_pairs(k_pages: jax.Array, v_pages: jax.Array, src: jax.Array,
@@ -112,35 +113,51 @@ class PagedKVCache(nnx.Module):
         self.v_pages[...] = self.v_pages[...].at[pages, offsets].set(v_new.astype(dtype))
         self.index[...] = self.index[...] + t
 
-    def _gather(self, t: int):
-        """Every row's pages as contiguous ``(k, v, q_positions, kv_positions)``."""
+    def _gather(self):
+        """Every row's pages as contiguous ``k, v [B, S, K, H]``."""
         tables = self.block_tables[...]
         b = tables.shape[0]
         _, page, kh, h = self.k_pages[...].shape
         s = tables.shape[1] * page
-        k = self.k_pages[...][tables].reshape(b, s, kh, h)
-        v = self.v_pages[...][tables].reshape(b, s, kh, h)
+        return (self.k_pages[...][tables].reshape(b, s, kh, h),
+                self.v_pages[...][tables].reshape(b, s, kh, h))
+
+    def _positions(self, t: int):
+        """``q_positions [B, T]`` of the ``t`` newest tokens and ``kv_positions [B, S]`` of
+        the gathered pages (-1: an empty slot)."""
+        tables = self.block_tables[...]
+        b, s = tables.shape[0], tables.shape[1] * self.page_size
         slots = jnp.arange(s, dtype=jnp.int32)
         end = self.index[...]
         kv_pos = jnp.broadcast_to(jnp.where(slots < end, slots, -1), (b, s))
         q_pos = jnp.broadcast_to(end - t + jnp.arange(t, dtype=jnp.int32), (b, t))
-        return k, v, q_pos, kv_pos
+        return q_pos, kv_pos
 
     def update(self, k_new, v_new):
         """Writes the new tokens; returns the gathered ``(k, v, q_positions, kv_positions)``."""
         self._write(k_new, v_new)
-        return self._gather(k_new.shape[1])
+        return (*self._gather(), *self._positions(k_new.shape[1]))
 
-    def attend(self, q_btnh, k_new, v_new, *, mask: masks_lib.Mask, scale=None,
-               implementation: Sequence[str] = ("xla",)):
+    def start(self) -> jax.Array:
+        return self.index[...]
+
+    def attend(self, q_btnh, k_new, v_new, positions_bt=None, *, mask: masks_lib.Mask,
+               scale=None, implementation: Sequence = ("xla",), positions,
+               segment_ids=None, kv_lengths=None, cross=False):
         """Writes the new tokens, then attends: implementations are tried in order, one with a
         paged kernel (``registry.register_paged``, e.g. ``pallas``) reads the pages in place;
-        from the first without one (or once every kernel declined) the gathered pages go
-        through ``registry.attend``."""
+        from the first without one (or once every kernel declined, or when segment ids, key
+        lengths or a position bias need the general path) the gathered pages go through
+        ``registry.attend``."""
         self._write(k_new, v_new)
-        lengths = jnp.full((q_btnh.shape[0],), self.index[...], jnp.int32)
+        t = q_btnh.shape[1]
+        q_pos, kv_pos = self._positions(t)
         implementation = tuple(implementation)
-        for i, name in enumerate(implementation):
+        plain = segment_ids is None and kv_lengths is None and \
+            positions.bias(q_pos, kv_pos) is None
+        lengths = jnp.full((q_btnh.shape[0],), self.index[...], jnp.int32)
+        first = 0  # the first implementation the general path may use
+        for name in implementation if plain else ():
             kernel = registry.paged_kernel(name)
             if kernel is None:
                 break
@@ -148,10 +165,10 @@ class PagedKVCache(nnx.Module):
                 return kernel(q_btnh, self.k_pages[...], self.v_pages[...],
                               self.block_tables[...], lengths, mask=mask, scale=scale)
             except NotImplementedError:
-                continue
-        else:
-            i = 0  # no name without a kernel is left: the registry says why
-        k, v, q_pos, kv_pos = self._gather(q_btnh.shape[1])
-        return registry.attend(q_btnh, k, v, mask=mask, scale=scale,
-                               implementation=implementation[i:], q_positions=q_pos,
-                               kv_positions=kv_pos)
+                first += 1
+        if first == len(implementation):
+            first = 0  # every name declined: the registry says why
+        k, v = self._gather()
+        return attend_cached(q_btnh, k, v, q_pos, kv_pos, mask=mask, scale=scale,
+                             implementation=implementation[first:], positions=positions,
+                             segment_ids=segment_ids, kv_lengths=kv_lengths)

@@ -1,7 +1,8 @@
 """Attention implementations by name, tried in order.
 
-An implementation is a function with the signature of ``kernels.reference.attention``. When it
-cannot serve a case (a mask it does not support, no GPU, custom positions...) it raises
+An implementation is a function with the signature of ``kernels.reference.attention``,
+named here by ``register`` (the single source of implementation names: configs and flags
+accept exactly these, ``names()``) or passed directly as a callable. When it cannot serve a case (a mask it does not support, no GPU, custom positions...) it raises
 ``NotImplementedError`` at trace time and ``attend`` tries the next name. The library never
 branches on implementation strings anywhere else. Under an active device mesh
 (``tx.parallel.use``) XLA partitions the ``xla`` einsums itself; the Pallas kernel runs per
@@ -45,23 +46,41 @@ def register_paged(name: str, fn: AttentionFn) -> None:
     _PAGED[name] = fn
 
 
-def paged_kernel(name: str) -> AttentionFn | None:
-    return _PAGED.get(name)
+def paged_kernel(name) -> AttentionFn | None:
+    return None if callable(name) else _PAGED.get(name)
 
 
-def attend(q, k, v, *, implementation: Sequence[str] = ("xla",), **kwargs) -> jax.Array:
-    """Runs the first implementation in ``implementation`` that supports the case."""
-    if isinstance(implementation, str):
-        implementation = (implementation,)
+def _as_tuple(implementation) -> tuple:
+    if isinstance(implementation, str) or callable(implementation):
+        return (implementation,)
+    return tuple(implementation)
+
+
+def check(implementation) -> tuple:
+    """``implementation`` as a tuple of registered names and callables; a ValueError names
+    an unknown one and the known names."""
+    implementation = _as_tuple(implementation)
+    if not implementation:
+        raise ValueError("implementation=(): name at least one, e.g. ('xla',).")
+    for impl in implementation:
+        if not callable(impl) and impl not in _REGISTRY:
+            raise ValueError(f"implementation={impl!r} is not registered; known: {names()}. "
+                             "Register your own with tx.attention.register(name, fn), or pass "
+                             "the function itself.")
+    return implementation
+
+
+def attend(q, k, v, *, implementation: Sequence = ("xla",), **kwargs) -> jax.Array:
+    """Runs the first implementation in ``implementation`` (names or callables) that supports
+    the case."""
+    implementation = check(implementation)
     reasons = []
-    for name in implementation:
-        if name not in _REGISTRY:
-            raise ValueError(f"implementation={name!r} is not registered; known: "
-                             f"{names()}.")
+    for impl in implementation:
+        fn = impl if callable(impl) else _REGISTRY[impl]
         try:
-            return _REGISTRY[name](q, k, v, **kwargs)
+            return fn(q, k, v, **kwargs)
         except NotImplementedError as e:
-            reasons.append(f"{name}: {e}")
+            reasons.append(f"{getattr(impl, '__name__', impl)}: {e}")
     raise NotImplementedError(
         f"no implementation in {tuple(implementation)} supports this case ("
         + "; ".join(reasons) + "). Append 'xla', which supports every case.")

@@ -102,6 +102,16 @@ REGISTRY: dict[str, Callable] = {
 EXTERNAL = tuple(n for n, b in REGISTRY.items() if getattr(b, "reads_your_files", False))
 
 
+def register_dataset(name: str, build: Callable, *, options: tuple[str, ...] = ()) -> None:
+    """Adds dataset ``name`` for ``config.data.name``: ``build(*, batch_size, seq_len, seed,
+    split, **options)`` returns an object with ``task``, ``vocab_size`` and ``batch(step)``."""
+    if not isinstance(name, str) or not name or not callable(build):
+        raise ValueError(f"register_dataset(name={name!r}, build={build!r}): give a non-empty "
+                         "name and a function.")
+    build.options = tuple(options)
+    REGISTRY[name] = build
+
+
 def list_datasets(*, built_in: bool = False) -> tuple[str, ...]:
     """Registered dataset names; ``built_in=True``: only those that need no files of yours."""
     return tuple(sorted(n for n in REGISTRY if not (built_in and n in EXTERNAL)))
@@ -131,5 +141,5 @@ __all__ = [
     "ByteLM", "ByteMLM", "Copy", "Corpus", "Dataset", "Duplicates", "MQAR", "Majority",
     "MaskedCopy", "PackedBytes", "Reverse", "Sort", "StepIterator", "SyntheticTask",
     "bert_corrupt", "corpus_from_paths", "decode_bytes", "encode_bytes", "list_datasets",
-    "make_dataset", "pack", "records", "stdlib_corpus",
+    "make_dataset", "pack", "records", "register_dataset", "stdlib_corpus",
 ]

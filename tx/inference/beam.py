@@ -19,30 +19,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tx.inference.generation import (PAD, Generation, _check, _context, _last_logits, caches,
-                                     init_paged_cache)
+from tx.inference.generation import (PAD, Contiguous, Generation, _check, _context,
+                                     _last_logits, caches)
 
 _NEG = -1e30  # a finite "impossible" score keeps arithmetic NaN-free
-BEAM_CACHES = ("contiguous", "paged")
 
 
 def beam_search(model: nnx.Module, prompt_bt, *, max_new_tokens: int, num_beams: int = 4,
                 length_penalty: float = 1.0, stop_tokens: Sequence[int] = (), source_bs=None,
-                source_lengths_b=None, cache: str = "contiguous",
-                page_size: int = 16) -> Generation:
+                source_lengths_b=None, cache=Contiguous()) -> Generation:
     """Best beam per row: ``tokens [B, max_new_tokens]``, ``lengths [B]`` and ``scores [B]``
     (the beam's total log-probability)."""
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams={num_beams!r} must be a positive integer.")
-    if cache not in BEAM_CACHES:
-        raise ValueError(f"cache={cache!r} is not one of {BEAM_CACHES} (beam search needs a "
-                         "cache to fork).")
-    total = _check(model, prompt_bt, max_new_tokens, cache, source_bs)
+    _check(model, prompt_bt, max_new_tokens, cache, source_bs)
+    if not cache.cached:
+        raise ValueError(f"cache={cache!r}: beam search needs a cache to fork; use "
+                         "Contiguous() or Paged(page_size).")
     prompt = jnp.asarray(prompt_bt, jnp.int32)
-    if cache == "contiguous":
-        model.init_cache(prompt.shape[0], total)
-    else:
-        init_paged_cache(model, prompt, max_new_tokens, page_size=page_size, forks=num_beams)
+    cache.install(model, prompt, max_new_tokens, forks=num_beams)
     graphdef, state = nnx.split(model)
     model.drop_cache()
     source = None if source_bs is None else jnp.asarray(source_bs, jnp.int32)

@@ -28,7 +28,47 @@ from tx.inference.paged_cache import PagePool
 from tx.inference.sampling import Greedy
 
 PAD = 0
-CACHE_KINDS = ("contiguous", "paged", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Contiguous:
+    """Every decoding self-attention gets its own preallocated (or rolling) KV cache."""
+
+    cached = True  # decoding reads and extends it; beam search forks it
+
+    def install(self, model, prompt_bt, max_new_tokens: int, *, forks: int = 1) -> None:
+        model.init_cache(prompt_bt.shape[0], prompt_bt.shape[1] + max_new_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Paged:
+    """K/V in pages of ``page_size`` tokens from a shared pool (``num_pages``: None sizes it to
+    the request)."""
+
+    page_size: int = 16
+    num_pages: int | None = None
+    cached = True
+
+    def __post_init__(self):
+        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or \
+                self.page_size < 1:
+            raise ValueError(f"cache.page_size={self.page_size!r}: a positive integer, e.g. 16.")
+
+    def install(self, model, prompt_bt, max_new_tokens: int, *, forks: int = 1) -> None:
+        init_paged_cache(model, prompt_bt, max_new_tokens, page_size=self.page_size,
+                         num_pages=self.num_pages, forks=forks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recompute:
+    """No cache: every token reruns the model over the whole buffer."""
+
+    cached = False
+
+    def install(self, model, prompt_bt, max_new_tokens: int, *, forks: int = 1) -> None:
+        if forks > 1:
+            raise ValueError("cache=Recompute() has nothing to fork; beam search needs "
+                             "Contiguous() or Paged().")
 
 
 @dataclasses.dataclass
@@ -47,21 +87,22 @@ def _check(model, prompt_bt, max_new_tokens, cache, source_bs):
                          "[B, T] with T >= 1 (start with BOS for an empty prompt).")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
-    if cache not in CACHE_KINDS:
-        raise ValueError(f"cache={cache!r} is not one of {CACHE_KINDS}.")
+    if not callable(getattr(cache, "install", None)):
+        raise ValueError(f"cache={cache!r}: give a cache value, Contiguous(), Paged(page_size) "
+                         "or Recompute().")
     cfg = model.config
-    seq2seq = cfg.task == "seq2seq"
-    if cfg.task not in ("lm", "seq2seq"):
-        raise ValueError(f"model task {cfg.task!r} does not generate; use a decoder 'lm' or "
-                         "an encoder-decoder 'seq2seq' model.")
+    if not getattr(cfg.head, "generates", False):
+        raise ValueError(f"head={cfg.head!r} does not generate; use a decoder (LMHead) or an "
+                         "encoder-decoder (Seq2SeqLM) model.")
+    seq2seq = hasattr(model, "encode")
     if seq2seq != (source_bs is not None):
         raise ValueError("source_bs is required for an encoder-decoder model and must be None "
-                         f"for a decoder-only one (model task {cfg.task!r}).")
+                         f"for a decoder-only one (this one is {type(model).__name__}).")
     total = prompt_bt.shape[1] + max_new_tokens
-    if cfg.positions == "learned" and total > cfg.max_len:
+    max_len = getattr(cfg.positions, "max_len", None)
+    if max_len is not None and total > max_len:
         raise ValueError(f"prompt length {prompt_bt.shape[1]} + max_new_tokens="
-                         f"{max_new_tokens} exceeds the learned positions' max_len="
-                         f"{cfg.max_len}.")
+                         f"{max_new_tokens} exceeds the positions' max_len={max_len}.")
     return total
 
 
@@ -81,13 +122,19 @@ def _finish(done, new, stop_tokens):
     return new, done | stopped
 
 
-def _decoding_tower(model):
-    return model.decoder if hasattr(model, "encode") else model.tower
+def decoding_attentions(model) -> list[nnx.Module]:
+    """The self-attention layers that decode (a seq2seq model's decoder, a decoder's tower),
+    found by walking the graph for the towers whose layers hold a cache."""
+    from tx.models import Seq2Seq, Tower  # models import nothing from inference
+    skip = model.encoder.tower if isinstance(model, Seq2Seq) else None
+    return [attn for _, tower in nnx.iter_graph(model)
+            if isinstance(tower, Tower) and tower is not skip
+            for attn in tower.self_attentions()]
 
 
 def caches(model) -> list[nnx.Module]:
     """The decoding self-attentions' caches, in layer order."""
-    return [block.self_attn.cache for block in _decoding_tower(model).blocks]
+    return [attn.cache for attn in decoding_attentions(model)]
 
 
 def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 16,
@@ -114,7 +161,7 @@ def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 
         for seq_id in seq_ids:
             pool.append(seq_id, max_new_tokens)  # reserve: decoding never allocates
         tables = pool.block_table(seq_ids, width=width)
-    for attn in (block.self_attn for block in _decoding_tower(model).blocks):
+    for attn in decoding_attentions(model):
         _, k, h = attn.k_dkh[...].shape
         attn.cache = nnx.data(PagedKVCache(tables, pool.num_pages, page_size, k, h,
                                            dtype=attn.dtype, fork_plan=plan))
@@ -136,24 +183,19 @@ def _plan_forks(pool: PagePool, seq_ids, forks: int, max_new_tokens: int, width:
 
 
 def generate(model: nnx.Module, prompt_bt, *, max_new_tokens: int, strategy=Greedy(),
-             stop_tokens: Sequence[int] = (), cache: str = "contiguous", seed: int = 0,
-             source_bs=None, source_lengths_b=None, page_size: int = 16) -> Generation:
+             stop_tokens: Sequence[int] = (), cache=Contiguous(), seed: int = 0,
+             source_bs=None, source_lengths_b=None) -> Generation:
     """Continues ``prompt_bt [B, T]`` by up to ``max_new_tokens`` tokens.
 
     For an encoder-decoder model, ``prompt_bt`` is the decoder's start (e.g. ``[[BOS]]``)
     and ``source_bs`` the encoder input.
     """
-    total = _check(model, prompt_bt, max_new_tokens, cache, source_bs)
+    _check(model, prompt_bt, max_new_tokens, cache, source_bs)
     prompt = jnp.asarray(prompt_bt, jnp.int32)
-    b = prompt.shape[0]
-    if cache == "contiguous":
-        model.init_cache(b, total)
-    elif cache == "paged":
-        init_paged_cache(model, prompt, max_new_tokens, page_size=page_size)
+    cache.install(model, prompt, max_new_tokens)
     graphdef, state = nnx.split(model)
-    if cache != "none":
-        model.drop_cache()
-    run = _decode_recompute if cache == "none" else _decode_cached
+    model.drop_cache()
+    run = _decode_cached if cache.cached else _decode_recompute
     source = None if source_bs is None else jnp.asarray(source_bs, jnp.int32)
     lengths = None if source_lengths_b is None else jnp.asarray(source_lengths_b, jnp.int32)
     tokens, done_at = run(graphdef, state, prompt, source, lengths, jax.random.key(seed),

@@ -16,16 +16,12 @@ from flax import nnx
 
 from kernels import masks as masks_lib
 from tx import config as config_lib
+from tx.models import Tower
 
 
-def _towers(model):
-    """The self-attention towers of a tx model (decoder, encoder, or both of a seq2seq)."""
-    found = []
-    for name in ("tower", "encoder", "decoder"):
-        sub = getattr(model, name, None)
-        if sub is None:
-            continue
-        found.append(sub if hasattr(sub, "blocks") else sub.tower)
+def _towers(model) -> list[Tower]:
+    """The towers of a tx model (decoder, encoder, or both of a seq2seq), by walking it."""
+    found = [node for _, node in nnx.iter_graph(model) if isinstance(node, Tower)]
     if not found:
         raise ValueError(f"{type(model).__name__} has no tower of attention blocks.")
     return found
@@ -41,22 +37,25 @@ def set_masks(model: nnx.Module, mask: masks_lib.Mask | Sequence[masks_lib.Mask]
         raise ValueError(f"mask={mask!r}: give a kernels.masks.Mask or a non-empty sequence "
                          "of them.")
     for tower in _towers(model):
-        for i, block in enumerate(tower.blocks):
-            block.self_attn.mask = schedule[i % len(schedule)]
+        for i, attn in enumerate(tower.self_attentions()):
+            attn.mask = schedule[i % len(schedule)]
+    cfg = model.config
+    changes = dict(attention=config_lib.replace(cfg.attention, masks=schedule))
+    if hasattr(cfg.head, "masks"):  # an encoder-decoder's decoder schedule
+        changes["head"] = config_lib.replace(cfg.head, masks=schedule)
+    _set_config(model, config_lib.replace(cfg, **changes))
 
 
 def pool_kv_heads(model: nnx.Module, num_kv_heads: int) -> None:
     """Mean-pools each self-attention layer's K/V heads down to ``num_kv_heads`` groups of
     consecutive heads (query head n keeps using K/V group ``n // (N / K')``)."""
-    cfg = model.config
-    current = cfg.kv_heads
+    current = model.config.kv_heads
     if num_kv_heads < 1 or current % num_kv_heads:
         raise ValueError(f"num_kv_heads={num_kv_heads}: must divide the current number of "
                          f"K/V heads ({current}).")
     ratio = current // num_kv_heads
     for tower in _towers(model):
-        for block in tower.blocks:
-            attn = block.self_attn
+        for attn in tower.self_attentions():
             if attn.cache is not None:
                 raise ValueError("drop the decoding cache (model.drop_cache()) before pooling "
                                  "K/V heads.")
@@ -68,18 +67,14 @@ def pool_kv_heads(model: nnx.Module, num_kv_heads: int) -> None:
                 if getattr(attn, name, None) is not None:
                     b = getattr(attn, name)[...]
                     getattr(attn, name).set_value(b.reshape(num_kv_heads, ratio, -1).mean(1))
-    model.config = config_lib.replace(cfg, num_kv_heads=num_kv_heads,
-                                      attention=_heads_free(cfg.attention))
-    for sub in ("encoder", "decoder"):  # seq2seq parts carry their own config reference
-        part = getattr(model, sub, None)
-        if part is not None and hasattr(part, "config"):
-            part.config = model.config
+    cfg = model.config
+    _set_config(model, config_lib.replace(
+        cfg, attention=config_lib.replace(cfg.attention, num_kv_heads=num_kv_heads)))
 
 
-def _heads_free(attention: str) -> str:
-    """``attention`` without its heads preset (num_kv_heads now says it), e.g. gqa+local ->
-    local."""
-    parts = [p for p in attention.split("+") if p not in config_lib.HEAD_PRESETS]
-    return "+".join(parts) or "mha"
-
-
+def _set_config(model, cfg) -> None:
+    """``model.config`` and the configs its parts carry (seq2seq encoder/decoder)."""
+    model.config = cfg
+    for _, node in list(nnx.iter_graph(model)):
+        if node is not model and hasattr(node, "config"):
+            node.config = cfg

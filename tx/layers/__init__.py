@@ -1,11 +1,13 @@
-"""Building blocks: embeddings, positions, norms, MLPs."""
+"""Building blocks: embeddings, positions, norms, MLPs, and the config values that build them."""
 from tx.layers.embed import Embed
-from tx.layers.mlp import ACTIVATIONS, MLP
-from tx.layers.norms import NORMS, make_norm
-from tx.layers.positions import (ALiBi, LearnedPositions, RoPE, SinusoidalPositions,
-                                 T5RelativeBias, alibi_slopes, sinusoidal, t5_bucket)
+from tx.layers.mlp import ACTIVATIONS, MLP, MLPConfig
+from tx.layers.norms import NORMS, LayerNorm, RMSNorm, make_norm
+from tx.layers.positions import (ALiBi, ALiBiBias, Learned, LearnedPositions, NoPositions,
+                                 Positions, RoPE, Rotary, Sinusoidal, SinusoidalPositions,
+                                 T5Bias, T5RelativeBias, alibi_slopes, sinusoidal, t5_bucket)
 from tx.layers.rope_scaling import RopeScaling
 
-__all__ = ['ACTIVATIONS', 'ALiBi', 'Embed', 'LearnedPositions', 'MLP', 'NORMS', 'RoPE',
-           'RopeScaling', 'SinusoidalPositions', 'T5RelativeBias', 'alibi_slopes', 'make_norm',
-           'sinusoidal', 't5_bucket']
+__all__ = ['ACTIVATIONS', 'ALiBi', 'ALiBiBias', 'Embed', 'LayerNorm', 'Learned',
+           'LearnedPositions', 'MLP', 'MLPConfig', 'NORMS', 'NoPositions', 'Positions', 'RMSNorm',
+           'RoPE', 'RopeScaling', 'Rotary', 'Sinusoidal', 'SinusoidalPositions', 'T5Bias',
+           'T5RelativeBias', 'alibi_slopes', 'make_norm', 'sinusoidal', 't5_bucket']

@@ -9,22 +9,22 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from tx.layers.norms import make_norm
+from tx.layers.norms import RMSNorm
 
 
 class Block(nnx.Module):
     """``x + f(norm(x))`` for each sub-layer (pre-norm) or ``norm(x + f(x))`` (post-norm)."""
 
     def __init__(self, self_attn: nnx.Module, mlp: nnx.Module, *, d_model: int,
-                 cross_attn: nnx.Module | None = None, norm: str = "rmsnorm",
-                 pre_norm: bool = True, dropout_rate: float = 0.0, dtype=None,
-                 norm_eps: float = 1e-6, rngs: nnx.Rngs):
+                 cross_attn: nnx.Module | None = None, norm=RMSNorm(),
+                 dropout_rate: float = 0.0, dtype=None, rngs: nnx.Rngs):
+        """``norm`` is a norm value (``RMSNorm(eps, pre)`` / ``LayerNorm(eps, pre)``)."""
         self.self_attn, self.cross_attn, self.mlp = self_attn, cross_attn, mlp
         num_norms = 3 if cross_attn is not None else 2
-        self.norms = nnx.List([make_norm(norm, d_model, eps=norm_eps, dtype=dtype, rngs=rngs)
+        self.norms = nnx.List([norm.build(d_model, dtype=dtype, rngs=rngs)
                                for _ in range(num_norms)])
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-        self.pre_norm = pre_norm
+        self.pre_norm = norm.pre
 
     def _residual(self, x, i, fn):
         if self.pre_norm:

@@ -1,5 +1,11 @@
-"""Position-wise feed-forward block: plain (relu, gelu, gelu_exact) or gated (swiglu, geglu)."""
+"""Position-wise feed-forward block: plain (relu, gelu, gelu_exact) or gated (swiglu, geglu).
+
+`MLPConfig(d_ff, activation, gated, bias)` is the config's value; the activation is a function,
+so a research file passes its own (`MLPConfig(1024, activation=my_act)`).
+"""
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +16,10 @@ from tx import parallel
 ACTIVATIONS = ('relu', 'gelu', 'gelu_exact', 'swiglu', 'geglu')
 # 'gelu' is the tanh approximation (jax default), as in GPT-2 and T5's gated-gelu;
 # 'gelu_exact' is the erf form BERT was trained with (the two differ by up to ~1e-3).
-NONLINEARITY = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu,
-                'gelu_exact': functools.partial(jax.nn.gelu, approximate=False),
+gelu_exact = functools.partial(jax.nn.gelu, approximate=False)
+NONLINEARITY = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'gelu_exact': gelu_exact,
                 'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
+GATED = ('swiglu', 'geglu')
 
 
 def _dense(d_in, d_out, axes, *, use_bias, dtype, param_dtype, rngs):
@@ -30,23 +37,48 @@ class MLP(nnx.Module):
     `act(x W_gate) * (x W_up)` with two `[D, F]` projections; dropout follows the
     activation, controlled by `model.train()` / `model.eval()`."""
 
-    def __init__(self, d_model: int, d_ff: int, *, activation: str = 'gelu',
-                 dropout_rate: float = 0.0, use_bias: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
+    def __init__(self, d_model: int, d_ff: int, *, activation: str | Callable = 'gelu',
+                 gated: bool = False, dropout_rate: float = 0.0, use_bias: bool = False,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if isinstance(activation, str):  # a name: its function, gated or not
+            if activation not in ACTIVATIONS:
+                raise ValueError(
+                    f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
+            gated = activation in GATED
+            activation = NONLINEARITY[activation]
         dense = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.activation = activation
         self.wi_gate = _dense(d_model, d_ff, ('embed', 'mlp'), **dense)
-        gated = activation in ('swiglu', 'geglu')
         self.wi_up = _dense(d_model, d_ff, ('embed', 'mlp'), **dense) if gated else None
         self.wo = _dense(d_ff, d_model, ('mlp', 'embed'), **dense)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        h_btf = NONLINEARITY[self.activation](self.wi_gate(x_btd))
+        h_btf = self.activation(self.wi_gate(x_btd))
         if self.wi_up is not None:
             h_btf = h_btf * self.wi_up(x_btd)
         h_btf = parallel.constrain(h_btf, ('batch', None, 'mlp'))  # hidden units over tensor
         return parallel.constrain(self.wo(self.dropout(h_btf)), ('batch', None, 'embed'))
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """The MLP of every block: `d_ff` hidden units, `activation(x W)` or, when `gated`,
+    `activation(x W_gate) * (x W_up)`; `bias` on every projection (GPT-2, BERT)."""
+
+    d_ff: int
+    activation: Callable = jax.nn.gelu
+    gated: bool = False
+    bias: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.d_ff, bool) or not isinstance(self.d_ff, int) or self.d_ff < 1:
+            raise ValueError(f"mlp.d_ff={self.d_ff!r}: must be a positive integer.")
+        if not callable(self.activation):
+            raise ValueError(f"mlp.activation={self.activation!r}: give a function such as "
+                             "jax.nn.silu.")
+
+    def build(self, d_model: int, *, dropout_rate: float = 0.0, dtype=jnp.float32,
+              rngs: nnx.Rngs) -> MLP:
+        return MLP(d_model, self.d_ff, activation=self.activation, gated=self.gated,
+                   dropout_rate=dropout_rate, use_bias=self.bias, dtype=dtype, rngs=rngs)

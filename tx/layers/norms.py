@@ -1,4 +1,7 @@
-"""LayerNorm / RMSNorm factory with logically partitioned parameters."""
+"""LayerNorm / RMSNorm: a factory with logically partitioned parameters, and the config values
+`RMSNorm(eps, pre)` / `LayerNorm(eps, pre)` that build them."""
+import dataclasses
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -18,11 +21,48 @@ def make_norm(kind: str, d_model: int, *, eps: float = 1e-6, dtype=jnp.float32,
     promotes its input to at least float32 and `_normalize` subtracts/scales in that
     promoted dtype, casting only the result to `dtype` (checked in tests).
     """
+    if kind not in _BUILDERS:
+        raise ValueError(f"norm kind {kind!r} is not supported; use one of {NORMS}")
     common = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                   scale_init=_embed_axis(nnx.initializers.ones_init()))
-    if kind == 'layernorm':
-        return nnx.LayerNorm(d_model, bias_init=_embed_axis(nnx.initializers.zeros_init()),
-                             **common)
-    if kind == 'rmsnorm':
-        return nnx.RMSNorm(d_model, **common)
-    raise ValueError(f"norm kind {kind!r} is not supported; use one of {NORMS}")
+    return _BUILDERS[kind](d_model, common)
+
+
+def _layernorm(d_model, common):
+    return nnx.LayerNorm(d_model, bias_init=_embed_axis(nnx.initializers.zeros_init()), **common)
+
+
+def _rmsnorm(d_model, common):
+    return nnx.RMSNorm(d_model, **common)
+
+
+_BUILDERS = {'layernorm': _layernorm, 'rmsnorm': _rmsnorm}
+
+
+# -- values: the config's leaves ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Norm:
+    eps: float = 1e-6
+    pre: bool = True  # normalise each sub-layer's input (pre-norm), else its residual sum
+    kind = ''
+
+    def __post_init__(self):
+        if not self.eps > 0:
+            raise ValueError(f"norm.eps={self.eps!r}: must be a positive float, e.g. 1e-6.")
+
+    def build(self, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+        return make_norm(self.kind, d_model, eps=self.eps, dtype=dtype, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSNorm(_Norm):
+    """RMSNorm everywhere; ``pre=False`` is post-norm (the original Transformer, BERT)."""
+
+    kind = 'rmsnorm'
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNorm(_Norm):
+    """LayerNorm (with a bias) everywhere; ``pre=False`` is post-norm."""
+
+    kind = 'layernorm'

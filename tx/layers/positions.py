@@ -1,8 +1,21 @@
 """Position signals: absolute (sinusoidal, learned), rotary, and additive attention biases.
 
+Two halves:
+
+* modules, all :class:`Positions`: one per tower, shared by its attention layers, answering
+  three hooks (`embed` the token embeddings, `rotate` queries and keys, `bias` the logits),
+  each the identity by default, so a scheme overrides only what it changes;
+* values, the config's leaves (`RoPE(base)`, `Learned(max_len)`, `Sinusoidal()`,
+  `T5Bias(num_buckets, max_distance)`, `ALiBi()`, `NoPositions()`), each building its module.
+  A new scheme is one file: a value with `build` and a `Positions` module (see
+  `examples/extending/`), registered for flags with `tx.flags.register_positions`.
+
 Every function takes int32 position arrays rather than assuming `arange`: positions
 restart per document when sequences are packed and are offset during decoding.
 """
+from __future__ import annotations
+
+import dataclasses
 import math
 
 import jax
@@ -11,6 +24,26 @@ import numpy as np
 from flax import nnx
 
 from tx.layers.rope_scaling import RopeScaling, dynamic_inv_freq, static_inv_freq
+
+
+class Positions(nnx.Module):
+    """A tower's position module; the base class adds no position information (NoPE)."""
+
+    max_len: int | None = None  # positions this scheme can represent (None: any)
+
+    def embed(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        """The token embeddings `[B, T, D]` with absolute positions mixed in."""
+        return x_btd
+
+    def rotate(self, q_btnh: jax.Array, k_btkh: jax.Array,
+               positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Queries `[B, T, N, H]` and the new keys `[B, T, K, H]` (both at `positions_bt`) as
+        attention should see them; a scheme may treat the two differently (xPos)."""
+        return q_btnh, k_btkh
+
+    def bias(self, q_pos_bt: jax.Array, kv_pos_bs: jax.Array) -> jax.Array | None:
+        """An additive logits bias `[B, N, T, S]` (fp32), or None."""
+        return None
 
 
 def sinusoidal(positions_bt: jax.Array, d_model: int) -> jax.Array:
@@ -26,7 +59,7 @@ def sinusoidal(positions_bt: jax.Array, d_model: int) -> jax.Array:
     return pairs.reshape(*positions_bt.shape, d_model)
 
 
-class SinusoidalPositions(nnx.Module):
+class SinusoidalPositions(Positions):
     """Module wrapper around `sinusoidal`, so models can swap position modules."""
 
     def __init__(self, d_model: int):
@@ -35,8 +68,12 @@ class SinusoidalPositions(nnx.Module):
     def __call__(self, positions_bt: jax.Array) -> jax.Array:
         return sinusoidal(positions_bt, self.d_model)
 
+    def embed(self, x_btd, positions_bt):
+        # Vaswani et al.: token embeddings scaled up to the size of the sines.
+        return x_btd * math.sqrt(self.d_model) + self(positions_bt).astype(x_btd.dtype)
 
-class LearnedPositions(nnx.Module):
+
+class LearnedPositions(Positions):
     """Learned absolute table `[max_len, D]`.
 
     Positions outside `[0, max_len)` are clamped to the nearest row (a shape check cannot
@@ -56,8 +93,11 @@ class LearnedPositions(nnx.Module):
     def __call__(self, positions_bt: jax.Array) -> jax.Array:
         return jnp.take(self.table[...], positions_bt, axis=0, mode='clip').astype(self.dtype)
 
+    def embed(self, x_btd, positions_bt):
+        return x_btd + self(positions_bt).astype(x_btd.dtype)
 
-class RoPE(nnx.Module):
+
+class Rotary(Positions):
     """Rotary embedding (Su et al., 2021), rotate-half convention (GPT-NeoX / Llama).
 
     Dimension `i` is paired with `i + H/2` and the pair is rotated by angle
@@ -77,7 +117,7 @@ class RoPE(nnx.Module):
         self.inv_freq = tuple(float(f) for f in static_inv_freq(head_dim, base, scaling))
 
     def _inv_freq(self, positions_bt: jax.Array) -> jax.Array:
-        if self.scaling is not None and self.scaling.kind == "dynamic":
+        if self.scaling is not None and self.scaling.dynamic:
             return dynamic_inv_freq(self.head_dim, self.base, self.scaling, positions_bt)
         return jnp.asarray(self.inv_freq, jnp.float32)
 
@@ -91,6 +131,9 @@ class RoPE(nnx.Module):
         rotated = jnp.concatenate([x1 * cos_bt1h - x2 * sin_bt1h,
                                    x2 * cos_bt1h + x1 * sin_bt1h], axis=-1)
         return rotated.astype(x_btnh.dtype)
+
+    def rotate(self, q_btnh, k_btkh, positions_bt):
+        return self(q_btnh, positions_bt), self(k_btkh, positions_bt)
 
 
 def t5_bucket(relative_position: jax.Array, *, num_buckets: int, max_distance: int,
@@ -118,7 +161,7 @@ def t5_bucket(relative_position: jax.Array, *, num_buckets: int, max_distance: i
     return offset + jnp.where(distance < max_exact, distance, far)
 
 
-class T5RelativeBias(nnx.Module):
+class T5RelativeBias(Positions):
     """Learned per-head scalar bias indexed by the T5 bucket of `kv_pos - q_pos`."""
 
     def __init__(self, num_heads: int, *, num_buckets: int = 32, max_distance: int = 128,
@@ -139,6 +182,9 @@ class T5RelativeBias(nnx.Module):
         bias_btsn = jnp.take(self.table[...].astype(jnp.float32), bucket_bts, axis=0)
         return jnp.transpose(bias_btsn, (0, 3, 1, 2))
 
+    def bias(self, q_pos_bt, kv_pos_bs):
+        return self(q_pos_bt, kv_pos_bs)
+
 
 def alibi_slopes(num_heads: int) -> tuple[float, ...]:
     """Press et al. (2022): geometric slopes `2^(-8/n), 2^(-16/n), ...` for n heads.
@@ -153,7 +199,7 @@ def alibi_slopes(num_heads: int) -> tuple[float, ...]:
     return tuple(geometric(m) + geometric(2 * m)[0::2][:num_heads - m])
 
 
-class ALiBi(nnx.Module):
+class ALiBiBias(Positions):
     """Linear distance penalty `-slope_n * |q_pos - kv_pos|` (no parameters)."""
 
     def __init__(self, num_heads: int):
@@ -164,3 +210,93 @@ class ALiBi(nnx.Module):
         slopes_n = jnp.asarray(self.slopes, jnp.float32)
         distance_bts = jnp.abs(q_pos_bt[:, :, None] - kv_pos_bs[:, None, :]).astype(jnp.float32)
         return -slopes_n[None, :, None, None] * distance_bts[:, None, :, :]
+
+    def bias(self, q_pos_bt, kv_pos_bs):
+        return self(q_pos_bt, kv_pos_bs)
+
+
+# -- values: the config's leaves ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NoPositions:
+    """No position signal at all (NoPE): causal masks alone order a decoder's tokens."""
+
+    def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
+        return Positions()
+
+
+@dataclasses.dataclass(frozen=True)
+class Sinusoidal:
+    """Fixed sines added to the scaled token embeddings (Vaswani et al., 2017)."""
+
+    def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
+        return SinusoidalPositions(cfg.d_model)
+
+
+@dataclasses.dataclass(frozen=True)
+class Learned:
+    """A learned table of `max_len` absolute positions (GPT-2, BERT)."""
+
+    max_len: int = 512
+
+    def __post_init__(self):
+        if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or \
+                self.max_len < 1:
+            raise ValueError(f"positions.max_len={self.max_len!r}: learned positions need a "
+                             "positive integer at least the longest sequence.")
+
+    def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
+        return LearnedPositions(self.max_len, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoPE:
+    """Rotary embeddings with base `base`, optionally scaled for long contexts.
+
+    `trained_len` only records the context a checkpoint was trained for (Hugging Face's
+    `max_position_embeddings`, which some scalings read); RoPE itself has no length limit.
+    """
+
+    base: float = 10000.0
+    scaling: RopeScaling | None = None
+    trained_len: int | None = None
+
+    def __post_init__(self):
+        if not self.base > 1:
+            raise ValueError(f"positions.base={self.base!r}: RoPE's base must be > 1, e.g. "
+                             "10000.0.")
+        if self.scaling is not None and not isinstance(self.scaling, RopeScaling):
+            raise ValueError(f"positions.scaling={self.scaling!r}: give a "
+                             "tx.layers.RopeScaling or None.")
+
+    def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
+        return Rotary(cfg.head_dim, base=self.base, scaling=self.scaling)
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Bias:
+    """T5's learned per-head bias over `num_buckets` relative-distance buckets."""
+
+    num_buckets: int = 32
+    max_distance: int = 128
+
+    def __post_init__(self):
+        if isinstance(self.num_buckets, bool) or not isinstance(self.num_buckets, int) or \
+                self.num_buckets < 4 or self.num_buckets % 2:
+            raise ValueError(f"positions.num_buckets={self.num_buckets!r}: use an even number "
+                             ">= 4 (half for each direction in an encoder), e.g. 32.")
+        if not isinstance(self.max_distance, int) or self.max_distance <= self.num_buckets // 2:
+            raise ValueError(f"positions.max_distance={self.max_distance!r}: must exceed "
+                             f"num_buckets // 2 = {self.num_buckets // 2}, e.g. 128.")
+
+    def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
+        return T5RelativeBias(cfg.num_heads, num_buckets=self.num_buckets,
+                              max_distance=self.max_distance, bidirectional=not causal,
+                              rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ALiBi:
+    """Linear distance penalties with per-head geometric slopes (Press et al., 2022)."""
+
+    def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
+        return ALiBiBias(cfg.num_heads)

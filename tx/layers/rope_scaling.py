@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("linear", "dynamic", "llama3", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,17 +45,22 @@ class RopeScaling:
     attention_factor: float = 1.0  # yarn: multiplies cos and sin (so logits by its square)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"RopeScaling.kind={self.kind!r}: use one of {KINDS}.")
+        if self.kind not in _STATIC:
+            raise ValueError(f"RopeScaling.kind={self.kind!r}: use one of {tuple(_STATIC)}.")
         if not self.factor >= 1.0:
             raise ValueError(f"RopeScaling.factor={self.factor!r}: must be >= 1 (it stretches "
                              "the context).")
         if self.original_max_len < 1:
             raise ValueError(f"RopeScaling.original_max_len={self.original_max_len!r}: must be "
                              "a positive integer.")
-        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+        if self.kind in _BANDED and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError(f"RopeScaling.high_freq_factor={self.high_freq_factor!r} must "
                              f"exceed low_freq_factor={self.low_freq_factor!r}.")
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the frequencies depend on the positions of each call."""
+        return _STATIC[self.kind] is None
 
 
 def default_inv_freq(head_dim: int, base: float) -> np.ndarray:
@@ -65,7 +69,12 @@ def default_inv_freq(head_dim: int, base: float) -> np.ndarray:
     return (base ** (-np.arange(half, dtype=np.float32) / half)).astype(np.float32)
 
 
-def _llama3(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
+def _linear(head_dim: int, base: float, s: RopeScaling) -> np.ndarray:
+    return default_inv_freq(head_dim, base) / s.factor
+
+
+def _llama3(head_dim: int, base: float, s: RopeScaling) -> np.ndarray:
+    inv_freq = default_inv_freq(head_dim, base)
     wavelen = 2 * math.pi / inv_freq
     long_wavelen = s.original_max_len / s.low_freq_factor  # longer: interpolate fully
     short_wavelen = s.original_max_len / s.high_freq_factor  # shorter: keep
@@ -95,14 +104,9 @@ def _yarn(head_dim: int, base: float, s: RopeScaling) -> np.ndarray:
 
 def static_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None) -> np.ndarray:
     """Inverse frequencies ``[H/2]`` (float32) of every kind except ``dynamic``."""
-    inv_freq = default_inv_freq(head_dim, base)
-    if scaling is None or scaling.kind == "dynamic":
-        return inv_freq
-    if scaling.kind == "linear":
-        return (inv_freq / scaling.factor).astype(np.float32)
-    if scaling.kind == "llama3":
-        return _llama3(inv_freq, scaling).astype(np.float32)
-    return _yarn(head_dim, base, scaling).astype(np.float32)
+    if scaling is None or scaling.dynamic:
+        return default_inv_freq(head_dim, base)
+    return _STATIC[scaling.kind](head_dim, base, scaling).astype(np.float32)
 
 
 def dynamic_inv_freq(head_dim: int, base: float, scaling: RopeScaling,
@@ -116,3 +120,9 @@ def dynamic_inv_freq(head_dim: int, base: float, scaling: RopeScaling,
     scaled = 1.0 / (base * growth) ** exponents
     # Within the original context the frequencies are exactly the unscaled ones.
     return jnp.where(length > original, scaled, jnp.asarray(default_inv_freq(head_dim, base)))
+
+
+# Each kind's static frequencies (None: computed per call from the positions).
+_STATIC = {"linear": _linear, "dynamic": None, "llama3": _llama3, "yarn": _yarn}
+_BANDED = ("llama3",)  # kinds with a low/high frequency band
+KINDS = tuple(_STATIC)

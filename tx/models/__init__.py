@@ -1,21 +1,25 @@
-"""tx models: encoder-only, decoder-only and encoder-decoder, built from a ModelConfig."""
+"""tx models: encoder-only, decoder-only and encoder-decoder, built from a ModelConfig.
+
+The config's head value chooses the model (``tx.models.heads``); ``build`` only seeds it.
+"""
 
 from flax import nnx
 
 from tx.config import ModelConfig
+from tx.models import heads
 from tx.models.decoder import DecoderLM
 from tx.models.encoder import Encoder, MaskedLM, SequenceClassifier, TokenClassifier
 from tx.models.seq2seq import Seq2Seq
 from tx.models.tower import Tower
 
-_BY_TASK = {"lm": DecoderLM, "mlm": MaskedLM, "seq_cls": SequenceClassifier,
-            "token_cls": TokenClassifier, "seq2seq": Seq2Seq}
-
 
 def build(cfg: ModelConfig, *, seed: int = 0) -> nnx.Module:
-    """The model for ``cfg.family`` / ``cfg.task``, initialised from ``seed``."""
-    return _BY_TASK[cfg.task](cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    """The model ``cfg.head`` builds, initialised from ``seed``."""
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg={type(cfg).__name__}: give a tx.config.ModelConfig (from flags: "
+                         "tx.flags.model_config(...)).")
+    return cfg.head.build(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
-__all__ = ["build", "DecoderLM", "Encoder", "MaskedLM", "SequenceClassifier",
+__all__ = ["build", "heads", "DecoderLM", "Encoder", "MaskedLM", "SequenceClassifier",
            "TokenClassifier", "Seq2Seq", "Tower", "ModelConfig"]

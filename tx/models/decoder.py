@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from kernels.masks import Causal
 from tx.config import ModelConfig
 from tx.layers import Embed
-from tx.models.heads import vocab_head
 from tx.models.tower import Tower
 
 
@@ -16,10 +16,10 @@ class DecoderLM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, rngs=rngs)
-        self.tower = Tower(cfg, embed, cfg.layer_masks(cfg.num_layers, causal=True),
+        embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        self.tower = Tower(cfg, embed, cfg.attention.layer_masks(cfg.num_layers, Causal()),
                            causal=True, rngs=rngs)
-        self.head = vocab_head(cfg, embed, rngs=rngs)
+        self.head = cfg.head.output(cfg, embed, rngs=rngs)
 
     def __call__(self, tokens_bt: jax.Array, *, positions_bt=None, segment_ids_bt=None,
                  lengths_b=None) -> jax.Array:

@@ -1,4 +1,7 @@
-"""Output heads: vocabulary logits (tied or separate) and classifiers."""
+"""Output modules: vocabulary logits (tied or separate), poolers and classifiers.
+
+The head values that choose among them (and own the losses) are in ``tx.models.heads``.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tx.config import ModelConfig
-from tx.layers import Embed, make_norm
-from tx.layers.mlp import NONLINEARITY
+from tx.layers import Embed
 
 
 def _dense(d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs, *,
@@ -23,10 +24,10 @@ def _dense(d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs, *,
 class HeadTransform(nnx.Module):
     """``norm(act(dense(x)))``, ``[B, T, D] -> [B, T, D]``: BERT's MLM prediction transform."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.dense = _dense(cfg.d_model, cfg.d_model, ("embed", "mlp"), rngs, use_bias=True)
-        self.act = NONLINEARITY[cfg.activation]
-        self.norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    def __init__(self, d_model: int, activation, norm, *, rngs: nnx.Rngs):
+        self.dense = _dense(d_model, d_model, ("embed", "mlp"), rngs, use_bias=True)
+        self.act = activation
+        self.norm = norm.build(d_model, rngs=rngs)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         return self.norm(self.act(self.dense(x_btd.astype(jnp.float32))))
@@ -65,21 +66,25 @@ class VocabHead(nnx.Module):
         return logits
 
 
-def vocab_head(cfg: ModelConfig, embed: Embed, *, rngs: nnx.Rngs) -> VocabHead:
-    """The vocabulary head ``cfg`` asks for."""
-    transform = HeadTransform(cfg, rngs=rngs) if cfg.head_transform else None
-    return VocabHead(embed, cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings, rngs=rngs,
-                     transform=transform, use_bias=cfg.head_bias, scale=cfg.head_scale)
-
-
 class ClsPooler(nnx.Module):
     """``[B, T, D] -> [B, D]``: ``tanh(dense(h[:, 0]))``, BERT's pooler on the [CLS] token."""
 
     def __init__(self, d_model: int, *, rngs: nnx.Rngs):
         self.dense = _dense(d_model, d_model, ("embed", "mlp"), rngs, use_bias=True)
 
-    def __call__(self, h_btd: jax.Array) -> jax.Array:
+    def __call__(self, h_btd: jax.Array, lengths_b: jax.Array | None = None) -> jax.Array:
         return jnp.tanh(self.dense(h_btd[:, 0].astype(jnp.float32)))
+
+
+class MeanPooler(nnx.Module):
+    """``[B, T, D] -> [B, D]``: the mean hidden state over each row's valid tokens."""
+
+    def __call__(self, h_btd: jax.Array, lengths_b: jax.Array | None = None) -> jax.Array:
+        b, t, _ = h_btd.shape
+        h_btd = h_btd.astype(jnp.float32)
+        lengths = jnp.full((b,), t, jnp.int32) if lengths_b is None else lengths_b
+        valid_bt = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)
+        return (h_btd * valid_bt[:, :, None]).sum(1) / jnp.maximum(valid_bt.sum(1), 1.0)[:, None]
 
 
 class ClassHead(nnx.Module):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from kernels.masks import Causal
 from tx.config import ModelConfig
 from tx.layers import Embed
 from tx.models.encoder import Encoder
-from tx.models.heads import vocab_head
 from tx.models.tower import Tower
 
 
@@ -21,11 +21,11 @@ class Seq2Seq(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, rngs=rngs)
+        embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.encoder = Encoder(cfg, rngs=rngs, embed=embed)
-        self.decoder = Tower(cfg, embed, cfg.layer_masks(cfg.decoder_layers, causal=True),
-                             causal=True, cross=True, rngs=rngs)
-        self.head = vocab_head(cfg, embed, rngs=rngs)
+        self.decoder = Tower(cfg, embed, cfg.head.decoder_layer_masks(cfg, Causal()), causal=True,
+                             cross=True, rngs=rngs)
+        self.head = cfg.head.output(cfg, embed, rngs=rngs)
 
     def encode(self, source_bs, *, source_lengths_b=None, source_segment_ids_bs=None,
                source_positions_bs=None) -> jax.Array:

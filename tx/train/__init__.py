@@ -1,7 +1,7 @@
 """Training: losses per task, the jitted train/eval steps, the loop with checkpoints and
 resume (``run``), evaluation, and the ablation runner (``ablate``)."""
 
-from tx.train.losses import LOSSES, loss_fn
+from tx.train.losses import loss_fn
 from tx.train.step import (TrainState, create_state, init_state, make_eval_step,
                            make_train_step, state_shardings)
 
@@ -18,5 +18,5 @@ def ablate(config, workdir, **kwargs):
     return ablation.ablate(config, workdir, **kwargs)
 
 
-__all__ = ["LOSSES", "loss_fn", "TrainState", "init_state", "create_state", "state_shardings",
+__all__ = ["loss_fn", "TrainState", "init_state", "create_state", "state_shardings",
            "make_train_step", "make_eval_step", "run", "ablate"]

@@ -1,8 +1,9 @@
 """Experiment configs: one ``ml_collections.ConfigDict`` with ``model``, ``data``, ``train`` and
 ``mesh``.
 
-``model`` holds exactly the fields of :class:`tx.config.ModelConfig` (``None`` defaults become
-typed placeholders so ``--config.model.num_kv_heads=2`` type-checks); ``data`` names a
+``model`` holds exactly the flat flags of :class:`tx.flags.ModelFlags` (``None`` defaults become
+typed placeholders so ``--config.model.num_kv_heads=2`` type-checks), which
+:func:`tx.flags.parse` turns into the value tree :class:`tx.config.ModelConfig`; ``data`` names a
 ``tx.data`` dataset and its options; ``train`` holds the loop's knobs (see :data:`TRAIN`);
 ``mesh`` the ``data``/``fsdp``/``tensor`` degrees (:class:`tx.parallel.MeshConfig`, all 1 by
 default; a config without a ``mesh`` section runs on one device).
@@ -17,6 +18,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 import typing
 from typing import Any
 
@@ -25,7 +27,9 @@ import ml_collections
 from ml_collections import config_dict
 
 from tx import data as data_lib
+from tx import flags as flags_lib
 from tx.config import ModelConfig
+from tx.flags import ModelFlags
 from tx.parallel import MeshConfig
 
 # The training knobs and their defaults; a config file overrides some of them.
@@ -64,12 +68,12 @@ class ConfigError(ValueError):
 
 
 def _hints() -> dict[str, Any]:
-    return typing.get_type_hints(ModelConfig)
+    return typing.get_type_hints(ModelFlags)
 
 
-def model_dict(cfg: ModelConfig | None = None, **changes) -> ml_collections.ConfigDict:
-    """``ModelConfig`` fields as a ConfigDict; ``None`` values become typed placeholders."""
-    cfg = dataclasses.replace(cfg or ModelConfig(), **changes)
+def model_dict(cfg: ModelFlags | None = None, **changes) -> ml_collections.ConfigDict:
+    """``ModelFlags`` fields as a ConfigDict; ``None`` values become typed placeholders."""
+    cfg = dataclasses.replace(cfg or ModelFlags(), **changes)
     out = ml_collections.ConfigDict()
     for field, hint in _hints().items():
         value = getattr(cfg, field)
@@ -80,10 +84,12 @@ def model_dict(cfg: ModelConfig | None = None, **changes) -> ml_collections.Conf
     return out
 
 
-def experiment(model: ModelConfig, *, dataset: str, seq_len: int, options: dict | None = None,
-               **train) -> ml_collections.ConfigDict:
+def experiment(model: ModelFlags, *, dataset: str, seq_len: int, options: dict | None = None,
+               extensions: tuple[str, ...] = (), **train) -> ml_collections.ConfigDict:
     """A full experiment config: ``model``, ``data`` (``name``, ``seq_len``, ``options``) and
-    ``train`` (:data:`TRAIN` updated by ``train``)."""
+    ``train`` (:data:`TRAIN` updated by ``train``). ``extensions``: Python files that register
+    variants the config names (e.g. ``[__file__]`` in a config file that registers its own);
+    :func:`resolve` imports them first, so a saved run reopens from its workdir alone."""
     unknown = sorted(set(train) - set(TRAIN))
     if unknown:
         raise ConfigError(f"train fields {unknown} do not exist; known: {sorted(TRAIN)}")
@@ -93,7 +99,34 @@ def experiment(model: ModelConfig, *, dataset: str, seq_len: int, options: dict 
                                                  options=dict(options or {})))
     config.train = ml_collections.ConfigDict({**TRAIN, **train})
     config.mesh = ml_collections.ConfigDict(MESH)
+    if extensions:
+        config.extensions = [str(pathlib.Path(p).resolve()) for p in extensions]
     return config
+
+
+_EXTENSIONS: set[str] = set()  # files imported by load_extensions in this process
+
+
+def _imported(path: str) -> bool:
+    """Whether this process already ran ``path`` (here, or as the ``--config`` file, which
+    ml_collections imports as a module)."""
+    return path in _EXTENSIONS or any(
+        getattr(m, "__file__", None) and os.path.abspath(m.__file__) == path
+        for m in list(sys.modules.values()))
+
+
+def load_extensions(config: ml_collections.ConfigDict) -> None:
+    """Imports each file of ``config.extensions`` once per process, so the names it registers
+    (patterns, positions, heads, implementations, datasets) resolve."""
+    for path in config.get("extensions", ()):
+        if _imported(path):
+            continue
+        if not pathlib.Path(path).is_file():
+            raise ConfigError(f"config.extensions: {path!r} is not a file; restore it or drop it "
+                              "from the config.")
+        spec = importlib.util.spec_from_file_location(f"_txext_{pathlib.Path(path).stem}", path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        _EXTENSIONS.add(path)
 
 
 def load_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -115,8 +148,9 @@ def sibling(this_file: str, name: str, arg: str | None = None) -> ml_collections
 
 @dataclasses.dataclass(frozen=True)
 class Resolved:
-    model: ModelConfig
+    model: ModelConfig  # the value tree
     config: ml_collections.ConfigDict  # the full config (a locked copy)
+    flags: ModelFlags  # config.model as flags
 
     @property
     def train(self):
@@ -135,17 +169,26 @@ class Resolved:
         return mesh_config(self.config)
 
 
-def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
+def model_flags(model: ml_collections.ConfigDict) -> ModelFlags:
     values = model.to_dict()
     unknown = sorted(set(values) - set(_hints()))
     if unknown:
-        raise ConfigError(f"model fields {unknown} are not ModelConfig fields; known: "
+        raise ConfigError(f"model fields {unknown} are not model flags; known: "
                           f"{sorted(_hints())}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
-        return ModelConfig(**values)
+        return ModelFlags(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model.{e}") from None
+
+
+def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
+    """The value tree of ``config.model``."""
+    flags = model_flags(model)
+    try:
+        return flags_lib.parse(flags)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model: {e}") from None
 
 
 def mesh_config(config: ml_collections.ConfigDict) -> MeshConfig:
@@ -226,19 +269,21 @@ def make_datasets(resolved: Resolved):
 
 def _check_data(resolved: Resolved):
     train_ds, _ = make_datasets(resolved)
-    m = resolved.model
-    if train_ds.task != m.task:
+    m, f = resolved.model, resolved.flags
+    if train_ds.task != f.task:
         raise ConfigError(f"config.data.name={resolved.data.name!r}: its task "
-                          f"{train_ds.task!r} does not match config.model.task={m.task!r}.")
+                          f"{train_ds.task!r} does not match config.model.task={f.task!r}.")
     if train_ds.vocab_size > m.vocab_size:
         raise ConfigError(f"config.model.vocab_size={m.vocab_size}: dataset "
                           f"{resolved.data.name!r} needs >= {train_ds.vocab_size}.")
-    if m.positions == "learned" and resolved.data.seq_len > m.max_len:
-        raise ConfigError(f"config.model.max_len={m.max_len}: learned positions need >= "
+    max_len = getattr(m.positions, "max_len", None)  # absolute positions' table size
+    if max_len is not None and resolved.data.seq_len > max_len:
+        raise ConfigError(f"config.model.max_len={max_len}: {f.positions} positions need >= "
                           f"data.seq_len={resolved.data.seq_len}.")
     num_classes = getattr(train_ds, "num_classes", None)
-    if num_classes is not None and m.num_classes < num_classes:
-        raise ConfigError(f"config.model.num_classes={m.num_classes}: dataset "
+    head_classes = getattr(m.head, "num_classes", None)
+    if num_classes is not None and head_classes is not None and head_classes < num_classes:
+        raise ConfigError(f"config.model.num_classes={head_classes}: dataset "
                           f"{resolved.data.name!r} has {num_classes} classes.")
 
 
@@ -252,7 +297,8 @@ def resolve(config: ml_collections.ConfigDict) -> Resolved:
     if unknown:
         raise ConfigError(f"config.train fields {unknown} do not exist; known: {sorted(TRAIN)}")
     _check_train(config.train)
-    resolved = Resolved(model_config(config.model), config)
+    load_extensions(config)
+    resolved = Resolved(model_config(config.model), config, model_flags(config.model))
     _check_mesh(resolved)
     _check_data(resolved)
     return resolved

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from tx import data, models
-from tx.config import ModelConfig
+from tx.flags import ModelFlags, parse
 from tx.train.step import init_state, make_eval_step, make_train_step
 
 
@@ -19,11 +19,11 @@ def run(*, steps: int = 60, batch_size: int = 16, seq_len: int = 128, seed: int 
     train_ds = data.make_dataset("bytes", batch_size=batch_size, seq_len=seq_len, seed=seed)
     eval_ds = data.make_dataset("bytes", batch_size=batch_size, seq_len=seq_len, seed=seed,
                                 split="eval")
-    cfg = ModelConfig(vocab_size=train_ds.vocab_size, d_model=128, num_heads=4, num_layers=2,
+    cfg = ModelFlags(vocab_size=train_ds.vocab_size, d_model=128, num_heads=4, num_layers=2,
                       d_ff=512, attention=attention, max_len=seq_len)
     optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 10, steps), 
                             weight_decay=0.01)
-    state = init_state(models.build(cfg, seed=seed), optimizer)
+    state = init_state(models.build(parse(cfg), seed=seed), optimizer)
     train_step, eval_step = make_train_step(state.graphdef, optimizer), make_eval_step(state.graphdef)
     params, rest, opt_state = state.params, state.rest, state.opt_state
     print_fn(f"tx demo: decoder {cfg.attention} (N={cfg.num_heads}, K={cfg.kv_heads}), "

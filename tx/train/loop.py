@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from tx import models
+from tx.layers.block import Block
 from tx import parallel as parallel_lib
 from tx.train import configs as configs_lib
 from tx.train.checkpoint import Checkpointer
@@ -42,21 +43,18 @@ class Remat(nnx.Module):
     def __init__(self, inner: nnx.Module):
         self.inner = inner
 
-    @property
-    def self_attn(self) -> nnx.Module:  # what Tower reads for decoding caches
-        return self.inner.self_attn
-
     def __call__(self, *args, **kwargs):
         return nnx.remat(lambda block, a, k: block(*a, **k))(self.inner, args, kwargs)
 
 
 def _remat_blocks(model: nnx.Module) -> None:
-    for _, node in list(nnx.iter_graph(model)):
-        blocks = getattr(node, "blocks", None)
-        if isinstance(blocks, nnx.List):
-            for i in range(len(blocks)):
-                if not isinstance(blocks[i], Remat):
-                    blocks[i] = Remat(blocks[i])
+    """Wraps every ``Block`` in place; the model is walked with ``nnx.iter_graph``, and
+    towers find their attention layers the same way, through the wrapper."""
+    for _, towers in list(nnx.iter_graph(model)):
+        if isinstance(towers, models.Tower):
+            for i, block in enumerate(towers.blocks):
+                if isinstance(block, Block):
+                    towers.blocks[i] = Remat(block)
 
 
 def build_model(resolved: Resolved) -> nnx.Module:
@@ -72,9 +70,10 @@ def param_count(params) -> int:
 
 def kv_bytes_per_token(cfg) -> int:
     """Self-attention K and V cache bytes one decoded token costs (0 for encoders)."""
-    if cfg.family == "encoder":
+    if not getattr(cfg.head, "generates", False):
         return 0
-    return 2 * cfg.decoder_layers * cfg.kv_heads * cfg.head_size * jnp.dtype(cfg.jnp_dtype).itemsize
+    layers = getattr(cfg.head, "num_layers", None) or cfg.num_layers  # seq2seq: the decoder's
+    return 2 * layers * cfg.kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
 # ----------------------------------------------------------------------------- evaluation

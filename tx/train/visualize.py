@@ -44,16 +44,7 @@ def capture_attention(model: nnx.Module):
 def attention_maps(model: nnx.Module, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
     """``[N, T, S]`` weights of the first example, one per attention call in call order."""
     model.eval()
+    first = {key: value[:1] for key, value in batch.items()}
     with capture_attention(model) as captured:
-        if model.config.task == "seq2seq":
-            model(batch["source"][:1], batch["inputs"][:1],
-                  source_lengths_b=_first(batch, "source_lengths"))
-        elif model.config.family == "encoder":
-            model(batch["inputs"][:1], lengths_b=_first(batch, "lengths"))
-        else:
-            model(batch["inputs"][:1])
+        model.config.head.loss(model, first)  # the head knows how its model reads a batch
     return [w[0] for w in captured]
-
-
-def _first(batch, key):
-    return None if key not in batch else batch[key][:1]

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tx import models
+from tx import flags, models
 from tx.config import ModelConfig
 from tx.interop.hf import bert, decoders, t5
-from tx.interop.hf.common import unsupported
+from tx.interop.hf.common import task_of, unsupported
 
 _FAMILIES = (decoders, bert, t5)
 _BY_TYPE = {name: family for family in _FAMILIES for name in family.ARCHITECTURES}
@@ -50,13 +50,14 @@ def _read_config(hf: dict | str | os.PathLike) -> dict:
 def config_from_hf(hf: dict | str | os.PathLike, **overrides) -> ModelConfig:
     """A ``ModelConfig`` from a ``config.json`` dict (or a checkpoint directory / file path).
 
-    ``overrides`` set tx fields afterwards (e.g. ``implementation=("pallas", "xla")``).
+    ``config.json`` is read into model flags (``tx.flags.ModelFlags``), which ``overrides`` (flag
+    spellings, e.g. ``implementation=("pallas", "xla")``) change before they are parsed.
     """
     hf = _read_config(hf)
     model_type = hf.get("model_type")
     fields = _family(model_type).fields(hf, model_type)
     fields.update(overrides)
-    return ModelConfig(**fields)
+    return flags.model_config(**fields)
 
 
 def model_type_of(cfg: ModelConfig) -> str:
@@ -77,7 +78,7 @@ def hf_config_from(cfg: ModelConfig) -> dict:
     model_type = model_type_of(cfg)
     family = _family(model_type)
     archs = {task: arch for arch, task in family.ARCHITECTURES[model_type].items()}
-    hf = dict(model_type=model_type, architectures=[archs[cfg.task]], dtype="float32")
+    hf = dict(model_type=model_type, architectures=[archs[task_of(cfg)]], dtype="float32")
     hf.update(family.hf_config(cfg, model_type))
     return hf
 

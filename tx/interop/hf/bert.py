@@ -10,9 +10,12 @@ exact erf GELU (tx ``gelu_exact``), not GPT-2's tanh approximation.
 
 from __future__ import annotations
 
+from kernels import masks
 from tx.config import ModelConfig
-from tx.interop.hf.common import (Entry, attention, check_architecture, dense, linear, norm,
-                                  one, unsupported)
+from tx.interop.hf.common import (Entry, activation_of, attention, check_architecture, dense,
+                                  linear, norm, one, uniform_mask, unsupported)
+from tx.layers import LayerNorm, Learned
+from tx.models import heads
 
 ARCHITECTURES = {"bert": {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "seq_cls",
                           "BertForTokenClassification": "token_cls"}}
@@ -37,7 +40,7 @@ def fields(hf: dict, model_type: str) -> dict:
         unsupported("hidden_act", act, f"tx maps {tuple(_ACTIVATIONS)}.")
     if hf["hidden_size"] % hf["num_attention_heads"]:
         unsupported("num_attention_heads", hf["num_attention_heads"], "must divide hidden_size.")
-    out = dict(family="encoder", task=task, vocab_size=hf["vocab_size"],
+    out = dict(task=task, vocab_size=hf["vocab_size"],
                d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
                num_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
                activation=_ACTIVATIONS[act], norm="layernorm", pre_norm=False,
@@ -55,38 +58,43 @@ def fields(hf: dict, model_type: str) -> dict:
 
 def model_type(cfg: ModelConfig) -> str | None:
     """``bert`` when ``cfg`` is a BERT encoder with BERT's heads, else None."""
-    body = (cfg.family == "encoder" and not cfg.layer_pattern and not cfg.pre_norm and
-            (cfg.norm, cfg.positions) == ("layernorm", "learned") and cfg.embed_norm and
-            cfg.type_vocab_size >= 1 and cfg.attention_bias and cfg.mlp_bias and
-            cfg.head_bias and cfg.activation in ("gelu_exact", "gelu", "relu") and
-            cfg.kv_heads == cfg.num_heads and cfg.head_size * cfg.num_heads == cfg.d_model and
-            cfg._split_attention()[1] in (None, "full") and cfg.attention_scale is None and
-            cfg.head_scale == 1.0)
-    heads = {"mlm": cfg.head_transform, "seq_cls": cfg.pooler == "cls" and
-             not cfg.head_transform, "token_cls": not cfg.head_transform}
-    return "bert" if body and heads.get(cfg.task, False) else None
+    a, head = cfg.attention, cfg.head
+    body = (not cfg.norm.pre and isinstance(cfg.norm, LayerNorm) and
+            isinstance(cfg.positions, Learned) and cfg.embed.norm and
+            cfg.embed.type_vocab_size >= 1 and a.bias and cfg.mlp.bias and
+            getattr(head, "bias", False) and activation_of(cfg) in _TO_HF and
+            a.kv_heads == a.num_heads and cfg.head_dim * a.num_heads == cfg.d_model and
+            uniform_mask(cfg) == masks.Full() and a.scale is None and
+            getattr(head, "scale", 1.0) == 1.0)
+    known = {heads.MLMHead: lambda: head.transform,
+             heads.Classifier: lambda: isinstance(head.pooler, heads.ClsPool),
+             heads.TokenClassifier: lambda: True}
+    return "bert" if body and known.get(type(head), lambda: False)() else None
+
+
+_TO_HF = {tx: hf for hf, tx in _ACTIVATIONS.items() if hf != "gelu_pytorch_tanh"}
 
 
 def hf_config(cfg: ModelConfig, model_type: str) -> dict:
-    act = {tx: hf for hf, tx in _ACTIVATIONS.items() if hf != "gelu_pytorch_tanh"}
     out = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-               intermediate_size=cfg.d_ff, hidden_act=act[cfg.activation],
-               max_position_embeddings=cfg.max_len, type_vocab_size=cfg.type_vocab_size,
-               layer_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    if cfg.task != "mlm":
-        labels = [f"LABEL_{i}" for i in range(cfg.num_classes)]
+               intermediate_size=cfg.mlp.d_ff, hidden_act=_TO_HF[activation_of(cfg)],
+               max_position_embeddings=cfg.positions.max_len,
+               type_vocab_size=cfg.embed.type_vocab_size, layer_norm_eps=cfg.norm.eps,
+               tie_word_embeddings=getattr(cfg.head, "tie", True), hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0)
+    if not isinstance(cfg.head, heads.MLMHead):
+        labels = [f"LABEL_{i}" for i in range(cfg.head.num_classes)]
         out.update(id2label=dict(enumerate(labels)), label2id={n: i for i, n in
                                                                 enumerate(labels)})
     return out
 
 
 def _encoder_entries(encoder, cfg: ModelConfig) -> list[Entry]:
-    tower, n, h = encoder.tower, cfg.num_heads, cfg.head_size
+    tower, n, h = encoder.tower, cfg.num_heads, cfg.head_dim
     p = "bert.embeddings."
     out = [one(p + "word_embeddings.weight", tower.embed.table_vd),
-           one(p + "position_embeddings.weight", tower.learned.table),
+           one(p + "position_embeddings.weight", tower.positions.table),
            one(p + "token_type_embeddings.weight", tower.token_types.table_vd),
            *norm(p + "LayerNorm", tower.embed_norm)]
     for i, block in enumerate(tower.blocks):
@@ -105,22 +113,22 @@ def entries(model, model_type: str) -> list[Entry]:
     cfg = model.config
     out = _encoder_entries(model.encoder, cfg)
     head = model.head
-    if cfg.task == "mlm":
+    if isinstance(cfg.head, heads.MLMHead):
         out += [*dense("cls.predictions.transform.dense", head.transform.dense),
                 *norm("cls.predictions.transform.LayerNorm", head.transform.norm),
                 # Untied, the decoder keeps its own bias and cls.predictions.bias goes unused.
-                one("cls.predictions.bias" if cfg.tie_embeddings else
+                one("cls.predictions.bias" if cfg.head.tie else
                     "cls.predictions.decoder.bias", head.bias_v)]
-        if not cfg.tie_embeddings:
+        if not cfg.head.tie:
             out.append(linear("cls.predictions.decoder.weight", head.proj.kernel))
         return out
-    if cfg.task == "seq_cls":
+    if isinstance(cfg.head, heads.Classifier):
         out += dense("bert.pooler.dense", model.pooler.dense)
     return out + dense("classifier", head.proj)
 
 
 def ignored(cfg: ModelConfig, model_type: str) -> tuple[str, ...]:
-    tied = ("cls.predictions.decoder.weight",) if cfg.tie_embeddings else \
+    tied = ("cls.predictions.decoder.weight",) if getattr(cfg.head, "tie", True) else \
         ("cls.predictions.bias",)
     return _IGNORED + tied
 

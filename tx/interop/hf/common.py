@@ -14,6 +14,37 @@ from typing import Any, Callable
 import numpy as np
 from flax import nnx
 
+from kernels import masks
+from tx import flags
+from tx.config import EmbedConfig
+from tx.models import heads
+
+# The flag name of each head kind: HF architectures map to these task names.
+_TASKS = {heads.LMHead: "lm", heads.MLMHead: "mlm", heads.Classifier: "seq_cls",
+          heads.TokenClassifier: "token_cls", heads.Seq2SeqLM: "seq2seq"}
+_ACTIVATION_NAMES = {value: name for name, value in flags.ACTIVATIONS.items()}
+
+
+def task_of(cfg) -> str | None:
+    return _TASKS.get(type(cfg.head))
+
+
+def activation_of(cfg) -> str | None:
+    """The flag name of the config's MLP activation (None for a function of your own)."""
+    return _ACTIVATION_NAMES.get((cfg.mlp.activation, cfg.mlp.gated))
+
+
+def plain_body(cfg) -> bool:
+    """No option HF's plain architectures lack: default embeddings, MHA-shaped heads of
+    ``d_model / num_heads``... (each family checks the rest)."""
+    return cfg.embed == EmbedConfig() and not getattr(cfg.head, "transform", False)
+
+
+def uniform_mask(cfg) -> masks.Mask | None:
+    """The one mask every self-attention layer uses, or None for a per-layer schedule."""
+    found = set(cfg.attention.masks)
+    return found.pop() if len(found) == 1 else None
+
 
 def unsupported(option: str, value: Any, why: str) -> None:
     raise ValueError(f"unsupported Hugging Face config option {option}={value!r}: {why}")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 
+from kernels import masks
 from tx.config import ModelConfig
-from tx.interop.hf.common import (Entry, attention, check_architecture, heads_out, linear, one,
-                                  unsupported)
-from tx.layers import RopeScaling
+from tx.interop.hf.common import (Entry, attention, check_architecture, linear, one,
+                                  plain_body, uniform_mask, unsupported)
+from tx.layers import LayerNorm, Learned, RMSNorm, RoPE, RopeScaling
+from tx.models.heads import LMHead
 
 ARCHITECTURES = {"llama": {"LlamaForCausalLM": "lm"}, "mistral": {"MistralForCausalLM": "lm"},
                  "gpt2": {"GPT2LMHeadModel": "lm"}}
@@ -73,22 +76,25 @@ def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
     return theta, None
 
 
-def _rope_parameters(cfg: ModelConfig) -> dict:
-    out = {"rope_type": "default", "rope_theta": cfg.rope_base}
-    s = cfg.rope_scaling
+_HF_EXTRAS = {  # the fields of rope_parameters beyond rope_type and factor, by kind
+    "llama3": lambda s: dict(low_freq_factor=s.low_freq_factor,
+                             high_freq_factor=s.high_freq_factor,
+                             original_max_position_embeddings=s.original_max_len),
+    "yarn": lambda s: dict(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate,
+                           attention_factor=s.attention_factor,
+                           original_max_position_embeddings=s.original_max_len)}
+
+
+def _rope_parameters(cfg: ModelConfig, max_len: int) -> dict:
+    out = {"rope_type": "default", "rope_theta": cfg.positions.base}
+    s = cfg.positions.scaling
     if s is None:
         return out
     out.update(rope_type=s.kind, factor=s.factor)
-    if s.kind == "dynamic" and s.original_max_len != cfg.max_len:
+    if s.dynamic and s.original_max_len != max_len:
         unsupported("rope_scaling.original_max_len", s.original_max_len, "HF's dynamic RoPE "
-                    f"starts scaling at max_position_embeddings; set it to max_len={cfg.max_len}.")
-    if s.kind == "llama3":
-        out.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
-                   original_max_position_embeddings=s.original_max_len)
-    if s.kind == "yarn":
-        out.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate,
-                   attention_factor=s.attention_factor,
-                   original_max_position_embeddings=s.original_max_len)
+                    f"starts scaling at max_position_embeddings; set it to {max_len}.")
+    out.update(_HF_EXTRAS.get(s.kind, lambda s: {})(s))
     return out
 
 
@@ -103,7 +109,7 @@ def _llama_like(hf: dict, model_type: str) -> dict:
         head_dim = None  # implicit, as tx configs leave it
     theta, scaling = _rope(hf)
     fields = dict(
-        family="decoder", task="lm", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        task="lm", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=num_heads,
         num_kv_heads=hf.get("num_key_value_heads") or num_heads, head_dim=head_dim,
         d_ff=hf["intermediate_size"], activation="swiglu", norm="rmsnorm", pre_norm=True,
@@ -133,7 +139,7 @@ def _gpt2(hf: dict) -> dict:
         if option in hf and bool(hf[option]) != ok:
             unsupported(option, hf[option], f"tx's GPT-2 mapping needs {option}={ok}.")
     d = hf["n_embd"]
-    return dict(family="decoder", task="lm", vocab_size=hf["vocab_size"], d_model=d,
+    return dict(task="lm", vocab_size=hf["vocab_size"], d_model=d,
                 num_layers=hf["n_layer"], num_heads=hf["n_head"],
                 d_ff=hf.get("n_inner") or 4 * d, activation="gelu", norm="layernorm",
                 pre_norm=True, positions="learned", max_len=hf["n_positions"],
@@ -149,69 +155,71 @@ def fields(hf: dict, model_type: str) -> dict:
 
 def model_type(cfg: ModelConfig) -> str | None:
     """``llama`` / ``mistral`` / ``gpt2`` when ``cfg`` is one of them, else None."""
-    if cfg.family != "decoder" or cfg.layer_pattern or cfg.type_vocab_size or cfg.embed_norm \
-            or cfg.head_transform or cfg.head_bias or cfg.head_scale != 1.0 or \
-            cfg.attention_scale is not None:
+    head, a, mlp = cfg.head, cfg.attention, cfg.mlp
+    if not (isinstance(head, LMHead) and plain_body(cfg) and not head.bias and
+            head.scale == 1.0 and a.scale is None and cfg.norm.pre):
         return None
-    pattern = cfg._split_attention()[1]
-    if (cfg.norm, cfg.activation, cfg.positions) == ("rmsnorm", "swiglu", "rope") and \
-            cfg.pre_norm:
-        if pattern == "local":
+    mask = uniform_mask(cfg)
+    if isinstance(cfg.norm, RMSNorm) and isinstance(cfg.positions, RoPE) and \
+            (mlp.activation, mlp.gated) == (jax.nn.silu, True):
+        if isinstance(mask, masks.Local) and mask.right == 0:
             return "mistral"
-        if pattern in (None, "full", "causal"):
+        if mask == masks.Causal():
             return "llama"
-        unsupported("attention", cfg.attention, "no HF LLaMA/Mistral equivalent.")
-    if (cfg.norm, cfg.activation, cfg.positions) == ("layernorm", "gelu", "learned") and \
-            cfg.pre_norm and cfg.attention_bias and cfg.mlp_bias and \
-            pattern in (None, "full", "causal") and cfg.kv_heads == cfg.num_heads:
+        unsupported("attention.masks", a.masks, "no HF LLaMA/Mistral equivalent.")
+    if isinstance(cfg.norm, LayerNorm) and isinstance(cfg.positions, Learned) and \
+            (mlp.activation, mlp.gated) == (jax.nn.gelu, False) and a.bias and mlp.bias and mask == masks.Causal() \
+            and a.kv_heads == a.num_heads:
         return "gpt2"
     return None
 
 
 def hf_config(cfg: ModelConfig, model_type: str) -> dict:
+    tie = cfg.head.tie
     if model_type == "gpt2":
-        if cfg.head_size * cfg.num_heads != cfg.d_model:
+        if cfg.head_dim * cfg.num_heads != cfg.d_model:
             unsupported("head_dim", cfg.head_dim, "GPT-2 needs head_dim * num_heads == d_model.")
         return dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.num_layers,
-                    n_head=cfg.num_heads, n_inner=cfg.d_ff, n_positions=cfg.max_len,
-                    activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
-                    tie_word_embeddings=cfg.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
-                    attn_pdrop=0.0)
+                    n_head=cfg.num_heads, n_inner=cfg.mlp.d_ff,
+                    n_positions=cfg.positions.max_len, activation_function="gelu_new",
+                    layer_norm_epsilon=cfg.norm.eps, tie_word_embeddings=tie, resid_pdrop=0.0,
+                    embd_pdrop=0.0, attn_pdrop=0.0)
+    max_len = cfg.positions.trained_len or 2048  # RoPE has no table; HF records a length
     hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
-              intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
+              intermediate_size=cfg.mlp.d_ff, num_hidden_layers=cfg.num_layers,
               num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
-              head_dim=cfg.head_size, hidden_act="silu", max_position_embeddings=cfg.max_len,
-              rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-              rope_theta=cfg.rope_base, rope_parameters=_rope_parameters(cfg),
+              head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=max_len,
+              rms_norm_eps=cfg.norm.eps, tie_word_embeddings=tie,
+              rope_theta=cfg.positions.base, rope_parameters=_rope_parameters(cfg, max_len),
               attention_dropout=0.0)
     if model_type == "llama":
-        hf.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+        hf.update(attention_bias=cfg.attention.bias, mlp_bias=cfg.mlp.bias)
     else:
-        if cfg.attention_bias or cfg.mlp_bias:
+        if cfg.attention.bias or cfg.mlp.bias:
             unsupported("attention_bias", True, "Mistral has no projection biases.")
-        hf.update(sliding_window=cfg.window)
+        hf.update(sliding_window=uniform_mask(cfg).left + 1)  # Local(W - 1): W keys
     return hf
 
 
 # -- weights -----------------------------------------------------------------------------------
 def _llama_entries(model, cfg: ModelConfig) -> list[Entry]:
     tower = model.tower
-    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_dim
     out = [one("model.embed_tokens.weight", tower.embed.table_vd),
            one("model.norm.weight", tower.final_norm.scale)]
-    if not cfg.tie_embeddings:
+    if not cfg.head.tie:
         out.append(linear("lm_head.weight", model.head.proj.kernel))
     for i, block in enumerate(tower.blocks):
         p, mlp = f"model.layers.{i}.", block.mlp
         out += attention(p + "self_attn.", block.self_attn, ("q_proj", "k_proj", "v_proj",
                                                              "o_proj"), n, k, h,
-                         bias=cfg.attention_bias)
+                         bias=cfg.attention.bias)
         out += [linear(p + "mlp.gate_proj.weight", mlp.wi_gate.kernel),
                 linear(p + "mlp.up_proj.weight", mlp.wi_up.kernel),
                 linear(p + "mlp.down_proj.weight", mlp.wo.kernel),
                 one(p + "input_layernorm.weight", block.norms[0].scale),
                 one(p + "post_attention_layernorm.weight", block.norms[1].scale)]
-        if cfg.mlp_bias:
+        if cfg.mlp.bias:
             out += [one(p + "mlp.gate_proj.bias", mlp.wi_gate.bias),
                     one(p + "mlp.up_proj.bias", mlp.wi_up.bias),
                     one(p + "mlp.down_proj.bias", mlp.wo.bias)]
@@ -220,12 +228,12 @@ def _llama_entries(model, cfg: ModelConfig) -> list[Entry]:
 
 def _gpt2_entries(model, cfg: ModelConfig) -> list[Entry]:
     tower = model.tower
-    n, h, d = cfg.num_heads, cfg.head_size, cfg.d_model
+    n, h, d = cfg.num_heads, cfg.head_dim, cfg.d_model
     out = [one("transformer.wte.weight", tower.embed.table_vd),
-           one("transformer.wpe.weight", tower.learned.table),
+           one("transformer.wpe.weight", tower.positions.table),
            one("transformer.ln_f.weight", tower.final_norm.scale),
            one("transformer.ln_f.bias", tower.final_norm.bias)]
-    if not cfg.tie_embeddings:
+    if not cfg.head.tie:
         out.append(linear("lm_head.weight", model.head.proj.kernel))
     for i, block in enumerate(tower.blocks):
         p, attn, mlp = f"transformer.h.{i}.", block.self_attn, block.mlp
@@ -259,7 +267,7 @@ def entries(model, model_type: str) -> list[Entry]:
 
 def ignored(cfg: ModelConfig, model_type: str) -> tuple[str, ...]:
     """Tensor names (suffixes) a checkpoint may carry that tx does not need."""
-    return IGNORED + (("lm_head.weight",) if cfg.tie_embeddings else ())
+    return IGNORED + (("lm_head.weight",) if cfg.head.tie else ())
 
 
 def prepare(tensors: dict, model_type: str) -> dict:

@@ -1,0 +1,211 @@
+"""Heads as values: each builds its model, owns its loss and says what its batch needs.
+
+The head is the config's answer to "what is this model for": ``LMHead`` (decoder-only LM),
+``MLMHead``, ``Classifier`` and ``TokenClassifier`` (encoder-only), ``Seq2SeqLM``
+(encoder-decoder). The model family follows from it. A new head is one file: a frozen
+dataclass with ``build(config, *, rngs)`` and ``loss(model, batch)`` (see
+``examples/extending/span_head.py``), registered for flags with ``tx.flags.register_head``.
+
+Losses are fp32 means over weighted tokens; their metrics are sums and counts so they
+aggregate exactly across steps and devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from tx.models import encoder as encoder_lib
+from tx.models.decoder import DecoderLM
+from tx.models.encoder import MaskedLM, SequenceClassifier
+from tx.models.outputs import ClsPooler, HeadTransform, MeanPooler, VocabHead
+from tx.models.seq2seq import Seq2Seq
+
+
+# -- losses shared by the heads -----------------------------------------------------------------
+def token_loss(logits_btv, targets_bt, weights_bt) -> tuple[jax.Array, dict]:
+    """Weighted mean cross-entropy over tokens, with sum/count metrics."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
+    weights = weights_bt.astype(jnp.float32)
+    count = jnp.maximum(weights.sum(), 1.0)
+    correct = (logits_btv.argmax(-1) == targets_bt).astype(jnp.float32)
+    metrics = {"loss_sum": (ce * weights).sum(), "correct": (correct * weights).sum(),
+               "count": weights.sum()}
+    return (ce * weights).sum() / count, metrics
+
+
+def class_loss(logits_bc, labels_b) -> tuple[jax.Array, dict]:
+    """Mean cross-entropy over examples, with sum/count metrics."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_bc, labels_b)
+    correct = (logits_bc.argmax(-1) == labels_b).astype(jnp.float32)
+    count = jnp.float32(labels_b.shape[0])
+    return ce.mean(), {"loss_sum": ce.sum(), "correct": correct.sum(), "count": count}
+
+
+def _packing(batch) -> dict:
+    return {"segment_ids_bt": batch.get("segment_ids"), "positions_bt": batch.get("positions")}
+
+
+def _check_classes(field: str, num_classes) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"head.{field}={num_classes!r}: a classifier needs an integer >= 2.")
+
+
+# -- vocabulary heads ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _VocabLogits:
+    """``[B, T, D] -> [B, T, V]`` through the embedding table when ``tie``; ``bias`` and
+    ``scale`` (on the hidden state) are there for imported checkpoints (BERT, T5)."""
+
+    tie: bool = True
+    bias: bool = False
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if not self.scale > 0:
+            raise ValueError(f"head.scale={self.scale!r}: must be > 0 (1.0 leaves the head "
+                             "alone).")
+
+    def output(self, cfg, embed, *, rngs: nnx.Rngs, transform=None) -> VocabHead:
+        return VocabHead(embed, cfg.d_model, cfg.vocab_size, tied=self.tie, rngs=rngs,
+                         transform=transform, use_bias=self.bias, scale=self.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMHead(_VocabLogits):
+    """Next-token prediction with a causal decoder (GPT, LLaMA, Mistral)."""
+
+    causal = True
+    generates = True
+    batch_keys = ("inputs", "targets", "weights")
+
+    def build(self, cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+        return DecoderLM(cfg, rngs=rngs)
+
+    def loss(self, model, batch):
+        logits = model(batch["inputs"], **_packing(batch))
+        return token_loss(logits, batch["targets"], batch["weights"])
+
+
+@dataclasses.dataclass(frozen=True)
+class MLMHead(_VocabLogits):
+    """Masked-token prediction with a bidirectional encoder (BERT); ``transform`` adds BERT's
+    dense + activation + norm before the vocabulary projection."""
+
+    transform: bool = False
+    causal = False
+    generates = False
+    batch_keys = ("inputs", "targets", "weights")
+
+    def build(self, cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+        return MaskedLM(cfg, rngs=rngs)
+
+    def output(self, cfg, embed, *, rngs: nnx.Rngs, transform=None) -> VocabHead:
+        if self.transform:
+            transform = HeadTransform(cfg.d_model, cfg.mlp.activation, cfg.norm, rngs=rngs)
+        return super().output(cfg, embed, rngs=rngs, transform=transform)
+
+    def loss(self, model, batch):
+        logits = model(batch["inputs"], lengths_b=batch.get("lengths"), **_packing(batch))
+        return token_loss(logits, batch["targets"], batch["weights"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqLM(_VocabLogits):
+    """An encoder-decoder (original Transformer, T5): the encoder is the config's tower, the
+    decoder has ``num_layers`` causal blocks (None: as many as the encoder) with their own
+    mask schedule (empty: ``Causal()``), cross-attending to the encoder output."""
+
+    num_layers: int | None = None
+    masks: tuple = ()
+    causal = False  # the encoder's self-attention; the decoder is causal by construction
+    generates = True
+    batch_keys = ("source", "inputs", "targets", "weights")
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "masks", tuple(self.masks))
+        if self.num_layers is not None and (not isinstance(self.num_layers, int) or
+                                            self.num_layers < 1):
+            raise ValueError(f"head.num_layers={self.num_layers!r}: a positive integer, or "
+                             "None for as many decoder layers as encoder layers.")
+
+    def decoder_layer_masks(self, cfg, default) -> tuple:
+        schedule = self.masks or (default,)
+        n = self.num_layers or cfg.num_layers
+        return tuple(schedule[i % len(schedule)] for i in range(n))
+
+    def build(self, cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+        return Seq2Seq(cfg, rngs=rngs)
+
+    def loss(self, model, batch):
+        logits = model(batch["source"], batch["inputs"],
+                       source_lengths_b=batch.get("source_lengths"))
+        return token_loss(logits, batch["targets"], batch["weights"])
+
+
+# -- classifiers --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MeanPool:
+    """A sequence's mean hidden state over its valid tokens."""
+
+    def build(self, d_model: int, *, rngs: nnx.Rngs) -> nnx.Module:
+        return MeanPooler()
+
+
+@dataclasses.dataclass(frozen=True)
+class ClsPool:
+    """BERT's pooler: ``tanh(dense(h))`` of the first ([CLS]) token."""
+
+    def build(self, d_model: int, *, rngs: nnx.Rngs) -> nnx.Module:
+        return ClsPooler(d_model, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """One label per sequence from a pooled encoder output."""
+
+    num_classes: int = 2
+    pooler: object = MeanPool()
+    bias: bool = False
+    causal = False
+    generates = False
+    batch_keys = ("inputs", "labels")
+
+    def __post_init__(self):
+        _check_classes("num_classes", self.num_classes)
+        if not callable(getattr(self.pooler, "build", None)):
+            raise ValueError(f"head.pooler={self.pooler!r}: give MeanPool() or ClsPool().")
+
+    def build(self, cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+        return SequenceClassifier(cfg, rngs=rngs)
+
+    def loss(self, model, batch):
+        return class_loss(model(batch["inputs"], lengths_b=batch.get("lengths")),
+                          batch["labels"])
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenClassifier:
+    """One label per token (tagging) from the encoder output."""
+
+    num_classes: int = 2
+    bias: bool = False
+    causal = False
+    generates = False
+    batch_keys = ("inputs", "targets", "weights")
+
+    def __post_init__(self):
+        _check_classes("num_classes", self.num_classes)
+
+    def build(self, cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+        return encoder_lib.TokenClassifier(cfg, rngs=rngs)
+
+    def loss(self, model, batch):
+        logits = model(batch["inputs"], lengths_b=batch.get("lengths"), **_packing(batch))
+        return token_loss(logits, batch["targets"], batch["weights"])
+
