@@ -44,7 +44,7 @@ def chunked_attention(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, 
             logits = logits + rows(bias, axis=2).astype(jnp.float32)
         logits = jnp.where(visible, logits, -1e30)
         # Rows that see nothing get zeros: their uniform softmax is multiplied by 0.
-        probs = jax.nn.softmax(logits, axis=-1) * visible
+        probs = jnp.where(visible, jax.nn.softmax(logits, axis=-1), 0.0)
         return jnp.einsum("BNCS,BSNH->BCNH", probs.astype(v.dtype), v,
                           preferred_element_type=jnp.float32)
 

@@ -125,3 +125,22 @@ def test_registered_pattern_works_from_flags():
 def test_bad_rope_scaling_names_field(changes, field):
     with pytest.raises(ValueError, match=rf"\b{field}="):
         RopeScaling(**{"kind": "linear", "factor": 2.0, **changes})
+
+
+def test_config_module_imports_nothing_from_kernels_or_layers():
+    """tx.config is a leaf of the import graph: importing it loads neither package."""
+    import subprocess
+    import sys
+    code = ("import sys, tx.config; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kernels' "
+            "or m.startswith('tx.') and m != 'tx.config'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_registries_are_reachable_from_the_package():
+    import tx
+    assert tx.register_pattern is flags.register_pattern
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        tx.no_such_thing  # noqa: B018

@@ -2,6 +2,7 @@
 `RMSNorm(eps, pre)` / `LayerNorm(eps, pre)` that build them."""
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -28,12 +29,27 @@ def make_norm(kind: str, d_model: int, *, eps: float = 1e-6, dtype=jnp.float32,
     return _BUILDERS[kind](d_model, common)
 
 
+# Flax's norms promote half-precision statistics to fp32 on purpose (jnp.promote_types), which
+# jax_numpy_dtype_promotion='strict' forbids; the promotion is scoped to them, so every other
+# mixed-dtype operation in a model still fails loudly under strict tests.
+class _LayerNorm(nnx.LayerNorm):
+    def __call__(self, x, mask=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return super().__call__(x, mask=mask)
+
+
+class _RMSNorm(nnx.RMSNorm):
+    def __call__(self, x, mask=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return super().__call__(x, mask=mask)
+
+
 def _layernorm(d_model, common):
-    return nnx.LayerNorm(d_model, bias_init=_embed_axis(nnx.initializers.zeros_init()), **common)
+    return _LayerNorm(d_model, bias_init=_embed_axis(nnx.initializers.zeros_init()), **common)
 
 
 def _rmsnorm(d_model, common):
-    return nnx.RMSNorm(d_model, **common)
+    return _RMSNorm(d_model, **common)
 
 
 _BUILDERS = {'layernorm': _layernorm, 'rmsnorm': _rmsnorm}

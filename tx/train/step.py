@@ -94,7 +94,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
             (_, (metrics, new_rest)), grads = jax.value_and_grad(loss, has_aux=True)(params,
                                                                                      rest)
             metrics["grad_norm"] = optax.tree.norm(grads)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            # Optax mixes Python floats with int32 step counts (bias correction); the model
+            # above runs under whatever promotion the caller set (strict in the tests).
+            with jax.numpy_dtype_promotion("standard"):
+                updates, opt_state = optimizer.update(grads, opt_state, params)
             if hasattr(opt_state, "notfinite_count"):  # optax.apply_if_finite's guard
                 metrics["nonfinite"] = opt_state.notfinite_count
             return optax.apply_updates(params, updates), new_rest, opt_state, metrics
