@@ -159,9 +159,6 @@ class ModelConfig:
         if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                          jnp.dtype(jnp.float16)):
             _fail("dtype", self.dtype, "use jnp.float32, jnp.bfloat16 or jnp.float16.")
-        check = getattr(self.head, "check", None)
-        if callable(check):  # a head may need more of the config (e.g. a decoder's layers)
-            check(self)
 
     @property
     def head_dim(self) -> int:

@@ -26,6 +26,7 @@ from flax import nnx
 from tx.attention.paged import ForkPlan, PagedKVCache
 from tx.inference.paged_cache import PagePool
 from tx.inference.sampling import Greedy
+from tx.models import Seq2Seq, Tower
 
 PAD = 0
 
@@ -125,7 +126,6 @@ def _finish(done, new, stop_tokens):
 def decoding_attentions(model) -> list[nnx.Module]:
     """The self-attention layers that decode (a seq2seq model's decoder, a decoder's tower),
     found by walking the graph for the towers whose layers hold a cache."""
-    from tx.models import Seq2Seq, Tower  # models import nothing from inference
     skip = model.encoder.tower if isinstance(model, Seq2Seq) else None
     return [attn for _, tower in nnx.iter_graph(model)
             if isinstance(tower, Tower) and tower is not skip
