@@ -44,6 +44,12 @@ def _is_mask(value: Any) -> bool:
     return all(callable(getattr(value, m, None)) for m in ("predicate", "dense", "tile_map"))
 
 
+def cycle(schedule: tuple, num_layers: int, default) -> tuple:
+    """``schedule`` repeated over ``num_layers`` layers (``default`` everywhere when empty)."""
+    schedule = schedule or (default,)
+    return tuple(schedule[i % len(schedule)] for i in range(num_layers))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
     """The three axes of self-attention, plus the projections' options.
@@ -98,8 +104,7 @@ class AttentionConfig:
 
     def layer_masks(self, num_layers: int, default) -> tuple:
         """One mask per layer: the schedule cycled, or ``default`` everywhere."""
-        schedule = self.masks or (default,)
-        return tuple(schedule[i % len(schedule)] for i in range(num_layers))
+        return cycle(self.masks, num_layers, default)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

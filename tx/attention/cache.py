@@ -35,14 +35,6 @@ def kv_buffer(shape, dtype) -> nnx.Cache:
     return nnx.Cache(jnp.zeros(shape, dtype), out_sharding=KV_NAMES, eager_sharding=False)
 
 
-def attend_cached(q_btnh, k, v, q_pos_bt, kv_pos_bs, *, mask, scale, implementation,
-                  positions, segment_ids=None, kv_lengths=None) -> jax.Array:
-    """Attention over a cache's keys, the mask and the position bias taken at the positions
-    the cache reports."""
-    return registry.attend(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
-                           kv_lengths=kv_lengths, bias=positions.bias(q_pos_bt, kv_pos_bs),
-                           scale=scale, implementation=implementation, q_positions=q_pos_bt,
-                           kv_positions=kv_pos_bs)
 
 
 class _NoCache:
@@ -72,9 +64,11 @@ class _RowCache(nnx.Module):
     def attend(self, q_btnh, k_new, v_new, positions_bt=None, *, mask, scale, implementation,
                positions, segment_ids=None, kv_lengths=None, cross=False) -> jax.Array:
         k, v, q_pos, kv_pos = self.update(k_new, v_new)
-        return attend_cached(q_btnh, k, v, q_pos, kv_pos, mask=mask, scale=scale,
-                             implementation=implementation, positions=positions,
-                             segment_ids=segment_ids, kv_lengths=kv_lengths)
+        # The mask and the position bias are taken at the positions the cache reports.
+        return registry.attend(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
+                               kv_lengths=kv_lengths, bias=positions.bias(q_pos, kv_pos),
+                               scale=scale, implementation=implementation, q_positions=q_pos,
+                               kv_positions=kv_pos)
 
     def fork(self, n: int) -> None:
         # `set_value` rather than `[...] =`: the row count changes.

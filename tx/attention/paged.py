@@ -25,7 +25,6 @@ from flax import nnx
 
 from kernels import masks as masks_lib
 from tx.attention import registry
-from tx.attention.cache import attend_cached
 
 
 def copy_page_pairs(k_pages: jax.Array, v_pages: jax.Array, src: jax.Array,
@@ -153,8 +152,8 @@ class PagedKVCache(nnx.Module):
         t = q_btnh.shape[1]
         q_pos, kv_pos = self._positions(t)
         implementation = tuple(implementation)
-        plain = segment_ids is None and kv_lengths is None and \
-            positions.bias(q_pos, kv_pos) is None
+        bias = positions.bias(q_pos, kv_pos)
+        plain = segment_ids is None and kv_lengths is None and bias is None
         lengths = jnp.full((q_btnh.shape[0],), self.index[...], jnp.int32)
         first = 0  # the first implementation the general path may use
         for name in implementation if plain else ():
@@ -169,6 +168,7 @@ class PagedKVCache(nnx.Module):
         if first == len(implementation):
             first = 0  # every name declined: the registry says why
         k, v = self._gather()
-        return attend_cached(q_btnh, k, v, q_pos, kv_pos, mask=mask, scale=scale,
-                             implementation=implementation[first:], positions=positions,
-                             segment_ids=segment_ids, kv_lengths=kv_lengths)
+        return registry.attend(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
+                               kv_lengths=kv_lengths, bias=bias, scale=scale,
+                               implementation=implementation[first:], q_positions=q_pos,
+                               kv_positions=kv_pos)

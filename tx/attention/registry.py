@@ -2,7 +2,8 @@
 
 An implementation is a function with the signature of ``kernels.reference.attention``,
 named here by ``register`` (the single source of implementation names: configs and flags
-accept exactly these, ``names()``) or passed directly as a callable. When it cannot serve a case (a mask it does not support, no GPU, custom positions...) it raises
+accept exactly these, ``names()``) or passed directly as a callable. When it cannot serve a
+case (a mask it does not support, no GPU, custom positions...) it raises
 ``NotImplementedError`` at trace time and ``attend`` tries the next name. The library never
 branches on implementation strings anywhere else. Under an active device mesh
 (``tx.parallel.use``) XLA partitions the ``xla`` einsums itself; the Pallas kernel runs per

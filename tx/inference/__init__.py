@@ -5,5 +5,6 @@ from tx.inference.generation import Contiguous, Generation, Paged, Recompute, ge
 from tx.inference.paged_cache import OutOfPages, PagePool, copy_pages, write_kv
 from tx.inference.sampling import Greedy, Sample, filter_logits
 
-__all__ = ["generate", "beam_search", "Generation", "Contiguous", "Paged", "Recompute", "Greedy", "Sample", "filter_logits",
+__all__ = ["generate", "beam_search", "Generation", "Contiguous", "Paged", "Recompute",
+           "Greedy", "Sample", "filter_logits",
            "PagePool", "OutOfPages", "copy_pages", "write_kv"]

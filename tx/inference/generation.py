@@ -67,9 +67,7 @@ class Recompute:
     cached = False
 
     def install(self, model, prompt_bt, max_new_tokens: int, *, forks: int = 1) -> None:
-        if forks > 1:
-            raise ValueError("cache=Recompute() has nothing to fork; beam search needs "
-                             "Contiguous() or Paged().")
+        pass  # nothing to allocate
 
 
 @dataclasses.dataclass
@@ -95,7 +93,7 @@ def _check(model, prompt_bt, max_new_tokens, cache, source_bs):
     if not getattr(cfg.head, "generates", False):
         raise ValueError(f"head={cfg.head!r} does not generate; use a decoder (LMHead) or an "
                          "encoder-decoder (Seq2SeqLM) model.")
-    seq2seq = hasattr(model, "encode")
+    seq2seq = isinstance(model, Seq2Seq)
     if seq2seq != (source_bs is not None):
         raise ValueError("source_bs is required for an encoder-decoder model and must be None "
                          f"for a decoder-only one (this one is {type(model).__name__}).")
@@ -124,8 +122,8 @@ def _finish(done, new, stop_tokens):
 
 
 def decoding_attentions(model) -> list[nnx.Module]:
-    """The self-attention layers that decode (a seq2seq model's decoder, a decoder's tower),
-    found by walking the graph for the towers whose layers hold a cache."""
+    """The self-attention layers that decode, in layer order: those of every tower found by
+    walking the graph, except a seq2seq model's encoder."""
     skip = model.encoder.tower if isinstance(model, Seq2Seq) else None
     return [attn for _, tower in nnx.iter_graph(model)
             if isinstance(tower, Tower) and tower is not skip

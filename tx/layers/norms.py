@@ -32,16 +32,18 @@ def make_norm(kind: str, d_model: int, *, eps: float = 1e-6, dtype=jnp.float32,
 # Flax's norms promote half-precision statistics to fp32 on purpose (jnp.promote_types), which
 # jax_numpy_dtype_promotion='strict' forbids; the promotion is scoped to them, so every other
 # mixed-dtype operation in a model still fails loudly under strict tests.
-class _LayerNorm(nnx.LayerNorm):
+class _StandardPromotion:
     def __call__(self, x, mask=None):
         with jax.numpy_dtype_promotion("standard"):
             return super().__call__(x, mask=mask)
 
 
-class _RMSNorm(nnx.RMSNorm):
-    def __call__(self, x, mask=None):
-        with jax.numpy_dtype_promotion("standard"):
-            return super().__call__(x, mask=mask)
+class _LayerNorm(_StandardPromotion, nnx.LayerNorm):
+    pass
+
+
+class _RMSNorm(_StandardPromotion, nnx.RMSNorm):
+    pass
 
 
 def _layernorm(d_model, common):

@@ -29,8 +29,6 @@ from tx.layers.rope_scaling import RopeScaling, dynamic_inv_freq, static_inv_fre
 class Positions(nnx.Module):
     """A tower's position module; the base class adds no position information (NoPE)."""
 
-    max_len: int | None = None  # positions this scheme can represent (None: any)
-
     def embed(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
         """The token embeddings `[B, T, D]` with absolute positions mixed in."""
         return x_btd

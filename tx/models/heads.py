@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from tx.config import cycle
 from tx.models import encoder as encoder_lib
 from tx.models.decoder import DecoderLM
 from tx.models.encoder import MaskedLM, SequenceClassifier
@@ -48,6 +49,12 @@ def class_loss(logits_bc, labels_b) -> tuple[jax.Array, dict]:
 
 def _packing(batch) -> dict:
     return {"segment_ids_bt": batch.get("segment_ids"), "positions_bt": batch.get("positions")}
+
+
+def _encoder_token_loss(model, batch):
+    """Per-token labels from a bidirectional encoder (masked LM, tagging)."""
+    logits = model(batch["inputs"], lengths_b=batch.get("lengths"), **_packing(batch))
+    return token_loss(logits, batch["targets"], batch["weights"])
 
 
 def _check_classes(field: str, num_classes) -> None:
@@ -110,8 +117,7 @@ class MLMHead(_VocabLogits):
         return super().output(cfg, embed, rngs=rngs, transform=transform)
 
     def loss(self, model, batch):
-        logits = model(batch["inputs"], lengths_b=batch.get("lengths"), **_packing(batch))
-        return token_loss(logits, batch["targets"], batch["weights"])
+        return _encoder_token_loss(model, batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +141,7 @@ class Seq2SeqLM(_VocabLogits):
                              "None for as many decoder layers as encoder layers.")
 
     def decoder_layer_masks(self, cfg, default) -> tuple:
-        schedule = self.masks or (default,)
-        n = self.num_layers or cfg.num_layers
-        return tuple(schedule[i % len(schedule)] for i in range(n))
+        return cycle(self.masks, self.num_layers or cfg.num_layers, default)
 
     def build(self, cfg, *, rngs: nnx.Rngs) -> nnx.Module:
         return Seq2Seq(cfg, rngs=rngs)
@@ -206,6 +210,5 @@ class TokenClassifier:
         return encoder_lib.TokenClassifier(cfg, rngs=rngs)
 
     def loss(self, model, batch):
-        logits = model(batch["inputs"], lengths_b=batch.get("lengths"), **_packing(batch))
-        return token_loss(logits, batch["targets"], batch["weights"])
+        return _encoder_token_loss(model, batch)
 

@@ -184,7 +184,10 @@ def model_flags(model: ml_collections.ConfigDict) -> ModelFlags:
 
 def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
     """The value tree of ``config.model``."""
-    flags = model_flags(model)
+    return _parse(model_flags(model))
+
+
+def _parse(flags: ModelFlags) -> ModelConfig:
     try:
         return flags_lib.parse(flags)
     except (TypeError, ValueError) as e:
@@ -298,7 +301,8 @@ def resolve(config: ml_collections.ConfigDict) -> Resolved:
         raise ConfigError(f"config.train fields {unknown} do not exist; known: {sorted(TRAIN)}")
     _check_train(config.train)
     load_extensions(config)
-    resolved = Resolved(model_config(config.model), config, model_flags(config.model))
+    flags = model_flags(config.model)
+    resolved = Resolved(_parse(flags), config, flags)
     _check_mesh(resolved)
     _check_data(resolved)
     return resolved

@@ -35,8 +35,8 @@ def activation_of(cfg) -> str | None:
 
 
 def plain_body(cfg) -> bool:
-    """No option HF's plain architectures lack: default embeddings, MHA-shaped heads of
-    ``d_model / num_heads``... (each family checks the rest)."""
+    """No option HF's plain architectures lack: default input embeddings and no MLM
+    transform (each family checks the rest)."""
     return cfg.embed == EmbedConfig() and not getattr(cfg.head, "transform", False)
 
 

@@ -168,8 +168,8 @@ def model_type(cfg: ModelConfig) -> str | None:
             return "llama"
         unsupported("attention.masks", a.masks, "no HF LLaMA/Mistral equivalent.")
     if isinstance(cfg.norm, LayerNorm) and isinstance(cfg.positions, Learned) and \
-            (mlp.activation, mlp.gated) == (jax.nn.gelu, False) and a.bias and mlp.bias and mask == masks.Causal() \
-            and a.kv_heads == a.num_heads:
+            (mlp.activation, mlp.gated) == (jax.nn.gelu, False) and a.bias and mlp.bias and \
+            mask == masks.Causal() and a.kv_heads == a.num_heads:
         return "gpt2"
     return None
 
