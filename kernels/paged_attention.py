@@ -22,6 +22,13 @@ bound). Other masks visit every page up to the length. Inside the range, each lo
 loads ``pages_per_block`` pages; slots past the range are redirected to the range's last page
 (already in cache) and masked, so no page outside the range is ever read.
 
+Bad page ids. Concrete block tables are checked on the host (``check_block_tables``). A traced
+one cannot raise, so an id outside ``[0, P)`` marks its page *empty*: its keys are masked and
+its values zeroed, exactly as if those positions were past the sequence's length; clamping it
+instead would read (leak) another sequence's page. The load itself stays clamped in bounds.
+``checked_paged_attention`` (also ``paged_attention.checked``) adds ``checkify`` checks of the
+traced tables and lengths for debugging.
+
 Reference: ``kernels.reference.paged_attention`` (gather the pages, then dense attention).
 """
 
@@ -36,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import checkify
 from jax.experimental import pallas as pl
 
 from kernels import block_sizes as block_sizes_lib
@@ -47,7 +55,8 @@ from kernels.online_softmax import LOG2E
 from kernels.online_softmax import dot as _dot
 from kernels.online_softmax import precision as _precision
 
-__all__ = ["paged_attention", "page_bounds", "visited_pages"]
+__all__ = ["paged_attention", "checked_paged_attention", "check_block_tables", "page_bounds",
+           "visited_pages"]
 
 # Columns of the per-(sequence, split) meta row the kernel reads.
 _START, _STOP, _LENGTH = 0, 1, 2
@@ -150,25 +159,36 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
     qk_scale = cfg.scale * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
     def load(first):
-        """K and V of pages ``first .. first + ppb - 1``: ``[block_k, Hp]`` each."""
+        """K and V of pages ``first .. first + ppb - 1`` (``[block_k, Hp]`` each, V zeroed
+        on empty pages) and which keys lie on a real page (``[1, block_k]`` or a scalar).
+
+        Table entries are ``-1`` for an out-of-range page id (see ``_paged_jit``): such a page
+        is loaded from page 0, to stay in bounds, and then masked as empty."""
         if ppb == 1:
             page_id = table_ref[first]
-            return k_ref[page_id], v_ref[page_id]                          # [L, Hp]
+            real = page_id >= 0
+            page_id = jnp.maximum(page_id, 0)
+            v = jnp.where(real, v_ref[page_id], 0)
+            return k_ref[page_id], v, real                                # [L, Hp]
         slots = first + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
         # Slots past the range re-read its last page (masked below): never a foreign page.
         ids = jnp.where(slots < stop, table_ref[pl.ds(first, ppb)], table_ref[stop - 1])
+        real = ids >= 0                                                    # [ppb]
+        ids = jnp.maximum(ids, 0)
         k = k_ref[ids].reshape(block_k, hp)                                # [ppb * L, Hp]
-        v = v_ref[ids].reshape(block_k, hp)
-        return k, v
+        # Zeroed V keeps a masked page's garbage (even NaN) out of p @ v.
+        v = jnp.where(real[:, None, None], v_ref[ids], 0).reshape(block_k, hp)
+        real_key = jnp.broadcast_to(real[:, None], (ppb, page)).reshape(1, block_k)
+        return k, v, real_key
 
     def visit(i, carry):
         m_prev, l_prev, acc = carry
         first = start + i * ppb
-        k, v = load(first)
+        k, v, real_key = load(first)
         s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
         kv_pos = first * page + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         keep = cfg.mask.predicate(q_pos, kv_pos, cfg.kv_len)
-        keep = keep & real_row & (kv_pos < length) & (kv_pos < stop * page)
+        keep = keep & real_row & real_key & (kv_pos < length) & (kv_pos < stop * page)
         s = jnp.where(keep, s, -jnp.inf)
         return online_softmax.update(m_prev, l_prev, acc, s, v, precision)
 
@@ -238,10 +258,12 @@ def _paged_jit(cfg: _Config, q, k_pages, v_pages, block_tables, lengths):
     if cfg.squeeze:
         q = q[:, None]
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, cfg.kv_len)
-    # Clipped ids and a padded row keep every load in bounds even for traced garbage; the
-    # padding is never visited (loop bounds stop at the sequence's last page).
+    # A traced table may hold ids outside [0, P): -1 marks such a page empty for the kernel
+    # (masked, never clamped onto another sequence's page). The padding is never visited
+    # (loop bounds stop at the sequence's last page).
     num_pages = k_pages.shape[0]
-    table = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
+    table = block_tables.astype(jnp.int32)
+    table = jnp.where((table >= 0) & (table < num_pages), table, -1)
     table = jnp.pad(table, ((0, 0), (0, cfg.table_width - cfg.max_pages)))
     h = cfg.head_dim
     if cfg.head_dim_pad != h:  # copies the pool: use head dims that are powers of two >= 16
@@ -323,16 +345,35 @@ def _check_values(block_tables, lengths, t, p, page, max_pages):
                              f"holds its {t} new token(s) and fits its block table; widen "
                              "block_tables or shorten the sequence.")
     if _is_concrete(lengths) and _is_concrete(block_tables):
-        ids = np.asarray(block_tables)
-        used = np.arange(max_pages)[None, :] < -(-np.clip(np.asarray(lengths), 0, None)
-                                                  // page)[:, None]
-        bad = np.argwhere(used & ((ids < 0) | (ids >= p)))
-        if bad.size:
-            i, j = (int(x) for x in bad[0])
-            raise ValueError(f"block_tables[{i}, {j}]={int(ids[i, j])} is not a page id in "
-                             f"[0, P={p}); entries for pages below cdiv(lengths, L) must name "
-                             "physical pages of k_pages/v_pages (entries past them are "
-                             "ignored).")
+        check_block_tables(block_tables, p, lengths=lengths, page_size=page)
+
+
+def check_block_tables(block_tables, num_pages: int, *, lengths=None, page_size: int = 1,
+                       seq_ids=None, name: str = "block_tables") -> None:
+    """Host-side (numpy) check that every page a sequence uses is a physical page id in
+    ``[0, num_pages)``; raises a ``ValueError`` naming the sequence, the slot and the id.
+
+    A sequence uses the first ``cdiv(lengths[b], page_size)`` entries of its row (every entry
+    when ``lengths`` is None); entries past them are never read and may hold anything.
+    ``seq_ids`` names the rows in the message (default: the row index).
+    """
+    ids = np.asarray(block_tables)
+    if ids.ndim != 2:
+        raise ValueError(f"{name}.shape={ids.shape} must be [B, max_pages] (physical page ids "
+                         "per sequence).")
+    used = np.ones(ids.shape, bool)
+    if lengths is not None:
+        pages = -(-np.clip(np.asarray(lengths, np.int64), 0, None) // page_size)
+        used = np.arange(ids.shape[1])[None, :] < pages[:, None]
+    bad = np.argwhere(used & ((ids < 0) | (ids >= num_pages)))
+    if bad.size:
+        i, j = (int(x) for x in bad[0])
+        seq = i if seq_ids is None else seq_ids[i]
+        raise ValueError(f"{name}[{i}, {j}]={int(ids[i, j])}: sequence {seq}, slot {j} names "
+                         f"page {int(ids[i, j])}, which is not a page id in [0, num_pages="
+                         f"{num_pages}); every page a sequence uses (slots below cdiv(length, "
+                         "page_size)) must name a physical page of the pool (slots past it "
+                         "are never read). Fix the table or allocate the page first.")
 
 
 def _choose_pages_per_block(pages_per_block, page, max_pages, h, device_kind, interpret):
@@ -367,6 +408,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       k_pages, v_pages: ``[P, L, K, H]`` physical pages of ``L`` tokens (``L`` a power of two).
       block_tables: ``[B, max_pages]`` int32; logical page ``j`` of sequence ``b`` is physical
         page ``block_tables[b, j]``. Entries at or past ``cdiv(lengths[b], L)`` are never read.
+        An id outside ``[0, P)`` raises a ValueError; under ``jit`` (unchecked) it reads as an
+        empty page (``checked_paged_attention`` reports it).
       lengths: ``[B]`` int32 tokens in each sequence, the new ones included.
       mask: a ``kernels.masks.Mask`` (``None``: ``Full()``), evaluated at (query position, key
         position, ``kv_len = max_pages * L``). Banded masks (causal, ``Local``) skip the pages
@@ -405,3 +448,48 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                   squeeze=q.ndim == 3, interpret=bool(interpret),
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return _paged_jit(cfg, q, k_pages, v_pages, block_tables, lengths)
+
+
+# --- debug mode: checkify ----------------------------------------------------------------------
+
+def _device_checks(block_tables, lengths, *, t, p, page, max_pages):
+    """``checkify.check`` versions of ``_check_values``, for traced tables and lengths."""
+    lens = lengths.astype(jnp.int32)
+    low, high = max(1, t), max_pages * page
+    bad_len = (lens < low) | (lens > high)
+    i = jnp.argmax(bad_len)
+    checkify.check(~bad_len.any(), f"lengths[{{i}}]={{n}} must be in [{low}, max_pages * L = "
+                   f"{high}]: every sequence holds its {t} new token(s) and fits its block "
+                   "table; widen block_tables or shorten the sequence.", i=i, n=lens[i])
+    pages = (jnp.clip(lens, 0, None) + page - 1) // page
+    used = jnp.arange(max_pages, dtype=jnp.int32)[None, :] < pages[:, None]
+    bad = used & ((block_tables < 0) | (block_tables >= p))
+    flat = jnp.argmax(bad.reshape(-1))
+    row, slot = flat // max_pages, flat % max_pages
+    checkify.check(~bad.any(), f"block_tables[{{row}}, {{slot}}]={{page_id}}: sequence {{row}}, "
+                   f"slot {{slot}} names a page outside [0, num_pages={p}); the kernel reads "
+                   "that page as empty. Fix the table or allocate the page first.",
+                   row=row, slot=slot, page_id=block_tables.reshape(-1)[flat])
+
+
+def checked_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                            block_tables: jax.Array, lengths: jax.Array,
+                            **kwargs) -> tuple[checkify.Error, jax.Array]:
+    """``paged_attention`` in debug mode: ``(err, out)``, where ``err`` is a
+    ``jax.experimental.checkify.Error`` holding the first bad block-table entry or length.
+
+    Under ``jit`` the host-side value checks cannot see traced tables, and the kernel then
+    reads an out-of-range page as empty; this wrapper (usable inside ``jit``) records the bad
+    entry instead: return ``err`` from the jitted function and call ``err.throw()`` outside.
+    Only the checks go through ``checkify``, so the Pallas kernel is traced as usual.
+    """
+    _, t, _, _, _, p, page, max_pages = _check_shapes(q, k_pages, v_pages, block_tables,
+                                                      lengths)
+    checks_fn = functools.partial(_device_checks, t=t, p=p, page=page, max_pages=max_pages)
+    err, _ = checkify.checkify(checks_fn)(block_tables, lengths)
+    return err, paged_attention(q, k_pages, v_pages, block_tables, lengths, **kwargs)
+
+
+# ``kernels.paged_attention`` is this function (the package exports the op under its module's
+# name), so the debug mode hangs off it: ``kernels.paged_attention.checked(...)``.
+paged_attention.checked = checked_paged_attention

@@ -111,16 +111,25 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
     q is ``[B, N, H]`` or ``[B, T, N, H]``; k_pages/v_pages ``[P, L, K, H]``; block_tables
     ``[B, max_pages]`` int32; lengths ``[B]`` int32 (new tokens included).
+
+    A page id outside ``[0, P)`` reads as an empty page (its keys hidden, as if past the
+    length), as in the kernel: gathering it would clamp or wrap onto another sequence's page.
     """
     squeeze = q.ndim == 3
     q_btnh = q[:, None] if squeeze else q
     b, t = q_btnh.shape[:2]
-    _, page, kh, h = k_pages.shape
+    p, page, kh, h = k_pages.shape
     s = block_tables.shape[1] * page
-    k = k_pages[block_tables].reshape(b, s, kh, h)  # [B, max_pages, L, K, H] -> [B, S, K, H]
-    v = v_pages[block_tables].reshape(b, s, kh, h)
+    tables = block_tables.astype(jnp.int32)
+    real = (tables >= 0) & (tables < p)                                   # [B, max_pages]
+    tables = jnp.where(real, tables, 0)
+    k = k_pages[tables].reshape(b, s, kh, h)  # [B, max_pages, L, K, H] -> [B, S, K, H]
+    real_bs = jnp.repeat(real, page, axis=1)                              # [B, S]
+    # Zeroed values keep an empty page's contents (even NaN) out of the weighted sum.
+    v = jnp.where(real_bs[:, :, None, None], v_pages[tables].reshape(b, s, kh, h), 0)
+    kv_positions = jnp.where(real_bs, jnp.arange(s, dtype=jnp.int32)[None, :], -1)  # -1: empty
     lengths = lengths.astype(jnp.int32)
     q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
     out = attention(q_btnh, k, v, mask=mask, kv_lengths=lengths, scale=scale,
-                    q_positions=q_positions)
+                    q_positions=q_positions, kv_positions=kv_positions)
     return out[:, 0] if squeeze else out

@@ -44,12 +44,6 @@ def test_in_process_resume_reproduces_the_run(tmp_path):
     assert losses(tmp_path) == first and len(first) == 6
 
 
-def test_extending_a_finished_run_is_allowed(tmp_path):
-    loop.run(tiny(steps=2), tmp_path, print_fn=None)
-    summary = loop.run(tiny(steps=3), tmp_path, print_fn=None)
-    assert summary["steps"] == 3 and len(losses(tmp_path)) == 3
-
-
 def test_resume_with_incompatible_config_shows_a_diff(tmp_path):
     loop.run(tiny(steps=2), tmp_path, print_fn=None)
     changed = tiny(steps=4)

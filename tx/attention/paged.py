@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import masks as masks_lib
+from kernels.paged_attention import check_block_tables
 from tx.attention import registry
 
 
@@ -53,11 +54,34 @@ class ForkPlan:
     private_from: int
 
 
+def _check_tables(block_tables, fork_plan: ForkPlan | None, num_pages: int) -> None:
+    """Host-side: every page id the cache will use lies in ``[0, num_pages)``.
+
+    Checked here, once, because the tables never change on the host afterwards: the decode
+    loop runs inside ``jit``, where an out-of-range id would be clamped or wrapped onto another
+    sequence's page. Every entry counts (the cache writes through each one as it fills), and so
+    do the fork plan's tables and copy-on-write copies. Traced tables are left to the kernel.
+    """
+    if isinstance(block_tables, jax.core.Tracer):
+        return
+    check_block_tables(block_tables, num_pages)
+    if fork_plan is not None:
+        check_block_tables(fork_plan.block_tables, num_pages, name="fork_plan.block_tables")
+        copies = np.asarray(fork_plan.copies).reshape(-1, 2)
+        bad = np.argwhere((copies < 0) | (copies >= num_pages))
+        if bad.size:
+            i, j = (int(x) for x in bad[0])
+            raise ValueError(f"fork_plan.copies[{i}]={tuple(int(x) for x in copies[i])}: its "
+                             f"{('src', 'dst')[j]} page {int(copies[i, j])} is not in [0, "
+                             f"num_pages={num_pages}); plan copies between pages of this pool.")
+
+
 class PagedKVCache(nnx.Module):
     """Pages ``[P, L, K, H]`` addressed through ``block_tables [B, max_pages]``."""
 
     def __init__(self, block_tables, num_pages: int, page_size: int, num_kv_heads: int,
                  head_dim: int, *, dtype=jnp.float32, fork_plan: ForkPlan | None = None):
+        _check_tables(block_tables, fork_plan, num_pages)
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         # Pages split by K/V head under a mesh; tables by sequence (see tx.parallel.per_shard).
         names = (None, None, "kv_heads", "head_dim")

@@ -102,7 +102,40 @@ def _check(model, prompt_bt, max_new_tokens, cache, source_bs):
     if max_len is not None and total > max_len:
         raise ValueError(f"prompt length {prompt_bt.shape[1]} + max_new_tokens="
                          f"{max_new_tokens} exceeds the positions' max_len={max_len}.")
+    check_token_ids("prompt_bt", prompt_bt, cfg.vocab_size)
+    if source_bs is not None:
+        check_token_ids("source_bs", source_bs, cfg.vocab_size)
     return total
+
+
+def check_token_ids(name: str, ids, vocab_size: int) -> None:
+    """Host-side: every entry of ``ids [B, T]`` is an integer token id in ``[0, vocab_size)``.
+
+    Inside the jitted decode loop an embedding lookup clamps a bad id and casting a float
+    truncates it, so either would silently give some other token's continuation.
+    """
+    arr = np.asarray(ids)
+    fix = f"token ids must be integers in [0, vocab_size={vocab_size})"
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer)
+                                 or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"{name}.dtype={arr.dtype} is not a token-id dtype: {fix}; pass an "
+                         "int32 array.")
+    if arr.ndim != 2:
+        raise ValueError(f"{name}.shape={arr.shape} must be [B, T] token ids.")
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        not_int = ~finite | (np.where(finite, arr, 0) != np.round(np.where(finite, arr, 0)))
+        if not_int.any():
+            i, j = (int(x) for x in np.argwhere(not_int)[0])
+            raise ValueError(f"{name}[{i}, {j}]={arr[i, j].item()!r} (batch row {i}, column "
+                             f"{j}) is not an integer token id: {fix}; pass an int32 array.")
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        i, j = (int(x) for x in np.argwhere(bad)[0])
+        value = arr[i, j].item()
+        raise ValueError(f"{name}[{i}, {j}]={value!r} (batch row {i}, column {j}) is outside "
+                         f"the vocabulary: {fix}; map it into the model's vocabulary or use a "
+                         "model whose vocab_size covers it.")
 
 
 def _last_logits(model, tokens_bt, context):

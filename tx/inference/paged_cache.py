@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.paged_attention import check_block_tables
 from tx.attention.paged import copy_page_pairs
 
 __all__ = ["PagePool", "Update", "OutOfPages", "copy_pages", "write_kv"]
@@ -128,6 +129,10 @@ class PagePool:
         out = np.full((len(tables), width), pad, np.int32)
         for row, table in zip(out, tables):
             row[:len(table)] = table
+        # The last host-side look before the table goes into a jitted step, where a bad id
+        # would be clamped onto another sequence's page: cheap, and it names the culprit.
+        check_block_tables(out, self.num_pages, lengths=self.lengths(seq_ids),
+                           page_size=self.page_size, seq_ids=list(seq_ids))
         return out
 
     def pages_needed(self, num_tokens: int, seq_id: int | None = None,
@@ -290,6 +295,12 @@ def copy_pages(k_pages: jax.Array, v_pages: jax.Array,
     copies = np.asarray(list(copies), np.int32).reshape(-1, 2)
     if not copies.size:
         return k_pages, v_pages
+    bad = np.argwhere((copies < 0) | (copies >= k_pages.shape[0]))
+    if bad.size:  # a gather would clamp or wrap it onto another sequence's page
+        i, j = (int(x) for x in bad[0])
+        raise ValueError(f"copies[{i}]={tuple(int(x) for x in copies[i])}: its "
+                         f"{('src', 'dst')[j]} page {int(copies[i, j])} is not in [0, "
+                         f"k_pages.shape[0]={k_pages.shape[0]}); copy between pages of the pool.")
     return copy_page_pairs(k_pages, v_pages, jnp.asarray(copies[:, 0]),
                            jnp.asarray(copies[:, 1]))
 

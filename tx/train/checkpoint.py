@@ -11,11 +11,22 @@ and the resolved config as JSON. Arrays are restored in the shardings of the tem
 current run's state), so a checkpoint written under one device mesh restores under another, on
 one device, or on CPU. On several hosts every process calls ``save`` and ``restore``: Orbax
 writes and reads collectively (each process its own shards) into one shared directory.
+
+Every save records a checksum per array (:mod:`tx.train.integrity`) in its metadata, and a
+restore verifies them: a checkpoint that was altered on disk or cannot be read raises a
+one-line :class:`CheckpointError` naming the step and the array, and
+:meth:`Checkpointer.restore_good` falls back to the newest checkpoint that verifies. A state
+holding NaN or Inf is never saved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
+import re
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -23,6 +34,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tx.parallel.shard import is_prng_key
+from tx.train import integrity
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that fails verification, cannot be read, or cannot be written."""
 
 
 def _to_savable(tree):
@@ -66,41 +82,195 @@ class Checkpointer:
                     max_to_keep=keep_best, best_fn=lambda m: m["eval_loss"], best_mode="min",
                     keep_checkpoints_without_metrics=False, **opts))
 
-    @staticmethod
-    def _args(state, meta):
-        return ocp.args.Composite(state=ocp.args.StandardSave(_to_savable(state)),
-                                  meta=ocp.args.JsonSave(meta))
+        self.directory = workdir / "checkpoints"
+        self.quarantine_dir = workdir / "corrupt"
+        self.error_log = workdir / "checkpoint_errors.log"
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
              eval_loss: float | None = None) -> None:
-        """Starts an (async) save; errors of earlier saves surface here or in ``close``."""
-        self.latest.save(step, args=self._args(state, meta), force=True)
+        """Starts an (async) save; errors of earlier saves surface here, in
+        :meth:`check_errors` or in ``close``. Refuses a state holding NaN or Inf."""
+        savable = _to_savable(state)
+        checksums, finite = integrity.summarise(savable)
+        if not finite:
+            raise CheckpointError(f"not saving step {step}: the train state holds NaN or Inf "
+                                  "values; the newest checkpoint is from before them.")
+        args = ocp.args.Composite(state=ocp.args.StandardSave(savable),
+                                  meta=ocp.args.JsonSave({**meta, "checksums": checksums}))
+        self._guarded(lambda: self.latest.save(step, args=args, force=True))
         if self.best is not None and eval_loss is not None and np.isfinite(eval_loss):
-            self.best.save(step, args=self._args(state, meta),
-                           metrics={"eval_loss": float(eval_loss)}, force=True)
+            self._guarded(lambda: self.best.save(
+                step, args=args, metrics={"eval_loss": float(eval_loss)}, force=True))
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.latest.all_steps())
+
     def restore(self, step: int, template: dict[str, Any], manager=None):
-        """-> (state shaped like ``template``, meta dict)."""
+        """-> (state shaped like ``template``, meta dict), verified against the checksums
+        saved with it; a :class:`CheckpointError` names the step and the array otherwise."""
         manager = manager or self.latest
-        out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()))
+        where = f"checkpoint {step} in {manager.directory}"
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(template)),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # TensorStore and Orbax errors run to many lines
+            raise CheckpointError(f"{where} cannot be read{_array_named(e)}: "
+                                  f"{_first_line(e)}") from e
+        saved = out["meta"].get("checksums")
+        if saved is not None:  # checkpoints written before checksums verify nothing
+            read, _ = integrity.summarise(out["state"])
+            bad = integrity.first_mismatch(saved, read)
+            if bad is not None:
+                raise CheckpointError(f"{where} is corrupt: array {bad} does not match the "
+                                      "checksum saved with it")
         return _from_savable(out["state"], template), out["meta"]
 
+    def restore_good(self, template: dict[str, Any], *, report, quarantine: bool,
+                     check=lambda meta, step: None) -> tuple[int, Any, dict] | None:
+        """The newest checkpoint that reads and verifies: -> (step, state, meta), or ``None``
+        when there is no checkpoint. Each bad one is reported in one line through ``report``
+        and, with ``quarantine`` (the training run, which holds the workdir lock), moved to
+        ``workdir/corrupt/``; readers (evaluation, generation) leave it in place.
+        ``check(meta, step)`` vets a checkpoint's metadata before its arrays are read."""
+        steps, bad = self.all_steps(), []
+        for step in reversed(steps):
+            try:
+                check(self.read_meta(step), step)
+                state, meta = self.restore(step, template)
+                return step, state, meta
+            except CheckpointError as e:
+                bad.append(step)
+                moved = self._quarantine(step) if quarantine else None
+                report(f"{e}; {'moved to ' + str(moved) + '; ' if moved else ''}"
+                       "falling back to the previous checkpoint")
+        if bad:
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored (bad: "
+                                  f"{bad}); start a fresh run in a new --workdir")
+        return None
+
+    def _quarantine(self, step: int):
+        """Moves a bad step out of Orbax's sight (kept, never deleted): process 0 moves it,
+        every process then re-reads the step list."""
+        target = self.quarantine_dir / str(step)
+        if jax.process_index() == 0:
+            self.quarantine_dir.mkdir(exist_ok=True)
+            n = 1
+            while target.exists():
+                target, n = self.quarantine_dir / f"{step}.{n}", n + 1
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"tx_quarantine_{step}")
+        self.latest.reload()
+        return target
+
     def read_meta(self, step: int) -> dict[str, Any]:
-        return self.latest.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            return self.latest.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {step} in {self.directory} has unreadable "
+                                  f"metadata: {_first_line(e)}") from e
+
+    def _guarded(self, call):
+        """Runs an Orbax call, turning a failed (background) save into one line."""
+        try:
+            return call()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: "
+                                  f"{_first_line(e)}; free space or fix permissions there, "
+                                  "then rerun to resume from the last good checkpoint "
+                                  f"(details: {self.error_log})") from e
+
+    def check_errors(self) -> None:
+        """Raises the error of a finished background save, if any (does not block)."""
+        for m in (self.latest, self.best):
+            if m is not None:
+                self._guarded(m.check_for_errors)
 
     def wait(self) -> None:
         for m in (self.latest, self.best):
             if m is not None:
-                m.wait_until_finished()
-                m.check_for_errors()
+                self._guarded(m.wait_until_finished)
+                self._guarded(m.check_for_errors)
 
     def close(self) -> None:
-        self.wait()
+        """Waits for the last save and stops Orbax's threads, even when a save failed (its
+        threads would otherwise keep the interpreter alive); then raises that failure."""
+        error = None
+        try:
+            self.wait()
+        except CheckpointError as e:
+            error = e
         for m in (self.latest, self.best):
             if m is not None:
-                m.close()
+                try:
+                    m.close()
+                except Exception as e:  # already reported through ``error`` if it was a save
+                    error = error or CheckpointError(f"closing {self.directory}: "
+                                                     f"{_first_line(e)}")
+        if error is not None:
+            raise error
+
+
+class background_errors_to(contextlib.ContextDecorator):
+    """Sends what a failed background save prints into ``path`` instead of the terminal.
+
+    A save that fails in Orbax's threads logs each thread's traceback, and TensorStore writes
+    still in flight then report into a closed event loop: hundreds of lines before the run
+    notices. The run reports the failure itself in one line (:class:`CheckpointError`), so
+    this keeps the details in a file it names. Only Orbax's ERROR records and the closed-loop
+    reports are diverted; everything else prints as before."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = pathlib.Path(path)
+
+    def _write(self, text: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+            return True
+        self._write(logging.Formatter().format(record))
+        return False
+
+    def _hook(self, args):
+        """``sys.unraisablehook``: TensorStore reports callbacks that fail in its threads."""
+        value = args.exc_value
+        if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+            self._write("".join(traceback.format_exception(args.exc_type, value,
+                                                           args.exc_traceback)))
+        else:
+            self._previous(args)
+
+    def __enter__(self):
+        logging.getLogger("absl").addFilter(self)
+        self._previous, sys.unraisablehook = sys.unraisablehook, self._hook
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if isinstance(value, CheckpointError):
+            return False  # writes still in flight report later: keep diverting them
+        logging.getLogger("absl").removeFilter(self)
+        sys.unraisablehook = self._previous
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    line = text.splitlines()[0].split(" See full TensorStore details")[0]
+    return line if len(line) <= 300 else line[:300] + "..."
+
+
+def _array_named(e: BaseException) -> str:
+    """`` (array a.b.c)`` when the error names the array it failed on: TensorStore's spec
+    holds the array's key in the checkpoint as a relative ``path``."""
+    found = re.search(r"'path': '([^/'][^']*?)/?'", str(e))
+    return f" (array {found.group(1)})" if found else ""

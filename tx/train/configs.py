@@ -34,7 +34,8 @@ from tx.parallel import MeshConfig
 
 # The training knobs and their defaults; a config file overrides some of them.
 TRAIN = dict(
-    steps=200,  # optimizer updates
+    steps=200,  # optimizer updates (where the run stops)
+    schedule_steps=0,  # learning-rate schedule length; 0: train.steps at the run's start
     batch_size=16,  # examples per update (split into grad_accum micro-batches)
     grad_accum=1,
     learning_rate=3e-3,
@@ -57,7 +58,9 @@ TRAIN = dict(
 )
 MESH = dict(data=1, fsdp=1, tensor=1)
 # Fields that may change between a run and its resumption (they do not alter the trajectory;
-# a checkpoint restores under any mesh).
+# a checkpoint restores under any mesh). Growing ``train.steps`` extends a run on the schedule
+# it started with (``train.schedule_steps`` is saved with the run).
+MAX_LEARNING_RATE = 10.0
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep", "train.keep_best",
                      "train.async_checkpoints", "mesh.data", "mesh.fsdp", "mesh.tensor")
@@ -237,17 +240,19 @@ def _check_train(train) -> None:
         value = train[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"config.train.{name}={value!r}: must be a positive integer.")
-    for name in ("warmup_steps", "keep_best", "seed"):
+    for name in ("warmup_steps", "keep_best", "seed", "schedule_steps"):
         if isinstance(train[name], bool) or not isinstance(train[name], int) or train[name] < 0:
             raise ConfigError(f"config.train.{name}={train[name]!r}: must be an integer >= 0.")
     if train.batch_size % train.grad_accum:
         raise ConfigError(f"config.train.grad_accum={train.grad_accum}: must divide "
                           f"train.batch_size={train.batch_size}; pick a divisor.")
-    if not train.learning_rate > 0:
-        raise ConfigError(f"config.train.learning_rate={train.learning_rate}: must be > 0.")
-    if train.warmup_steps >= train.steps:
-        raise ConfigError(f"config.train.warmup_steps={train.warmup_steps}: must be < "
-                          f"train.steps={train.steps}.")
+    if not 0 < train.learning_rate <= MAX_LEARNING_RATE:  # NaN fails too
+        raise ConfigError(f"config.train.learning_rate={train.learning_rate}: must be finite, "
+                          f"> 0 and <= {MAX_LEARNING_RATE:g}; typical values are 1e-4 to 1e-2.")
+    length = train.schedule_steps or train.steps
+    if train.warmup_steps >= length:
+        raise ConfigError(f"config.train.warmup_steps={train.warmup_steps}: must be < the "
+                          f"schedule length (train.schedule_steps or train.steps) = {length}.")
     if train.clip_norm < 0:
         raise ConfigError(f"config.train.clip_norm={train.clip_norm}: use 0 (off) or > 0.")
 

@@ -8,8 +8,11 @@ the trajectory fails with a diff of those fields.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import pathlib
+import sys
 import time
 from typing import Any, Callable
 
@@ -23,7 +26,9 @@ from tx import models
 from tx.layers.block import Block
 from tx import parallel as parallel_lib
 from tx.train import configs as configs_lib
-from tx.train.checkpoint import Checkpointer
+from tx.train.checkpoint import CheckpointError, Checkpointer, background_errors_to
+from tx.train.lock import WorkdirLock
+from tx.train.preemption import Preempted, StopSignals, agree
 from tx.train.configs import ConfigError, Resolved
 from tx.train.metrics import MetricsLog, Progress
 from tx.train.optim import make_optimizer, schedule
@@ -91,7 +96,12 @@ def evaluate_params(eval_step, params, rest, eval_ds, batches: int) -> dict[str,
 
 
 def _check_compatible(saved: dict, current: ml_collections.ConfigDict, workdir, step) -> None:
-    lines = configs_lib.diff(saved, current.to_dict())
+    saved, current = copy.deepcopy(saved), current.to_dict()
+    train = saved.setdefault("train", {})
+    train.setdefault("schedule_steps", train.get("steps"))  # runs saved before the field
+    if not current.get("train", {}).get("schedule_steps"):  # unset: the saved run's holds
+        current.setdefault("train", {})["schedule_steps"] = train["schedule_steps"]
+    lines = configs_lib.diff(saved, current)
     if lines:
         raise ConfigError(
             f"workdir={str(workdir)!r} holds a checkpoint at step {step} made with a different "
@@ -99,15 +109,40 @@ def _check_compatible(saved: dict, current: ml_collections.ConfigDict, workdir, 
             "\nRevert these fields, or use a new --workdir to start a fresh run.")
 
 
-def _restore(ckpt: Checkpointer, step: int, state, config, workdir):
-    """The checkpoint's arrays, in the shardings of ``state`` (the current mesh)."""
-    meta = ckpt.read_meta(step)
-    _check_compatible(meta["config"], config, workdir, step)
+def _restore(ckpt: Checkpointer, state, config, workdir, *, report, quarantine: bool,
+             step: int | None = None):
+    """-> (step, arrays) of the newest checkpoint that verifies (or of ``step``), in the
+    shardings of ``state`` (the current mesh); ``(None, None)`` when there is none."""
     template = {"params": state.params, "rest": state.rest, "opt_state": state.opt_state}
-    restored, meta = ckpt.restore(step, template)
-    if meta["step"] != step:
-        raise RuntimeError(f"checkpoint {step} records step {meta['step']}")
-    return restored
+    check = lambda meta, s: _check_compatible(meta["config"], config, workdir, s)
+    if step is not None:  # an explicit step: its own verdict, no fallback
+        check(ckpt.read_meta(step), step)
+        return step, ckpt.restore(step, template)[0]
+    found = ckpt.restore_good(template, report=report, quarantine=quarantine, check=check)
+    return (None, None) if found is None else found[:2]
+
+
+def _with_schedule(resolved: Resolved, ckpt: Checkpointer, print_fn) -> Resolved:
+    """Fills ``train.schedule_steps``: the saved run's when resuming (so extending
+    ``train.steps`` keeps the learning-rate curve the run is on), else ``train.steps``."""
+    train = resolved.train
+    if train.schedule_steps:
+        return resolved
+    saved = None
+    for step in reversed(ckpt.all_steps()):
+        try:
+            saved = ckpt.read_meta(step)["config"]["train"]
+            break
+        except CheckpointError:
+            continue  # restore_good reports it
+    length = train.steps if saved is None else saved.get("schedule_steps") or saved["steps"]
+    if saved is not None and length != train.steps and print_fn:
+        print_fn(f"train.steps={train.steps}: the learning-rate schedule keeps the length this "
+                 f"run started with ({length} steps); set config.train.schedule_steps to "
+                 "change it (a new trajectory, so a new --workdir).")
+    config = copy.deepcopy(resolved.config)
+    config.train.schedule_steps = length
+    return dataclasses.replace(resolved, config=config)
 
 
 def make_parallel(resolved: Resolved) -> parallel_lib.Parallel:
@@ -158,35 +193,80 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary:
     final ``loss``, ``eval_loss``, ``eval_accuracy``, ``tokens_per_second``, ``params``,
-    ``kv_bytes_per_token``, ``steps``, ``skipped``, ``wall_seconds``."""
+    ``kv_bytes_per_token``, ``steps``, ``skipped``, ``wall_seconds``.
+
+    Holds ``workdir``'s lock for the whole run (a second run there fails at once). SIGTERM or
+    SIGINT ends the run after the current step with a saved checkpoint and :class:`Preempted`;
+    a failed background save raises :class:`CheckpointError` at the next step."""
     wall_start = time.perf_counter()
     resolved = configs_lib.resolve(config)
     workdir = configs_lib.check_workdir(workdir)
     if not is_main_process():
         print_fn = None
     train = resolved.train
-    ckpt = Checkpointer(workdir, keep=train.keep, keep_best=train.keep_best,
-                        async_save=train.async_checkpoints)
-    try:
-        return _train(resolved, workdir, ckpt, print_fn, wall_start)
-    finally:
-        ckpt.close()
+    with WorkdirLock(workdir, take=is_main_process()), StopSignals() as stop:
+        ckpt = Checkpointer(workdir, keep=train.keep, keep_best=train.keep_best,
+                            async_save=train.async_checkpoints)
+        with background_errors_to(ckpt.error_log):
+            try:
+                resolved = _with_schedule(resolved, ckpt, print_fn)
+                return _train(resolved, workdir, ckpt, print_fn, wall_start, stop)
+            finally:
+                ckpt.close()
+
+
+class _Run:
+    """The loop's bookkeeping between steps: metrics window, log, non-finite streak."""
+
+    def __init__(self, resolved: Resolved, log: MetricsLog, progress: Progress, start: int):
+        self.train, self.log, self.progress = resolved.train, log, progress
+        self.tokens_per_step = resolved.train.batch_size * resolved.data.seq_len
+        self.lr = schedule(resolved.train)
+        self.window, self.skipped, self.rates, self.last = _Window(), 0, [], {}
+        self.streak = 0  # non-finite micro-batches in a row at the last logged step
+        self.saved = start  # the newest checkpoint's step
+
+    def flush(self, step: int, evals: dict) -> None:
+        """Writes the window's steps to the log and the progress line; raises
+        :class:`NonFiniteError` after ``train.max_nonfinite`` skipped updates in a row."""
+        fetched, elapsed = self.window.flush()
+        rate = len(fetched) * self.tokens_per_step / elapsed
+        self.rates.append((step - len(fetched), rate))
+        for s, m in fetched:
+            self.skipped += int(m["nonfinite"] > 0)
+            self.streak = int(m["nonfinite"])
+            self.last = {"step": s, "loss": m["loss_sum"] / max(m["count"], 1.0),
+                         "accuracy": m["correct"] / max(m["count"], 1.0),
+                         "grad_norm": m["grad_norm"], "learning_rate": self.lr(s - 1),
+                         "tokens_per_second": rate, "skipped": self.skipped}
+            if s == step:
+                self.last.update(evals)
+            self.log.write(self.last)
+            if m["nonfinite"] >= self.train.max_nonfinite * self.train.grad_accum:
+                raise NonFiniteError(
+                    f"stopped at step {s}: {self.train.max_nonfinite} non-finite updates in a "
+                    f"row were skipped (loss={self.last['loss']}, grad_norm="
+                    f"{self.last['grad_norm']}); the newest checkpoint (step {self.saved}) is "
+                    "from before them. Lower config.train.learning_rate, set "
+                    "config.train.clip_norm, or use float32 activations "
+                    "(config.model.dtype='float32').")
+        self.progress(step, self.last["loss"], rate, elapsed / len(fetched))
 
 
 def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_fn,
-           wall_start: float) -> dict[str, Any]:
+           wall_start: float, stop: StopSignals) -> dict[str, Any]:
     train, config = resolved.train, resolved.config
     optimizer = make_optimizer(train)
     parallel = make_parallel(resolved)
     state = create_state(lambda: build_model(resolved), optimizer, parallel)
     shardings = state_shardings(state, parallel)
-    start = ckpt.latest_step() or 0
+    report = print_fn or (lambda line: None)
+    start, restored = _restore(ckpt, state, config, workdir, report=report, quarantine=True)
+    start = start or 0
     if start:
-        restored = _restore(ckpt, start, state, config, workdir)
         state.params, state.rest, state.opt_state = (restored["params"], restored["rest"],
                                                      restored["opt_state"])
-        if print_fn:
-            print_fn(f"resuming from step {start} in {workdir}")
+        report(f"resuming from step {start} in {workdir}")
     main = is_main_process()
     if main:
         (workdir / "config.json").write_text(configs_lib.to_json(config))
@@ -194,64 +274,55 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
     train_step = make_train_step(state.graphdef, optimizer, parallel=parallel,
                                  shardings=shardings)
     eval_step = make_eval_step(state.graphdef, parallel=parallel, shardings=shardings)
-    lr = schedule(train)
     log = MetricsLog(workdir, start_step=start, tensorboard=main, write=main)
-    progress = Progress(train.steps, print_fn)
-    k, seq_len = train.grad_accum, resolved.data.seq_len
-    tokens_per_step = train.batch_size * seq_len
+    run = _Run(resolved, log, Progress(train.steps, print_fn), start)
     params, rest, opt_state = state.params, state.rest, state.opt_state
-    window, skipped, rates, last = _Window(), 0, [], {}
     try:
         for step in range(start + 1, train.steps + 1):
+            ckpt.check_errors()  # a failed background save stops the run here
             micro, batch = [], train_ds.batch(step - 1)
-            for part in _split(batch, k):
+            for part in _split(batch, train.grad_accum):
                 params, rest, opt_state, metrics = train_step(params, rest, opt_state, part)
                 micro.append(metrics)
-            window.add(step, _merge(micro))
+            run.window.add(step, _merge(micro))
+            stopping = agree(stop.requested())
             evals = {}
             if step % train.eval_every == 0 or step == train.steps:
                 evals = evaluate_params(eval_step, params, rest, eval_ds, train.eval_batches)
-            save = step % train.checkpoint_every == 0 or step == train.steps
+            save = step % train.checkpoint_every == 0 or step == train.steps or stopping
             # Log before saving, so every checkpointed step is in metrics.jsonl.
             if step % train.log_every == 0 or step == train.steps or evals or save:
-                fetched, elapsed = window.flush()
-                rate = len(fetched) * tokens_per_step / elapsed
-                rates.append((step - len(fetched), rate))
-                for s, m in fetched:
-                    skipped += int(m["nonfinite"] > 0)
-                    last = {"step": s, "loss": m["loss_sum"] / max(m["count"], 1.0),
-                            "accuracy": m["correct"] / max(m["count"], 1.0),
-                            "grad_norm": m["grad_norm"], "learning_rate": lr(s - 1),
-                            "tokens_per_second": rate, "skipped": skipped}
-                    if s == step:
-                        last.update(evals)
-                    log.write(last)
-                    if m["nonfinite"] >= train.max_nonfinite * k:
-                        raise NonFiniteError(
-                            f"stopped at step {s}: {train.max_nonfinite} non-finite updates in "
-                            f"a row were skipped (loss={last['loss']}, grad_norm="
-                            f"{last['grad_norm']}); lower config.train.learning_rate, set "
-                            "config.train.clip_norm, or use float32 activations "
-                            "(config.model.dtype='float32').")
-                progress(step, last["loss"], rate, elapsed / len(fetched))
-            if save:
+                run.flush(step, evals)
+            if save and run.streak:
+                report(f"step {step}: not saved, its last {run.streak} updates were skipped as "
+                       f"non-finite; the newest checkpoint stays step {run.saved}")
+            elif save:
                 ckpt.save(step, {"params": params, "rest": rest, "opt_state": opt_state},
                           {"step": step, "config": config.to_dict()},
                           eval_loss=evals.get("eval_loss"))
+                run.saved = step
+            if stopping:
+                ckpt.wait()
+                raise Preempted(
+                    f"stopped by {stop.received or 'a signal on another host'} after step "
+                    f"{step}; the newest checkpoint is step {run.saved} in "
+                    f"{ckpt.directory}; rerun the same command to resume.")
     finally:
         log.close()
+    last = run.last
     if start >= train.steps:  # nothing left to train: report the restored model
         last = dict(log.records[-1]) if log.records else {"loss": float("nan")}
         last.update(evaluate_params(eval_step, params, rest, eval_ds, train.eval_batches))
     if main:
         from tx.train import plots  # matplotlib is imported only when a run finishes
         plots.loss_curves({"run": log.records}, workdir / "loss.png", title=str(workdir.name))
+    rates = run.rates
     steady = [r for s, r in rates if s > start] or [r for _, r in rates] or [float("nan")]
-    return {"steps": train.steps, "loss": float(last.get("loss", float("nan"))), "eval_loss": last.get("eval_loss"),
-            "eval_accuracy": last.get("eval_accuracy"),
+    return {"steps": train.steps, "loss": float(last.get("loss", float("nan"))),
+            "eval_loss": last.get("eval_loss"), "eval_accuracy": last.get("eval_accuracy"),
             "tokens_per_second": float(np.median(steady[1:] or steady)),
             "params": param_count(params), "kv_bytes_per_token": kv_bytes_per_token(resolved.model),
-            "skipped": skipped, "wall_seconds": time.perf_counter() - wall_start}
+            "skipped": run.skipped, "wall_seconds": time.perf_counter() - wall_start}
 
 
 def saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -273,14 +344,17 @@ def load_model(resolved: Resolved, workdir: str | pathlib.Path, *,
         return build_model(resolved), None
     ckpt = Checkpointer(workdir, keep=resolved.train.keep, async_save=False)
     try:
-        step = step or ckpt.latest_step()
-        if step is None:
+        if not ckpt.all_steps():
             return build_model(resolved), None
         state = create_state(lambda: build_model(resolved), make_optimizer(resolved.train),
                              make_parallel(resolved))
-        restored = _restore(ckpt, step, state, resolved.config, workdir)
+        report = lambda line: print(line, file=sys.stderr)
+        step, restored = _restore(ckpt, state, resolved.config, workdir, report=report,
+                                  quarantine=False, step=step)
     finally:
         ckpt.close()
+    if step is None:
+        return build_model(resolved), None
     return nnx.merge(state.graphdef, restored["params"], restored["rest"]), step
 
 

@@ -98,7 +98,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
             # above runs under whatever promotion the caller set (strict in the tests).
             with jax.numpy_dtype_promotion("standard"):
                 updates, opt_state = optimizer.update(grads, opt_state, params)
-            if hasattr(opt_state, "notfinite_count"):  # optax.apply_if_finite's guard
+            if hasattr(opt_state, "notfinite_count"):  # tx.train.optim.skip_nonfinite
                 metrics["nonfinite"] = opt_state.notfinite_count
             return optax.apply_updates(params, updates), new_rest, opt_state, metrics
 

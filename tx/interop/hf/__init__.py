@@ -39,12 +39,27 @@ def _family(model_type: str):
 
 
 # -- config.json <-> ModelConfig ---------------------------------------------------------------
+def _read_json(path: str, what: str) -> dict:
+    """A JSON object from ``path``; a malformed file raises a ValueError naming it and where
+    the parser stopped (``json``'s own error names neither the file nor the fix)."""
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON ({e.msg} at line {e.lineno}, column "
+                             f"{e.colno}): fix or re-export the {what}.") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(data).__name__}, not an object: the "
+                         f"{what} must be a JSON object.")
+    return data
+
+
 def _read_config(hf: dict | str | os.PathLike) -> dict:
     if isinstance(hf, dict):
         return hf
     path = os.fspath(hf)
-    with open(os.path.join(path, "config.json") if os.path.isdir(path) else path) as f:
-        return json.load(f)
+    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    return _read_json(path, "checkpoint's config.json (e.g. with transformers' save_pretrained)")
 
 
 def config_from_hf(hf: dict | str | os.PathLike, **overrides) -> ModelConfig:
@@ -84,40 +99,79 @@ def hf_config_from(cfg: ModelConfig) -> dict:
 
 
 # -- weights -----------------------------------------------------------------------------------
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory (single file or sharded index) as numpy."""
-    from safetensors.numpy import load_file
+def safetensors_files(path: str | os.PathLike) -> list[str]:
+    """The ``*.safetensors`` files of a checkpoint directory (single file or sharded index)."""
     path = os.fspath(path)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path!r} holds neither model.safetensors nor "
-                                "model.safetensors.index.json.")
+        weight_map = _read_json(index, "sharded checkpoint's index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index!r} has no \"weight_map\" object (tensor name -> shard "
+                             "file): fix or re-export the sharded checkpoint.")
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"{index!r} lists shard {missing[0]!r}, which does not "
+                                    "exist: copy every shard of the checkpoint.")
+        return files
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return [os.path.join(path, "model.safetensors")]
+    raise FileNotFoundError(f"{path!r} holds neither model.safetensors nor "
+                            "model.safetensors.index.json.")
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory (single file or sharded index) as numpy."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
     tensors: dict[str, np.ndarray] = {}
-    for name in files:
-        tensors.update(load_file(os.path.join(path, name)))
+    for file in safetensors_files(path):
+        try:
+            tensors.update(load_file(file))
+        except SafetensorError as e:  # its message names neither the file nor the fix
+            raise ValueError(f"{file!r} is not a readable safetensors file ({e}): it may be "
+                             "truncated; copy or re-export it.") from e
     return tensors
 
 
-def load_weights(model, tensors: dict[str, np.ndarray]) -> None:
-    """Copies HF-named ``tensors`` into ``model`` in place; every tensor must be used."""
+def _shape_error(entry, found: np.ndarray, source: str) -> ValueError:
+    """``entry``'s tensor does not fit its tx parameters: name it, its shape and the HF shape
+    the parameters imply (built from zeros, so only when there is an error to report)."""
+    try:
+        zeros = (np.zeros(p[...].shape, np.float32) for p in entry.params)
+        expected = tuple(entry.to_hf(*zeros).shape)
+    except ValueError:
+        expected = "another shape"
+    return ValueError(f"tensor {entry.key!r} in {source} has shape {found.shape} but the model "
+                      f"built from config.json expects {expected}: the checkpoint and its "
+                      "config.json disagree (check the sizes: hidden size, heads, layers, "
+                      "vocab); re-export it or fix the config.")
+
+
+def load_weights(model, tensors: dict[str, np.ndarray], *, source: str = "the tensors") -> None:
+    """Copies HF-named ``tensors`` into ``model`` in place; every tensor must be used.
+
+    ``source`` says where the tensors came from (e.g. the files read), for error messages.
+    """
     model_type = model_type_of(model.config)
     family = _family(model_type)
     tensors = family.prepare(dict(tensors), model_type)
     used = set()
     for entry in family.entries(model, model_type):
         if entry.key not in tensors:
-            raise KeyError(f"checkpoint lacks tensor {entry.key!r}.")
-        values = entry.to_tx(np.asarray(tensors[entry.key], np.float32))
+            raise ValueError(f"tensor {entry.key!r} is missing from {source} "
+                             f"({len(tensors)} tensors there): the checkpoint does not match its "
+                             f"config.json (model_type={model_type!r}); re-export it or fix the "
+                             "config.")
+        found = np.asarray(tensors[entry.key], np.float32)
+        try:
+            values = entry.to_tx(found)
+        except ValueError as e:  # a reshape that cannot fit
+            raise _shape_error(entry, found, source) from e
         used.add(entry.key)
         for param, value in zip(entry.params, values):
             if tuple(param[...].shape) != tuple(value.shape):
-                raise ValueError(f"tensor {entry.key!r}: shape {value.shape} does not fit the "
-                                 f"tx parameter's {param[...].shape}.")
+                raise _shape_error(entry, found, source)
             param.set_value(jnp.asarray(value, dtype=param[...].dtype))
     ignored = family.ignored(model.config, model_type)
     extra = sorted(k for k in tensors if k not in used and not k.endswith(ignored))
@@ -134,7 +188,7 @@ def load(path: str | os.PathLike, *, seed: int = 0, **overrides) -> nnx.Module:
     if hasattr(family, "tensor_overrides"):  # options only the weights reveal (T5's tying)
         overrides = {**family.tensor_overrides(hf, tensors), **overrides}
     model = models.build(config_from_hf(hf, **overrides), seed=seed)
-    load_weights(model, tensors)
+    load_weights(model, tensors, source=", ".join(map(repr, safetensors_files(path))))
     return model
 
 
@@ -162,5 +216,5 @@ def save(model, path: str | os.PathLike, *, extra_config: dict | None = None) ->
 
 
 __all__: Sequence[str] = ("MODEL_TYPES", "config_from_hf", "hf_config_from", "load",
-                          "load_weights", "model_type_of", "read_safetensors", "save",
-                          "state_dict")
+                          "load_weights", "model_type_of", "read_safetensors",
+                          "safetensors_files", "save", "state_dict")
