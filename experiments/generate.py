@@ -1,25 +1,29 @@
-"""Samples from a training run's latest (or a given) checkpoint.
+"""Samples from a training run's latest checkpoint, or from a Hugging Face checkpoint.
 
   python experiments/generate.py --workdir=/tmp/tx/lm --prompt="def main(" --max_new_tokens=64
   python experiments/generate.py --workdir=/tmp/tx/lm --prompt="import " --temperature=0.8 --top_p=0.9
   python experiments/generate.py --workdir=/tmp/tx/lm --prompt="class " --num_beams=4
+  python experiments/generate.py --hf=/ckpt/llama --prompt="The capital of France is"
 
-Byte-level models take the prompt as text; other models take space-separated token ids.
+The prompt is text when the model has a tokenizer: the checkpoint's or run's tokenizer.json
+(or --tokenizer), or tx's byte vocabulary for a byte model. Other models take space-separated
+token ids. The prompt starts with the tokenizer's BOS, and generation stops at its EOS.
 """
 
-import numpy as np
-from experiments import _cli
+from experiments import _cli, _pretrained
 from absl import flags
 
 from tx import flags as tx_flags
-from tx.data import vocab
 from tx.inference import Greedy, Sample, beam_search, generate
-from tx.train import configs as configs_lib
-from tx.train import loop
-from tx.train.configs import ConfigError
+# Reached through this module by tests that run main() in-process with a stand-in model.
+from tx.train import configs as configs_lib, loop  # noqa: F401
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
-_PROMPT = flags.DEFINE_string("prompt", "", "Prompt text (byte models) or token ids.")
+_HF = flags.DEFINE_string("hf", None, "A Hugging Face checkpoint directory (config.json, "
+                          "*.safetensors, tokenizer.json) to sample from instead of --workdir.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "A tokenizer.json (or its directory) "
+                                 "instead of the model's own.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Prompt text (models with a tokenizer) or token ids.")
 _STEPS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 means greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely tokens.")
@@ -28,36 +32,27 @@ _BEAMS = flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams 
 _CACHE = flags.DEFINE_enum("cache", "contiguous", ["contiguous", "paged", "none"],
                            "KV cache (beam search: contiguous or paged; beams share pages).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.mark_flags_as_required(["workdir"])
-
-
-def _encode(prompt: str, byte_level: bool) -> np.ndarray:
-    ids = vocab.encode_bytes(prompt) if byte_level else [int(t) for t in prompt.split()]
-    return np.asarray([[vocab.BOS, *ids]], np.int32)
 
 
 def main(argv):
     _cli.start(argv)
-    with _cli.one_line_errors(ValueError):
-        resolved = configs_lib.resolve(loop.saved_config(_WORKDIR.value))
-        model, step = loop.load_model(resolved, _WORKDIR.value)
-        if step is None:
-            raise ConfigError(f"workdir={_WORKDIR.value!r} holds no complete checkpoint.")
-        byte_level = resolved.model.vocab_size == vocab.BYTE_VOCAB_SIZE
-        prompt = _encode(_PROMPT.value, byte_level)
+    with _cli.one_line_errors(ValueError, FileNotFoundError):
+        source = _pretrained.load_source(_HF.value, _WORKDIR.value)
+        tokenizer = _pretrained.tokenizer_of(source, _TOKENIZER.value)
+        prompt, stop = _pretrained.encode_prompt(_PROMPT.value, tokenizer)
         if _BEAMS.value > 1:
-            out = beam_search(model, prompt, max_new_tokens=_STEPS.value,
-                              num_beams=_BEAMS.value, stop_tokens=(vocab.EOS,),
+            out = beam_search(source.model, prompt, max_new_tokens=_STEPS.value,
+                              num_beams=_BEAMS.value, stop_tokens=stop,
                               cache=tx_flags.cache(_CACHE.value))
         else:
             strategy = Greedy() if _TEMPERATURE.value == 0 else Sample(
                 _TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-            out = generate(model, prompt, max_new_tokens=_STEPS.value, strategy=strategy,
-                           stop_tokens=(vocab.EOS,), cache=tx_flags.cache(_CACHE.value),
-                           seed=_SEED.value)
+            out = generate(source.model, prompt, max_new_tokens=_STEPS.value,
+                           strategy=strategy, stop_tokens=stop,
+                           cache=tx_flags.cache(_CACHE.value), seed=_SEED.value)
     tokens = out.tokens[0, :out.lengths[0]]
-    print(f"# checkpoint step {step}")
-    print(vocab.decode_bytes(tokens) if byte_level else " ".join(map(str, tokens)))
+    print(f"# checkpoint {source.label}")
+    print(tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens)))
 
 
 def cli() -> None:

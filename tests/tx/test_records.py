@@ -140,6 +140,7 @@ def test_training_on_array_records_resumes_exactly(text_files, tmp_path):
     t = config.train
     t.steps, t.warmup_steps, t.batch_size, t.log_every, t.eval_batches = 4, 1, 2, 1, 1
     t.eval_every, t.checkpoint_every, t.async_checkpoints = 4, 2, False
+    t.schedule_steps = 4  # run b stops at 2 and is extended: the same learning-rate curve
     loop.run(config, tmp_path / "a", print_fn=None)
     full = [r["loss"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
     t.steps = 2

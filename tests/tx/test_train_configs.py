@@ -12,7 +12,10 @@ from tx.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = [("decoder_lm", None), ("encoder_mlm", None), ("encoder_mlm", "cls"),
-           ("seq2seq", "reverse"), ("mqar", None), ("ablation", None), ("gpt2_small", None)]
+           ("seq2seq", "reverse"), ("mqar", None), ("ablation", None), ("ablation", "uptrain"),
+           ("gpt2_small", None)]
+# Configs whose model comes from a checkpoint (init.*): trained in their own tests.
+FROM_CHECKPOINTS = {"pretrained": "tests/tx/test_pretrained_init.py"}
 
 
 def _shrink(config):
@@ -27,16 +30,20 @@ def _shrink(config):
 
 
 def test_every_config_file_is_listed():
-    assert {p.stem for p in (ROOT / "configs").glob("*.py")} == {n for n, _ in CONFIGS}
+    assert {p.stem for p in (ROOT / "configs").glob("*.py")} == \
+        {n for n, _ in CONFIGS} | set(FROM_CHECKPOINTS)
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
 def test_config_trains_one_step(name, arg, tmp_path):
     config = _shrink(configs_lib.load_file(ROOT / "configs" / f"{name}.py", arg))
-    if "sweep" in config:
+    if "sweep" in config or "variants" in config:
         from tx.train import ablation
         assert len(ablation.variant_configs(config)) == 5
-        del config["sweep"]
+        if "pretrain" in config:  # the uptraining comparison: its pretraining run
+            config = _shrink(config.pretrain)
+        else:
+            del config["sweep"]
     summary = loop.run(config, tmp_path, print_fn=None)
     assert summary["steps"] == 1 and summary["params"] > 0
     assert (tmp_path / "checkpoints" / "1").is_dir()

@@ -31,8 +31,10 @@ from tx.data.packing import pack
 from tx.data import records
 from tx.data.synthetic import (MQAR, Copy, Duplicates, Majority, MaskedCopy, Reverse, Sort,
                                SyntheticTask)
-from tx.data.text import (ByteLM, ByteMLM, Corpus, PackedBytes, corpus_from_paths,
+from tx.data.text import (ByteLM, ByteMLM, Corpus, PackedBytes, TextFiles, corpus_from_paths,
                           stdlib_corpus)
+from tx.data.tokenizer import (ByteTokenizer, check_vocab, load_tokenizer, make_tokenizer,
+                               model_tokenizer)
 from tx.data.vocab import (BOS, BYTE_VOCAB_SIZE, EOS, MASK, OFFSET, PAD, SEP, decode_bytes,
                            encode_bytes)
 
@@ -72,7 +74,35 @@ def _text(cls) -> Callable:
     return build
 
 
-_GRAIN_OPTIONS = ("record_format", "vocab_size", "docs_per_row", "strategy")
+def _path_list(paths) -> list[str]:
+    """A flag's comma-separated string, or a list, of paths."""
+    return [p for p in paths.split(",") if p] if isinstance(paths, str) else list(paths)
+
+
+def _text_files(*, batch_size, seq_len, seed, split, paths=None, eval_paths=None,
+                tokenizer=None, max_bytes=None, eval_fraction=None) -> TextFiles:
+    """Your text files (``paths``: files or directories, comma-separated), one document each,
+    tokenised with ``tokenizer`` (a tokenizer.json or its directory; default: bytes) and packed.
+    Eval takes ``eval_paths`` when given, else the documents whose name hashes into
+    ``eval_fraction`` (see :meth:`Corpus.split`)."""
+    if not paths:
+        raise ValueError("the text_files dataset needs paths=<text files or directories> "
+                         "(--config.data.options.paths=...).")
+    if eval_paths:
+        corpus = corpus_from_paths(_path_list(paths if split == "train" else eval_paths),
+                                   max_bytes=max_bytes)
+    else:
+        split_kwargs = {} if eval_fraction is None else {"eval_fraction": eval_fraction}
+        corpus = corpus_from_paths(_path_list(paths), max_bytes=max_bytes).split(
+            split, **split_kwargs)
+    return TextFiles(corpus, tokenizer=make_tokenizer(tokenizer), batch_size=batch_size,
+                     seq_len=seq_len, seed=seed)
+
+
+_text_files.options = ("paths", "eval_paths", "tokenizer", "max_bytes", "eval_fraction")
+_text_files.reads_your_files = True
+
+_GRAIN_OPTIONS = ("record_format", "vocab_size", "docs_per_row", "strategy", "tokenizer")
 
 
 def _grain(build_fn, *own) -> Callable:
@@ -92,6 +122,7 @@ REGISTRY: dict[str, Callable] = {
     "bytes": _text(ByteLM),
     "bytes_mlm": _text(ByteMLM),
     "packed_bytes": _text(PackedBytes),
+    "text_files": _text_files,
     # Real data (the `data` extra): grain over ArrayRecord files or a local HF dataset.
     "array_record": _grain(records.array_record_lm, "paths", "eval_paths"),
     "hf": _grain(records.hf_lm, "path", "train_split", "eval_split", "column"),
@@ -140,6 +171,8 @@ __all__ = [
     "BOS", "BYTE_VOCAB_SIZE", "EOS", "EXTERNAL", "MASK", "OFFSET", "PAD", "SEP", "TASKS", "REGISTRY",
     "ByteLM", "ByteMLM", "Copy", "Corpus", "Dataset", "Duplicates", "MQAR", "Majority",
     "MaskedCopy", "PackedBytes", "Reverse", "Sort", "StepIterator", "SyntheticTask",
-    "bert_corrupt", "corpus_from_paths", "decode_bytes", "encode_bytes", "list_datasets",
-    "make_dataset", "pack", "records", "register_dataset", "stdlib_corpus",
+    "ByteTokenizer", "TextFiles", "bert_corrupt", "check_vocab", "corpus_from_paths",
+    "decode_bytes", "encode_bytes", "list_datasets", "load_tokenizer", "make_dataset",
+    "make_tokenizer", "model_tokenizer", "pack", "records", "register_dataset",
+    "stdlib_corpus",
 ]

@@ -128,3 +128,22 @@ def pack(documents: Iterable[Sequence[int]], row_len: int, *, num_rows: int | No
         out["document_ids"] = doc_ids
         out["document_offsets"] = offsets
     return out
+
+
+def packed_batches(documents: Iterable[Sequence[int]], row_len: int, batch_size: int, *,
+                   eos_id: int | None = EOS, pad_id: int = PAD):
+    """Every token of ``documents`` once, packed ``sequential`` ly into rows, yielded in batches
+    of ``batch_size`` rows: an evaluation set (perplexity of a text) with one shape, so one
+    compile. The last batch is filled with empty rows (weight 0, segment id 0)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or \
+            batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    rows = pack(documents, row_len, strategy="sequential", eos_id=eos_id, pad_id=pad_id)
+    for start in range(0, len(rows["inputs"]), batch_size):
+        batch = {}
+        for key, value in rows.items():
+            part = value[start:start + batch_size]
+            fill = pad_id if key in ("inputs", "targets") else 0
+            batch[key] = np.pad(part, ((0, batch_size - len(part)), (0, 0)),
+                                constant_values=np.asarray(fill, value.dtype))
+        yield batch

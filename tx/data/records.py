@@ -10,7 +10,9 @@ tx dataset. A piece of a document that does not fit its rows is dropped.
 
 Documents become token ids in one of two ways (``record_format``):
   * ``"bytes"``: the record (or text column) is UTF-8 text: byte-level ids, as the built-in
-    corpora use (``vocab_size`` is the byte vocabulary);
+    corpora use (``vocab_size`` is the byte vocabulary), or, with ``tokenizer`` (a
+    ``tokenizer.json`` or its directory, e.g. a pretrained checkpoint's), that tokenizer's
+    BOS + ids, the last token targeting its EOS (``vocab_size`` is the tokenizer's);
   * ``"int32"``: the record holds little-endian int32 token ids (or the column holds lists of
     ints), from the user's own tokenizer; pass its ``vocab_size``.
 
@@ -28,7 +30,8 @@ import numpy as np
 
 from tx.data.common import check_int, check_split
 from tx.data.packing import STRATEGIES, pack
-from tx.data.vocab import BYTE_VOCAB_SIZE, OFFSET
+from tx.data.tokenizer import make_tokenizer
+from tx.data.vocab import BYTE_VOCAB_SIZE, EOS, OFFSET
 
 RECORD_FORMATS = ("bytes", "int32")
 
@@ -79,15 +82,21 @@ class GrainLM:
       vocab_size: the tokenizer's size for ``"int32"`` records.
       docs_per_row: documents drawn per row (more packs denser, and drops more of long ones).
       strategy: a :data:`~tx.data.packing.STRATEGIES` packing strategy.
+      tokenizer: for text records, a ``tokenizer.json`` (or its directory, or a loaded
+        tokenizer) to tokenise them with instead of bytes.
     """
 
     task = "lm"
 
     def __init__(self, source, *, batch_size: int, seq_len: int, seed: int = 0,
                  record_format: str = "bytes", vocab_size: int | None = None,
-                 docs_per_row: int = 1, strategy: str = "first_fit"):
+                 docs_per_row: int = 1, strategy: str = "first_fit", tokenizer=None):
         grain = _require("grain")
-        self.vocab_size = _vocab(record_format, vocab_size)
+        if tokenizer is None:
+            self.vocab_size = _vocab(record_format, vocab_size)
+            to_ids, self.eos_id = _to_ids(record_format, self.vocab_size), EOS
+        else:
+            to_ids = self._tokenised(tokenizer, record_format, vocab_size)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.seq_len = check_int("seq_len", seq_len, 1)
         self.docs_per_row = check_int("docs_per_row", docs_per_row, 1)
@@ -99,7 +108,28 @@ class GrainLM:
         self.num_documents = len(source)
         self._docs = (grain.MapDataset.source(source)
                       .shuffle(seed=check_int("seed", seed, 0))  # a new permutation per epoch
-                      .map(_to_ids(record_format, self.vocab_size)))
+                      .map(to_ids))
+
+    def _tokenised(self, tokenizer, record_format: str, vocab_size) -> Callable:
+        """Sets ``vocab_size`` / ``eos_id`` from ``tokenizer``; text record -> its ids."""
+        if record_format not in RECORD_FORMATS:
+            raise ValueError(f"record_format={record_format!r} must be one of "
+                             f"{RECORD_FORMATS}.")
+        if record_format != "bytes":
+            raise ValueError(f"tokenizer={tokenizer!r} tokenises text records, but "
+                             f"record_format={record_format!r} records are token ids already; "
+                             "drop one of the two options.")
+        tok = make_tokenizer(tokenizer)
+        if vocab_size is not None and vocab_size != tok.vocab_size:
+            raise ValueError(f"vocab_size={vocab_size} but the tokenizer {tok.name!r} has "
+                             f"{tok.vocab_size} tokens; drop vocab_size (the tokenizer sets it).")
+        self.vocab_size, self.eos_id = tok.vocab_size, tok.eos_id
+
+        def ids(record) -> np.ndarray:
+            if not isinstance(record, str):
+                record = bytes(record).decode("utf-8", errors="replace")
+            return tok.document(record)
+        return ids
 
     def documents(self, step: int) -> list[np.ndarray]:
         n = self.batch_size * self.docs_per_row
@@ -108,7 +138,7 @@ class GrainLM:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         return pack(self.documents(step), self.seq_len, num_rows=self.batch_size,
-                    strategy=self.strategy)
+                    strategy=self.strategy, eos_id=self.eos_id)
 
 
 def _paths(paths: str | Sequence[str], what: str) -> list[str]:

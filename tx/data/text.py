@@ -51,6 +51,11 @@ class Corpus:
         """Token ids (``OFFSET + byte``, int32) of document ``i``."""
         return self.data[self.offsets[i]:self.offsets[i + 1]].astype(np.int32) + OFFSET
 
+    def text(self, i: int) -> str:
+        """Document ``i`` as text (invalid UTF-8 decodes with U+FFFD), for a tokenizer."""
+        return bytes(self.data[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8",
+                                                                          errors="replace")
+
     def split(self, split: str, eval_fraction: float = DEFAULT_EVAL_FRACTION) -> "Corpus":
         """The train or eval documents (disjoint; chosen by a hash of each name)."""
         check_split(split)
@@ -244,3 +249,47 @@ class PackedBytes:
     def batch(self, step: int) -> dict[str, np.ndarray]:
         return pack(self.documents(step), self.seq_len, num_rows=self.batch_size,
                     strategy=self.strategy)
+
+
+class TextFiles:
+    """Causal LM over whole documents (one per file), tokenised and packed with segment ids.
+
+    Each document is ``tokenizer.document(text)`` (BOS + its ids; the byte vocabulary when no
+    tokenizer is given). An epoch is every document once, in an order shuffled per epoch, packed
+    ``sequential`` ly (densest: a long document continues in the next row, and the row count is
+    the same whatever the order); ``batch(step)`` is rows ``step * B .. step * B + B - 1`` of
+    the endless run of epochs, so it is a pure function of the step. A document's last token
+    targets the tokenizer's EOS (weight 0 when it has none).
+    """
+
+    task = "lm"
+
+    def __init__(self, corpus: Corpus, *, tokenizer=None, batch_size: int, seq_len: int,
+                 seed: int = 0):
+        from tx.data.tokenizer import ByteTokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.vocab_size = self.tokenizer.vocab_size
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seq_len = check_int("seq_len", seq_len, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.docs = self.tokenizer.documents([corpus.text(i) for i in range(len(corpus))])
+        self.num_tokens = sum(len(d) for d in self.docs)
+        if not self.num_tokens:
+            raise ValueError(f"the {len(corpus)} documents tokenise to no tokens; add text.")
+        self.rows_per_epoch = -(-self.num_tokens // self.seq_len)
+        self._epochs: dict[int, dict[str, np.ndarray]] = {}
+
+    def _epoch(self, epoch: int) -> dict[str, np.ndarray]:
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 2:  # steps move forward: older epochs are done
+                self._epochs.pop(min(self._epochs))
+            order = step_rng(self.seed, epoch, 0x7E47).permutation(len(self.docs))
+            self._epochs[epoch] = pack([self.docs[i] for i in order], self.seq_len,
+                                       strategy="sequential", eos_id=self.tokenizer.eos_id)
+        return self._epochs[epoch]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        first = check_int("step", step, 0) * self.batch_size
+        rows = [divmod(g, self.rows_per_epoch) for g in range(first, first + self.batch_size)]
+        epochs = {e: self._epoch(e) for e in sorted({e for e, _ in rows})}
+        return {key: np.stack([epochs[e][key][r] for e, r in rows]) for key in epochs[rows[0][0]]}

@@ -1,8 +1,13 @@
-"""The ablation runner: one base experiment, one field swept over a list of values.
+"""The ablation runner: one base experiment, and either one field swept over a list of values
+(``config.sweep``) or named variants that each change several fields (``config.variants``).
 
 Every variant trains from the same seed on the same data order (both come from the base config),
 in its own sub-directory of the workdir (so a rerun resumes or skips finished variants). The
 runner writes ``results.csv``, ``results.md`` and ``loss_curves.png`` to the workdir.
+
+With ``config.pretrain`` (an experiment config) and no ``init`` source of its own, the runner
+first trains that model in ``workdir/pretrain`` and starts every variant from its weights
+(``init.workdir``): the uptraining comparisons of ``configs/ablation.py:uptrain``.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from typing import Any, Callable
 import ml_collections
 
 from tx.train import configs as configs_lib
+from tx.train import init as init_lib
 from tx.train import loop, plots
 from tx.train.configs import ConfigError
 from tx.train.metrics import read_jsonl
 
-COLUMNS = (("variant", "variant", "{}"), ("loss", "train loss", "{:.4f}"),
+COLUMNS = (("variant", "variant", "{}"), ("first_loss", "step-1 loss", "{:.4f}"),
+           ("loss", "train loss", "{:.4f}"),
            ("eval_loss", "eval loss", "{:.4f}"), ("eval_accuracy", "eval acc", "{:.3f}"),
            ("tokens_per_second", "tokens/s", "{:,.0f}"), ("params", "params", "{:,}"),
            ("kv_bytes_per_token", "KV bytes/token", "{:,}"), ("wall_seconds", "wall s", "{:.1f}"))
@@ -84,17 +91,64 @@ def sweep_values(config) -> list:
 
 
 def variant_configs(config) -> dict[str, ml_collections.ConfigDict]:
-    """``{name: experiment config}``, one per sweep value, validated before anything runs."""
+    """``{name: experiment config}``, one per sweep value or named variant, validated before
+    anything runs."""
+    if "variants" in config:
+        return _named_variants(config)
     out = {}
     for value in sweep_values(config):
-        variant = copy.deepcopy(config)  # keeps field types (placeholders included)
-        with variant.unlocked():
-            del variant["sweep"]
+        variant = _bare(config)
         _set(variant, config.sweep.field, value)
-        configs_lib.resolve(variant)
+        configs_lib.resolve(init_lib.with_source_model(variant, None))
         text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
         out[re.sub(r"[^A-Za-z0-9_.+,=-]", "_", text)] = variant
     return out
+
+
+def _bare(config) -> ml_collections.ConfigDict:
+    """``config`` without the runner's own sections (keeps field types, placeholders too)."""
+    variant = copy.deepcopy(config)
+    with variant.unlocked():
+        for name in ("sweep", "variants", "pretrain"):
+            if name in variant:
+                del variant[name]
+    return variant
+
+
+def _update(node: ml_collections.ConfigDict, changes, where: str) -> None:
+    for key, value in changes.items():
+        if key not in node:
+            raise ConfigError(f"config.{where}.{key}: no such config field.")
+        if isinstance(value, ml_collections.ConfigDict):
+            _update(node[key], value, f"{where}.{key}")
+        else:
+            node[key] = value
+
+
+def _named_variants(config) -> dict[str, ml_collections.ConfigDict]:
+    out = {}
+    for name, changes in config.variants.items():
+        variant = _bare(config)
+        _update(variant, changes, f"variants.{name}")
+        if init_lib.requested(variant):
+            configs_lib.resolve(init_lib.with_source_model(variant, None))
+        out[name] = variant
+    if not out:
+        raise ConfigError("config.variants is empty; name at least one variant.")
+    return out
+
+
+def _pretrained(config, workdir: pathlib.Path, print_fn) -> ml_collections.ConfigDict:
+    """Trains ``config.pretrain`` (once; a rerun resumes or skips it) when the config has no
+    ``init`` source, and points every variant's ``init.workdir`` at it."""
+    if "pretrain" not in config or init_lib.requested(config):
+        return config
+    if print_fn:
+        print_fn("== pretrain")
+    loop.run(config.pretrain, workdir / "pretrain", print_fn=print_fn)
+    config = copy.deepcopy(config)
+    config.init.workdir = str(workdir / "pretrain")
+    return config
 
 
 def _cell(fmt: str, value) -> str:
@@ -126,18 +180,22 @@ def write_results(rows: list[dict[str, Any]], workdir: pathlib.Path, field: str)
 def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
            print_fn: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
     """Runs every variant of ``config.sweep`` and returns one result row per variant."""
-    if "sweep" not in config:
+    if "sweep" not in config and "variants" not in config:
         raise ConfigError("config.sweep is missing; give sweep.field and sweep.choices "
-                          "(see configs/ablation.py).")
+                          "(see configs/ablation.py), or named config.variants.")
+    field = config.sweep.field if "sweep" in config else "variant"
+    if "pretrain" in config and not init_lib.requested(config):
+        configs_lib.resolve(config.pretrain)  # fails before anything trains
     workdir = configs_lib.check_workdir(workdir)
+    config = _pretrained(config, workdir, print_fn)
     variants = variant_configs(config)
     rows = []
     for name, variant in variants.items():
         if print_fn:
-            print_fn(f"== {config.sweep.field}={name}")
+            print_fn(f"== {field}={name}")
         summary = loop.run(variant, workdir / name, print_fn=print_fn)
         rows.append({"variant": name, **summary})
-        write_results(rows, workdir, config.sweep.field)
+        write_results(rows, workdir, field)
     if print_fn:
-        print_fn(table(rows, config.sweep.field))
+        print_fn(table(rows, field))
     return rows

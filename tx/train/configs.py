@@ -57,6 +57,9 @@ TRAIN = dict(
     async_checkpoints=True,
 )
 MESH = dict(data=1, fsdp=1, tensor=1)
+# Pretrained starts (tx.train.init): a source of weights and the swaps applied to them.
+INIT = dict(hf="", workdir="", swap=dict(num_kv_heads=0, kv_init="mean", layer_pattern="",
+                                         window=0))
 # Fields that may change between a run and its resumption (they do not alter the trajectory;
 # a checkpoint restores under any mesh). Growing ``train.steps`` extends a run on the schedule
 # it started with (``train.schedule_steps`` is saved with the run).
@@ -102,6 +105,7 @@ def experiment(model: ModelFlags, *, dataset: str, seq_len: int, options: dict |
                                                  options=dict(options or {})))
     config.train = ml_collections.ConfigDict({**TRAIN, **train})
     config.mesh = ml_collections.ConfigDict(MESH)
+    config.init = ml_collections.ConfigDict(INIT)
     if extensions:
         config.extensions = [str(pathlib.Path(p).resolve()) for p in extensions]
     return config

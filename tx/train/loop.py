@@ -27,6 +27,7 @@ from tx.layers.block import Block
 from tx import parallel as parallel_lib
 from tx.train import configs as configs_lib
 from tx.train.checkpoint import CheckpointError, Checkpointer, background_errors_to
+from tx.train import init as init_lib
 from tx.train.lock import WorkdirLock
 from tx.train.preemption import Preempted, StopSignals, agree
 from tx.train.configs import ConfigError, Resolved
@@ -99,6 +100,7 @@ def _check_compatible(saved: dict, current: ml_collections.ConfigDict, workdir, 
     saved, current = copy.deepcopy(saved), current.to_dict()
     train = saved.setdefault("train", {})
     train.setdefault("schedule_steps", train.get("steps"))  # runs saved before the field
+    saved.setdefault("init", copy.deepcopy(configs_lib.INIT))  # ... and before init
     if not current.get("train", {}).get("schedule_steps"):  # unset: the saved run's holds
         current.setdefault("train", {})["schedule_steps"] = train["schedule_steps"]
     lines = configs_lib.diff(saved, current)
@@ -120,6 +122,15 @@ def _restore(ckpt: Checkpointer, state, config, workdir, *, report, quarantine: 
         return step, ckpt.restore(step, template)[0]
     found = ckpt.restore_good(template, report=report, quarantine=quarantine, check=check)
     return (None, None) if found is None else found[:2]
+
+
+def _saved_model(workdir) -> dict | None:
+    """The model section a run in ``workdir`` saved, when it has checkpoints to resume."""
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "config.json").is_file() or not any(
+            p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+        return None
+    return json.loads((workdir / "config.json").read_text()).get("model")
 
 
 def _with_schedule(resolved: Resolved, ckpt: Checkpointer, print_fn) -> Resolved:
@@ -192,13 +203,15 @@ def _merge(micro: list[dict]) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary:
-    final ``loss``, ``eval_loss``, ``eval_accuracy``, ``tokens_per_second``, ``params``,
+    ``first_loss`` (step 1's: the starting model's), final ``loss``, ``eval_loss``,
+    ``eval_accuracy``, ``tokens_per_second``, ``params``,
     ``kv_bytes_per_token``, ``steps``, ``skipped``, ``wall_seconds``.
 
     Holds ``workdir``'s lock for the whole run (a second run there fails at once). SIGTERM or
     SIGINT ends the run after the current step with a saved checkpoint and :class:`Preempted`;
     a failed background save raises :class:`CheckpointError` at the next step."""
     wall_start = time.perf_counter()
+    config = init_lib.with_source_model(config, _saved_model(workdir))
     resolved = configs_lib.resolve(config)
     workdir = configs_lib.check_workdir(workdir)
     if not is_main_process():
@@ -267,7 +280,14 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
         state.params, state.rest, state.opt_state = (restored["params"], restored["rest"],
                                                      restored["opt_state"])
         report(f"resuming from step {start} in {workdir}")
+    elif init_lib.requested(config):
+        wrap = _remat_blocks if train.remat else (lambda model: None)
+        state.params = init_lib.initial_params(config, state.params, seed=train.seed,
+                                               wrap=wrap)
+        report(f"starting from the weights of {init_lib.describe(config)}")
     main = is_main_process()
+    if main and init_lib.requested(config):
+        init_lib.copy_tokenizer(config, workdir)
     if main:
         (workdir / "config.json").write_text(configs_lib.to_json(config))
     train_ds, eval_ds = configs_lib.make_datasets(resolved)
@@ -318,7 +338,9 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
         plots.loss_curves({"run": log.records}, workdir / "loss.png", title=str(workdir.name))
     rates = run.rates
     steady = [r for s, r in rates if s > start] or [r for _, r in rates] or [float("nan")]
-    return {"steps": train.steps, "loss": float(last.get("loss", float("nan"))),
+    first = log.records[0]["loss"] if log.records else float("nan")
+    return {"steps": train.steps, "first_loss": float(first),
+            "loss": float(last.get("loss", float("nan"))),
             "eval_loss": last.get("eval_loss"), "eval_accuracy": last.get("eval_accuracy"),
             "tokens_per_second": float(np.median(steady[1:] or steady)),
             "params": param_count(params), "kv_bytes_per_token": kv_bytes_per_token(resolved.model),
@@ -374,3 +396,22 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Pa
     out = evaluate_params(eval_step, params, rest, eval_ds,
                           batches or resolved.train.eval_batches)
     return {"step": step, **out}
+
+
+def evaluate_batches(model: nnx.Module, batches) -> dict[str, float]:
+    """Token loss of ``model`` over ``batches`` (an iterable of batch dicts, e.g. packed rows
+    from :func:`tx.data.packing.packed_batches`: segment ids keep documents apart and only
+    weighted tokens count): ``loss`` (per token), ``perplexity`` (``exp(loss)``), ``accuracy``
+    and ``tokens`` (the count scored)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    eval_step = make_eval_step(graphdef)
+    total = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for batch in batches:
+        metrics = eval_step(params, rest, batch)
+        for key in total:
+            total[key] += float(metrics[key])
+    if not total["count"]:
+        raise ValueError("the batches hold no weighted tokens to score; give some text.")
+    loss = total["loss_sum"] / total["count"]
+    return {"loss": loss, "perplexity": float(np.exp(loss)),
+            "accuracy": total["correct"] / total["count"], "tokens": int(total["count"])}
