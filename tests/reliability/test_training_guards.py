@@ -115,3 +115,21 @@ def test_extending_a_run_keeps_the_schedule_it_started_on(tmp_path):
     assert configs_lib.load_file  # the saved config records the schedule length
     saved = loop.saved_config(tmp_path)
     assert saved.train.schedule_steps == 4 and saved.train.steps == 6
+
+
+def test_a_checkpoint_directory_that_turns_unwritable_fails_with_one_line(tmp_path):
+    # As root no permission bit stops a write, so the directory is replaced by a file.
+    import shutil
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=True)
+    state = {"params": {"w": jnp.ones(3)}, "rest": {}, "opt_state": {}}
+    ckpt.save(1, state, {"step": 1})
+    ckpt.wait()
+    shutil.rmtree(ckpt.directory)
+    ckpt.directory.write_text("")
+    with pytest.raises(CheckpointError) as err:
+        ckpt.save(2, state, {"step": 2})
+        ckpt.wait()
+    text = str(err.value)
+    assert text.startswith(f"saving a checkpoint in {ckpt.directory} failed: ")
+    assert "\n" not in text
+    ckpt.close()  # the failure is reported once; closing still stops Orbax's threads
