@@ -13,24 +13,39 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels import checks
 from kernels import masks as masks_lib
 
 
+# The xla path attends one block of queries at a time, so that a block's fp32 logits
+# ``[B, N, block_q, S]`` stay near the CPU's cache (one 16 MiB logits tensor of a 256-token batch
+# streams through memory at every elementwise pass) and, when the mask is known at trace time
+# (default positions), cover only the keys its rows can see: causal and local masks skip the
+# tiles past the diagonal, forward and backward. The blocks are unrolled, so their count is
+# capped; one block (short sequences, decode steps) is the plain dense computation.
+_BLOCK_LOGITS_BYTES = 2 << 20
+_MAX_Q_BLOCKS = 16
+_KEY_ALIGN = 16  # key ranges start and end on multiples of this (or at S)
+
+
 def visibility(mask: masks_lib.Mask, b: int, t: int, s: int, *, segment_ids=None,
-               kv_lengths=None, q_positions=None, kv_positions=None) -> jax.Array:
+               kv_lengths=None, q_positions=None, kv_positions=None,
+               kv_len: int | None = None) -> jax.Array:
     """``[B, T, S]`` bool: the mask at the given positions, narrowed by the data.
 
     Positions default to bottom-right alignment. ``kv_positions < 0`` marks empty slots (an
-    unfilled cache), which nobody sees.
+    unfilled cache), which nobody sees. ``kv_len`` is the key count the mask is evaluated for
+    (default ``s``; a block of keys passes the whole length).
     """
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))
     if kv_positions is None:
         kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     q_pos, kv_pos = q_positions[:, :, None], kv_positions[:, None, :]
-    visible = jnp.broadcast_to(mask.predicate(q_pos, kv_pos, s), (b, t, s)) & (kv_pos >= 0)
+    kv_len = s if kv_len is None else kv_len
+    visible = jnp.broadcast_to(mask.predicate(q_pos, kv_pos, kv_len), (b, t, s)) & (kv_pos >= 0)
     if segment_ids is not None:
         q_seg, kv_seg = segment_ids
         visible &= q_seg[:, :, None] == kv_seg[:, None, :]
@@ -39,10 +54,7 @@ def visibility(mask: masks_lib.Mask, b: int, t: int, s: int, *, segment_ids=None
     return visible
 
 
-def _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias, q_positions,
-                   kv_positions):
-    """Checks the arguments; returns fp32 logits ``[B,K,G,T,S]`` with hidden pairs at the
-    fp32 minimum (finite, so fully hidden rows stay NaN-free) and visibility ``[B,T,S]``."""
+def _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions):
     b, t, s, n, kh, h = checks.check_qkv(q, k, k)
     mask = checks.check_mask(mask)
     checks.check_segment_ids(segment_ids, b, t, s)
@@ -50,6 +62,14 @@ def _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias, q_positions
     checks.check_positions("q_positions", q_positions, b, t)
     checks.check_positions("kv_positions", kv_positions, b, s)
     checks.check_bias(bias, b, t, s, n)
+    return mask
+
+
+def _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias, q_positions,
+                   kv_positions, kv_len=None):
+    """fp32 logits ``[B,K,G,T,S]`` with hidden pairs at the fp32 minimum (finite, so fully
+    hidden rows stay NaN-free) and visibility ``[B,T,S]``; arguments already checked."""
+    (b, t, n, h), (s, kh) = q.shape, k.shape[1:3]
     g = n // kh
     scale = h ** -0.5 if scale is None else scale
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(b, t, kh, g, h), k,
@@ -58,16 +78,54 @@ def _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias, q_positions
         groups = (1, 1) if bias.shape[1] == 1 else (kh, g)
         logits = logits + bias.astype(jnp.float32).reshape(bias.shape[0], *groups, t, s)
     visible_bts = visibility(mask, b, t, s, segment_ids=segment_ids, kv_lengths=kv_lengths,
-                             q_positions=q_positions, kv_positions=kv_positions)
+                             q_positions=q_positions, kv_positions=kv_positions, kv_len=kv_len)
     logits = jnp.where(visible_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
     return logits, visible_bts
+
+
+def _dense_attention(q, k, v, mask, segment_ids, kv_lengths, scale, bias, q_positions,
+                     kv_positions, kv_len=None):
+    """Softmax attention over every key given, as ``[B,T,N,H]`` fp32."""
+    logits, visible_bts = _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias,
+                                         q_positions, kv_positions, kv_len)
+    # Zeroing hidden pairs after the softmax keeps a -inf bias from pushing weight onto them.
+    probs = jnp.where(visible_bts[:, None, None], jax.nn.softmax(logits, axis=-1), 0.0)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    out = jnp.where(visible_bts.any(axis=-1)[:, :, None, None, None], out, 0.0)
+    return out.reshape(q.shape)
+
+
+def query_blocks(mask: masks_lib.Mask, b: int, t: int, s: int, n: int, *, aligned: bool,
+                 block_q: int | None = None) -> tuple[tuple[int, int, int, int], ...]:
+    """``(q0, q1, k0, k1)`` per block of queries: rows ``q0:q1`` attend over keys ``k0:k1``.
+
+    ``block_q`` defaults to the rows whose logits fit ``_BLOCK_LOGITS_BYTES`` (at least
+    ``T / _MAX_Q_BLOCKS``). When ``aligned`` (default positions) the key range is the span of
+    the mask's non-empty tiles for those rows (empty when they see no key at all); otherwise
+    every key.
+    """
+    if block_q is None:
+        rows = _BLOCK_LOGITS_BYTES // max(1, b * n * s * 4)
+        block_q = max(rows, -(-t // _MAX_Q_BLOCKS), 1)
+    block_q = min(block_q, t)
+    tiles = mask.tile_map(t, s, block_q, _KEY_ALIGN) if aligned else None
+    out = []
+    for i, q0 in enumerate(range(0, t, block_q)):
+        k0, k1 = 0, s
+        if tiles is not None:
+            seen = np.flatnonzero(tiles[i] != masks_lib.EMPTY)
+            k0, k1 = (0, 0) if not seen.size else \
+                (int(seen[0]) * _KEY_ALIGN, min(s, (int(seen[-1]) + 1) * _KEY_ALIGN))
+        out.append((q0, min(t, q0 + block_q), k0, k1))
+    return tuple(out)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask | None = None,
               segment_ids: tuple[jax.Array, jax.Array] | None = None,
               kv_lengths: jax.Array | None = None, scale: float | None = None,
               bias: jax.Array | None = None, q_positions: jax.Array | None = None,
-              kv_positions: jax.Array | None = None) -> jax.Array:
+              kv_positions: jax.Array | None = None, block_q: int | None = None) -> jax.Array:
     """Dot-product attention, q ``[B,T,N,H]``, k/v ``[B,S,K,H]`` -> ``[B,T,N,H]``.
 
     Args:
@@ -78,22 +136,41 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
       bias: additive fp32 logits bias ``[B|1, N|1, T, S]`` (T5 relative bias, ALiBi).
       q_positions, kv_positions: ``[B,T]`` / ``[B,S]`` int32 positions at which the mask is
         evaluated (incremental decoding, rolling caches); default bottom-right aligned.
+      block_q: queries per block (``query_blocks``; default from the logits budget); the
+        result does not depend on it beyond fp32 rounding.
     """
     checks.check_qkv(q, k, v)
-    logits, visible_bts = _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias,
-                                         q_positions, kv_positions)
-    # Zeroing hidden pairs after the softmax keeps a -inf bias from pushing weight onto them.
-    probs = jnp.where(visible_bts[:, None, None], jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
-    out = jnp.where(visible_bts.any(axis=-1)[:, :, None, None, None], out, 0.0)
-    return out.reshape(q.shape).astype(q.dtype)
+    mask = _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions)
+    (b, t, n, _), s = q.shape, k.shape[1]
+    aligned = q_positions is None and kv_positions is None
+    blocks = query_blocks(mask, b, t, s, n, aligned=aligned, block_q=block_q)
+    if len(blocks) == 1 and blocks[0][2:] == (0, s):
+        return _dense_attention(q, k, v, mask, segment_ids, kv_lengths, scale, bias,
+                                q_positions, kv_positions).astype(q.dtype)
+    outs = []
+    for q0, q1, k0, k1 in blocks:
+        if k0 == k1:  # these rows see no key: zeros (and zero gradients)
+            outs.append(jnp.zeros((b, q1 - q0) + q.shape[2:], jnp.float32))
+            continue
+        q_pos = (jnp.broadcast_to(jnp.arange(q0, q1, dtype=jnp.int32) + (s - t), (b, q1 - q0))
+                 if q_positions is None else q_positions[:, q0:q1])
+        kv_pos = (jnp.broadcast_to(jnp.arange(k0, k1, dtype=jnp.int32), (b, k1 - k0))
+                  if kv_positions is None else kv_positions[:, k0:k1])
+        segments = None if segment_ids is None else (segment_ids[0][:, q0:q1],
+                                                      segment_ids[1][:, k0:k1])
+        # Key lengths count slots from 0: shift them to this block's first key.
+        lengths = None if kv_lengths is None else kv_lengths - k0
+        outs.append(_dense_attention(
+            q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask, segments, lengths, scale,
+            None if bias is None else bias[:, :, q0:q1, k0:k1], q_pos, kv_pos, kv_len=s))
+    return jnp.concatenate(outs, axis=1).astype(q.dtype)
 
 
 def attention_weights(q: jax.Array, k: jax.Array, *, mask: Any = None, segment_ids=None,
                       kv_lengths=None, scale=None, bias=None, q_positions=None,
                       kv_positions=None) -> jax.Array:
     """The ``[B, N, T, S]`` fp32 softmax weights (for visualisation); hidden rows are zero."""
+    mask = _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions)
     logits, visible_bts = _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias,
                                          q_positions, kv_positions)
     b, kh, g, t, s = logits.shape

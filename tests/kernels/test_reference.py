@@ -287,6 +287,64 @@ def test_visibility_matches_naive():
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+# --- query blocks (the xla path's speed) -----------------------------------------------------
+
+BLOCK_MASKS = dict(MASKS, bigbird=BigBird(4, random_blocks=1, seed=3))
+
+
+@pytest.mark.parametrize("mask_name,t,s", [(name, 40, 40) for name in BLOCK_MASKS] + [
+    ("causal", 24, 40), ("causal", 40, 24), ("local1_2", 24, 40), ("local1_2", 40, 24)])
+def test_query_blocks_equal_one_block(mask_name, t, s):
+    """Blocks of queries over the key range their mask reaches compute what one dense block
+    computes, with segment ids, key lengths and a bias, forward and backward."""
+    b, n, kh, h = 2, 4, 2, 8
+    rng = np.random.default_rng(t + s)
+    q, k, v = (jnp.asarray(x) for x in make_qkv(b, t, s, n, kh, h, seed=t))
+    data = dict(segment_ids=(jnp.asarray(_segments(b, t, rng, 2)),
+                             jnp.asarray(_segments(b, s, rng, 2))),
+                kv_lengths=jnp.asarray([s, s - 7], jnp.int32),
+                bias=jnp.asarray(rng.standard_normal((1, n, t, s)), jnp.float32))
+    mask = BLOCK_MASKS[mask_name]
+    blocks = reference.query_blocks(mask, b, t, s, n, aligned=True, block_q=8)
+    assert len(blocks) == -(-t // 8)
+    if mask_name == "causal":  # the first block's keys stop at its diagonal tile
+        assert blocks[0][3] < s
+    for kwargs in ({}, data) if (mask_name, t, s) == ("causal", 40, 40) else (data,):
+        def loss(q, k, v, block_q):
+            out = reference.attention(q, k, v, mask=mask, block_q=block_q, **kwargs)
+            return (out * jnp.cos(out)).sum(), out
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+        (dq, dk, dv), out = grad(q, k, v, 8)
+        (dq1, dk1, dv1), out1 = grad(q, k, v, t)
+        for got, want in ((out, out1), (dq, dq1), (dk, dk1), (dv, dv1)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_query_block_that_sees_no_key_is_zero_with_zero_gradients():
+    # Bottom-right causal with T > S: the first T - S queries sit before every key.
+    b, t, s, n, kh, h = 1, 16, 4, 2, 1, 8
+    q, k, v = (jnp.asarray(x) for x in make_qkv(b, t, s, n, kh, h, seed=1))
+    blocks = reference.query_blocks(Causal(), b, t, s, n, aligned=True, block_q=4)
+    assert blocks[0][2:] == (0, 0) and blocks[1][2:] == (0, 0)
+    out = reference.attention(q, k, v, mask=Causal(), block_q=4)
+    np.testing.assert_allclose(np.asarray(out),
+                               naive_attention(q, k, v, naive_visible(PAIR["causal"], b, t, s)),
+                               atol=2e-5)
+    assert (np.asarray(out[:, :12]) == 0).all()
+    dq = jax.grad(lambda q: reference.attention(q, k, v, mask=Causal(), block_q=4).sum())(q)
+    assert (np.asarray(dq[:, :12]) == 0).all() and np.isfinite(np.asarray(dq)).all()
+
+
+def test_default_blocks_follow_the_logits_budget():
+    one = reference.query_blocks(Causal(), 2, 64, 64, 4, aligned=True)
+    assert one == ((0, 64, 0, 64),)  # small: one dense block
+    many = reference.query_blocks(Causal(), 8, 256, 256, 8, aligned=True)
+    assert len(many) > 1 and many[-1][1:] == (256, 0, 256) and many[0][3] < 256
+    assert len(reference.query_blocks(Full(), 1, 8192, 8192, 16, aligned=True)) <= 16
+    unaligned = reference.query_blocks(Causal(), 8, 256, 256, 8, aligned=False)
+    assert all(blk[2:] == (0, 256) for blk in unaligned)  # positions unknown: every key
+
+
 # --- attention_weights -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("kh", [4, 2, 1])

@@ -192,6 +192,7 @@ def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 
         for seq_id in seq_ids:
             pool.append(seq_id, max_new_tokens)  # reserve: decoding never allocates
         tables = pool.block_table(seq_ids, width=width)
+    tables = jnp.asarray(tables, jnp.int32)  # one host-to-device copy, shared by every layer
     for attn in decoding_attentions(model):
         _, k, h = attn.k_dkh[...].shape
         attn.cache = nnx.data(PagedKVCache(tables, pool.num_pages, page_size, k, h,

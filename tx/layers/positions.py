@@ -119,19 +119,27 @@ class Rotary(Positions):
             return dynamic_inv_freq(self.head_dim, self.base, self.scaling, positions_bt)
         return jnp.asarray(self.inv_freq, jnp.float32)
 
-    def __call__(self, x_btnh: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    def tables(self, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``cos, sin [B, T, 1, H/2]`` (fp32, scaled by the attention factor)."""
         inv_freq = self._inv_freq(positions_bt)  # [H/2]
         angles_bth = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
         gain = 1.0 if self.scaling is None else self.scaling.attention_factor
-        cos_bt1h = (jnp.cos(angles_bth) * gain)[:, :, None, :]
-        sin_bt1h = (jnp.sin(angles_bth) * gain)[:, :, None, :]
+        return ((jnp.cos(angles_bth) * gain)[:, :, None, :],
+                (jnp.sin(angles_bth) * gain)[:, :, None, :])
+
+    @staticmethod
+    def rotate_with(x_btnh: jax.Array, cos_bt1h: jax.Array, sin_bt1h: jax.Array) -> jax.Array:
         x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
         rotated = jnp.concatenate([x1 * cos_bt1h - x2 * sin_bt1h,
                                    x2 * cos_bt1h + x1 * sin_bt1h], axis=-1)
         return rotated.astype(x_btnh.dtype)
 
+    def __call__(self, x_btnh: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        return self.rotate_with(x_btnh, *self.tables(positions_bt))
+
     def rotate(self, q_btnh, k_btkh, positions_bt):
-        return self(q_btnh, positions_bt), self(k_btkh, positions_bt)
+        tables = self.tables(positions_bt)  # once for q and k
+        return self.rotate_with(q_btnh, *tables), self.rotate_with(k_btkh, *tables)
 
 
 def t5_bucket(relative_position: jax.Array, *, num_buckets: int, max_distance: int,

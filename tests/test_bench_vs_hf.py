@@ -1,0 +1,37 @@
+"""experiments/bench_vs_hf.py runs at a smoke size: tx and ``transformers`` on the same LLaMA
+weights agree (logits within 1e-4, identical greedy tokens from the contiguous and paged
+caches) and every row of the table comes out as a JSON line. Timings are never asserted."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_vs_hf.py"
+
+
+def test_bench_vs_hf_smoke():
+    # LLaMA only (GQA, RoPE, SwiGLU): GPT-2's parity is held by tests/tx/test_interop_hf.py and
+    # a second model would double the run time.
+    out = subprocess.run([sys.executable, str(_SCRIPT), "--models=llama", "--d_model=32",
+                          "--layers=1", "--vocab=97", "--batch=2", "--seq=8", "--prompt=3",
+                          "--new_tokens=3", "--decode_batches=2", "--repeats=1",
+                          "--torch_threads=1", "--pause=0"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {(r["model"], r["work"]) for r in rows} == {
+        ("llama", w) for w in ("forward", "train", "decode", "paged_vs_contiguous")}
+    for r in rows:
+        assert r["bench"] == "vs_hf" and r["tx_tokens_per_s"] > 0 and r["torch_threads"] == 1
+        if r["work"] == "forward":
+            assert r["max_abs_logit_diff"] <= 1e-4
+        if r["work"] == "train":
+            assert r["first_loss_diff"] <= 1e-4
+        if r["work"] in ("decode", "paged_vs_contiguous"):
+            assert r["greedy_identical"] and r["batch"] == 2 and r["tokens"] == 6
+    assert "tx / PyTorch" in out
