@@ -18,6 +18,8 @@ from experiments import _cli, _pretrained
 from absl import flags
 from ml_collections import config_flags
 
+from tx.models.heads import LMHead
+from tx.train import configs as configs_lib
 from tx.train import loop
 from tx.train.configs import ConfigError
 
@@ -72,7 +74,8 @@ def main(argv):
             line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in out.items())
             config = _CONFIG.value or loop.saved_config(_WORKDIR.value)
-            if config.model.task == "lm":  # a token loss: perplexity means something
+            head = configs_lib.model_config(config.model).head
+            if isinstance(head, LMHead):  # a token loss: perplexity means something
                 out = {**out, "eval_perplexity": math.exp(min(out["eval_loss"], 700.0))}
     print(line)
     if _OUTPUT.value:
