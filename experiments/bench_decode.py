@@ -5,6 +5,7 @@ paged attention, with GB/s read and % of the measured copy bandwidth (``_paged_b
   python experiments/bench_decode.py                       # 256 new tokens, 128-token prompt
   python experiments/bench_decode.py --new_tokens=16 --prompt=8 --layers=1   # smoke size
   python experiments/bench_decode.py --nokernel            # generation rows only
+  python experiments/bench_decode.py --kv_dtype=int8       # also int8 KV cache rows
 
 Prints tables and one JSON line per row. Compile time is excluded (one warm-up call with
 the same shapes first); each figure is the median of ``--repeats`` timed calls.
@@ -35,6 +36,8 @@ _KERNEL = flags.DEFINE_bool("kernel", True, "Also time the paged decode kernel a
 _K_BATCH = flags.DEFINE_integer("kernel_batch", None, "Kernel rows: sequences (default: table).")
 _K_CONTEXT = flags.DEFINE_integer("kernel_context", None, "Kernel rows: tokens per sequence.")
 _K_SPLIT = flags.DEFINE_integer("kernel_split_k", 4, "Kernel rows: split-K programs.")
+_KV_DTYPE = flags.DEFINE_string("kv_dtype", "auto", "KV cache storage of extra rows: int8, "
+                                "int4 (KIVI, paged only) or int4_per_token; auto: none.")
 
 
 def _time(fn) -> float:
@@ -48,15 +51,21 @@ def run() -> list[dict]:
     model = models.build(tx_flags.parse(cfg))
     prompt = jax.random.randint(jax.random.key(0), (_BATCH.value, _PROMPT.value), 8, 264)
     rows = []
-    for cache in ("contiguous", "paged", "none"):
+    caches = [(name, "auto") for name in ("contiguous", "paged", "none")]
+    kv = tx_flags.kv_storage(_KV_DTYPE.value)  # a bad name fails before anything runs
+    if kv is not None:  # KIVI needs pages; the token-wise schemes go in both caches
+        caches += [(name, _KV_DTYPE.value) for name in ("contiguous", "paged")
+                   if not (kv.residual and name == "contiguous")]
+    for cache, kv_dtype in caches:
         seconds = _time(lambda: generate(model, prompt, max_new_tokens=_NEW.value,
-                                               cache=tx_flags.cache(cache)))
-        rows.append({"bench": "decode", "cache": cache, "attention": cfg.attention,
+                                               cache=tx_flags.cache(cache, kv_dtype=kv_dtype)))
+        rows.append({"bench": "decode", "cache": cache, "kv_dtype": kv_dtype,
+                     "attention": cfg.attention,
                      "layers": cfg.num_layers, "d_model": cfg.d_model, "batch": _BATCH.value,
                      "prompt": _PROMPT.value, "new_tokens": _NEW.value,
                      "seconds": round(seconds, 4),
                      "tokens_per_s": round(_BATCH.value * _NEW.value / seconds, 1)})
-    speedup = rows[0]["tokens_per_s"] / rows[-1]["tokens_per_s"]  # contiguous vs none
+    speedup = rows[0]["tokens_per_s"] / rows[2]["tokens_per_s"]  # contiguous vs none
     for row in rows:
         row.update(cache_speedup=round(speedup, 2), **_versions())
     return rows
@@ -78,9 +87,10 @@ def kernel_rows() -> list[dict]:
 def main(argv):
     del argv
     rows = run()
-    print(f"{'cache':<12}{'tokens/s':>12}{'seconds':>10}")
+    print(f"{'cache':<12}{'kv_dtype':<16}{'tokens/s':>12}{'seconds':>10}")
     for row in rows:
-        print(f"{row['cache']:<12}{row['tokens_per_s']:>12.1f}{row['seconds']:>10.3f}")
+        print(f"{row['cache']:<12}{row['kv_dtype']:<16}{row['tokens_per_s']:>12.1f}"
+              f"{row['seconds']:>10.3f}")
     print(f"KV cache speed-up over recompute: {rows[0]['cache_speedup']}x")
     if _KERNEL.value:
         kernel = kernel_rows()

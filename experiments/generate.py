@@ -32,24 +32,31 @@ _BEAMS = flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams 
 _CACHE = flags.DEFINE_enum("cache", "contiguous", ["contiguous", "paged", "none"],
                            "KV cache (beam search: contiguous or paged; beams share pages).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_KV_DTYPE = flags.DEFINE_string("kv_dtype", None, "KV cache storage: auto (the compute "
+                                "dtype), int8, int4 (KIVI, needs --cache=paged) or "
+                                "int4_per_token; default: the run's config.inference.kv_dtype.")
 
 
 def main(argv):
     _cli.start(argv)
     with _cli.one_line_errors(ValueError, FileNotFoundError):
+        if _KV_DTYPE.value:  # a bad name or cache pairing fails before the model loads
+            tx_flags.cache(_CACHE.value, kv_dtype=_KV_DTYPE.value)
         source = _pretrained.load_source(_HF.value, _WORKDIR.value)
         tokenizer = _pretrained.tokenizer_of(source, _TOKENIZER.value)
         prompt, stop = _pretrained.encode_prompt(_PROMPT.value, tokenizer)
+        kv_dtype = _KV_DTYPE.value or (configs_lib.kv_dtype(source.config)
+                                       if source.config is not None else "auto")
+        cache = tx_flags.cache(_CACHE.value, kv_dtype=kv_dtype)
         if _BEAMS.value > 1:
             out = beam_search(source.model, prompt, max_new_tokens=_STEPS.value,
-                              num_beams=_BEAMS.value, stop_tokens=stop,
-                              cache=tx_flags.cache(_CACHE.value))
+                              num_beams=_BEAMS.value, stop_tokens=stop, cache=cache)
         else:
             strategy = Greedy() if _TEMPERATURE.value == 0 else Sample(
                 _TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
             out = generate(source.model, prompt, max_new_tokens=_STEPS.value,
-                           strategy=strategy, stop_tokens=stop,
-                           cache=tx_flags.cache(_CACHE.value), seed=_SEED.value)
+                           strategy=strategy, stop_tokens=stop, cache=cache,
+                           seed=_SEED.value)
     tokens = out.tokens[0, :out.lengths[0]]
     print(f"# checkpoint {source.label}")
     print(tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens)))

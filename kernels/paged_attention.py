@@ -27,7 +27,14 @@ one cannot raise, so an id outside ``[0, P)`` marks its page *empty*: its keys a
 its values zeroed, exactly as if those positions were past the sequence's length; clamping it
 instead would read (leak) another sequence's page. The load itself stays clamped in bounds.
 ``checked_paged_attention`` (also ``paged_attention.checked``) adds ``checkify`` checks of the
-traced tables and lengths for debugging.
+traced tables and lengths for debugging. The host-side checks live in ``kernels.paged_checks``.
+
+Quantised pages. With ``k_scales``/``v_scales`` the pages hold int8 codes and a scale per
+(token, kv head): key = ``code * scale``. The kernel reads the codes (a quarter of fp32's bytes,
+half of bf16's: decode is bound by those reads) and dequantises in registers. K's scale is
+per key, i.e. per logit column, so it is folded into the logits, ``s = (q @ codes^T) *
+k_scale``, and the codes enter the dot as exact small integers in q's dtype; V's codes are
+scaled before ``p @ v``, because the softmax sum ``l`` must not see V's scale.
 
 Reference: ``kernels.reference.paged_attention`` (gather the pages, then dense attention).
 """
@@ -41,7 +48,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import checkify
 from jax.experimental import pallas as pl
@@ -50,10 +56,13 @@ from kernels import block_sizes as block_sizes_lib
 from kernels import checks
 from kernels import masks as masks_lib
 from kernels import online_softmax
-from kernels.common import SUPPORTED_DTYPES, compiler_params, is_int, next_pow2
+from kernels.common import compiler_params, is_int, next_pow2
 from kernels.online_softmax import LOG2E
 from kernels.online_softmax import dot as _dot
 from kernels.online_softmax import precision as _precision
+# Re-exported: callers import the validation from here.
+from kernels.paged_checks import (check_block_tables, check_shapes, check_values,
+                                  choose_pages_per_block, device_checks)
 
 __all__ = ["paged_attention", "checked_paged_attention", "check_block_tables", "page_bounds",
            "visited_pages"]
@@ -81,6 +90,7 @@ class _Config:
     split_k: int
     out_dtype: Any
     squeeze: bool         # q was [B, N, H]
+    quantised: bool       # int8 pages with k/v scales ``[P, L, K]``
     interpret: bool
     num_warps: int | None
     num_stages: int
@@ -89,10 +99,6 @@ class _Config:
     def kv_len(self) -> int:
         """The static key length the mask sees: ``max_pages * L``."""
         return self.max_pages * self.page_size
-
-
-def _is_pow2(x: Any) -> bool:
-    return is_int(x) and x >= 1 and not x & (x - 1)
 
 
 # --- page ranges -------------------------------------------------------------------------------
@@ -146,8 +152,9 @@ def _split_meta(cfg: _Config, lengths: jax.Array) -> jax.Array:
 
 # --- the kernel --------------------------------------------------------------------------------
 
-def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config,
-                  precision):
+def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precision):
+    # Quantised pages bring their scale refs (``[P, L]`` for this kv head) before the outputs.
+    ks_ref, vs_ref, o_ref, lse_ref = refs if cfg.quantised else (None, None, *refs)
     ppb, page = cfg.pages_per_block, cfg.page_size
     block_k = ppb * page
     rows, hp = q_ref.shape
@@ -158,34 +165,48 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
     real_row = t_idx < cfg.q_len
     qk_scale = cfg.scale * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
+    def read(ids):
+        """K, V (``[..., L, Hp]``) and K's per-key scales (``[1, block_k]``, None for float
+        pages) of pages ``ids`` (a scalar or ``[ppb]``). Int8 codes become q's dtype (exact:
+        |code| <= 128); V is dequantised here, K's scale is folded into the logits."""
+        k, v = k_ref[ids], v_ref[ids]
+        if not cfg.quantised:
+            return k, v, None
+        v_scale = vs_ref[ids].astype(jnp.float32)[..., None]               # [..., L, 1]
+        v = (v.astype(jnp.float32) * v_scale).astype(q.dtype)
+        k_scale = ks_ref[ids].astype(jnp.float32).reshape(1, block_k)
+        return k.astype(q.dtype), v, k_scale
+
     def load(first):
         """K and V of pages ``first .. first + ppb - 1`` (``[block_k, Hp]`` each, V zeroed
-        on empty pages) and which keys lie on a real page (``[1, block_k]`` or a scalar).
+        on empty pages), K's scales (or None) and which keys lie on a real page
+        (``[1, block_k]`` or a scalar).
 
         Table entries are ``-1`` for an out-of-range page id (see ``_paged_jit``): such a page
         is loaded from page 0, to stay in bounds, and then masked as empty."""
         if ppb == 1:
             page_id = table_ref[first]
             real = page_id >= 0
-            page_id = jnp.maximum(page_id, 0)
-            v = jnp.where(real, v_ref[page_id], 0)
-            return k_ref[page_id], v, real                                # [L, Hp]
+            k, v, k_scale = read(jnp.maximum(page_id, 0))                 # [L, Hp]
+            return k, jnp.where(real, v, 0), k_scale, real
         slots = first + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
         # Slots past the range re-read its last page (masked below): never a foreign page.
         ids = jnp.where(slots < stop, table_ref[pl.ds(first, ppb)], table_ref[stop - 1])
         real = ids >= 0                                                    # [ppb]
-        ids = jnp.maximum(ids, 0)
-        k = k_ref[ids].reshape(block_k, hp)                                # [ppb * L, Hp]
-        # Zeroed V keeps a masked page's garbage (even NaN) out of p @ v.
-        v = jnp.where(real[:, None, None], v_ref[ids], 0).reshape(block_k, hp)
+        k, v, k_scale = read(jnp.maximum(ids, 0))
+        k = k.reshape(block_k, hp)                                         # [ppb * L, Hp]
+        # Zeroed V keeps a masked page's garbage (even NaN, or a NaN scale) out of p @ v.
+        v = jnp.where(real[:, None, None], v, 0).reshape(block_k, hp)
         real_key = jnp.broadcast_to(real[:, None], (ppb, page)).reshape(1, block_k)
-        return k, v, real_key
+        return k, v, k_scale, real_key
 
     def visit(i, carry):
         m_prev, l_prev, acc = carry
         first = start + i * ppb
-        k, v, real_key = load(first)
-        s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
+        k, v, k_scale, real_key = load(first)
+        # A NaN logit from an empty page's scale is replaced by -inf below.
+        logit_scale = qk_scale if k_scale is None else k_scale * qk_scale
+        s = _dot(q, k, (1, 1), precision) * logit_scale                    # [rows, block_k]
         kv_pos = first * page + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         keep = cfg.mask.predicate(q_pos, kv_pos, cfg.kv_len)
         keep = keep & real_row & real_key & (kv_pos < length) & (kv_pos < stop * page)
@@ -202,26 +223,29 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
     lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), -jnp.inf)         # base 2
 
 
-def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages):
+def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages, k_scales, v_scales):
     b, kh, rows, hp = q_f.shape
     p, page = k_pages.shape[:2]
     # One partial output per split; fp32 when they still have to be merged.
     o_dtype = jnp.float32 if cfg.split_k > 1 else q_f.dtype
     kv_spec = pl.BlockSpec((p, page, None, hp), lambda b, h, s: (0, 0, h, 0))
+    # Quantised pages: this kv head's scales of every page, read like its codes.
+    scale_spec = pl.BlockSpec((p, page, None), lambda b, h, s: (0, 0, h))
+    scales = [k_scales, v_scales] if cfg.quantised else []
     kernel = functools.partial(_paged_kernel, cfg=cfg, precision=_precision(q_f.dtype))
     return pl.pallas_call(
         kernel, grid=(b, kh, cfg.split_k),
         in_specs=[pl.BlockSpec((None, None, _META_WIDTH), lambda b, h, s: (b, s, 0)),
                   pl.BlockSpec((None, cfg.table_width), lambda b, h, s: (b, 0)),
                   pl.BlockSpec((None, None, rows, hp), lambda b, h, s: (b, h, 0, 0)),
-                  kv_spec, kv_spec],
+                  kv_spec, kv_spec, *[scale_spec for _ in scales]],
         out_specs=[pl.BlockSpec((None, None, None, rows, hp), lambda b, h, s: (s, b, h, 0, 0)),
                    pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0))],
         out_shape=[jax.ShapeDtypeStruct((cfg.split_k, b, kh, rows, hp), o_dtype),
                    jax.ShapeDtypeStruct((cfg.split_k, b, kh, rows), jnp.float32)],
         compiler_params=compiler_params(cfg.interpret, cfg), interpret=cfg.interpret,
         name="paged_attention",
-    )(meta, table, q_f, k_pages, v_pages)
+    )(meta, table, q_f, k_pages, v_pages, *scales)
 
 
 def _merge_splits(o_s, lse_s):
@@ -254,7 +278,8 @@ def _unfold_rows(cfg: _Config, o_f):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _paged_jit(cfg: _Config, q, k_pages, v_pages, block_tables, lengths):
+def _paged_jit(cfg: _Config, q, k_pages, v_pages, block_tables, lengths, k_scales=None,
+               v_scales=None):
     if cfg.squeeze:
         q = q[:, None]
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, cfg.kv_len)
@@ -270,127 +295,11 @@ def _paged_jit(cfg: _Config, q, k_pages, v_pages, block_tables, lengths):
         pad = ((0, 0), (0, 0), (0, 0), (0, cfg.head_dim_pad - h))
         k_pages, v_pages = jnp.pad(k_pages, pad), jnp.pad(v_pages, pad)
     meta = _split_meta(cfg, lengths)
-    o_s, lse_s = _paged_call(cfg, meta, table, _fold_rows(cfg, q), k_pages, v_pages)
+    o_s, lse_s = _paged_call(cfg, meta, table, _fold_rows(cfg, q), k_pages, v_pages,
+                             k_scales, v_scales)
     o_f = o_s[0] if cfg.split_k == 1 else _merge_splits(o_s, lse_s)
     out = _unfold_rows(cfg, o_f)
     return out[:, 0] if cfg.squeeze else out
-
-
-# --- host-side validation ----------------------------------------------------------------------
-
-def _check_shapes(q, k_pages, v_pages, block_tables, lengths):
-    """Returns ``(B, T, N, K, H, P, L, max_pages)``."""
-    if getattr(q, "ndim", None) not in (3, 4):
-        raise ValueError(f"q.shape={getattr(q, 'shape', None)} must be [B, N, H] (one new "
-                         "token per sequence) or [B, T, N, H] (T new tokens).")
-    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name}.shape={getattr(x, 'shape', None)} must be 4-D "
-                             "[P, L, K, H]: P pages of L tokens, K kv heads, head dim H.")
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages.shape={k_pages.shape} and v_pages.shape={v_pages.shape} "
-                         "must match ([P, L, K, H]).")
-    b, t, n, h = q.shape if q.ndim == 4 else (q.shape[0], 1, *q.shape[1:])
-    p, page, kh, hk = k_pages.shape
-    if hk != h:
-        raise ValueError(f"head dim k_pages.shape[3]={hk} must equal q.shape[-1]={h}; "
-                         "project q, k and v to the same head_dim.")
-    if not 1 <= h <= block_sizes_lib.MAX_HEAD_DIM:
-        raise ValueError(f"head_dim={h} (q.shape[-1]) must be in [1, "
-                         f"{block_sizes_lib.MAX_HEAD_DIM}]; split larger heads.")
-    if kh < 1 or n % kh:
-        raise ValueError(f"num_heads={n} (q.shape[-2]) must be a multiple of num_kv_heads={kh} "
-                         "(k_pages.shape[2]); choose num_kv_heads dividing num_heads.")
-    if p < 1:
-        raise ValueError(f"k_pages.shape[0]={p} must be >= 1 physical page.")
-    if not _is_pow2(page):
-        raise ValueError(f"page size k_pages.shape[1]={page} must be a power of two "
-                         f"(e.g. {next_pow2(page)}); Triton tiles are powers of two.")
-    if not (q.dtype == k_pages.dtype == v_pages.dtype):
-        raise ValueError(f"dtypes must match: q.dtype={q.dtype}, k_pages.dtype={k_pages.dtype}"
-                         f", v_pages.dtype={v_pages.dtype}; cast them to one dtype.")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q.dtype={q.dtype} is not supported; cast q, k_pages and v_pages to "
-                         "float32, bfloat16 or float16.")
-    shape = getattr(block_tables, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != b or shape[1] < 1:
-        raise ValueError(f"block_tables.shape={shape} must be [B, max_pages] = [{b}, "
-                         "max_pages >= 1] (physical page ids per sequence).")
-    if block_tables.dtype != jnp.int32:
-        raise ValueError(f"block_tables.dtype={block_tables.dtype} must be int32; use "
-                         "block_tables.astype(jnp.int32).")
-    if getattr(lengths, "shape", None) != (b,):
-        raise ValueError(f"lengths.shape={getattr(lengths, 'shape', None)} must be ({b},): "
-                         "tokens in each sequence, new ones included.")
-    if lengths.dtype != jnp.int32:
-        raise ValueError(f"lengths.dtype={lengths.dtype} must be int32; use "
-                         "lengths.astype(jnp.int32).")
-    return b, t, n, kh, h, p, page, shape[1]
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _check_values(block_tables, lengths, t, p, page, max_pages):
-    """Data checks, when the arrays are concrete (inside a trace they are skipped)."""
-    if _is_concrete(lengths):
-        lens = np.asarray(lengths)
-        low = max(1, t)
-        bad = np.flatnonzero((lens < low) | (lens > max_pages * page))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"lengths[{i}]={int(lens[i])} must be in [{low}, max_pages * L = "
-                             f"{max_pages} * {page} = {max_pages * page}]: every sequence "
-                             f"holds its {t} new token(s) and fits its block table; widen "
-                             "block_tables or shorten the sequence.")
-    if _is_concrete(lengths) and _is_concrete(block_tables):
-        check_block_tables(block_tables, p, lengths=lengths, page_size=page)
-
-
-def check_block_tables(block_tables, num_pages: int, *, lengths=None, page_size: int = 1,
-                       seq_ids=None, name: str = "block_tables") -> None:
-    """Host-side (numpy) check that every page a sequence uses is a physical page id in
-    ``[0, num_pages)``; raises a ``ValueError`` naming the sequence, the slot and the id.
-
-    A sequence uses the first ``cdiv(lengths[b], page_size)`` entries of its row (every entry
-    when ``lengths`` is None); entries past them are never read and may hold anything.
-    ``seq_ids`` names the rows in the message (default: the row index).
-    """
-    ids = np.asarray(block_tables)
-    if ids.ndim != 2:
-        raise ValueError(f"{name}.shape={ids.shape} must be [B, max_pages] (physical page ids "
-                         "per sequence).")
-    used = np.ones(ids.shape, bool)
-    if lengths is not None:
-        pages = -(-np.clip(np.asarray(lengths, np.int64), 0, None) // page_size)
-        used = np.arange(ids.shape[1])[None, :] < pages[:, None]
-    bad = np.argwhere(used & ((ids < 0) | (ids >= num_pages)))
-    if bad.size:
-        i, j = (int(x) for x in bad[0])
-        seq = i if seq_ids is None else seq_ids[i]
-        raise ValueError(f"{name}[{i}, {j}]={int(ids[i, j])}: sequence {seq}, slot {j} names "
-                         f"page {int(ids[i, j])}, which is not a page id in [0, num_pages="
-                         f"{num_pages}); every page a sequence uses (slots below cdiv(length, "
-                         "page_size)) must name a physical page of the pool (slots past it "
-                         "are never read). Fix the table or allocate the page first.")
-
-
-def _choose_pages_per_block(pages_per_block, page, max_pages, h, device_kind, interpret):
-    if pages_per_block is None:
-        block_k = block_sizes_lib.default_paged_block_sizes(h, device_kind).block_k
-        # Wide enough for a Triton dot (>= 16 keys), no wider than the table needs.
-        floor = next_pow2(-(-block_sizes_lib.MIN_BLOCK // page))
-        return max(floor, min(max(1, block_k // page), next_pow2(max_pages)))
-    if not _is_pow2(pages_per_block):
-        raise ValueError(f"pages_per_block={pages_per_block!r} must be a power of two >= 1 "
-                         "(or None for the tuning table).")
-    if not interpret and pages_per_block * page < block_sizes_lib.MIN_BLOCK:
-        fix = next_pow2(-(-block_sizes_lib.MIN_BLOCK // page))
-        raise ValueError(f"pages_per_block={pages_per_block} * page size {page} must be >= "
-                         f"{block_sizes_lib.MIN_BLOCK} keys for a Triton dot; use "
-                         f"pages_per_block={fix}.")
-    return int(pages_per_block)
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -399,13 +308,15 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     block_tables: jax.Array, lengths: jax.Array, *,
                     mask: masks_lib.Mask | None = None, scale: float | None = None,
                     split_k: int | None = None, pages_per_block: int | None = None,
-                    interpret: bool | None = None) -> jax.Array:
+                    interpret: bool | None = None, k_scales: jax.Array | None = None,
+                    v_scales: jax.Array | None = None) -> jax.Array:
     """Attention of a few new tokens per sequence over a paged KV cache.
 
     Args:
       q: ``[B, N, H]`` (one new token per sequence) or ``[B, T, N, H]``; the ``T`` new tokens
         sit at positions ``lengths - T .. lengths - 1``.
-      k_pages, v_pages: ``[P, L, K, H]`` physical pages of ``L`` tokens (``L`` a power of two).
+      k_pages, v_pages: ``[P, L, K, H]`` physical pages of ``L`` tokens (``L`` a power of two),
+        in q's dtype, or int8 codes when ``k_scales``/``v_scales`` are given.
       block_tables: ``[B, max_pages]`` int32; logical page ``j`` of sequence ``b`` is physical
         page ``block_tables[b, j]``. Entries at or past ``cdiv(lengths[b], L)`` are never read.
         An id outside ``[0, P)`` raises a ValueError; under ``jit`` (unchecked) it reads as an
@@ -420,19 +331,22 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         interpret mode).
       pages_per_block: pages loaded per loop iteration; ``None``: from the tuning table.
       interpret: run the Pallas interpreter; ``None`` means "iff no GPU is present".
+      k_scales, v_scales: ``[P, L, K]`` float32 or bfloat16, both or neither: int8 pages hold
+        symmetric codes, key ``k = k_pages.astype(f32) * k_scales[..., None]`` (V likewise);
+        the kernel dequantises them in registers.
 
     Returns:
       ``[B, N, H]`` or ``[B, T, N, H]`` (q's shape and dtype); rows that see no key are zero.
     """
-    b, t, n, kh, h, p, page, max_pages = _check_shapes(q, k_pages, v_pages, block_tables,
-                                                       lengths)
+    b, t, n, kh, h, p, page, max_pages = check_shapes(q, k_pages, v_pages, block_tables,
+                                                      lengths, k_scales, v_scales)
     mask = checks.check_mask(mask)
-    _check_values(block_tables, lengths, t, p, page, max_pages)
+    check_values(block_tables, lengths, t, p, page, max_pages)
     scale = checks.check_scale(scale, h)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     device_kind = "cpu" if interpret else None  # interpret mode uses the CPU entries
-    ppb = _choose_pages_per_block(pages_per_block, page, max_pages, h, device_kind, interpret)
+    ppb = choose_pages_per_block(pages_per_block, page, max_pages, h, device_kind, interpret)
     num_blocks = -(-max_pages // ppb)
     if split_k is None:
         split_k = block_sizes_lib.default_split_k(b * kh, num_blocks, device_kind)
@@ -445,32 +359,13 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                   head_dim=h, head_dim_pad=max(block_sizes_lib.MIN_BLOCK, next_pow2(h)),
                   rows=max(block_sizes_lib.MIN_BLOCK, next_pow2(t * (n // kh))),
                   pages_per_block=ppb, split_k=int(split_k), out_dtype=jnp.dtype(q.dtype),
-                  squeeze=q.ndim == 3, interpret=bool(interpret),
-                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return _paged_jit(cfg, q, k_pages, v_pages, block_tables, lengths)
+                  squeeze=q.ndim == 3, quantised=k_scales is not None,
+                  interpret=bool(interpret), num_warps=tiles.num_warps,
+                  num_stages=tiles.num_stages)
+    return _paged_jit(cfg, q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales)
 
 
 # --- debug mode: checkify ----------------------------------------------------------------------
-
-def _device_checks(block_tables, lengths, *, t, p, page, max_pages):
-    """``checkify.check`` versions of ``_check_values``, for traced tables and lengths."""
-    lens = lengths.astype(jnp.int32)
-    low, high = max(1, t), max_pages * page
-    bad_len = (lens < low) | (lens > high)
-    i = jnp.argmax(bad_len)
-    checkify.check(~bad_len.any(), f"lengths[{{i}}]={{n}} must be in [{low}, max_pages * L = "
-                   f"{high}]: every sequence holds its {t} new token(s) and fits its block "
-                   "table; widen block_tables or shorten the sequence.", i=i, n=lens[i])
-    pages = (jnp.clip(lens, 0, None) + page - 1) // page
-    used = jnp.arange(max_pages, dtype=jnp.int32)[None, :] < pages[:, None]
-    bad = used & ((block_tables < 0) | (block_tables >= p))
-    flat = jnp.argmax(bad.reshape(-1))
-    row, slot = flat // max_pages, flat % max_pages
-    checkify.check(~bad.any(), f"block_tables[{{row}}, {{slot}}]={{page_id}}: sequence {{row}}, "
-                   f"slot {{slot}} names a page outside [0, num_pages={p}); the kernel reads "
-                   "that page as empty. Fix the table or allocate the page first.",
-                   row=row, slot=slot, page_id=block_tables.reshape(-1)[flat])
-
 
 def checked_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                             block_tables: jax.Array, lengths: jax.Array,
@@ -483,9 +378,10 @@ def checked_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     entry instead: return ``err`` from the jitted function and call ``err.throw()`` outside.
     Only the checks go through ``checkify``, so the Pallas kernel is traced as usual.
     """
-    _, t, _, _, _, p, page, max_pages = _check_shapes(q, k_pages, v_pages, block_tables,
-                                                      lengths)
-    checks_fn = functools.partial(_device_checks, t=t, p=p, page=page, max_pages=max_pages)
+    _, t, _, _, _, p, page, max_pages = check_shapes(
+        q, k_pages, v_pages, block_tables, lengths, kwargs.get("k_scales"),
+        kwargs.get("v_scales"))
+    checks_fn = functools.partial(device_checks, t=t, p=p, page=page, max_pages=max_pages)
     err, _ = checkify.checkify(checks_fn)(block_tables, lengths)
     return err, paged_attention(q, k_pages, v_pages, block_tables, lengths, **kwargs)
 

@@ -178,20 +178,38 @@ def attention_weights(q: jax.Array, k: jax.Array, *, mask: Any = None, segment_i
     return probs.reshape(b, kh * g, t, s)
 
 
+def dequantise_pages(codes: jax.Array, scales: jax.Array) -> jax.Array:
+    """fp32 ``[P, L, K, H]`` values of int8 codes with per-(token, kv head) scales
+    ``[P, L, K]`` (symmetric quantisation: value = code * scale)."""
+    return codes.astype(jnp.float32) * scales.astype(jnp.float32)[..., None]
+
+
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     block_tables: jax.Array, lengths: jax.Array, *,
-                    mask: masks_lib.Mask | None = None,
-                    scale: float | None = None) -> jax.Array:
+                    mask: masks_lib.Mask | None = None, scale: float | None = None,
+                    k_scales: jax.Array | None = None,
+                    v_scales: jax.Array | None = None) -> jax.Array:
     """Reference for ``kernels.paged_attention``: gather each sequence's pages into contiguous
     K/V ``[B, max_pages * L, K, H]``, then ``attention`` with the new tokens at positions
     ``lengths - T .. lengths - 1`` and keys past ``lengths`` as padding.
 
     q is ``[B, N, H]`` or ``[B, T, N, H]``; k_pages/v_pages ``[P, L, K, H]``; block_tables
-    ``[B, max_pages]`` int32; lengths ``[B]`` int32 (new tokens included).
+    ``[B, max_pages]`` int32; lengths ``[B]`` int32 (new tokens included). With
+    ``k_scales``/``v_scales`` ``[P, L, K]`` the pages are int8 codes: they are dequantised
+    (``dequantise_pages``) and attended in fp32, the output cast to q's dtype.
 
     A page id outside ``[0, P)`` reads as an empty page (its keys hidden, as if past the
     length), as in the kernel: gathering it would clamp or wrap onto another sequence's page.
     """
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("k_scales and v_scales must be given together (int8 pages) or not at "
+                         f"all; got k_scales={'None' if k_scales is None else 'array'}, "
+                         f"v_scales={'None' if v_scales is None else 'array'}.")
+    out_dtype = q.dtype
+    if k_scales is not None:
+        k_pages, v_pages = dequantise_pages(k_pages, k_scales), dequantise_pages(v_pages,
+                                                                                 v_scales)
+        q = q.astype(jnp.float32)
     squeeze = q.ndim == 3
     q_btnh = q[:, None] if squeeze else q
     b, t = q_btnh.shape[:2]
@@ -208,5 +226,5 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     lengths = lengths.astype(jnp.int32)
     q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
     out = attention(q_btnh, k, v, mask=mask, kv_lengths=lengths, scale=scale,
-                    q_positions=q_positions, kv_positions=kv_positions)
+                    q_positions=q_positions, kv_positions=kv_positions).astype(out_dtype)
     return out[:, 0] if squeeze else out

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import masks
-from tx.attention import registry
+from tx.attention import quant, registry
 from tx.config import AttentionConfig, EmbedConfig, ModelConfig
 from tx.inference import generation
 from tx.layers import mlp as mlp_lib
@@ -306,11 +306,31 @@ CACHES = {"contiguous": generation.Contiguous, "paged": generation.Paged,
           "none": generation.Recompute}
 
 
-def cache(name: str, **options):
-    """The cache value of a ``--cache`` flag (``contiguous``, ``paged``, ``none``)."""
+def kv_storage(name: str):
+    """The ``KVQuant`` of a ``--kv_dtype`` / ``inference.kv_dtype`` name (``auto``: None,
+    the compute dtype; ``int8``; ``int4``: KIVI; ``int4_per_token``)."""
+    if name == "auto":
+        return None
+    if name not in quant.KV_DTYPES:
+        _fail("kv_dtype", name, f"use one of {('auto', *quant.KV_DTYPES)}.")
+    return quant.KV_DTYPES[name]()
+
+
+def cache(name: str, *, kv_dtype: str = "auto", **options):
+    """The cache value of a ``--cache`` flag (``contiguous``, ``paged``, ``none``), storing
+    K/V as ``kv_dtype`` names (``kv_storage``)."""
     if name not in CACHES:
         _fail("cache", name, f"use one of {tuple(CACHES)}.")
-    return CACHES[name](**options)
+    kv = kv_storage(kv_dtype)
+    if kv is None:
+        return CACHES[name](**options)
+    if name == "none":
+        _fail("kv_dtype", kv_dtype, "needs a cache to quantise; use --cache=contiguous or "
+              "--cache=paged, or kv_dtype=auto.")
+    if kv.residual and name != "paged":
+        _fail("kv_dtype", kv_dtype, "(KIVI) quantises keys per channel over full pages, so it "
+              "needs --cache=paged; or use kv_dtype=int8 / int4_per_token.")
+    return CACHES[name](kv=kv, **options)
 
 
 def replace(f: ModelFlags, **changes) -> ModelFlags:

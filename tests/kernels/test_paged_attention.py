@@ -59,6 +59,16 @@ def _pool(lengths, *, n=4, kh=2, h=32, page=8, max_pages=None, t=1, dtype=jnp.fl
             jnp.asarray(table), jnp.asarray(lengths))
 
 
+def _quantise(x, scale_dtype="float32"):
+    """Symmetric int8 codes ``[P, L, K, H]`` and per-(token, kv head) scales ``[P, L, K]``."""
+    x = np.asarray(x, np.float32)
+    amax = np.abs(x).max(axis=-1)
+    scales = jnp.asarray(np.where(amax > 0, amax / 127, 1.0), scale_dtype)
+    # Codes from the stored (possibly bf16-rounded) scale, so they use the full int8 range.
+    codes = np.round(x / np.asarray(scales, np.float32)[..., None])
+    return jnp.asarray(np.clip(codes, -127, 127), jnp.int8), scales
+
+
 def _poison(k, v, table, lengths, mask, t, page):
     """NaN in every page the kernel must not read: spares, padding, outside the window."""
     first, stop = (np.asarray(x) for x in page_bounds(mask, lengths, t, page))
@@ -219,22 +229,33 @@ def test_padding_entries_past_length_are_not_validated():
     _assert_close(got, _reference(q, k, v, table, lens), "float32")
 
 
-# name: (n, kh, h, page, t, mask, split_k, pages_per_block, dtype)
+# name: (n, kh, h, page, t, mask, split_k, pages_per_block, dtype, scales dtype or None)
+# A scales dtype means int8 pages with per-token scales, dequantised in the kernel.
 LOWERED = {
-    "mha_nosplit": (2, 2, 32, 16, 1, None, 1, 1, "float32"),
-    "gqa4_causal_split": (8, 2, 64, 8, 1, M.Causal(), 3, 2, "bfloat16"),
-    "mqa_local_t3": (4, 1, 32, 16, 3, M.Local(12), 2, 1, "float32"),
-    "strided_head_dim_24": (4, 2, 24, 8, 2, M.Strided(4), 1, 4, "bfloat16"),
+    "mha_nosplit": (2, 2, 32, 16, 1, None, 1, 1, "float32", None),
+    "gqa4_causal_split": (8, 2, 64, 8, 1, M.Causal(), 3, 2, "bfloat16", None),
+    "mqa_local_t3": (4, 1, 32, 16, 3, M.Local(12), 2, 1, "float32", None),
+    "strided_head_dim_24": (4, 2, 24, 8, 2, M.Strided(4), 1, 4, "bfloat16", None),
+    "int8_gqa4_f32_scales": (8, 2, 64, 8, 1, M.Causal(), 1, 2, "bfloat16", "float32"),
+    "int8_mqa_bf16_scales_split": (4, 1, 32, 16, 1, M.Local(12), 2, 1, "float32",
+                                   "bfloat16"),
+    "int8_t3_head_dim_24_split": (4, 2, 24, 8, 3, None, 3, 4, "float16", "float32"),
 }
 
 
 @pytest.mark.parametrize("case", LOWERED, ids=list(LOWERED))
 def test_kernel_lowers_through_triton(case):
     """Every kernel configuration (split-K merge, several new tokens, each mask kind, padded
-    head dim) lowers to Triton for an NVIDIA target even on a CPU-only host."""
-    n, kh, h, page, t, mask, split_k, ppb, dtype = LOWERED[case]
+    head dim, int8 pages) lowers to Triton for an NVIDIA target even on a CPU-only host."""
+    n, kh, h, page, t, mask, split_k, ppb, dtype, scales_dtype = LOWERED[case]
     q, k, v, table, lens = _pool([5, 40, 17], n=n, kh=kh, h=h, page=page, t=t, dtype=dtype)
-    fn = jax.jit(lambda *a: paged_attention(*a, mask=mask, split_k=split_k,
-                                            pages_per_block=ppb, interpret=False))
-    text = fn.trace(q, k, v, table, lens).lower(lowering_platforms=("cuda",)).as_text()
+    scales = ()
+    if scales_dtype is not None:
+        (k, k_scales), (v, v_scales) = _quantise(k, scales_dtype), _quantise(v, scales_dtype)
+        scales = (k_scales, v_scales)
+    fn = jax.jit(lambda q, k, v, table, lens, *s: paged_attention(
+        q, k, v, table, lens, mask=mask, split_k=split_k, pages_per_block=ppb,
+        interpret=False, **dict(zip(("k_scales", "v_scales"), s))))
+    text = fn.trace(q, k, v, table, lens, *scales).lower(
+        lowering_platforms=("cuda",)).as_text()
     assert "triton" in text

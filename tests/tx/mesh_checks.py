@@ -228,7 +228,7 @@ def _decode_with_a_sharded_cache(mesh):
     plain, _ = decode(models.build(cfg), None)
     sharded, model = decode(models.build(cfg), mesh)
     cache = model.tower.blocks[0].self_attn.cache
-    return {"cache_spec": str(cache.k[...].sharding.spec),
+    return {"cache_spec": str(cache.k["x"][...].sharding.spec),
             "decode_err": float(jnp.abs(plain - sharded).max())}
 
 

@@ -107,7 +107,7 @@ def test_rolling_cache_is_bounded_and_matches_full():
     x = _x(13)
     full = layer(x)
     layer.init_cache(B, 13)
-    assert isinstance(layer.cache, RollingKVCache) and layer.cache.k[...].shape[1] == window
+    assert isinstance(layer.cache, RollingKVCache) and layer.cache.k["x"][...].shape[1] == window
     chunks = [layer(x[:, :6]), layer(x[:, 6:7]), layer(x[:, 7:13])]  # a chunk longer than W
     np.testing.assert_allclose(jnp.concatenate(chunks, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -115,4 +115,4 @@ def test_rolling_cache_is_bounded_and_matches_full():
 def test_full_cache_for_global_patterns():
     layer = _layer(3, masks.Causal())
     layer.init_cache(B, 9)
-    assert isinstance(layer.cache, KVCache) and layer.cache.k[...].shape == (B, 9, 3, H)
+    assert isinstance(layer.cache, KVCache) and layer.cache.k["x"][...].shape == (B, 9, 3, H)

@@ -36,14 +36,20 @@ class PoolMachine(RuleBasedStateMachine):
         self.store = np.full((NUM_PAGES, PAGE), -1, np.int64)  # token id in each slot
         self.expected: dict[int, list[int]] = {}  # what each sequence appended
         self.family: dict[int, int] = {}  # fork family (root sequence id)
+        self.sealed: set[int] = set()  # pages some update sealed (quantised once, immutable)
 
     def _apply(self, update, new_tokens):
-        """What the device does: copy pages, then write the new tokens into their slots."""
+        """What the device does: copy pages, then write the new tokens into their slots.
+        Sealed pages are immutable: never written, never copied from (they are shared)."""
         for src, dst in update.copies:
             assert self.pool.refcount(dst) == 1 and dst != src
+            assert src not in self.sealed and dst not in self.sealed
             self.store[dst] = self.store[src]
         assert len(update.slots) == len(new_tokens)
+        assert not {int(s) // PAGE for s in update.slots} & self.sealed
         self.store.reshape(-1)[update.slots] = new_tokens
+        assert not set(update.sealed) & self.sealed, "a page was sealed twice"
+        self.sealed.update(update.sealed)
 
     def _snapshot(self):
         return {s: (self.pool.pages(s), self.pool.length(s)) for s in self.pool.seq_ids}, \
@@ -95,6 +101,14 @@ class PoolMachine(RuleBasedStateMachine):
             return
         self.pool.free(seq)
         del self.expected[seq]
+        self.sealed = {p for p in self.sealed if self.pool.refcount(p)}  # freed pages unseal
+
+    @invariant()
+    def sealed_pages_are_the_full_ones(self):
+        for seq in self.expected:
+            for index, page in enumerate(self.pool.pages(seq)):
+                full = (index + 1) * PAGE <= self.pool.length(seq)
+                assert (page in self.sealed) == full == self.pool.is_sealed(page), (seq, index)
 
     @invariant()
     def contents_match(self):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import masks as masks_lib
-from tx.attention import registry
+from tx.attention import quant, registry
 
 # Logical names of a cache's K/V ``[B, S, K, H]``: under a mesh (``tx.parallel``) the rows split
 # like the batch and the K/V heads like the attention heads.
@@ -35,6 +35,38 @@ def kv_buffer(shape, dtype) -> nnx.Cache:
     return nnx.Cache(jnp.zeros(shape, dtype), out_sharding=KV_NAMES, eager_sharding=False)
 
 
+def buffers(scheme, shape: tuple, dtype, lead_names: tuple) -> dict:
+    """Empty storage of a ``shape`` tensor under ``scheme`` (``tx.attention.quant``): one
+    ``nnx.Cache`` per part, named ``lead_names`` on the leading axes and the scheme's names on
+    the trailing ones (K/V heads shard like the attention heads)."""
+    out = {}
+    for name, part in quant.zeros(scheme, shape, dtype).items():
+        trailing = scheme.axes[name]
+        names = tuple(lead_names) + (None,) * (part.ndim - len(lead_names) - len(trailing))
+        out[name] = nnx.Cache(part, out_sharding=names + tuple(trailing), eager_sharding=False)
+    return nnx.data(out)
+
+
+def read(store: dict) -> dict:
+    """The arrays of a storage dict."""
+    return {name: c[...] for name, c in store.items()}
+
+
+def assign(store: dict, parts: dict, *, reshape: bool = False) -> None:
+    """Writes ``parts`` back (``reshape``: their shapes may differ, e.g. more rows)."""
+    for name, c in store.items():
+        if reshape:
+            c.set_value(parts[name])
+        else:
+            c[...] = parts[name]
+
+
+def check_kv(kv: quant.KVQuant, head_dim: int, page_size: int | None = None) -> quant.KVQuant:
+    if not isinstance(kv, quant.KVQuant):
+        raise ValueError(f"kv={kv!r}: give a tx.attention.quant.KVQuant (int8_kv(), "
+                         "kivi_kv(), ...) or None for the compute dtype.")
+    kv.check(head_dim, page_size)
+    return kv
 
 
 class _NoCache:
@@ -56,7 +88,22 @@ NO_CACHE = _NoCache()
 
 class _RowCache(nnx.Module):
     """The cached ``attend``, ``start`` and ``fork`` / ``reorder`` for caches that hold every
-    row's K/V in ``k``/``v [B, ...]``."""
+    row's K/V in ``k``/``v``: storage dicts (``tx.attention.quant``) of parts ``[B, ...]``."""
+
+    def _init_storage(self, shape: tuple, dtype, kv: quant.KVQuant | None) -> None:
+        kv = quant.float_kv(dtype) if kv is None else check_kv(kv, shape[-1])
+        if kv.residual:
+            raise ValueError(f"kv_dtype={kv!r} quantises whole pages (KIVI), which needs the "
+                             "paged cache: use cache=Paged(page_size), or int8 / "
+                             "int4_per_token for a contiguous or rolling cache.")
+        self.kv, self.dtype = kv, dtype
+        self.k = buffers(kv.key, shape, dtype, ("batch",))
+        self.v = buffers(kv.value, shape, dtype, ("batch",))
+
+    def _stored(self) -> tuple[jax.Array, jax.Array]:
+        """The whole cache as the compute dtype (dequantised when quantised)."""
+        return (self.kv.key.dequantise(read(self.k), self.dtype),
+                self.kv.value.dequantise(read(self.v), self.dtype))
 
     def start(self) -> jax.Array:
         return self.index[...]
@@ -70,38 +117,40 @@ class _RowCache(nnx.Module):
                                scale=scale, implementation=implementation, q_positions=q_pos,
                                kv_positions=kv_pos)
 
+    def _map(self, fn, *, reshape: bool = False) -> None:
+        for store in (self.k, self.v):
+            assign(store, {n: fn(x) for n, x in read(store).items()}, reshape=reshape)
+
     def fork(self, n: int) -> None:
-        # `set_value` rather than `[...] =`: the row count changes.
-        self.k.set_value(jnp.repeat(self.k[...], n, axis=0))
-        self.v.set_value(jnp.repeat(self.v[...], n, axis=0))
+        # The row count changes: whole arrays are replaced.
+        self._map(lambda x: jnp.repeat(x, n, axis=0), reshape=True)
 
     def reorder(self, rows: jax.Array) -> None:
-        self.k[...] = self.k[...][rows]
-        self.v[...] = self.v[...][rows]
+        self._map(lambda x: x[rows])
 
 
 class KVCache(_RowCache):
-    """Contiguous, preallocated cache of ``max_len`` positions ``[B, S, K, H]``."""
+    """Contiguous, preallocated cache of ``max_len`` positions ``[B, S, K, H]``, stored in
+    ``dtype`` or quantised by ``kv`` (token-wise schemes, ``tx.attention.quant``)."""
 
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *,
-                 dtype=jnp.float32):
-        shape = (batch, max_len, num_kv_heads, head_dim)
-        self.k, self.v = kv_buffer(shape, dtype), kv_buffer(shape, dtype)
+                 dtype=jnp.float32, kv: quant.KVQuant | None = None):
+        self._init_storage((batch, max_len, num_kv_heads, head_dim), dtype, kv)
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))  # tokens written so far
         self.max_len = max_len
 
     def update(self, k_new, v_new):
         b, t = k_new.shape[:2]
         start = self.index[...]
-        self.k[...] = jax.lax.dynamic_update_slice(self.k[...], k_new.astype(self.k[...].dtype),
-                                                    (0, start, 0, 0))
-        self.v[...] = jax.lax.dynamic_update_slice(self.v[...], v_new.astype(self.v[...].dtype),
-                                                    (0, start, 0, 0))
+        for store, scheme, new in ((self.k, self.kv.key, k_new), (self.v, self.kv.value, v_new)):
+            parts = scheme.quantise(new)
+            assign(store, {n: jax.lax.dynamic_update_slice_in_dim(x, parts[n], start, axis=1)
+                           for n, x in read(store).items()})
         self.index[...] = start + t
         slots = jnp.arange(self.max_len, dtype=jnp.int32)
         kv_pos = jnp.where(slots < start + t, slots, -1)
         q_pos = start + jnp.arange(t, dtype=jnp.int32)
-        return (self.k[...], self.v[...], jnp.broadcast_to(q_pos, (b, t)),
+        return (*self._stored(), jnp.broadcast_to(q_pos, (b, t)),
                 jnp.broadcast_to(kv_pos, (b, self.max_len)))
 
 
@@ -113,9 +162,8 @@ class RollingKVCache(_RowCache):
     """
 
     def __init__(self, batch: int, window: int, num_kv_heads: int, head_dim: int, *,
-                 dtype=jnp.float32):
-        shape = (batch, window, num_kv_heads, head_dim)
-        self.k, self.v = kv_buffer(shape, dtype), kv_buffer(shape, dtype)
+                 dtype=jnp.float32, kv: quant.KVQuant | None = None):
+        self._init_storage((batch, window, num_kv_heads, head_dim), dtype, kv)
         self.pos = nnx.Cache(jnp.full((window,), -1, jnp.int32))  # position held by each slot
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))
         self.window = window
@@ -124,17 +172,19 @@ class RollingKVCache(_RowCache):
         b, t = k_new.shape[:2]
         start = self.index[...]
         new_pos = start + jnp.arange(t, dtype=jnp.int32)
-        k_new, v_new = k_new.astype(self.k[...].dtype), v_new.astype(self.v[...].dtype)
-        k = jnp.concatenate([self.k[...], k_new], axis=1)
-        v = jnp.concatenate([self.v[...], v_new], axis=1)
-        kv_pos = jnp.concatenate([self.pos[...], new_pos])
         keep = min(t, self.window)  # only the newest `window` tokens survive in the ring
         slots = new_pos[t - keep:] % self.window
-        self.k[...] = self.k[...].at[:, slots].set(k_new[:, t - keep:])
-        self.v[...] = self.v[...].at[:, slots].set(v_new[:, t - keep:])
+        out = []
+        for store, scheme, new in ((self.k, self.kv.key, k_new), (self.v, self.kv.value, v_new)):
+            ring, parts = read(store), scheme.quantise(new)
+            # The new tokens are attended as stored (quantised), like the older ones.
+            both = {n: jnp.concatenate([ring[n], parts[n]], axis=1) for n in ring}
+            out.append(scheme.dequantise(both, self.dtype))
+            assign(store, {n: ring[n].at[:, slots].set(parts[n][:, t - keep:]) for n in ring})
+        kv_pos = jnp.concatenate([self.pos[...], new_pos])
         self.pos[...] = self.pos[...].at[slots].set(new_pos[t - keep:])
         self.index[...] = start + t
-        return (k, v, jnp.broadcast_to(new_pos, (b, t)),
+        return (*out, jnp.broadcast_to(new_pos, (b, t)),
                 jnp.broadcast_to(kv_pos, (b, self.window + t)))
 
 
@@ -147,9 +197,11 @@ def rolling_window(mask: masks_lib.Mask) -> int | None:
 
 
 def make_cache(mask: masks_lib.Mask, batch: int, max_len: int, num_kv_heads: int,
-               head_dim: int, *, dtype=jnp.float32) -> nnx.Module:
-    """A rolling cache when the mask is a causal window shorter than ``max_len``."""
+               head_dim: int, *, dtype=jnp.float32,
+               kv: quant.KVQuant | None = None) -> nnx.Module:
+    """A rolling cache when the mask is a causal window shorter than ``max_len``; ``kv``
+    quantises its storage (None: ``dtype``)."""
     window = rolling_window(mask)
     if window is not None and window < max_len:
-        return RollingKVCache(batch, window, num_kv_heads, head_dim, dtype=dtype)
-    return KVCache(batch, max_len, num_kv_heads, head_dim, dtype=dtype)
+        return RollingKVCache(batch, window, num_kv_heads, head_dim, dtype=dtype, kv=kv)
+    return KVCache(batch, max_len, num_kv_heads, head_dim, dtype=dtype, kv=kv)

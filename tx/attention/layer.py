@@ -80,11 +80,12 @@ class Attention(nnx.Module):
     def num_kv_heads(self) -> int:
         return self.k_dkh[...].shape[1]
 
-    def init_cache(self, batch: int, max_len: int, *, dtype=None) -> None:
-        """Switches this layer to incremental decoding (a rolling cache for causal windows)."""
+    def init_cache(self, batch: int, max_len: int, *, dtype=None, kv=None) -> None:
+        """Switches this layer to incremental decoding (a rolling cache for causal windows);
+        ``kv`` (``tx.attention.quant.KVQuant``) quantises the cache."""
         _, k, h = self.k_dkh[...].shape
         self.cache = nnx.data(cache_lib.make_cache(self.mask, batch, max_len, k, h,
-                                                   dtype=dtype or self.dtype))
+                                                   dtype=dtype or self.dtype, kv=kv))
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array | None = None, *,
                  context_bsd: jax.Array | None = None, segment_ids=None,

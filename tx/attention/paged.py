@@ -25,7 +25,8 @@ from flax import nnx
 
 from kernels import masks as masks_lib
 from kernels.paged_attention import check_block_tables
-from tx.attention import registry
+from tx.attention import cache as cache_lib
+from tx.attention import quant, registry
 
 
 def copy_page_pairs(k_pages: jax.Array, v_pages: jax.Array, src: jax.Array,
@@ -77,18 +78,33 @@ def _check_tables(block_tables, fork_plan: ForkPlan | None, num_pages: int) -> N
 
 
 class PagedKVCache(nnx.Module):
-    """Pages ``[P, L, K, H]`` addressed through ``block_tables [B, max_pages]``."""
+    """Pages ``[P, L, K, H]`` addressed through ``block_tables [B, max_pages]``.
+
+    ``kv`` (``tx.attention.quant.KVQuant``) quantises the pages; None stores ``dtype``.
+    Token-wise schemes (int8, per-token int4) write each token in place. A residual scheme
+    (KIVI) keeps each row's partly filled last page in ``dtype`` (``k_tail``/``v_tail``
+    ``[B, L, K, H]``) and quantises a page once, when it fills (seals): a sealed page is
+    immutable, so a shared prefix page is quantised once for every row that holds it, and a
+    copy-on-write copy of a partial page stays in full precision (it lives in the tail).
+    """
 
     def __init__(self, block_tables, num_pages: int, page_size: int, num_kv_heads: int,
-                 head_dim: int, *, dtype=jnp.float32, fork_plan: ForkPlan | None = None):
+                 head_dim: int, *, dtype=jnp.float32, fork_plan: ForkPlan | None = None,
+                 kv: quant.KVQuant | None = None):
         _check_tables(block_tables, fork_plan, num_pages)
+        kv = quant.float_kv(dtype) if kv is None else cache_lib.check_kv(kv, head_dim,
+                                                                         page_size)
+        self.kv, self.dtype = kv, dtype
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         # Pages split by K/V head under a mesh; tables by sequence (see tx.parallel.per_shard).
-        names = (None, None, "kv_heads", "head_dim")
-        self.k_pages = nnx.Cache(jnp.zeros(shape, dtype), out_sharding=names,
-                                 eager_sharding=False)
-        self.v_pages = nnx.Cache(jnp.zeros(shape, dtype), out_sharding=names,
-                                 eager_sharding=False)
+        self.k_pages = cache_lib.buffers(kv.key, shape, dtype, (None,))
+        self.v_pages = cache_lib.buffers(kv.value, shape, dtype, (None,))
+        self.k_tail = self.v_tail = nnx.data(None)
+        rows = np.shape(block_tables)[0]
+        if kv.residual:
+            tail = (rows, page_size, num_kv_heads, head_dim)
+            self.k_tail = cache_lib.kv_buffer(tail, dtype)
+            self.v_tail = cache_lib.kv_buffer(tail, dtype)
         self.block_tables = nnx.Cache(jnp.asarray(block_tables, jnp.int32),
                                       out_sharding=("batch", None), eager_sharding=False)
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))
@@ -111,6 +127,9 @@ class PagedKVCache(nnx.Module):
                              f"{self.fork_tables[...].shape[0]}; plan n forks per row.")
         self._copy(self.fork_copies[...][:, 0], self.fork_copies[...][:, 1])
         self.block_tables.set_value(self.fork_tables[...])  # more rows: replace the array
+        if self.kv.residual:  # each fork continues the prompt's partial page on its own
+            for tail in (self.k_tail, self.v_tail):
+                tail.set_value(jnp.repeat(tail[...], n, axis=0))
 
     def reorder(self, rows: jax.Array) -> None:
         """Row ``i`` continues from row ``rows[i]``: its own pages get ``rows[i]``'s contents.
@@ -120,30 +139,83 @@ class PagedKVCache(nnx.Module):
         """
         tables = self.block_tables[...][:, self.private_from:]
         self._copy(tables[rows].reshape(-1), tables.reshape(-1))
+        if self.kv.residual:
+            for tail in (self.k_tail, self.v_tail):
+                tail[...] = tail[...][rows]
 
     def _copy(self, src, dst) -> None:
-        self.k_pages[...], self.v_pages[...] = copy_page_pairs(
-            self.k_pages[...], self.v_pages[...], src, dst)
+        for store in (self.k_pages, self.v_pages):
+            cache_lib.assign(store, {n: x.at[dst].set(x[src])
+                                     for n, x in cache_lib.read(store).items()})
 
     def _write(self, k_new, v_new):
+        if self.kv.residual:
+            self._write_sealing(k_new, v_new)
+            return
         b, t = k_new.shape[:2]
         pos = self.index[...] + jnp.arange(t, dtype=jnp.int32)  # [T]
         pages = self.block_tables[...][:, pos // self.page_size]  # [B, T]
         offsets = jnp.broadcast_to(pos % self.page_size, (b, t))
-        dtype = self.k_pages[...].dtype
-        # Rows sharing a prefix page write identical K/V there (same tokens, same positions).
-        self.k_pages[...] = self.k_pages[...].at[pages, offsets].set(k_new.astype(dtype))
-        self.v_pages[...] = self.v_pages[...].at[pages, offsets].set(v_new.astype(dtype))
+        # Rows sharing a prefix page write identical K/V there (same tokens, same positions);
+        # token-wise quantisation is deterministic, so identical codes too.
+        for store, scheme, new in ((self.k_pages, self.kv.key, k_new),
+                                   (self.v_pages, self.kv.value, v_new)):
+            parts = scheme.quantise(new)
+            cache_lib.assign(store, {n: x.at[pages, offsets].set(parts[n])
+                                     for n, x in cache_lib.read(store).items()})
         self.index[...] = self.index[...] + t
 
-    def _gather(self):
-        """Every row's pages as contiguous ``k, v [B, S, K, H]``."""
+    def _write_sealing(self, k_new, v_new):
+        """Residual schemes: new tokens go after the tail; pages that fill are quantised into
+        the pool, and the rest becomes the new tail."""
+        b, t = k_new.shape[:2]
+        size, start = self.page_size, self.index[...]
+        used = start % size                   # tokens in the tail (the same for every row)
+        width = -(-(size + t) // size)        # window pages: the tail's and the new tokens'
+        filled = (used + t) // size           # window pages that are now full
+        cols = start // size + jnp.arange(width, dtype=jnp.int32)  # their logical pages
         tables = self.block_tables[...]
-        b = tables.shape[0]
-        _, page, kh, h = self.k_pages[...].shape
-        s = tables.shape[1] * page
-        return (self.k_pages[...][tables].reshape(b, s, kh, h),
-                self.v_pages[...][tables].reshape(b, s, kh, h))
+        ids = tables[:, jnp.minimum(cols, tables.shape[1] - 1)]            # [B, width]
+        num_pages = jax.tree.leaves(cache_lib.read(self.k_pages))[0].shape[0]
+        ids = jnp.where(jnp.arange(width)[None, :] < filled, ids, num_pages)  # past: dropped
+        for store, scheme, tail, new in ((self.k_pages, self.kv.key, self.k_tail, k_new),
+                                         (self.v_pages, self.kv.value, self.v_tail, v_new)):
+            window = jnp.zeros((b, width * size) + new.shape[2:], self.dtype)
+            window = jax.lax.dynamic_update_slice_in_dim(window, tail[...], 0, axis=1)
+            window = jax.lax.dynamic_update_slice_in_dim(window, new.astype(self.dtype), used,
+                                                         axis=1)
+            window = window.reshape(b, width, size, *new.shape[2:])
+            parts = scheme.quantise(window)                                 # [B, width, ...]
+            cache_lib.assign(store, {n: x.at[ids].set(parts[n], mode="drop")
+                                     for n, x in cache_lib.read(store).items()})
+            tail[...] = jax.lax.dynamic_index_in_dim(window, filled, axis=1, keepdims=False)
+        self.index[...] = start + t
+
+    def _gather(self):
+        """Every row's pages as contiguous ``k, v [B, S, K, H]`` in the compute dtype."""
+        tables = self.block_tables[...]
+        b, w = tables.shape
+        out = []
+        for store, scheme, tail in ((self.k_pages, self.kv.key, self.k_tail),
+                                    (self.v_pages, self.kv.value, self.v_tail)):
+            pages = scheme.dequantise({n: x[tables] for n, x in cache_lib.read(store).items()},
+                                      self.dtype)                           # [B, W, L, K, H]
+            if tail is not None:  # the partial page is read from the tail
+                current = jnp.arange(w)[None, :, None, None, None] == self.index[...] // \
+                    self.page_size
+                pages = jnp.where(current, tail[...][:, None], pages)
+            out.append(pages.reshape(b, w * self.page_size, *pages.shape[3:]))
+        return tuple(out)
+
+    def _kernel_pages(self):
+        """``(k_pages, v_pages, extra kwargs)`` for a paged kernel, or None when the storage
+        is one no kernel reads (int4)."""
+        k, v = cache_lib.read(self.k_pages), cache_lib.read(self.v_pages)
+        if isinstance(self.kv.key, quant.Float) and isinstance(self.kv.value, quant.Float):
+            return k["x"], v["x"], {}
+        if isinstance(self.kv.key, quant.Int8) and isinstance(self.kv.value, quant.Int8):
+            return k["codes"], v["codes"], {"k_scales": k["scale"], "v_scales": v["scale"]}
+        return None
 
     def _positions(self, t: int):
         """``q_positions [B, T]`` of the ``t`` newest tokens and ``kv_positions [B, S]`` of
@@ -168,25 +240,29 @@ class PagedKVCache(nnx.Module):
                scale=None, implementation: Sequence = ("xla",), positions,
                segment_ids=None, kv_lengths=None, cross=False):
         """Writes the new tokens, then attends: implementations are tried in order, one with a
-        paged kernel (``registry.register_paged``, e.g. ``pallas``) reads the pages in place;
-        from the first without one (or once every kernel declined, or when segment ids, key
-        lengths or a position bias need the general path) the gathered pages go through
+        paged kernel (``registry.register_paged``, e.g. ``pallas``) reads the pages in place
+        (int8 pages dequantised in the kernel); from the first without one (or once every
+        kernel declined, or when segment ids, key lengths, a position bias or int4 pages
+        need the general path) the gathered, dequantised pages go through
         ``registry.attend``."""
         self._write(k_new, v_new)
         t = q_btnh.shape[1]
         q_pos, kv_pos = self._positions(t)
         implementation = tuple(implementation)
         bias = positions.bias(q_pos, kv_pos)
-        plain = segment_ids is None and kv_lengths is None and bias is None
+        in_place = self._kernel_pages()
+        plain = segment_ids is None and kv_lengths is None and bias is None and \
+            in_place is not None
         lengths = jnp.full((q_btnh.shape[0],), self.index[...], jnp.int32)
         first = 0  # the first implementation the general path may use
         for name in implementation if plain else ():
             kernel = registry.paged_kernel(name)
             if kernel is None:
                 break
+            k_pages, v_pages, extra = in_place
             try:
-                return kernel(q_btnh, self.k_pages[...], self.v_pages[...],
-                              self.block_tables[...], lengths, mask=mask, scale=scale)
+                return kernel(q_btnh, k_pages, v_pages, self.block_tables[...], lengths,
+                              mask=mask, scale=scale, **extra)
             except NotImplementedError:
                 first += 1
         if first == len(implementation):

@@ -109,16 +109,19 @@ def _cudnn(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=None,
         key_value_seq_lengths=kv_lengths, implementation="cudnn")
 
 
-def _pallas_paged(q, k_pages, v_pages, block_tables, lengths, *, mask, scale=None):
-    """Our Pallas paged-decode kernel, for the decode steps it is built for."""
+def _pallas_paged(q, k_pages, v_pages, block_tables, lengths, *, mask, scale=None,
+                  k_scales=None, v_scales=None):
+    """Our Pallas paged-decode kernel, for the decode steps it is built for (int8 pages with
+    their per-token scales included)."""
     t, page = (1 if q.ndim == 3 else q.shape[1]), k_pages.shape[1]
     if t > _MAX_PAGED_TOKENS:
         raise NotImplementedError(f"{t} new tokens: the paged kernel serves decode steps of "
                                   f"up to {_MAX_PAGED_TOKENS}")
     if page & (page - 1):
         raise NotImplementedError(f"page size {page} is not a power of two")
+    scales = {} if k_scales is None else {"k_scales": k_scales, "v_scales": v_scales}
     return per_shard.paged(_paged_pallas)(q, k_pages, v_pages, block_tables, lengths,
-                                          mask=mask, scale=scale)
+                                          mask=mask, scale=scale, **scales)
 
 
 register("xla", reference.attention)

@@ -9,6 +9,9 @@ stops once every row has emitted a stop token), so nothing recompiles per token.
 * ``"none"``: full recompute of the whole buffer every token (the reference the caches must
   match; causal masks keep the not-yet-written tail from mattering).
 
+``Contiguous(kv=...)`` and ``Paged(..., kv=...)`` quantise the cache (``tx.attention.quant``:
+int8, per-token int4, and KIVI int4 on pages); ``tx.inference.kv_cache_bytes`` plans its size.
+
 Prompts in a batch share one length (left-align ragged prompts into separate calls).
 """
 
@@ -24,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from tx.attention.paged import ForkPlan, PagedKVCache
+from tx.attention.quant import KVQuant
 from tx.inference.paged_cache import PagePool
 from tx.inference.sampling import Greedy
 from tx.models import Seq2Seq, Tower
@@ -31,33 +35,47 @@ from tx.models import Seq2Seq, Tower
 PAD = 0
 
 
+def _check_kv(kv) -> None:
+    if kv is not None and not isinstance(kv, KVQuant):
+        raise ValueError(f"cache.kv={kv!r}: give a tx.attention.quant.KVQuant (int8_kv(), "
+                         "kivi_kv(), ...) or None to store the compute dtype.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Contiguous:
-    """Every decoding self-attention gets its own preallocated (or rolling) KV cache."""
+    """Every decoding self-attention gets its own preallocated (or rolling) KV cache, stored
+    in the compute dtype or quantised by ``kv`` (token-wise schemes: int8, per-token int4)."""
 
+    kv: KVQuant | None = None
     cached = True  # decoding reads and extends it; beam search forks it
 
+    def __post_init__(self):
+        _check_kv(self.kv)
+
     def install(self, model, prompt_bt, max_new_tokens: int, *, forks: int = 1) -> None:
-        model.init_cache(prompt_bt.shape[0], prompt_bt.shape[1] + max_new_tokens)
+        model.init_cache(prompt_bt.shape[0], prompt_bt.shape[1] + max_new_tokens, kv=self.kv)
 
 
 @dataclasses.dataclass(frozen=True)
 class Paged:
     """K/V in pages of ``page_size`` tokens from a shared pool (``num_pages``: None sizes it to
-    the request)."""
+    the request), stored in the compute dtype or quantised by ``kv`` (int8, per-token int4, or
+    KIVI int4 with the partial page in full precision)."""
 
     page_size: int = 16
     num_pages: int | None = None
+    kv: KVQuant | None = None
     cached = True
 
     def __post_init__(self):
         if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or \
                 self.page_size < 1:
             raise ValueError(f"cache.page_size={self.page_size!r}: a positive integer, e.g. 16.")
+        _check_kv(self.kv)
 
     def install(self, model, prompt_bt, max_new_tokens: int, *, forks: int = 1) -> None:
         init_paged_cache(model, prompt_bt, max_new_tokens, page_size=self.page_size,
-                         num_pages=self.num_pages, forks=forks)
+                         num_pages=self.num_pages, forks=forks, kv=self.kv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +187,8 @@ def caches(model) -> list[nnx.Module]:
 
 
 def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 16,
-                     num_pages: int | None = None, forks: int = 1) -> PagePool:
+                     num_pages: int | None = None, forks: int = 1,
+                     kv: KVQuant | None = None) -> PagePool:
     """Gives every decoding self-attention a ``PagedKVCache`` whose pages come from a
     ``PagePool`` (prefix sharing on); returns the pool for inspection.
 
@@ -196,7 +215,7 @@ def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 
     for attn in decoding_attentions(model):
         _, k, h = attn.k_dkh[...].shape
         attn.cache = nnx.data(PagedKVCache(tables, pool.num_pages, page_size, k, h,
-                                           dtype=attn.dtype, fork_plan=plan))
+                                           dtype=attn.dtype, fork_plan=plan, kv=kv))
     return pool
 
 

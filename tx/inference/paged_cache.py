@@ -17,6 +17,10 @@ numpy, run between jitted steps; the device only ever sees int32 arrays
   partly filled page that another sequence also holds first copies it (copy-on-write): the
   ``Update`` lists the ``(src_page, dst_page)`` copies the device must perform before it
   writes the new tokens' K/V into ``slots``.
+* Sealing: a page is *sealed* once a sequence's length passes its end; from then on it is
+  immutable (no slot of it is written again, it is never the source of a copy-on-write), which
+  is what lets prefix sharing reuse it and a quantised cache (``tx.attention.quant``, KIVI)
+  quantise it once. ``Update.sealed`` lists the pages an update sealed.
 * Running out of pages raises ``OutOfPages`` *before* any state changes (check with
   ``can_allocate`` to make a request wait instead); no sequence's data is ever overwritten.
 
@@ -54,12 +58,14 @@ class Update:
         already cached (the old length, or the shared prefix of a new sequence).
       slots: int32 ``[length - start]`` flat slot ``page * page_size + offset`` of positions
         ``start .. length - 1`` (the layout of ``pages.reshape(P * L, ...)``).
+      sealed: the physical pages this update filled, in order (each is sealed once).
     """
 
     seq_id: int
     copies: tuple[tuple[int, int], ...]
     start: int
     slots: np.ndarray
+    sealed: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -91,6 +97,7 @@ class PagePool:
         # key = (parent page or -1, tokens of the page) -> physical page, for full pages.
         self._prefix: dict[tuple[int, tuple[int, ...]], int] = {}
         self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self._sealed: set[int] = set()
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -104,6 +111,10 @@ class PagePool:
 
     def refcount(self, page: int) -> int:
         return int(self._refcount[page])
+
+    def is_sealed(self, page: int) -> bool:
+        """Whether ``page`` is full (immutable until it returns to the free list)."""
+        return page in self._sealed
 
     def pages(self, seq_id: int) -> list[int]:
         return list(self._seq(seq_id).pages)
@@ -232,6 +243,7 @@ class PagePool:
     def _release(self, page: int) -> None:
         self._refcount[page] -= 1
         if self._refcount[page] == 0:
+            self._sealed.discard(page)
             key = self._key_of.pop(page, None)
             if key is not None:
                 del self._prefix[key]
@@ -278,9 +290,12 @@ class PagePool:
             seq.pages.append(self._allocate())
         seq.length = start + n
         slots = np.asarray(seq.pages, np.int64)[positions // size] * size + positions % size
+        sealed = tuple(seq.pages[index] for index in range(start // size, seq.length // size))
+        self._sealed.update(sealed)
         for index in range(start // size, seq.length // size):  # pages this call filled
             self._register(seq, index)
-        return Update(seq_id=seq_id, copies=copies, start=start, slots=slots.astype(np.int32))
+        return Update(seq_id=seq_id, copies=copies, start=start, slots=slots.astype(np.int32),
+                      sealed=sealed)
 
 
 # --- device side -------------------------------------------------------------------------------

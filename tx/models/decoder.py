@@ -29,9 +29,10 @@ class DecoderLM(nnx.Module):
                        lengths_b=lengths_b)
         return self.head(x)
 
-    def init_cache(self, batch: int, max_len: int) -> None:
-        """Switches to incremental decoding: later calls append to a KV cache."""
-        self.tower.init_cache(batch, max_len)
+    def init_cache(self, batch: int, max_len: int, *, kv=None) -> None:
+        """Switches to incremental decoding: later calls append to a KV cache (quantised by
+        ``kv``, a ``tx.attention.quant.KVQuant``; None: the compute dtype)."""
+        self.tower.init_cache(batch, max_len, kv=kv)
 
     def drop_cache(self) -> None:
         self.tower.drop_cache()

@@ -48,8 +48,8 @@ class Seq2Seq(nnx.Module):
                            positions_bt=positions_bt, segment_ids_bt=segment_ids_bt,
                            source_segment_ids_bs=source_segment_ids_bs)
 
-    def init_cache(self, batch: int, max_len: int) -> None:
-        self.decoder.init_cache(batch, max_len)
+    def init_cache(self, batch: int, max_len: int, *, kv=None) -> None:
+        self.decoder.init_cache(batch, max_len, kv=kv)
 
     def drop_cache(self) -> None:
         self.decoder.drop_cache()

@@ -65,9 +65,9 @@ class Tower(nnx.Module):
         cache = self.self_attentions()[0].cache
         return 0 if cache is None else cache.start()
 
-    def init_cache(self, batch: int, max_len: int) -> None:
+    def init_cache(self, batch: int, max_len: int, *, kv=None) -> None:
         for attn in self.self_attentions():
-            attn.init_cache(batch, max_len)
+            attn.init_cache(batch, max_len, kv=kv)
 
     def drop_cache(self) -> None:
         for attn in self.self_attentions():

@@ -81,9 +81,12 @@ def paged(fn: Callable) -> Callable:
     is split by K/V head only (a page may be shared by sequences on different devices)."""
 
     @functools.wraps(fn)
-    def call(q, k_pages, v_pages, block_tables, lengths, **static):
+    def call(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_scales=None,
+             **static):
         parallel = shard_lib.active()
         if parallel is None:
+            if k_scales is not None:
+                static = dict(static, k_scales=k_scales, v_scales=v_scales)
             return fn(q, k_pages, v_pages, block_tables, lengths, **static)
         q_names = ("batch", "heads", None) if q.ndim == 3 else ("batch", None, "heads", None)
         q_spec, page_spec = _head_specs(parallel, q.shape, k_pages.shape, q_names,
@@ -91,12 +94,23 @@ def paged(fn: Callable) -> Callable:
         page_spec = PartitionSpec(*page_spec)
         rows = q_spec[0]
 
-        def local(q, k_pages, v_pages, block_tables, lengths):
-            return fn(q, k_pages, v_pages, block_tables, lengths, **static)
+        specs = (q_spec, page_spec, page_spec, PartitionSpec(rows, None), PartitionSpec(rows))
+        if k_scales is None:
+            def local(q, k_pages, v_pages, block_tables, lengths):
+                return fn(q, k_pages, v_pages, block_tables, lengths, **static)
 
-        return shard_map(local, parallel.mesh,
-                         in_specs=(q_spec, page_spec, page_spec, PartitionSpec(rows, None),
-                                   PartitionSpec(rows)),
-                         out_specs=q_spec)(q, k_pages, v_pages, block_tables, lengths)
+            return shard_map(local, parallel.mesh, in_specs=specs, out_specs=q_spec)(
+                q, k_pages, v_pages, block_tables, lengths)
+
+        # int8 pages: their scales [P, L, K] split by K/V head like the pages.
+        scale_spec = PartitionSpec(*tuple(page_spec)[:3])
+
+        def local_int8(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales):
+            return fn(q, k_pages, v_pages, block_tables, lengths, k_scales=k_scales,
+                      v_scales=v_scales, **static)
+
+        return shard_map(local_int8, parallel.mesh, in_specs=specs + (scale_spec, scale_spec),
+                         out_specs=q_spec)(q, k_pages, v_pages, block_tables, lengths,
+                                           k_scales, v_scales)
 
     return call

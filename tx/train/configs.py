@@ -60,13 +60,17 @@ MESH = dict(data=1, fsdp=1, tensor=1)
 # Pretrained starts (tx.train.init): a source of weights and the swaps applied to them.
 INIT = dict(hf="", workdir="", swap=dict(num_kv_heads=0, kv_init="mean", layer_pattern="",
                                          window=0))
+# Decoding options of the run's model (generate.py, bench_decode.py): how the KV cache stores
+# keys and values (``tx.flags.kv_storage``: auto, int8, int4 (KIVI, paged), int4_per_token).
+INFERENCE = dict(kv_dtype="auto")
 # Fields that may change between a run and its resumption (they do not alter the trajectory;
 # a checkpoint restores under any mesh). Growing ``train.steps`` extends a run on the schedule
 # it started with (``train.schedule_steps`` is saved with the run).
 MAX_LEARNING_RATE = 10.0
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep", "train.keep_best",
-                     "train.async_checkpoints", "mesh.data", "mesh.fsdp", "mesh.tensor")
+                     "train.async_checkpoints", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                     "inference.kv_dtype")
 
 
 class ConfigError(ValueError):
@@ -106,6 +110,7 @@ def experiment(model: ModelFlags, *, dataset: str, seq_len: int, options: dict |
     config.train = ml_collections.ConfigDict({**TRAIN, **train})
     config.mesh = ml_collections.ConfigDict(MESH)
     config.init = ml_collections.ConfigDict(INIT)
+    config.inference = ml_collections.ConfigDict(INFERENCE)
     if extensions:
         config.extensions = [str(pathlib.Path(p).resolve()) for p in extensions]
     return config
@@ -309,12 +314,24 @@ def resolve(config: ml_collections.ConfigDict) -> Resolved:
     if unknown:
         raise ConfigError(f"config.train fields {unknown} do not exist; known: {sorted(TRAIN)}")
     _check_train(config.train)
+    kv_dtype(config)  # a bad name fails here, before anything is built
     load_extensions(config)
     flags = model_flags(config.model)
     resolved = Resolved(_parse(flags), config, flags)
     _check_mesh(resolved)
     _check_data(resolved)
     return resolved
+
+
+def kv_dtype(config: ml_collections.ConfigDict) -> str:
+    """``config.inference.kv_dtype`` (``auto`` for runs saved before the field existed),
+    checked against the names ``tx.flags.kv_storage`` knows."""
+    name = config.get("inference", {}).get("kv_dtype", "auto")
+    try:
+        flags_lib.kv_storage(name)
+    except ValueError as e:
+        raise ConfigError(f"config.inference.{e}") from None
+    return name
 
 
 def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
