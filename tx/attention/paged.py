@@ -185,9 +185,14 @@ class PagedKVCache(nnx.Module):
             window = jax.lax.dynamic_update_slice_in_dim(window, new.astype(self.dtype), used,
                                                          axis=1)
             window = window.reshape(b, width, size, *new.shape[2:])
-            parts = scheme.quantise(window)                                 # [B, width, ...]
-            cache_lib.assign(store, {n: x.at[ids].set(parts[n], mode="drop")
-                                     for n, x in cache_lib.read(store).items()})
+
+            def seal(pool, window=window, scheme=scheme):
+                parts = scheme.quantise(window)                             # [B, width, ...]
+                return {n: x.at[ids].set(parts[n], mode="drop") for n, x in pool.items()}
+
+            # Most decode steps fill no page: skip quantising then (all rows share `used`).
+            pool = cache_lib.read(store)
+            cache_lib.assign(store, jax.lax.cond(filled > 0, seal, lambda pool: pool, pool))
             tail[...] = jax.lax.dynamic_index_in_dim(window, filled, axis=1, keepdims=False)
         self.index[...] = start + t
 
