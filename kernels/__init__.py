@@ -8,8 +8,9 @@ from kernels import masks, reference
 # ``kernels.flash_attention(q, k, v, ...)``; the module stays importable by its full path.
 from kernels.flash_attention import flash_attention
 from kernels.paged_attention import paged_attention
+from kernels.linear_attention import linear_attention
 from kernels.masks import (EMPTY, FULL, PARTIAL, And, BigBird, Causal, Full, GlobalTokens,
                            Local, Mask, Or, Strided)
 
-__all__ = ["masks", "reference", "flash_attention", "paged_attention", "Mask", "Full", "Causal", "Local", "Strided", "BigBird",
+__all__ = ["masks", "reference", "flash_attention", "paged_attention", "linear_attention", "Mask", "Full", "Causal", "Local", "Strided", "BigBird",
            "GlobalTokens", "And", "Or", "EMPTY", "PARTIAL", "FULL"]

@@ -228,3 +228,53 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     out = attention(q_btnh, k, v, mask=mask, kv_lengths=lengths, scale=scale,
                     q_positions=q_positions, kv_positions=kv_positions).astype(out_dtype)
     return out[:, 0] if squeeze else out
+
+
+def linear_attention(q_f: jax.Array, k_f: jax.Array, v: jax.Array, *,
+                     segment_ids: Any = None, kv_lengths: jax.Array | None = None,
+                     causal: bool = True, eps: float = 0.0) -> jax.Array:
+    """Reference for ``kernels.linear_attention``: the plain quadratic form of linear attention.
+
+    q_f ``[B,T,N,F]`` and k_f ``[B,S,K,F]`` are featurised queries and keys (the caller's
+    feature map), v ``[B,S,K,H]``. Materialises the fp32 scores ``q_f . k_f`` ``[B,K,G,T,S]``
+    (grouped, K/V never repeated), zeroes the hidden pairs and normalises by the row sum:
+    ``out[t] = sum_s A[t,s] v[s] / (sum_s A[t,s] + eps)``; zeros (and zero gradients) where
+    that denominator is 0, e.g. a row that sees no key. Output in v's dtype.
+
+    Args:
+      segment_ids: ``[B, T]`` int document ids (S == T), or a pair ``(q_ids [B,T],
+        kv_ids [B,S])``; equal ids attend.
+      kv_lengths: ``[B]`` int; keys at or past the length are invisible.
+      causal: key ``s`` is visible to query ``t`` iff ``s <= t + S - T`` (bottom-right);
+        ``False`` is bidirectional (encoders).
+      eps: added to the denominator.
+    """
+    from kernels.linear_attention import check_arguments  # the op's own argument checks
+    pair = isinstance(segment_ids, (tuple, list))
+    b, t, s, n, kh, f, h = check_arguments(
+        q_f, k_f, v, segment_ids=None if pair else segment_ids, kv_lengths=kv_lengths,
+        eps=eps, same_length=False, limits=False)
+    if segment_ids is not None and not pair and s != t:
+        raise ValueError(f"segment_ids of shape {tuple(segment_ids.shape)} need k_f.shape[1]="
+                         f"{s} == q_f.shape[1]={t}; pass a pair (q_ids [B, T], kv_ids [B, S]).")
+    if pair:
+        checks.check_segment_ids(tuple(segment_ids), b, t, s)
+    g = n // kh
+    scores = jnp.einsum("BTKGF,BSKF->BKGTS", q_f.reshape(b, t, kh, g, f), k_f,
+                        preferred_element_type=jnp.float32,
+                        precision=jax.lax.Precision.HIGHEST)
+    visible = jnp.ones((b, t, s), bool)                                    # [B, T, S]
+    if causal:
+        visible &= (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None]
+    if segment_ids is not None:
+        q_ids, kv_ids = segment_ids if pair else (segment_ids, segment_ids)
+        visible &= q_ids[:, :, None] == kv_ids[:, None, :]
+    if kv_lengths is not None:
+        visible &= jnp.arange(s)[None, None, :] < kv_lengths[:, None, None]
+    scores = jnp.where(visible[:, None, None], scores, 0.0)
+    num = jnp.einsum("BKGTS,BSKH->BTKGH", scores, v.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    den = jnp.moveaxis(scores.sum(-1), 3, 1) + eps                         # [B, T, K, G]
+    ok = den != 0.0
+    out = jnp.where(ok[..., None], num / jnp.where(ok, den, 1.0)[..., None], 0.0)
+    return out.reshape(b, t, n, h).astype(v.dtype)

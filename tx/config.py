@@ -44,6 +44,12 @@ def _is_mask(value: Any) -> bool:
     return all(callable(getattr(value, m, None)) for m in ("predicate", "dense", "tile_map"))
 
 
+def _is_layer(value: Any) -> bool:
+    """A schedule entry: a mask (softmax attention), or a value that builds its own attention
+    layer (``build_attention``, e.g. ``tx.attention.favor.Favor``)."""
+    return _is_mask(value) or callable(getattr(value, "build_attention", None))
+
+
 def cycle(schedule: tuple, num_layers: int, default) -> tuple:
     """``schedule`` repeated over ``num_layers`` layers (``default`` everywhere when empty)."""
     schedule = schedule or (default,)
@@ -85,9 +91,10 @@ class AttentionConfig:
         if self.head_dim is not None:
             _positive_int("attention.head_dim", self.head_dim)
         for mask in self.masks:
-            if not _is_mask(mask):
+            if not _is_layer(mask):
                 _fail("attention.masks", self.masks, f"{mask!r} is not a mask; give "
-                      "kernels.masks values (Causal(), Local(63), ...).")
+                      "kernels.masks values (Causal(), Local(63), ...) or layer values "
+                      "(tx.attention.favor.Favor(...)).")
         if not self.implementation:
             _fail("attention.implementation", self.implementation, "name at least one, e.g. "
                   "('xla',).")

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import masks
-from tx.attention import quant, registry
+from tx.attention import favor, quant, registry
 from tx.config import AttentionConfig, EmbedConfig, ModelConfig
 from tx.inference import generation
 from tx.layers import mlp as mlp_lib
@@ -105,12 +105,25 @@ def _everything(f: "ModelFlags", causal: bool) -> masks.Mask:
     return masks.Causal() if causal else masks.Full()
 
 
+def _favor(f: "ModelFlags", causal: bool) -> favor.Favor:
+    return favor.Favor(f.linear_features, causal=causal, chunk=f.linear_chunk,
+                       redraw_every=f.linear_redraw)
+
+
+def _local_global(f: "ModelFlags", causal: bool) -> favor.LocalGlobal:
+    return favor.LocalGlobal(_window(f, causal), _favor(f, causal))
+
+
 for _name, _fn in (
         ("full", _everything), ("causal", _everything), ("local", _window),
         ("strided", lambda f, causal: masks.Strided(f.stride)),
         # Sparse Transformer's strided pattern when causal; BigBird when bidirectional.
         ("sparse", lambda f, causal: masks.Strided(f.stride) if causal else _bigbird(f, causal)),
-        ("bigbird", _bigbird), ("global", _global)):
+        ("bigbird", _bigbird), ("global", _global),
+        # FAVOR+ linear attention (a layer value, not a mask): 'local,local,local,favor'.
+        ("favor", _favor),
+        # Local softmax plus a gated FAVOR+ path over every key, in one layer.
+        ("local_favor", _local_global)):
     register_pattern(_name, lambda f, *, causal, _fn=_fn: _fn(f, causal))
 
 for _name, _fn in (
@@ -191,6 +204,11 @@ class ModelFlags:
     head_bias: bool = False  # output biases on the vocab and class heads (BERT)
     head_scale: float = 1.0  # multiplies the last hidden state before the vocab head (T5)
     pooler: str = "mean"  # seq_cls: mean over valid tokens, or 'cls' = tanh(dense(first)) (BERT)
+    # FAVOR+ layers (the `favor` pattern, tx.attention.favor): random features, chunk of the
+    # causal form, training calls between feature redraws (0: fixed).
+    linear_features: int = 256
+    linear_chunk: int = 64
+    linear_redraw: int = 0
 
     def __post_init__(self):
         if isinstance(self.implementation, str):
@@ -202,7 +220,8 @@ class ModelFlags:
 
     def _validate(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len",
-                     "num_classes", "stride", "sparse_block", "window"):
+                     "num_classes", "stride", "sparse_block", "window", "linear_features",
+                     "linear_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "must be a positive integer.")
@@ -241,6 +260,10 @@ class ModelFlags:
         if self.attention_scale is not None and not self.attention_scale > 0:
             _fail("attention_scale", self.attention_scale, "must be > 0, or None for "
                   "head_dim ** -0.5.")
+        if isinstance(self.linear_redraw, bool) or not isinstance(self.linear_redraw, int) \
+                or self.linear_redraw < 0:
+            _fail("linear_redraw", self.linear_redraw, "must be an integer >= 0 (0: keep the "
+                  "first draw of the features).")
         if not 0.0 <= self.dropout_rate < 1.0:
             _fail("dropout_rate", self.dropout_rate, "must be in [0, 1).")
         if isinstance(self.type_vocab_size, bool) or not isinstance(self.type_vocab_size, int) \

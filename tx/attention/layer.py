@@ -40,6 +40,8 @@ class Attention(nnx.Module):
     the ``N / K`` query heads of each K/V head (no repeated K/V in memory).
     """
 
+    pageable = True  # decoding can keep its K/V in a paged cache
+
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  mask: masks_lib.Mask | None = None, implementation: Sequence = ("xla",),
                  positions: Positions | None = None, use_bias: bool = False,
@@ -112,17 +114,23 @@ class Attention(nnx.Module):
         q = parallel.constrain(q, ("batch", None, "heads", None))
         k = parallel.constrain(k, ("batch", None, "kv_heads", None))
         v = parallel.constrain(v, ("batch", None, "kv_heads", None))
-        cache = cache_lib.NO_CACHE if self.cache is None else self.cache
         if positions_bt is None:
-            positions_bt = jnp.broadcast_to(cache.start() + jnp.arange(t, dtype=jnp.int32),
-                                            (b, t))
+            start = 0 if self.cache is None else self.cache.start()
+            positions_bt = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         if context_bsd is None:  # cross-attention has no positions to rotate
             q, k = self.positions.rotate(q, k, positions_bt)
-        out = cache.attend(q, k, v, positions_bt, mask=self.mask, scale=self.scale,
-                           implementation=self.implementation, positions=self.positions,
-                           segment_ids=segment_ids, kv_lengths=kv_lengths,
-                           cross=context_bsd is not None)
+        out = self._attend(q, k, v, positions_bt, segment_ids=segment_ids,
+                           kv_lengths=kv_lengths, cross=context_bsd is not None)
         return self._project_out(out)
+
+    def _attend(self, q_btnh, k_bskh, v_bskh, positions_bt, *, segment_ids, kv_lengths,
+                cross: bool) -> jax.Array:
+        """Softmax attention through the cache (or none); variants override this."""
+        cache = cache_lib.NO_CACHE if self.cache is None else self.cache
+        return cache.attend(q_btnh, k_bskh, v_bskh, positions_bt, mask=self.mask,
+                            scale=self.scale, implementation=self.implementation,
+                            positions=self.positions, segment_ids=segment_ids,
+                            kv_lengths=kv_lengths, cross=cross)
 
     def _project_out(self, out_btnh: jax.Array) -> jax.Array:
         out = jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_nhd[...].astype(self.dtype))

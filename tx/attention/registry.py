@@ -15,10 +15,13 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from kernels import masks as masks_lib
 from kernels import reference
 from kernels.flash_attention import registry_attention as _pallas
+from kernels.linear_attention import linear_attention as _linear_pallas_kernel
+from kernels.linear_attention import linear_attention_chunked as _linear_chunked
 from kernels.paged_attention import paged_attention as _paged_pallas
 from tx.parallel import per_shard
 
@@ -128,3 +131,77 @@ register("xla", reference.attention)
 register("cudnn", _cudnn)
 register("pallas", per_shard.attention(_pallas))  # per shard under a mesh; GSPMD splits xla
 register_paged("pallas", _pallas_paged)
+
+
+# --- linear (feature-map) attention ------------------------------------------------------------
+# By implementation name, ``fn(q_f, k_f, v, *, causal, segment_ids, kv_lengths, chunk)`` over
+# featurised queries/keys (``tx.attention.favor``); a layer uses the first of its names that
+# has one and does not decline (NotImplementedError).
+_LINEAR: dict[str, AttentionFn] = {}
+
+
+def register_linear(name: str, fn: AttentionFn) -> None:
+    """Adds (or replaces) the linear-attention path of implementation ``name``."""
+    _LINEAR[name] = fn
+
+
+def linear_attend(q_f, k_f, v, *, causal: bool, segment_ids=None, kv_segment_ids=None,
+                  kv_lengths=None, chunk: int, implementation: Sequence = ("xla",)):
+    """Linear attention ``[B, T, N, H]`` of features ``q_f [B, T, N, F]``, ``k_f [B, S, K, F]``
+    through the first implementation with a linear path."""
+    if kv_segment_ids is not None and kv_segment_ids is not segment_ids and \
+            kv_segment_ids.shape != segment_ids.shape:
+        raise ValueError("linear attention is self-attention: segment ids of queries and keys "
+                         f"must match (got {segment_ids.shape} and {kv_segment_ids.shape}).")
+    reasons = []
+    for impl in _as_tuple(implementation):
+        fn = None if callable(impl) else _LINEAR.get(impl)
+        if fn is None:
+            reasons.append(f"{getattr(impl, '__name__', impl)}: no linear-attention path")
+            continue
+        try:
+            return fn(q_f, k_f, v, causal=causal, segment_ids=segment_ids,
+                      kv_lengths=kv_lengths, chunk=chunk)
+        except NotImplementedError as e:
+            reasons.append(f"{impl}: {e}")
+    raise ValueError(f"implementation={tuple(implementation)} has no linear-attention path for "
+                     f"this layer ({'; '.join(reasons)}); append 'xla'.")
+
+
+def _linear_xla(q_f, k_f, v, *, causal, segment_ids=None, kv_lengths=None, chunk):
+    if causal:
+        return _linear_chunked(q_f, k_f, v, chunk=chunk,
+                                                   segment_ids=segment_ids,
+                                                   kv_lengths=kv_lengths)
+    if segment_ids is None:
+        return _bidirectional(q_f, k_f, v, kv_lengths)
+    # Packed encoder batches: the quadratic form, masked by segment (O(T^2) memory).
+    return reference.linear_attention(q_f, k_f, v, segment_ids=segment_ids,
+                                      kv_lengths=kv_lengths, causal=False)
+
+
+def _bidirectional(q_f, k_f, v, kv_lengths):
+    """``phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1)``: linear in the sequence length."""
+    b, t, n, f = q_f.shape
+    s, k = k_f.shape[1], k_f.shape[2]
+    if kv_lengths is not None:
+        keep = (jnp.arange(s)[None, :] < kv_lengths[:, None])[:, :, None, None]
+        k_f = jnp.where(keep, k_f, 0.0)
+    q = q_f.reshape(b, t, k, n // k, f)
+    state = jnp.einsum("BSKF,BSKH->BKFH", k_f, v.astype(jnp.float32))
+    num = jnp.einsum("BTKGF,BKFH->BTKGH", q, state)
+    den = jnp.einsum("BTKGF,BKF->BTKG", q, k_f.sum(axis=1))
+    out = num / jnp.where(den > 0, den, 1.0)[..., None]
+    return out.reshape(b, t, n, -1)
+
+
+def _linear_pallas(q_f, k_f, v, *, causal, segment_ids=None, kv_lengths=None, chunk):
+    if not causal:
+        raise NotImplementedError("the kernel computes the causal form; the bidirectional one "
+                                  "is two einsums")
+    return _linear_pallas_kernel(q_f, k_f, v, chunk=chunk, segment_ids=segment_ids,
+                                       kv_lengths=kv_lengths)
+
+
+register_linear("xla", _linear_xla)
+register_linear("pallas", _linear_pallas)

@@ -197,6 +197,11 @@ def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 
     own copy of a partly filled last prompt page (copy-on-write) and its own pages for the
     ``max_new_tokens`` it will generate.
     """
+    for i, attn in enumerate(decoding_attentions(model)):
+        if not attn.pageable:
+            raise ValueError(f"cache=Paged(page_size={page_size}): layer {i} is "
+                             f"{type(attn).__name__}, which keeps a constant-size state, not "
+                             "K/V pages; use cache=Contiguous() for models with linear layers.")
     prompt = np.asarray(prompt_bt)
     b, t = prompt.shape
     width = -(-(t + max_new_tokens) // page_size)

@@ -10,7 +10,8 @@ Per decoding self-attention layer the cache holds keys and values,
 
 A contiguous cache reserves ``tokens`` slots per sequence, except that a layer whose mask is
 a causal window shorter than that rolls over ``window`` slots. A paged cache rounds each
-sequence up to whole pages and keeps every position (pages are not rolled).
+sequence up to whole pages and keeps every position (pages are not rolled). A linear-attention
+layer (FAVOR+) keeps a constant-size fp32 state, ``batch · kv_heads · features · (head_dim + 1)``.
 
 The figures are computed from the storage the caches allocate (``tx.attention.quant``), so
 they are exact for the K/V arrays; block tables and counters are not counted.
@@ -81,7 +82,14 @@ def kv_cache_bytes(config, batch: int, tokens: int, *, dtype="float32",
     k, h = config.kv_heads, config.head_dim
     kv.check(h, page_size, "dtype")
     total = 0
-    for mask in decoding_masks(config):
+    for i, mask in enumerate(decoding_masks(config)):
+        state = getattr(mask, "state_bytes", None)
+        if state is not None:  # a linear layer: a constant-size state, never paged
+            if page_size is not None:
+                raise ValueError(f"page_size={page_size}: layer {i} ({mask!r}) keeps a "
+                                 "constant-size state, not K/V pages; plan without pages.")
+            total += state(config, batch, tokens)
+            continue
         if page_size is None:
             window = cache_lib.rolling_window(mask)
             slots = window if window is not None and window < tokens else tokens

@@ -21,7 +21,12 @@ from tx.layers.block import Block
 
 
 def make_attention(cfg: ModelConfig, mask: masks_lib.Mask, *, positions=None,
-                   rngs: nnx.Rngs) -> Attention:
+                   rngs: nnx.Rngs, layer: int = 0) -> Attention:
+    """Softmax attention under ``mask``, or the layer a schedule value builds itself
+    (``build_attention``: e.g. FAVOR+)."""
+    build = getattr(mask, "build_attention", None)
+    if build is not None:
+        return build(cfg, layer=layer, positions=positions, rngs=rngs)
     a = cfg.attention
     return Attention(cfg.d_model, a.num_heads, a.kv_heads, cfg.head_dim, mask=mask,
                      implementation=a.implementation, positions=positions, use_bias=a.bias,
@@ -40,11 +45,11 @@ class Tower(nnx.Module):
         self.embed_norm = cfg.norm.build(cfg.d_model, dtype=cfg.dtype, rngs=rngs) \
             if cfg.embed.norm else None
         blocks = []
-        for mask in layer_masks:
+        for i, mask in enumerate(layer_masks):
             cross_attn = make_attention(cfg, masks_lib.Full(), rngs=rngs) if cross else None
             mlp = cfg.mlp.build(cfg.d_model, dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
                                 rngs=rngs)
-            attn = make_attention(cfg, mask, positions=self.positions, rngs=rngs)
+            attn = make_attention(cfg, mask, positions=self.positions, rngs=rngs, layer=i)
             blocks.append(Block(attn, mlp, d_model=cfg.d_model, cross_attn=cross_attn,
                                 norm=cfg.norm, dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
                                 rngs=rngs))

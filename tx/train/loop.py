@@ -101,6 +101,10 @@ def _check_compatible(saved: dict, current: ml_collections.ConfigDict, workdir, 
     train = saved.setdefault("train", {})
     train.setdefault("schedule_steps", train.get("steps"))  # runs saved before the field
     saved.setdefault("init", copy.deepcopy(configs_lib.INIT))  # ... and before init
+    defaults = configs_lib.model_dict().to_dict()
+    for key in current.get("model", {}):  # ... and model flags newer than the run
+        if key in defaults:
+            saved.setdefault("model", {}).setdefault(key, defaults[key])
     if not current.get("train", {}).get("schedule_steps"):  # unset: the saved run's holds
         current.setdefault("train", {})["schedule_steps"] = train["schedule_steps"]
     lines = configs_lib.diff(saved, current)
