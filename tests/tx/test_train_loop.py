@@ -32,9 +32,16 @@ def losses(workdir):
     return [r["loss"] for r in read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")]
 
 
-def test_in_process_resume_reproduces_the_run(tmp_path):
+@pytest.mark.parametrize("favor", [False, True])
+def test_in_process_resume_reproduces_the_run(tmp_path, favor):
+    """Also with FAVOR+ features redrawn every training call: the draw count and the
+    features are model state, checkpointed, so the resumed run redraws as the first did."""
     import shutil
     config = tiny(steps=6, checkpoint_every=3)
+    if favor:
+        m = config.model
+        m.layer_pattern, m.linear_features, m.linear_redraw, m.linear_chunk = \
+            ("favor",), 16, 1, 8
     loop.run(config, tmp_path, print_fn=None)
     first = losses(tmp_path)
     shutil.rmtree(tmp_path / "checkpoints" / "6")  # as if the run had died after step 5
