@@ -69,12 +69,16 @@ def test_evaluate_visualize_and_generate_from_a_trained_run(tmp_path):
     out = run(script("visualize_attention", f"--output={png}", workdir=tmp_path, config=None))
     assert out.returncode == 0, out.stderr[-2000:]
     assert png.stat().st_size > 1000 and "2 layers x 4 heads" in out.stdout
-    for extra in (["--num_beams=2"], ["--temperature=0.7", "--top_k=5", "--cache=paged"]):
+    for extra in (["--num_beams=2", "--kv_dtype=int8"],
+                  ["--temperature=0.7", "--top_k=5", "--cache=paged", "--kv_dtype=int4"]):
         out = run(script("generate", "--prompt=9 10 11", "--max_new_tokens=5", *extra,
                          workdir=tmp_path, config=None))
         assert out.returncode == 0, out.stderr[-2000:]
         lines = out.stdout.strip().splitlines()
         assert lines[0] == "# checkpoint step 2" and 1 <= len(lines[1].split()) <= 5
+    # KIVI needs pages: refused in one line, naming the flag, before the model loads.
+    out = run(script("generate", "--prompt=9", "--kv_dtype=int4", workdir=tmp_path, config=None))
+    assert out.returncode == 1 and out.stderr.startswith("error: kv_dtype='int4'")
 
 
 def test_console_entry_points_run_the_scripts(tmp_path):
