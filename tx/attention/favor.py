@@ -26,6 +26,7 @@ same draws.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -43,6 +44,7 @@ class FeatureDraw(nnx.Variable):
     """A FAVOR+ layer's random projection and draw counter: not trained, checkpointed."""
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))  # compiled: eager QR costs ~1 s per layer
 def orthogonal_gaussian(key: jax.Array, num_features: int, dim: int) -> jax.Array:
     """``[F, H]`` rows: blocks of ``H`` orthonormal rows (QR of a Gaussian matrix), each row
     rescaled to the norm of an independent Gaussian vector, so every row is marginally

@@ -8,12 +8,20 @@ runner writes ``results.csv``, ``results.md`` and ``loss_curves.png`` to the wor
 With ``config.pretrain`` (an experiment config) and no ``init`` source of its own, the runner
 first trains that model in ``workdir/pretrain`` and starts every variant from its weights
 (``init.workdir``): the uptraining comparisons of ``configs/ablation.py:uptrain``.
+
+With ``config.tasks`` (named experiment configs) every variant runs on every task, each task
+in ``workdir/<task>`` with its own results; the workdir gets ``results.md`` and one JSON line
+``results.json`` comparing the variants across tasks. With ``config.crossover``
+(:func:`tx.train.crossover.section`) each variant's ``model`` changes also apply to that
+section's speed model, timed against sequence length (``tx.train.crossover``):
+``configs/ablation.py:linear``.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import json
 import pathlib
 import re
 from typing import Any, Callable
@@ -22,6 +30,7 @@ import ml_collections
 
 from tx.train import configs as configs_lib
 from tx.train import init as init_lib
+from tx.train import crossover as crossover_lib
 from tx.train import loop, plots
 from tx.train.configs import ConfigError
 from tx.train.metrics import read_jsonl
@@ -31,6 +40,10 @@ COLUMNS = (("variant", "variant", "{}"), ("first_loss", "step-1 loss", "{:.4f}")
            ("eval_loss", "eval loss", "{:.4f}"), ("eval_accuracy", "eval acc", "{:.3f}"),
            ("tokens_per_second", "tokens/s", "{:,.0f}"), ("params", "params", "{:,}"),
            ("kv_bytes_per_token", "KV bytes/token", "{:,}"), ("wall_seconds", "wall s", "{:.1f}"))
+
+
+# The runner's own sections: never part of a variant's experiment config.
+RUNNER_SECTIONS = ("sweep", "variants", "pretrain", "tasks", "crossover")
 
 
 def _get(config, field: str):
@@ -100,16 +113,20 @@ def variant_configs(config) -> dict[str, ml_collections.ConfigDict]:
         variant = _bare(config)
         _set(variant, config.sweep.field, value)
         configs_lib.resolve(init_lib.with_source_model(variant, None))
-        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        out[re.sub(r"[^A-Za-z0-9_.+,=-]", "_", text)] = variant
+        out[_value_name(value)] = variant
     return out
+
+
+def _value_name(value) -> str:
+    text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return re.sub(r"[^A-Za-z0-9_.+,=-]", "_", text)
 
 
 def _bare(config) -> ml_collections.ConfigDict:
     """``config`` without the runner's own sections (keeps field types, placeholders too)."""
     variant = copy.deepcopy(config)
     with variant.unlocked():
-        for name in ("sweep", "variants", "pretrain"):
+        for name in RUNNER_SECTIONS:
             if name in variant:
                 del variant[name]
     return variant
@@ -177,25 +194,143 @@ def write_results(rows: list[dict[str, Any]], workdir: pathlib.Path, field: str)
                        for r in rows}, workdir / "loss_curves.png", title=f"sweep: {field}")
 
 
-def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-           print_fn: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
-    """Runs every variant of ``config.sweep`` and returns one result row per variant."""
-    if "sweep" not in config and "variants" not in config:
-        raise ConfigError("config.sweep is missing; give sweep.field and sweep.choices "
-                          "(see configs/ablation.py), or named config.variants.")
-    field = config.sweep.field if "sweep" in config else "variant"
-    if "pretrain" in config and not init_lib.requested(config):
-        configs_lib.resolve(config.pretrain)  # fails before anything trains
+def variant_models(config, model: ml_collections.ConfigDict
+                   ) -> dict[str, ml_collections.ConfigDict]:
+    """``{name: model section}``: each variant's changes to ``config.model`` (named variants'
+    ``model`` changes, or a ``model.*`` sweep field) applied to ``model``; a variant that
+    changes nothing in the model gets ``model`` as it is."""
+    out = {}
+    if "variants" in config:
+        for name, changes in config.variants.items():
+            holder = ml_collections.ConfigDict({"model": copy.deepcopy(model)})
+            _update(holder, {k: v for k, v in changes.items() if k == "model"},
+                    f"variants.{name}")
+            out[name] = holder.model
+        return out
+    for value in sweep_values(config):
+        holder = ml_collections.ConfigDict({"model": copy.deepcopy(model)})
+        if config.sweep.field.startswith("model."):
+            _set(holder, config.sweep.field, value)
+        out[_value_name(value)] = holder.model
+    return out
+
+
+def _task_configs(config) -> dict[str, ml_collections.ConfigDict]:
+    """``{task: config}``: each of ``config.tasks`` with the runner's sections (variants or
+    sweep); without tasks, ``{"": config}``."""
+    if "tasks" not in config:
+        return {"": config}
+    if not config.tasks:
+        raise ConfigError("config.tasks is empty; name at least one experiment config.")
+    out = {}
+    for name, task in config.tasks.items():
+        task = copy.deepcopy(task)
+        with task.unlocked():
+            for section in ("sweep", "variants", "pretrain"):
+                if section in config:
+                    task[section] = copy.deepcopy(config[section])
+        out[name] = task
+    return out
+
+
+def _crossover_models(config) -> dict[str, Any]:
+    """The variants' speed-model flags, validated (before anything trains)."""
+    section = config.crossover
+    models = {name: crossover_lib.variant_flags(model, section.lengths)
+              for name, model in variant_models(config, section.model).items()}
+    crossover_lib.check(section, models)
+    return models
+
+
+def _field(config) -> str:
+    return config.sweep.field if "sweep" in config else "variant"
+
+
+def _ablate_one(config, workdir: pathlib.Path, print_fn, variants=None, title: str = ""
+                ) -> list[dict[str, Any]]:
+    """Trains the variants of one experiment (``variants``: already built, or None to build
+    them after the pretraining run) and writes its results to ``workdir``."""
+    field = _field(config)
     workdir = configs_lib.check_workdir(workdir)
     config = _pretrained(config, workdir, print_fn)
-    variants = variant_configs(config)
     rows = []
-    for name, variant in variants.items():
+    for name, variant in (variants or variant_configs(config)).items():
         if print_fn:
-            print_fn(f"== {field}={name}")
+            print_fn(f"== {title}{field}={name}")
         summary = loop.run(variant, workdir / name, print_fn=print_fn)
         rows.append({"variant": name, **summary})
         write_results(rows, workdir, field)
     if print_fn:
         print_fn(table(rows, field))
+    return rows
+
+
+TASK_COLUMNS = (("eval_loss", "eval loss", "{:.4f}"), ("eval_accuracy", "eval acc", "{:.3f}"),
+                ("tokens_per_second", "train tok/s", "{:,.0f}"))
+
+
+def task_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per variant, the columns of every task side by side."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    cell = {(r["task"], r["variant"]): r for r in rows}
+    heads = ["variant"] + [f"{t} {title}" for t in tasks for _, title, _ in TASK_COLUMNS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for name in names:
+        cells = [_cell(fmt, cell.get((t, name), {}).get(key))
+                 for t in tasks for key, _, fmt in TASK_COLUMNS]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    return "\n".join(lines)
+
+
+def _summary(rows, speed, workdir: pathlib.Path, field: str, print_fn) -> None:
+    """``results.md`` and the one-line ``results.json`` of a multi-task or crossover run."""
+    text = "# Ablation\n\n"
+    if rows and "task" in rows[0]:
+        text += "## Tasks\n\n" + task_table(rows) + "\n\n"
+    elif rows:
+        text += f"## Over `{field}`\n\n" + table(rows, field) + "\n\n"
+    if speed is not None:
+        text += "## Speed against sequence length\n\n" + \
+            (workdir / "crossover.md").read_text() + "\n![crossover](crossover.png)\n"
+    (workdir / "results.md").write_text(text)
+    # The cache sizes come from the crossover (kv_cache_bytes knows windows and FAVOR+ states).
+    keep = ("task", "variant") + tuple(k for k, _, _ in COLUMNS[1:]
+                                       if k != "kv_bytes_per_token")
+    line = json.dumps({"tasks": [{k: r.get(k) for k in keep} for r in rows],
+                       **({} if speed is None else speed)})
+    (workdir / "results.json").write_text(line + "\n")
+    if print_fn:
+        print_fn(text)
+        print_fn(line)
+
+
+def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+           print_fn: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
+    """Runs every variant of ``config.sweep`` or ``config.variants`` (on every task of
+    ``config.tasks``), then the ``config.crossover`` speed sweep; returns one result row per
+    variant (and task)."""
+    if "sweep" not in config and "variants" not in config:
+        raise ConfigError("config.sweep is missing; give sweep.field and sweep.choices "
+                          "(see configs/ablation.py), or named config.variants.")
+    tasks, built = _task_configs(config), {}
+    for name, task in tasks.items():  # everything fails before anything trains
+        if "pretrain" not in task:
+            built[name] = variant_configs(task)
+        elif not init_lib.requested(task):
+            configs_lib.resolve(task.pretrain)  # its variants are built after pretraining
+    speed_models = _crossover_models(config) if "crossover" in config else None
+    workdir = configs_lib.check_workdir(workdir)
+    rows = []
+    for name, task in tasks.items():
+        rows += [{"task": name, **r} if name else r for r in
+                 _ablate_one(task, workdir / name if name else workdir, print_fn,
+                             built.get(name), f"{name}: " if name else "")]
+    speed = None
+    if speed_models is not None:
+        if print_fn:
+            print_fn("== crossover: speed against sequence length")
+        speed = crossover_lib.run(speed_models, config.crossover, workdir, print_fn=print_fn)
+    if "tasks" in config or speed is not None:
+        _summary(rows, speed, workdir, _field(config), print_fn)
     return rows

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from tx import models
+from tx.inference import memory
 from tx.layers.block import Block
 from tx import parallel as parallel_lib
 from tx.train import configs as configs_lib
@@ -75,11 +76,13 @@ def param_count(params) -> int:
 
 
 def kv_bytes_per_token(cfg) -> int:
-    """Self-attention K and V cache bytes one decoded token costs (0 for encoders)."""
+    """Self-attention K and V cache bytes one decoded token costs (0 for encoders), in an
+    unbounded cache: linear layers (FAVOR+) keep a constant-size state and add nothing
+    (``tx.inference.kv_cache_bytes`` gives whole caches, rolling windows included)."""
     if not getattr(cfg.head, "generates", False):
         return 0
-    layers = getattr(cfg.head, "num_layers", None) or cfg.num_layers  # seq2seq: the decoder's
-    return 2 * layers * cfg.kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    softmax = [m for m in memory.decoding_masks(cfg) if not hasattr(m, "state_bytes")]
+    return 2 * len(softmax) * cfg.kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
 # ----------------------------------------------------------------------------- evaluation
