@@ -350,8 +350,19 @@ def test_corpus_from_paths(tmp_path):
     assert one.num_bytes == 10
     with pytest.raises(ValueError, match="neither a file nor a directory"):
         data.corpus_from_paths(tmp_path / "missing")
+    # Documents go to eval by a hash of their path, and tmp_path differs from run to run:
+    # find a folder whose two documents both hash into train, so the error always applies.
+    for i in range(200):
+        lone = tmp_path / f"lone{i}"
+        lone.mkdir()
+        (lone / "a.txt").write_text("alpha " * 50)
+        (lone / "c.md").write_text("gamma " * 50)
+        try:
+            data.corpus_from_paths([lone]).split("eval")
+        except ValueError:  # no eval document here: the case this checks
+            break
     with pytest.raises(ValueError, match="no 'eval' documents"):
-        make("bytes", seq_len=16, split="eval", paths=[tmp_path])
+        make("bytes", seq_len=16, split="eval", paths=[lone])
     files = []
     for i in range(40):
         (tmp_path / f"doc{i:02d}.txt").write_text(f"document number {i}. " * 20)
