@@ -37,6 +37,7 @@ from kernels import block_sizes as block_sizes_lib
 from kernels import checks, tiles
 from kernels import masks as masks_lib
 from kernels import online_softmax
+from kernels import score_mods
 from kernels.common import SUPPORTED_DTYPES, compiler_params, is_int, next_pow2, round_up
 from kernels.online_softmax import LOG2E
 from kernels.online_softmax import dot as _dot
@@ -62,6 +63,9 @@ class _Config:
     has_segments: bool
     has_lengths: bool
     interpret: bool
+    mod: Any = None     # tree structure of the score modifier (kernels.score_mods), or None
+    mod_width: int = 0  # its parameter columns per head, padded to a power of two
+    has_sinks: bool = False
 
     @property
     def q_pad(self) -> int:
@@ -135,23 +139,81 @@ def _visible(cfg: _Config, q_block, kv_start, rows, cols, kv_len, q_seg, kv_seg)
     return visible
 
 
+def _split_refs(cfg: _Config, refs):
+    """``(q_seg, kv_seg, params, sinks, outputs)`` from the trailing refs of a kernel; absent
+    inputs are None."""
+    refs = list(refs)
+    q_seg, kv_seg = (refs.pop(0), refs.pop(0)) if cfg.has_segments else (None, None)
+    params = refs.pop(0) if cfg.mod_width else None
+    sinks = refs.pop(0) if cfg.has_sinks else None
+    return q_seg, kv_seg, params, sinks, refs
+
+
+def _program_ids():
+    """``(batch, head group)`` of this program, read at the kernel's top level: the
+    interpreter cannot evaluate ``program_id`` inside a ``jax.vjp``."""
+    return pl.program_id(0), pl.program_id(1)
+
+
+def _modify(cfg: _Config, s, params, ids, q_block, kv_start):
+    """The score modifier on natural-unit logits ``s [rows, cols]`` of a tile: row ``r`` is
+    head ``head_group * fold + r % fold`` at position ``q_block * rows / fold + r // fold``."""
+    (rows, cols), (batch, head_group) = s.shape, ids
+    row = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+    t_idx = q_block * (rows // cfg.fold) + row // cfg.fold
+    ctx = score_mods.Context(
+        batch=batch, head=head_group * cfg.fold + row % cfg.fold,
+        q_pos=t_idx + (cfg.kv_len - cfg.q_len),
+        kv_pos=kv_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1), params=params,
+        in_kernel=True)
+    return score_mods.rebuild(cfg.mod).modify(s, ctx)
+
+
+def _logits(cfg: _Config, q, k, params, ids, q_block, kv_start, precision):
+    """Base-2 logits ``[rows, cols]`` of a tile, modified when the call has a modifier."""
+    s = _dot(q, k, (1, 1), precision)
+    if cfg.mod is None:
+        return s * (cfg.scale * LOG2E)  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    return _modify(cfg, s * cfg.scale, params, ids, q_block, kv_start) * LOG2E
+
+
+def _logits_vjp(cfg: _Config, q, k, params, ids, q_block, kv_start, precision):
+    """Base-2 logits of a tile and the pullback of natural-unit cotangents through the
+    modifier: ``ds -> (ds_raw, dparams)`` (``dparams`` None without parameters)."""
+    if cfg.mod is None:
+        s = _logits(cfg, q, k, None, ids, q_block, kv_start, precision)
+        return s, lambda ds: (ds, None)
+    s = _dot(q, k, (1, 1), precision) * cfg.scale
+    if params is None:
+        s_mod, pull = jax.vjp(lambda x: _modify(cfg, x, None, ids, q_block, kv_start), s)
+        return s_mod * LOG2E, lambda ds: (pull(ds)[0], None)
+    s_mod, pull = jax.vjp(lambda x, p: _modify(cfg, x, p, ids, q_block, kv_start), s, params)
+    return s_mod * LOG2E, pull
+
+
+def _initial_max(cfg: _Config, sinks_ref, rows):
+    """The running max and sum a row starts from: ``(-inf, 0)``, or the sink's logit with its
+    weight ``exp2(0) = 1`` already counted."""
+    if sinks_ref is None:
+        return jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32)
+    return sinks_ref[...] * LOG2E, jnp.ones((rows,), jnp.float32)
+
+
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precision):
-    if cfg.has_segments:
-        q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
-    else:
-        o_ref, lse_ref = refs
+    q_seg_ref, kv_seg_ref, params_ref, sinks_ref, (o_ref, lse_ref) = _split_refs(cfg, refs)
     rows, block_k = q_ref.shape[0], cfg.blocks.block_k
     q_block = pl.program_id(2)
     q = q_ref[...]                                                         # [rows, Hp]
     q_seg = q_seg_ref[...] if cfg.has_segments else None                   # [rows]
+    params = params_ref[...] if cfg.mod_width else None                    # [rows, W]
+    ids = _program_ids()
     kv_len = table_ref[tiles.KV_LEN]
-    qk_scale = cfg.scale * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
     def visit(kv_block, carry, masked):
         m_prev, l_prev, acc = carry
         kv_start = pl.multiple_of(kv_block * block_k, block_k)
         k = k_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
-        s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
+        s = _logits(cfg, q, k, params, ids, q_block, kv_start, precision)  # [rows, block_k]
         if masked:
             kv_seg = kv_seg_ref[pl.ds(kv_start, block_k)] if cfg.has_segments else None
             keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
@@ -159,8 +221,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precisi
         v = v_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
         return online_softmax.update(m_prev, l_prev, acc, s, v, precision)
 
-    carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-             jnp.zeros(q.shape, jnp.float32))
+    carry = (*_initial_max(cfg, sinks_ref, rows), jnp.zeros(q.shape, jnp.float32))
     m, l, acc = tiles.visit_tiles(table_ref, visit, carry)
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
@@ -172,64 +233,68 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precisi
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                cfg: _Config, precision):
-    if cfg.has_segments:
-        q_seg_ref, kv_seg_ref, dq_ref = refs
-    else:
-        (dq_ref,) = refs
+    q_seg_ref, kv_seg_ref, params_ref, _, outs = _split_refs(cfg, refs)
+    dq_ref = outs[0]
     rows, block_k = q_ref.shape[0], cfg.blocks.block_k_dq
     q_block = pl.program_id(2)
     q, do = q_ref[...], do_ref[...]                                        # [rows, Hp]
     lse, delta = lse_ref[...], delta_ref[...]                              # [rows]
     q_seg = q_seg_ref[...] if cfg.has_segments else None
+    params = params_ref[...] if cfg.mod_width else None                    # [rows, W]
+    ids = _program_ids()
     kv_len = table_ref[tiles.KV_LEN]
-    qk_scale = cfg.scale * LOG2E
 
-    def visit(kv_block, dq, masked):
+    def visit(kv_block, carry, masked):
+        dq, dparams = carry
         kv_start = pl.multiple_of(kv_block * block_k, block_k)
         k = k_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
         v = v_ref[pl.ds(kv_start, block_k), :]
-        s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
-        p = jnp.exp2(s - lse[:, None])
+        s, pull = _logits_vjp(cfg, q, k, params, ids, q_block, kv_start, precision)
+        p = jnp.exp2(s - lse[:, None])                                     # [rows, block_k]
         if masked:
             kv_seg = kv_seg_ref[pl.ds(kv_start, block_k)] if cfg.has_segments else None
             keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
             p = jnp.where(keep, p, 0.0)
         dp = _dot(do, v, (1, 1), precision)                                # [rows, block_k]
-        ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k, (1, 0), precision)         # [rows, Hp]
+        ds, d_params = pull(p * (dp - delta[:, None]))  # through the modifier
+        if d_params is not None:  # the parameters' share of this tile, per row
+            dparams = dparams + d_params
+        return dq + _dot(ds.astype(k.dtype), k, (1, 0), precision), dparams  # [rows, Hp]
 
-    dq = tiles.visit_tiles(table_ref, visit, jnp.zeros(q.shape, jnp.float32))
+    carry = (jnp.zeros(q.shape, jnp.float32),
+             jnp.zeros((rows, cfg.mod_width), jnp.float32) if cfg.mod_width else None)
+    dq, dparams = tiles.visit_tiles(table_ref, visit, carry)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+    if cfg.mod_width:
+        outs[1][...] = dparams
 
 
 def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                 cfg: _Config, precision):
-    if cfg.has_segments:
-        q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
-    else:
-        dk_ref, dv_ref = refs
+    q_seg_ref, kv_seg_ref, params_ref, _, (dk_ref, dv_ref) = _split_refs(cfg, refs)
     block_k = k_ref.shape[0]
     rows = cfg.blocks.block_q_dkv * cfg.fold
     kv_start = pl.program_id(2) * block_k
     k, v = k_ref[...], v_ref[...]                                          # [block_k, Hp]
     kv_seg = kv_seg_ref[...] if cfg.has_segments else None                 # [block_k]
+    params = params_ref[...] if cfg.mod_width else None                    # [rows, W]
+    ids = _program_ids()
     kv_len = table_ref[tiles.KV_LEN]
-    qk_scale = cfg.scale * LOG2E
 
     def visit(q_block, carry, masked):
         dk, dv = carry
         rows_slice = pl.ds(pl.multiple_of(q_block * rows, rows), rows)
         q, do = q_ref[rows_slice, :], do_ref[rows_slice, :]                # [rows, Hp]
         lse, delta = lse_ref[rows_slice], delta_ref[rows_slice]            # [rows]
-        s = _dot(q, k, (1, 1), precision) * qk_scale                       # [rows, block_k]
-        p = jnp.exp2(s - lse[:, None])
+        s, pull = _logits_vjp(cfg, q, k, params, ids, q_block, kv_start, precision)
+        p = jnp.exp2(s - lse[:, None])                                     # [rows, block_k]
         if masked:
             q_seg = q_seg_ref[rows_slice] if cfg.has_segments else None
             keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
             p = jnp.where(keep, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, (0, 0), precision)         # [block_k, Hp]
         dp = _dot(do, v, (1, 1), precision)                                # [rows, block_k]
-        ds = p * (dp - delta[:, None])
+        ds = pull(p * (dp - delta[:, None]))[0]  # through the modifier
         dk = dk + _dot(ds.astype(q.dtype), q, (0, 0), precision)          # [block_k, Hp]
         return dk, dv
 
@@ -254,7 +319,36 @@ def _kv_head(cfg: _Config):
     return lambda h: h // per_kv
 
 
-def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg):
+def _row_inputs(cfg: _Config, rows_per_program: int, q_seg, kv_seg, seg_specs, row_params,
+                grid_rows):
+    """The optional trailing inputs (segment ids, modifier parameters, sinks) and specs.
+
+    ``row_params`` is ``(params [N, W] | None, sinks [N] | None)``; each is laid out one row
+    per tile row, ``[N / fold, rows, ...]`` (row ``r`` is head ``h * fold + r % fold``), the
+    same for every query block. ``grid_rows`` maps a program index to its head-group block.
+    """
+    specs, args = [], []
+    if cfg.has_segments:
+        specs += list(seg_specs)
+        args += [q_seg, kv_seg]
+    params, sinks = row_params
+    reps = rows_per_program // cfg.fold
+    if cfg.mod_width:
+        w = cfg.mod_width
+        p = jnp.pad(params, ((0, 0), (0, w - params.shape[1])))
+        args.append(jnp.tile(p.reshape(-1, cfg.fold, w), (1, reps, 1)))
+        specs.append(pl.BlockSpec((None, rows_per_program, w), lambda *i: (grid_rows(*i), 0, 0)))
+    if cfg.has_sinks:
+        args.append(jnp.tile(sinks.reshape(-1, cfg.fold), (1, reps)))
+        specs.append(pl.BlockSpec((None, rows_per_program), lambda *i: (grid_rows(*i), 0)))
+    return specs, args
+
+
+def _head_group(b, h, i):
+    return h
+
+
+def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg, row_params):
     b, hg, rows_total, hp = q_f.shape
     rows = cfg.blocks.block_q * cfg.fold
     nq = -(-cfg.q_len // cfg.blocks.block_q)
@@ -267,10 +361,11 @@ def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg):
         pl.BlockSpec((None, s_pad, None, hp), lambda b, h, i: (b, 0, kv_head(h), 0)),
     ]
     args = [table, q_f, k_p, v_p]
-    if cfg.has_segments:
-        in_specs += [pl.BlockSpec((None, rows), lambda b, h, i: (b, i)),
-                     pl.BlockSpec((None, s_pad), lambda b, h, i: (b, 0))]
-        args += [q_seg, kv_seg]
+    specs, extra = _row_inputs(cfg, rows, q_seg, kv_seg,
+                               (pl.BlockSpec((None, rows), lambda b, h, i: (b, i)),
+                                pl.BlockSpec((None, s_pad), lambda b, h, i: (b, 0))),
+                               row_params, _head_group)
+    in_specs, args = in_specs + specs, args + extra
     kernel = functools.partial(_forward_kernel, cfg=cfg, precision=_precision(q_f.dtype))
     return pl.pallas_call(
         kernel, grid=(b, hg, nq), in_specs=in_specs,
@@ -283,7 +378,7 @@ def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg):
     )(*args)
 
 
-def _dq_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg):
+def _dq_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg, row_params):
     b, hg, _, hp = q_f.shape
     rows = cfg.blocks.block_q_dq * cfg.fold
     nq = -(-cfg.q_len // cfg.blocks.block_q_dq)
@@ -295,20 +390,27 @@ def _dq_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg
     in_specs = [_table_spec(table), row_tile, kv_full, kv_full, row_tile, row_vec,
                 row_vec]
     args = [table, q_f, k_p, v_p, do_f, lse, delta]
-    if cfg.has_segments:
-        in_specs += [pl.BlockSpec((None, rows), lambda b, h, i: (b, i)),
-                     pl.BlockSpec((None, s_pad), lambda b, h, i: (b, 0))]
-        args += [q_seg, kv_seg]
+    specs, extra = _row_inputs(cfg, rows, q_seg, kv_seg,
+                               (pl.BlockSpec((None, rows), lambda b, h, i: (b, i)),
+                                pl.BlockSpec((None, s_pad), lambda b, h, i: (b, 0))),
+                               row_params, _head_group)
+    in_specs, args = in_specs + specs, args + extra
+    out_specs, out_shape = [row_tile], [jax.ShapeDtypeStruct(q_f.shape, jnp.float32)]
+    if cfg.mod_width:  # per-row parameter gradients, summed over the keys
+        w = cfg.mod_width
+        out_specs.append(pl.BlockSpec((None, None, rows, w), lambda b, h, i: (b, h, i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, hg, q_f.shape[2], w), jnp.float32))
     kernel = functools.partial(_dq_kernel, cfg=cfg, precision=_precision(q_f.dtype))
     return pl.pallas_call(
-        kernel, grid=(b, hg, nq), in_specs=in_specs, out_specs=row_tile,
-        out_shape=jax.ShapeDtypeStruct(q_f.shape, jnp.float32),
+        kernel, grid=(b, hg, nq), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=compiler_params(cfg.interpret, cfg.blocks), interpret=cfg.interpret,
         name="flash_attention_dq",
     )(*args)
 
 
-def _dkv_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg):
+def _dkv_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg,
+              row_params):
     b, hg, rows_total, hp = q_f.shape
     block_k = cfg.blocks.block_k_dkv
     nk = -(-cfg.kv_len // block_k)
@@ -319,10 +421,11 @@ def _dkv_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_se
     kv_tile = pl.BlockSpec((None, block_k, None, hp), lambda b, h, j: (b, j, kv_head(h), 0))
     in_specs = [_table_spec(table), q_full, kv_tile, kv_tile, q_full, vec_full, vec_full]
     args = [table, q_f, k_p, v_p, do_f, lse, delta]
-    if cfg.has_segments:
-        in_specs += [pl.BlockSpec((None, rows_total), lambda b, h, j: (b, 0)),
-                     pl.BlockSpec((None, block_k), lambda b, h, j: (b, j))]
-        args += [q_seg, kv_seg]
+    specs, extra = _row_inputs(cfg, cfg.blocks.block_q_dkv * cfg.fold, q_seg, kv_seg,
+                               (pl.BlockSpec((None, rows_total), lambda b, h, j: (b, 0)),
+                                pl.BlockSpec((None, block_k), lambda b, h, j: (b, j))),
+                               row_params, _head_group)
+    in_specs, args = in_specs + specs, args + extra
     # One output slot per head group; groups sharing a K/V head (G not a power of two) are
     # summed afterwards, in fp32.
     out_dtype = k_p.dtype if cfg.group == cfg.fold else jnp.float32
@@ -382,26 +485,45 @@ def _tables(cfg: _Config, segment_ids, kv_lengths):
 
 # --- custom_vjp --------------------------------------------------------------------------------
 
-def _forward(cfg: _Config, q, k, v, segment_ids, kv_lengths):
+def _forward(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks):
     table, _, _ = _tables(cfg, segment_ids, kv_lengths)
     q_seg, kv_seg = _segments(cfg, segment_ids)
     q_f, k_p, v_p = _fold_rows(cfg, q), _pad_kv(cfg, k), _pad_kv(cfg, v)
-    o_f, lse = _forward_call(cfg, table, q_f, k_p, v_p, q_seg, kv_seg)
+    o_f, lse = _forward_call(cfg, table, q_f, k_p, v_p, q_seg, kv_seg, (params, sinks))
     return _unfold_rows(cfg, o_f, q.dtype), (q_f, k_p, v_p, o_f, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, segment_ids, kv_lengths):
-    return _forward(cfg, q, k, v, segment_ids, kv_lengths)[0]
+def _flash(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks):
+    return _forward(cfg, q, k, v, segment_ids, kv_lengths, params, sinks)[0]
 
 
-def _flash_fwd(cfg: _Config, q, k, v, segment_ids, kv_lengths):
-    out, (q_f, k_p, v_p, o_f, lse) = _forward(cfg, q, k, v, segment_ids, kv_lengths)
-    return out, (q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths)
+def _flash_fwd(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks):
+    out, (q_f, k_p, v_p, o_f, lse) = _forward(cfg, q, k, v, segment_ids, kv_lengths, params,
+                                              sinks)
+    return out, (q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths, params, sinks)
+
+
+def _per_head(cfg: _Config, rows_bhr):
+    """``[B, N/fold, T_pad*fold, ...]`` per-row values summed over batch and positions into
+    ``[N, ...]``."""
+    b, hg, _ = rows_bhr.shape[:3]
+    x = rows_bhr.reshape(b, hg, cfg.q_pad, cfg.fold, *rows_bhr.shape[3:])
+    return x.sum(axis=(0, 2)).reshape(hg * cfg.fold, *rows_bhr.shape[3:])
+
+
+def _sinks_grad(cfg: _Config, sinks, lse, delta):
+    """d loss / d sink: the sink's weight in row i is ``p_i = exp(sink - lse_i)`` and moving
+    its logit moves every key's weight by ``-p_i p_ij``, so the row contributes
+    ``-p_i * sum_j p_ij dp_ij = -p_i * delta_i``."""
+    hg = lse.shape[1]
+    sink_rows = jnp.tile(sinks.reshape(hg, cfg.fold), (1, cfg.q_pad))[None]  # [1, hg, rows]
+    p_sink = jnp.exp2(sink_rows * LOG2E - lse)  # 0 on padding rows (lse = +inf there)
+    return _per_head(cfg, -p_sink * delta)
 
 
 def _flash_bwd(cfg: _Config, residuals, do):
-    q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths = residuals
+    q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths, params, sinks = residuals
     _, dq_table, dkv_table = _tables(cfg, segment_ids, kv_lengths)
     q_seg, kv_seg = _segments(cfg, segment_ids)
     do_f = _fold_rows(cfg, do.astype(q_f.dtype))
@@ -411,25 +533,30 @@ def _flash_bwd(cfg: _Config, residuals, do):
     real = (jnp.arange(cfg.q_pad * cfg.fold, dtype=jnp.int32) // cfg.fold < cfg.q_len)[None, None]
     delta = jnp.where(real, delta, 0.0)
     lse = jnp.where(real, lse, jnp.inf)
-    dq_f = _dq_call(cfg, dq_table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg)
-    dk_p, dv_p = _dkv_call(cfg, dkv_table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg)
+    row_params = (params, sinks)
+    dq_out = _dq_call(cfg, dq_table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg, row_params)
+    dk_p, dv_p = _dkv_call(cfg, dkv_table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg,
+                           row_params)
     b, s_pad, hg, hp = dk_p.shape
     kh = hg * cfg.fold // cfg.group
     if cfg.group != cfg.fold:  # head groups sharing a K/V head: sum their contributions
         dk_p = dk_p.reshape(b, s_pad, kh, hg // kh, hp).sum(axis=3)
         dv_p = dv_p.reshape(b, s_pad, kh, hg // kh, hp).sum(axis=3)
-    dq = _unfold_rows(cfg, dq_f, q_f.dtype)
+    dq = _unfold_rows(cfg, dq_out[0], q_f.dtype)
     dk = dk_p[:, :cfg.kv_len, :, :cfg.head_dim].astype(k_p.dtype)
     dv = dv_p[:, :cfg.kv_len, :, :cfg.head_dim].astype(v_p.dtype)
-    return dq, dk, dv, None, None
+    d_params = None if params is None else \
+        _per_head(cfg, dq_out[1])[:, :params.shape[1]].astype(params.dtype)
+    d_sinks = None if sinks is None else _sinks_grad(cfg, sinks, lse, delta).astype(sinks.dtype)
+    return dq, dk, dv, None, None, d_params, d_sinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _flash_jit(cfg: _Config, q, k, v, segment_ids, kv_lengths):
-    return _flash(cfg, q, k, v, segment_ids, kv_lengths)
+def _flash_jit(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks):
+    return _flash(cfg, q, k, v, segment_ids, kv_lengths, params, sinks)
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -439,7 +566,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     segment_ids: tuple[jax.Array, jax.Array] | None = None,
                     kv_lengths: jax.Array | None = None, scale: float | None = None,
                     block_sizes: BlockSizes | None = None,
-                    interpret: bool | None = None) -> jax.Array:
+                    interpret: bool | None = None,
+                    score_mod: score_mods.ScoreMod | None = None) -> jax.Array:
     """Flash attention, q ``[B,T,N,H]``, k/v ``[B,S,K,H]`` -> ``[B,T,N,H]`` in q's dtype.
 
     Same semantics as ``kernels.reference.attention`` (bottom-right aligned masks, segment ids,
@@ -453,6 +581,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       scale: static logit scale, default ``H ** -0.5``.
       block_sizes: tiles; default from ``kernels.block_sizes.default_block_sizes``.
       interpret: run the Pallas interpreter; ``None`` means "iff no GPU is present".
+      score_mod: a ``kernels.score_mods`` value (ALiBi, T5 buckets, soft-capping, sinks, a
+        user function) applied to the logits of visible pairs inside the kernels; its
+        parameters get gradients from the backward kernels (per head, no ``[T, S]`` tensor).
     """
     b, t, s, n, kh, h = checks.check_qkv(q, k, v)
     mask = checks.check_mask(mask)
@@ -460,6 +591,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     checks.check_kv_lengths(kv_lengths, b)
     _check_dtype_and_head_dim(q)
     scale = checks.check_scale(scale, h)
+    structure, params, sinks = score_mods.split(score_mods.check(score_mod, n), n)
     group = n // kh
     fold = _group_fold(group)
     if block_sizes is None:
@@ -472,23 +604,26 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                   head_dim_pad=max(block_sizes_lib.MIN_BLOCK, next_pow2(h)), group=group,
                   fold=fold, blocks=_effective_blocks(block_sizes, t, s),
                   has_segments=segment_ids is not None, has_lengths=kv_lengths is not None,
-                  interpret=bool(interpret))
+                  interpret=bool(interpret), mod=structure,
+                  mod_width=0 if params is None else score_mods.pad_width(params.shape[1]),
+                  has_sinks=sinks is not None)
     if segment_ids is not None:
         segment_ids = (jnp.asarray(segment_ids[0]), jnp.asarray(segment_ids[1]))
-    return _flash_jit(cfg, q, k, v, segment_ids, kv_lengths)
+    return _flash_jit(cfg, q, k, v, segment_ids, kv_lengths, params, sinks)
 
 
 def registry_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None,
                        segment_ids=None, kv_lengths=None, scale=None, bias=None,
-                       q_positions=None, kv_positions=None) -> jax.Array:
+                       q_positions=None, kv_positions=None, score_mod=None) -> jax.Array:
     """``flash_attention`` with the signature of ``kernels.reference.attention``, for the
     attention registry: cases it does not express raise ``NotImplementedError`` so the
     registry falls back to the next implementation."""
     if bias is not None:
-        raise NotImplementedError("the Pallas kernel takes no additive bias")
+        raise NotImplementedError("the Pallas kernel takes no dense bias; give a score "
+                                  "modifier (kernels.score_mods) instead")
     if q_positions is not None or kv_positions is not None:
         raise NotImplementedError("the Pallas kernel uses bottom-right aligned positions only")
     if q.dtype not in SUPPORTED_DTYPES or q.shape[-1] > block_sizes_lib.MAX_HEAD_DIM:
         raise NotImplementedError(f"dtype {q.dtype} / head_dim {q.shape[-1]} unsupported")
     return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, kv_lengths=kv_lengths,
-                           scale=scale)
+                           scale=scale, score_mod=score_mod)

@@ -56,6 +56,7 @@ from kernels import block_sizes as block_sizes_lib
 from kernels import checks
 from kernels import masks as masks_lib
 from kernels import online_softmax
+from kernels import score_mods
 from kernels.common import compiler_params, is_int, next_pow2
 from kernels.online_softmax import LOG2E
 from kernels.online_softmax import dot as _dot
@@ -94,6 +95,9 @@ class _Config:
     interpret: bool
     num_warps: int | None
     num_stages: int
+    mod: Any = None       # tree structure of the score modifier (kernels.score_mods), or None
+    mod_width: int = 0    # its parameter columns per head, padded to a power of two
+    has_sinks: bool = False
 
     @property
     def kv_len(self) -> int:
@@ -152,9 +156,30 @@ def _split_meta(cfg: _Config, lengths: jax.Array) -> jax.Array:
 
 # --- the kernel --------------------------------------------------------------------------------
 
+def _split_refs(cfg: _Config, refs):
+    """``(k_scales, v_scales, params, sinks, o, lse)`` refs; absent inputs are None."""
+    refs = list(refs)
+    ks_ref, vs_ref = (refs.pop(0), refs.pop(0)) if cfg.quantised else (None, None)
+    params_ref = refs.pop(0) if cfg.mod_width else None
+    sinks_ref = refs.pop(0) if cfg.has_sinks else None
+    return (ks_ref, vs_ref, params_ref, sinks_ref, *refs)
+
+
+def _initial(cfg: _Config, sinks_ref, rows):
+    """Running max and sum a row starts from; the sink (if any) joins split 0 only, so the
+    merge of the splits counts it once."""
+    m = jnp.full((rows,), -jnp.inf, jnp.float32)
+    l = jnp.zeros((rows,), jnp.float32)
+    if sinks_ref is None:
+        return m, l
+    first = pl.program_id(2) == 0
+    return jnp.where(first, sinks_ref[...] * LOG2E, m), jnp.where(first, 1.0, l)
+
+
 def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precision):
-    # Quantised pages bring their scale refs (``[P, L]`` for this kv head) before the outputs.
-    ks_ref, vs_ref, o_ref, lse_ref = refs if cfg.quantised else (None, None, *refs)
+    # Quantised pages bring their scale refs (``[P, L]`` for this kv head), a score modifier
+    # its per-row parameters and sinks, before the outputs.
+    ks_ref, vs_ref, params_ref, sinks_ref, o_ref, lse_ref = _split_refs(cfg, refs)
     ppb, page = cfg.pages_per_block, cfg.page_size
     block_k = ppb * page
     rows, hp = q_ref.shape
@@ -164,6 +189,13 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config,
     q_pos = length - cfg.q_len + t_idx                                     # bottom-right
     real_row = t_idx < cfg.q_len
     qk_scale = cfg.scale * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    if cfg.mod is not None:  # row r is query head kv_head * G + r % G
+        row = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+        ctx = functools.partial(
+            score_mods.Context, batch=pl.program_id(0),
+            head=pl.program_id(1) * cfg.group + row % cfg.group, q_pos=q_pos,
+            params=params_ref[...] if cfg.mod_width else None, in_kernel=True)
+        modifier = score_mods.rebuild(cfg.mod)
 
     def read(ids):
         """K, V (``[..., L, Hp]``) and K's per-key scales (``[1, block_k]``, None for float
@@ -205,16 +237,20 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config,
         first = start + i * ppb
         k, v, k_scale, real_key = load(first)
         # A NaN logit from an empty page's scale is replaced by -inf below.
-        logit_scale = qk_scale if k_scale is None else k_scale * qk_scale
-        s = _dot(q, k, (1, 1), precision) * logit_scale                    # [rows, block_k]
         kv_pos = first * page + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        if cfg.mod is None:
+            logit_scale = qk_scale if k_scale is None else k_scale * qk_scale
+            s = _dot(q, k, (1, 1), precision) * logit_scale                # [rows, block_k]
+        else:  # the modifier sees natural-unit logits
+            logit_scale = cfg.scale if k_scale is None else k_scale * cfg.scale
+            s = _dot(q, k, (1, 1), precision) * logit_scale
+            s = modifier.modify(s, ctx(kv_pos=kv_pos)) * LOG2E
         keep = cfg.mask.predicate(q_pos, kv_pos, cfg.kv_len)
         keep = keep & real_row & real_key & (kv_pos < length) & (kv_pos < stop * page)
         s = jnp.where(keep, s, -jnp.inf)
         return online_softmax.update(m_prev, l_prev, acc, s, v, precision)
 
-    carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-             jnp.zeros((rows, hp), jnp.float32))
+    carry = (*_initial(cfg, sinks_ref, rows), jnp.zeros((rows, hp), jnp.float32))
     num_iters = jnp.maximum(stop - start + ppb - 1, 0) // ppb
     m, l, acc = lax.fori_loop(0, num_iters, visit, carry)
     seen = l > 0.0
@@ -223,7 +259,25 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config,
     lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), -jnp.inf)         # base 2
 
 
-def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages, k_scales, v_scales):
+def _row_inputs(cfg: _Config, kh: int, params, sinks):
+    """Modifier parameters ``[K, rows, W]`` and sinks ``[K, rows]`` laid out per q-tile row
+    (row ``t * G + g`` is head ``kv_head * G + g``), with their specs."""
+    args, specs = [], []
+    pad_rows = cfg.rows - cfg.q_len * cfg.group
+    if cfg.mod_width:
+        w = cfg.mod_width
+        p = jnp.pad(params, ((0, 0), (0, w - params.shape[1]))).reshape(kh, cfg.group, w)
+        args.append(jnp.pad(jnp.tile(p, (1, cfg.q_len, 1)), ((0, 0), (0, pad_rows), (0, 0))))
+        specs.append(pl.BlockSpec((None, cfg.rows, w), lambda b, h, s: (h, 0, 0)))
+    if cfg.has_sinks:
+        x = jnp.tile(sinks.reshape(kh, cfg.group), (1, cfg.q_len))
+        args.append(jnp.pad(x, ((0, 0), (0, pad_rows))))
+        specs.append(pl.BlockSpec((None, cfg.rows), lambda b, h, s: (h, 0)))
+    return args, specs
+
+
+def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages, k_scales, v_scales,
+                params=None, sinks=None):
     b, kh, rows, hp = q_f.shape
     p, page = k_pages.shape[:2]
     # One partial output per split; fp32 when they still have to be merged.
@@ -232,20 +286,21 @@ def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages, k_scales, v_sc
     # Quantised pages: this kv head's scales of every page, read like its codes.
     scale_spec = pl.BlockSpec((p, page, None), lambda b, h, s: (0, 0, h))
     scales = [k_scales, v_scales] if cfg.quantised else []
+    extra, extra_specs = _row_inputs(cfg, kh, params, sinks)
     kernel = functools.partial(_paged_kernel, cfg=cfg, precision=_precision(q_f.dtype))
     return pl.pallas_call(
         kernel, grid=(b, kh, cfg.split_k),
         in_specs=[pl.BlockSpec((None, None, _META_WIDTH), lambda b, h, s: (b, s, 0)),
                   pl.BlockSpec((None, cfg.table_width), lambda b, h, s: (b, 0)),
                   pl.BlockSpec((None, None, rows, hp), lambda b, h, s: (b, h, 0, 0)),
-                  kv_spec, kv_spec, *[scale_spec for _ in scales]],
+                  kv_spec, kv_spec, *[scale_spec for _ in scales], *extra_specs],
         out_specs=[pl.BlockSpec((None, None, None, rows, hp), lambda b, h, s: (s, b, h, 0, 0)),
                    pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0))],
         out_shape=[jax.ShapeDtypeStruct((cfg.split_k, b, kh, rows, hp), o_dtype),
                    jax.ShapeDtypeStruct((cfg.split_k, b, kh, rows), jnp.float32)],
         compiler_params=compiler_params(cfg.interpret, cfg), interpret=cfg.interpret,
         name="paged_attention",
-    )(meta, table, q_f, k_pages, v_pages, *scales)
+    )(meta, table, q_f, k_pages, v_pages, *scales, *extra)
 
 
 def _merge_splits(o_s, lse_s):
@@ -279,7 +334,7 @@ def _unfold_rows(cfg: _Config, o_f):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _paged_jit(cfg: _Config, q, k_pages, v_pages, block_tables, lengths, k_scales=None,
-               v_scales=None):
+               v_scales=None, params=None, sinks=None):
     if cfg.squeeze:
         q = q[:, None]
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, cfg.kv_len)
@@ -296,7 +351,7 @@ def _paged_jit(cfg: _Config, q, k_pages, v_pages, block_tables, lengths, k_scale
         k_pages, v_pages = jnp.pad(k_pages, pad), jnp.pad(v_pages, pad)
     meta = _split_meta(cfg, lengths)
     o_s, lse_s = _paged_call(cfg, meta, table, _fold_rows(cfg, q), k_pages, v_pages,
-                             k_scales, v_scales)
+                             k_scales, v_scales, params, sinks)
     o_f = o_s[0] if cfg.split_k == 1 else _merge_splits(o_s, lse_s)
     out = _unfold_rows(cfg, o_f)
     return out[:, 0] if cfg.squeeze else out
@@ -309,7 +364,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     mask: masks_lib.Mask | None = None, scale: float | None = None,
                     split_k: int | None = None, pages_per_block: int | None = None,
                     interpret: bool | None = None, k_scales: jax.Array | None = None,
-                    v_scales: jax.Array | None = None) -> jax.Array:
+                    v_scales: jax.Array | None = None,
+                    score_mod: score_mods.ScoreMod | None = None) -> jax.Array:
     """Attention of a few new tokens per sequence over a paged KV cache.
 
     Args:
@@ -334,6 +390,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       k_scales, v_scales: ``[P, L, K]`` float32 or bfloat16, both or neither: int8 pages hold
         symmetric codes, key ``k = k_pages.astype(f32) * k_scales[..., None]`` (V likewise);
         the kernel dequantises them in registers.
+      score_mod: a ``kernels.score_mods`` value applied to the logits at (query position,
+        key position) inside the kernel: ALiBi, T5 buckets, soft-capping, sinks, a function.
 
     Returns:
       ``[B, N, H]`` or ``[B, T, N, H]`` (q's shape and dtype); rows that see no key are zero.
@@ -343,6 +401,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     mask = checks.check_mask(mask)
     check_values(block_tables, lengths, t, p, page, max_pages)
     scale = checks.check_scale(scale, h)
+    structure, params, sinks = score_mods.split(score_mods.check(score_mod, n), n)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     device_kind = "cpu" if interpret else None  # interpret mode uses the CPU entries
@@ -361,8 +420,11 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                   pages_per_block=ppb, split_k=int(split_k), out_dtype=jnp.dtype(q.dtype),
                   squeeze=q.ndim == 3, quantised=k_scales is not None,
                   interpret=bool(interpret), num_warps=tiles.num_warps,
-                  num_stages=tiles.num_stages)
-    return _paged_jit(cfg, q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales)
+                  num_stages=tiles.num_stages, mod=structure,
+                  mod_width=0 if params is None else score_mods.pad_width(params.shape[1]),
+                  has_sinks=sinks is not None)
+    return _paged_jit(cfg, q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales,
+                      params, sinks)
 
 
 # --- debug mode: checkify ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 
 from kernels import checks
 from kernels import masks as masks_lib
+from kernels import score_mods
 
 
 # The xla path attends one block of queries at a time, so that a block's fp32 logits
@@ -54,8 +55,10 @@ def visibility(mask: masks_lib.Mask, b: int, t: int, s: int, *, segment_ids=None
     return visible
 
 
-def _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions):
+def _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions,
+           score_mod=None):
     b, t, s, n, kh, h = checks.check_qkv(q, k, k)
+    score_mods.check(score_mod, n)
     mask = checks.check_mask(mask)
     checks.check_segment_ids(segment_ids, b, t, s)
     checks.check_kv_lengths(kv_lengths, b)
@@ -65,8 +68,35 @@ def _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions)
     return mask
 
 
+def _modified(score_mod, logits, q_positions, kv_positions):
+    """The score modifier applied to logits ``[B,K,G,T,S]`` at the given positions."""
+    b, kh, g, t, s = logits.shape
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    head = jnp.arange(kh * g, dtype=jnp.int32).reshape(1, kh, g, 1, 1)
+    batch = jnp.arange(b, dtype=jnp.int32).reshape(b, 1, 1, 1, 1)
+    return score_mods.reference_logits(
+        score_mod, logits, head=head, batch=batch, num_heads=kh * g,
+        q_pos=q_positions.astype(jnp.int32)[:, None, None, :, None],
+        kv_pos=kv_positions.astype(jnp.int32)[:, None, None, None, :])
+
+
+def _softmax(logits, score_mod):
+    """Softmax over keys; a sink logit (``Sinks``) joins the denominator with no value."""
+    sink = None if score_mod is None else score_mod.sink()
+    if sink is None:
+        return jax.nn.softmax(logits, axis=-1)
+    b, kh, g = logits.shape[:3]
+    sink = sink.reshape(1, kh, g, 1, 1)
+    m = jnp.maximum(logits.max(axis=-1, keepdims=True), sink)
+    e = jnp.exp(logits - m)
+    return e / (e.sum(axis=-1, keepdims=True) + jnp.exp(sink - m))
+
+
 def _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias, q_positions,
-                   kv_positions, kv_len=None):
+                   kv_positions, kv_len=None, score_mod=None):
     """fp32 logits ``[B,K,G,T,S]`` with hidden pairs at the fp32 minimum (finite, so fully
     hidden rows stay NaN-free) and visibility ``[B,T,S]``; arguments already checked."""
     (b, t, n, h), (s, kh) = q.shape, k.shape[1:3]
@@ -77,6 +107,8 @@ def _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias, q_positions
     if bias is not None:
         groups = (1, 1) if bias.shape[1] == 1 else (kh, g)
         logits = logits + bias.astype(jnp.float32).reshape(bias.shape[0], *groups, t, s)
+    if score_mod is not None:
+        logits = _modified(score_mod, logits, q_positions, kv_positions)
     visible_bts = visibility(mask, b, t, s, segment_ids=segment_ids, kv_lengths=kv_lengths,
                              q_positions=q_positions, kv_positions=kv_positions, kv_len=kv_len)
     logits = jnp.where(visible_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
@@ -84,12 +116,12 @@ def _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias, q_positions
 
 
 def _dense_attention(q, k, v, mask, segment_ids, kv_lengths, scale, bias, q_positions,
-                     kv_positions, kv_len=None):
+                     kv_positions, kv_len=None, score_mod=None):
     """Softmax attention over every key given, as ``[B,T,N,H]`` fp32."""
     logits, visible_bts = _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias,
-                                         q_positions, kv_positions, kv_len)
+                                         q_positions, kv_positions, kv_len, score_mod)
     # Zeroing hidden pairs after the softmax keeps a -inf bias from pushing weight onto them.
-    probs = jnp.where(visible_bts[:, None, None], jax.nn.softmax(logits, axis=-1), 0.0)
+    probs = jnp.where(visible_bts[:, None, None], _softmax(logits, score_mod), 0.0)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     out = jnp.where(visible_bts.any(axis=-1)[:, :, None, None, None], out, 0.0)
@@ -125,7 +157,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
               segment_ids: tuple[jax.Array, jax.Array] | None = None,
               kv_lengths: jax.Array | None = None, scale: float | None = None,
               bias: jax.Array | None = None, q_positions: jax.Array | None = None,
-              kv_positions: jax.Array | None = None, block_q: int | None = None) -> jax.Array:
+              kv_positions: jax.Array | None = None, block_q: int | None = None,
+              score_mod: score_mods.ScoreMod | None = None) -> jax.Array:
     """Dot-product attention, q ``[B,T,N,H]``, k/v ``[B,S,K,H]`` -> ``[B,T,N,H]``.
 
     Args:
@@ -138,15 +171,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
         evaluated (incremental decoding, rolling caches); default bottom-right aligned.
       block_q: queries per block (``query_blocks``; default from the logits budget); the
         result does not depend on it beyond fp32 rounding.
+      score_mod: a ``kernels.score_mods`` value applied to the scaled logits of visible pairs
+        at their positions (ALiBi, T5 buckets, soft-capping, sinks, a user function).
     """
     checks.check_qkv(q, k, v)
-    mask = _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions)
+    mask = _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions,
+                  score_mod)
     (b, t, n, _), s = q.shape, k.shape[1]
     aligned = q_positions is None and kv_positions is None
     blocks = query_blocks(mask, b, t, s, n, aligned=aligned, block_q=block_q)
     if len(blocks) == 1 and blocks[0][2:] == (0, s):
         return _dense_attention(q, k, v, mask, segment_ids, kv_lengths, scale, bias,
-                                q_positions, kv_positions).astype(q.dtype)
+                                q_positions, kv_positions, score_mod=score_mod).astype(q.dtype)
     outs = []
     for q0, q1, k0, k1 in blocks:
         if k0 == k1:  # these rows see no key: zeros (and zero gradients)
@@ -162,19 +198,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
         lengths = None if kv_lengths is None else kv_lengths - k0
         outs.append(_dense_attention(
             q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask, segments, lengths, scale,
-            None if bias is None else bias[:, :, q0:q1, k0:k1], q_pos, kv_pos, kv_len=s))
+            None if bias is None else bias[:, :, q0:q1, k0:k1], q_pos, kv_pos, kv_len=s,
+            score_mod=score_mod))
     return jnp.concatenate(outs, axis=1).astype(q.dtype)
 
 
 def attention_weights(q: jax.Array, k: jax.Array, *, mask: Any = None, segment_ids=None,
                       kv_lengths=None, scale=None, bias=None, q_positions=None,
-                      kv_positions=None) -> jax.Array:
+                      kv_positions=None, score_mod=None) -> jax.Array:
     """The ``[B, N, T, S]`` fp32 softmax weights (for visualisation); hidden rows are zero."""
-    mask = _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions)
+    mask = _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions,
+                  score_mod)
     logits, visible_bts = _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias,
-                                         q_positions, kv_positions)
+                                         q_positions, kv_positions, score_mod=score_mod)
     b, kh, g, t, s = logits.shape
-    probs = jnp.where(visible_bts[:, None, None], jax.nn.softmax(logits, axis=-1), 0.0)
+    probs = jnp.where(visible_bts[:, None, None], _softmax(logits, score_mod), 0.0)
     return probs.reshape(b, kh * g, t, s)
 
 
@@ -188,7 +226,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     block_tables: jax.Array, lengths: jax.Array, *,
                     mask: masks_lib.Mask | None = None, scale: float | None = None,
                     k_scales: jax.Array | None = None,
-                    v_scales: jax.Array | None = None) -> jax.Array:
+                    v_scales: jax.Array | None = None,
+                    score_mod: score_mods.ScoreMod | None = None) -> jax.Array:
     """Reference for ``kernels.paged_attention``: gather each sequence's pages into contiguous
     K/V ``[B, max_pages * L, K, H]``, then ``attention`` with the new tokens at positions
     ``lengths - T .. lengths - 1`` and keys past ``lengths`` as padding.
@@ -226,7 +265,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     lengths = lengths.astype(jnp.int32)
     q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
     out = attention(q_btnh, k, v, mask=mask, kv_lengths=lengths, scale=scale,
-                    q_positions=q_positions, kv_positions=kv_positions).astype(out_dtype)
+                    q_positions=q_positions, kv_positions=kv_positions,
+                    score_mod=score_mod).astype(out_dtype)
     return out[:, 0] if squeeze else out
 
 

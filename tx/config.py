@@ -73,6 +73,11 @@ class AttentionConfig:
     implementation: tuple = ("xla",)
     scale: float | None = None  # logits scale; None: head_dim ** -0.5 (T5: 1.0)
     bias: bool = False  # biases on the q/k/v/o projections (GPT-2, BERT)
+    out_bias: bool | None = None  # bias on the output projection; None: as ``bias`` (Qwen2: False)
+    # A ``kernels.score_mods`` value applied to every layer's logits (e.g. ``SoftCap(50.0)``,
+    # Gemma 2), composed after the position scheme's own (T5 buckets, ALiBi).
+    score_mod: Any = None
+    sinks: bool = False  # a learned per-head sink logit in every layer (takes mass, no value)
 
     def __post_init__(self):
         if not isinstance(self.masks, tuple):
@@ -104,6 +109,9 @@ class AttentionConfig:
                       "registry name nor a callable.")
         if self.scale is not None and not self.scale > 0:
             _fail("attention.scale", self.scale, "must be > 0, or None for head_dim ** -0.5.")
+        if self.score_mod is not None and not callable(getattr(self.score_mod, "modify", None)):
+            _fail("attention.score_mod", self.score_mod, "give a kernels.score_mods value "
+                  "(SoftCap(50.0), ALiBi(slopes), ScoreFn(fn), ...) or None.")
 
     @property
     def kv_heads(self) -> int:
@@ -116,16 +124,24 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EmbedConfig:
-    """Input embedding options of imported checkpoints (BERT); the defaults change nothing."""
+    """Input embedding options of imported checkpoints (BERT, Gemma); the defaults change
+    nothing."""
 
     type_vocab_size: int = 0  # token-type (segment) embeddings added to the input; BERT: 2
     norm: bool = False  # a norm right after the summed input embeddings (BERT)
+    # Multiplies the looked-up token vectors, rounded to the compute dtype first as Gemma
+    # does (Gemma: sqrt(d_model)); the tied output projection uses the unscaled table.
+    scale: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.type_vocab_size, bool) or not isinstance(self.type_vocab_size, int) \
                 or self.type_vocab_size < 0:
             _fail("embed.type_vocab_size", self.type_vocab_size, "must be an integer >= 0 (0: "
                   "no token-type embeddings).")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or \
+                not 0 < self.scale < float("inf"):
+            _fail("embed.scale", self.scale, "must be a finite float > 0 (1.0: unscaled; "
+                  "Gemma: d_model ** 0.5).")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kernels import masks
+from kernels import masks, score_mods
 from tx.attention import favor, quant, registry
 from tx.config import AttentionConfig, EmbedConfig, ModelConfig
 from tx.inference import generation
@@ -139,7 +139,8 @@ _POOLERS = {"mean": heads.MeanPool(), "cls": heads.ClsPool()}
 
 
 def _vocab(f: "ModelFlags") -> dict:
-    return dict(tie=f.tie_embeddings, bias=f.head_bias, scale=f.head_scale)
+    return dict(tie=f.tie_embeddings, bias=f.head_bias, scale=f.head_scale,
+                softcap=f.final_softcap)
 
 
 for _name, _fn in (
@@ -195,6 +196,7 @@ class ModelFlags:
     t5_buckets: int = 32  # T5 relative-position buckets
     t5_max_distance: int = 128  # T5: distances beyond share the last bucket
     attention_bias: bool = False  # biases on the q/k/v/o projections (GPT-2, BERT)
+    attention_out_bias: bool | None = None  # bias on o; None: as attention_bias (Qwen2: False)
     mlp_bias: bool = False  # biases on the MLP projections (GPT-2, BERT)
     attention_scale: float | None = None  # logits scale; None: head_dim ** -0.5 (T5: 1.0)
     # Options of imported architectures (BERT, T5); the defaults change nothing.
@@ -204,6 +206,12 @@ class ModelFlags:
     head_bias: bool = False  # output biases on the vocab and class heads (BERT)
     head_scale: float = 1.0  # multiplies the last hidden state before the vocab head (T5)
     pooler: str = "mean"  # seq_cls: mean over valid tokens, or 'cls' = tanh(dense(first)) (BERT)
+    # Options of Gemma 2; the defaults change nothing.
+    sandwich_norm: bool = False  # also normalise each sub-layer's output (needs pre_norm)
+    norm_unit_offset: bool = False  # rmsnorm scales by 1 + w, w from 0, in fp32 (Gemma)
+    embed_scale: float = 1.0  # multiplies the token embeddings (Gemma: d_model ** 0.5)
+    attention_softcap: float | None = None  # cap * tanh(logits / cap) in every attention layer
+    final_softcap: float | None = None  # cap * tanh(logits / cap) on the vocabulary logits
     # FAVOR+ layers (the `favor` pattern, tx.attention.favor): random features, chunk of the
     # causal form, training calls between feature redraws (0: fixed).
     linear_features: int = 256
@@ -252,9 +260,10 @@ class ModelFlags:
         if self.head_dim is None and self.d_model % self.num_heads:
             _fail("d_model", self.d_model, f"must be divisible by num_heads={self.num_heads} "
                   "when head_dim is implicit; set head_dim or change num_heads.")
-        for name in ("norm_eps", "head_scale"):
+        for name in ("norm_eps", "head_scale", "embed_scale"):
             if not getattr(self, name) > 0:
                 _fail(name, getattr(self, name), "must be > 0.")
+        self._validate_gemma()
         if not self.rope_base > 1:
             _fail("rope_base", self.rope_base, "must be > 1, e.g. 10000.0.")
         if self.attention_scale is not None and not self.attention_scale > 0:
@@ -274,6 +283,20 @@ class ModelFlags:
                                               not isinstance(self.rope_scaling, RopeScaling)):
             _fail("rope_scaling", self.rope_scaling, "give a tx.layers.RopeScaling, with "
                   "positions='rope'.")
+
+    def _validate_gemma(self) -> None:
+        for name in ("attention_softcap", "final_softcap"):
+            cap = getattr(self, name)
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
+                                    or not 0 < cap < float("inf")):
+                _fail(name, cap, "must be a finite float > 0 (Gemma 2: 50.0 in attention, "
+                      "30.0 on the logits), or None for no cap.")
+        if self.sandwich_norm and not self.pre_norm:
+            _fail("sandwich_norm", self.sandwich_norm, "wraps the sub-layers of a pre-norm "
+                  "block; set pre_norm=True, or sandwich_norm=False.")
+        if self.norm_unit_offset and self.norm != "rmsnorm":
+            _fail("norm_unit_offset", self.norm_unit_offset, f"is an rmsnorm option (Gemma), "
+                  f"not one of norm={self.norm!r}; set norm='rmsnorm' or leave it False.")
 
     def _split_attention(self) -> tuple[str, str | None]:
         """``attention`` as (heads preset, pattern name or None)."""
@@ -302,6 +325,11 @@ class ModelFlags:
         return tuple(_PATTERNS[name](self, causal=causal) for name in names)
 
 
+def _norm(f: ModelFlags):
+    unit_offset = dict(unit_offset=True) if f.norm_unit_offset else {}  # rmsnorm's alone
+    return NORMS[f.norm](f.norm_eps, f.pre_norm, f.sandwich_norm, **unit_offset)
+
+
 def parse(f: ModelFlags) -> ModelConfig:
     """The value tree the flat flags describe."""
     head = _HEADS[f.task](f)
@@ -309,13 +337,16 @@ def parse(f: ModelFlags) -> ModelConfig:
     attention = AttentionConfig(
         num_heads=f.num_heads, num_kv_heads=f.kv_heads, head_dim=f.head_dim,
         masks=f.layer_masks(causal=head.causal), implementation=f.implementation,
-        scale=f.attention_scale, bias=f.attention_bias)
+        scale=f.attention_scale, bias=f.attention_bias, out_bias=f.attention_out_bias,
+        score_mod=None if f.attention_softcap is None else score_mods.SoftCap(
+            f.attention_softcap))
     return ModelConfig(
         vocab_size=f.vocab_size, d_model=f.d_model, num_layers=f.num_layers,
         attention=attention, positions=_POSITIONS[f.positions](f),
         mlp=mlp_lib.MLPConfig(f.d_ff, act, gated, f.mlp_bias),
-        norm=NORMS[f.norm](f.norm_eps, f.pre_norm), head=head,
-        embed=EmbedConfig(type_vocab_size=f.type_vocab_size, norm=f.embed_norm),
+        norm=_norm(f), head=head,
+        embed=EmbedConfig(type_vocab_size=f.type_vocab_size, norm=f.embed_norm,
+                          scale=f.embed_scale),
         dropout_rate=f.dropout_rate, dtype=DTYPES[f.dtype])
 
 

@@ -76,11 +76,14 @@ class _NoCache:
         return 0
 
     def attend(self, q_btnh, k_bskh, v_bskh, positions_bt, *, mask, scale, implementation,
-               positions, segment_ids=None, kv_lengths=None, cross=False) -> jax.Array:
+               positions, segment_ids=None, kv_lengths=None, cross=False,
+               score_mod=None) -> jax.Array:
         bias = None if cross else positions.bias(positions_bt, positions_bt)
+        # The score modifier sees the default (aligned) positions: relative distances within
+        # a packed document equal those of its restarted positions.
         return registry.attend(q_btnh, k_bskh, v_bskh, mask=mask, segment_ids=segment_ids,
                                kv_lengths=kv_lengths, bias=bias, scale=scale,
-                               implementation=implementation)
+                               implementation=implementation, score_mod=score_mod)
 
 
 NO_CACHE = _NoCache()
@@ -109,13 +112,15 @@ class _RowCache(nnx.Module):
         return self.index[...]
 
     def attend(self, q_btnh, k_new, v_new, positions_bt=None, *, mask, scale, implementation,
-               positions, segment_ids=None, kv_lengths=None, cross=False) -> jax.Array:
+               positions, segment_ids=None, kv_lengths=None, cross=False,
+               score_mod=None) -> jax.Array:
         k, v, q_pos, kv_pos = self.update(k_new, v_new)
-        # The mask and the position bias are taken at the positions the cache reports.
+        # The mask, the position bias and the score modifier are taken at the positions the
+        # cache reports.
         return registry.attend(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
                                kv_lengths=kv_lengths, bias=positions.bias(q_pos, kv_pos),
                                scale=scale, implementation=implementation, q_positions=q_pos,
-                               kv_positions=kv_pos)
+                               kv_positions=kv_pos, score_mod=score_mod)
 
     def _map(self, fn, *, reshape: bool = False) -> None:
         for store in (self.k, self.v):

@@ -209,7 +209,7 @@ class FavorAttention(Attention):
 def _has_bias(positions) -> bool:
     """Whether a position module adds logits (T5, ALiBi): probe it on one position."""
     pos = jnp.zeros((1, 1), jnp.int32)
-    return positions.bias(pos, pos) is not None
+    return positions.bias(pos, pos) is not None or positions.score_mod() is not None
 
 
 # --- decoding: a constant-size state ------------------------------------------------------------
@@ -324,7 +324,8 @@ class LocalGlobalAttention(FavorAttention):
         else:
             local = self.cache.window.attend(
                 q_btnh, k_bskh, v_bskh, positions_bt, mask=self.mask, scale=self.scale,
-                implementation=self.implementation, positions=self.positions)
+                implementation=self.implementation, positions=self.positions,
+                score_mod=self.logits_mod())
             glob = self.cache.state.step(*self.features(q_btnh, k_bskh), v_bskh)
         gate = jax.nn.sigmoid(self.gate_n[...])[None, None, :, None]      # [1, 1, N, 1]
         out = gate * glob.astype(jnp.float32) + (1 - gate) * local.astype(jnp.float32)

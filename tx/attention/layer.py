@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import masks as masks_lib
+from kernels import score_mods
 from tx import parallel
 from tx.attention import cache as cache_lib
 from tx.attention import registry
@@ -45,8 +46,9 @@ class Attention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  mask: masks_lib.Mask | None = None, implementation: Sequence = ("xla",),
                  positions: Positions | None = None, use_bias: bool = False,
-                 scale: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 out_bias: bool | None = None, scale: float | None = None,
+                 score_mod: score_mods.ScoreMod | None = None, sinks: bool = False,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be divisible by "
                              f"num_kv_heads={num_kv_heads}.")
@@ -61,8 +63,8 @@ class Attention(nnx.Module):
         self.o_nhd = _projection(rngs, (n, h, d), ("heads", "head_dim", "embed"), (0, 1), 2,
                                  param_dtype)
         # Optional projection biases (GPT-2, BERT); None when absent, so no state entry.
-        def bias_param(shape, names):
-            if not use_bias:
+        def bias_param(shape, names, present=use_bias):
+            if not present:
                 return None
             init = nnx.with_partitioning(nnx.initializers.zeros_init(), names,
                                          eager_sharding=False)
@@ -70,7 +72,14 @@ class Attention(nnx.Module):
         self.q_bias_nh = bias_param((n, h), ("heads", "head_dim"))
         self.k_bias_kh = bias_param((k, h), ("kv_heads", "head_dim"))
         self.v_bias_kh = bias_param((k, h), ("kv_heads", "head_dim"))
-        self.o_bias_d = bias_param((d,), ("embed",))
+        self.o_bias_d = bias_param((d,), ("embed",),
+                                   use_bias if out_bias is None else out_bias)
+        # Learned sink logits (one per query head), zeros at first: a sink then takes the
+        # mass of one key whose logit is 0.
+        self.sink_n = nnx.Param(nnx.with_partitioning(
+            nnx.initializers.zeros_init(), ("heads",), eager_sharding=False)(
+                rngs.params(), (n,), param_dtype)) if sinks else None
+        self.score_mod = score_mods.check(score_mod, n)
         self.mask = masks_lib.Full() if mask is None else mask
         self.implementation = tuple(implementation)
         self.positions = Positions() if positions is None else positions
@@ -130,7 +139,15 @@ class Attention(nnx.Module):
         return cache.attend(q_btnh, k_bskh, v_bskh, positions_bt, mask=self.mask,
                             scale=self.scale, implementation=self.implementation,
                             positions=self.positions, segment_ids=segment_ids,
-                            kv_lengths=kv_lengths, cross=cross)
+                            kv_lengths=kv_lengths, cross=cross,
+                            score_mod=self.logits_mod(cross=cross))
+
+    def logits_mod(self, *, cross: bool = False) -> score_mods.ScoreMod | None:
+        """This layer's score modifier: the position scheme's (self-attention only), then the
+        configured one, then the learned sinks."""
+        sinks = None if self.sink_n is None else score_mods.Sinks(self.sink_n[...])
+        return score_mods.chain(None if cross else self.positions.score_mod(),
+                                self.score_mod, sinks)
 
     def _project_out(self, out_btnh: jax.Array) -> jax.Array:
         out = jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_nhd[...].astype(self.dtype))

@@ -243,7 +243,7 @@ class PagedKVCache(nnx.Module):
 
     def attend(self, q_btnh, k_new, v_new, positions_bt=None, *, mask: masks_lib.Mask,
                scale=None, implementation: Sequence = ("xla",), positions,
-               segment_ids=None, kv_lengths=None, cross=False):
+               segment_ids=None, kv_lengths=None, cross=False, score_mod=None):
         """Writes the new tokens, then attends: implementations are tried in order, one with a
         paged kernel (``registry.register_paged``, e.g. ``pallas``) reads the pages in place
         (int8 pages dequantised in the kernel); from the first without one (or once every
@@ -267,7 +267,7 @@ class PagedKVCache(nnx.Module):
             k_pages, v_pages, extra = in_place
             try:
                 return kernel(q_btnh, k_pages, v_pages, self.block_tables[...], lengths,
-                              mask=mask, scale=scale, **extra)
+                              mask=mask, scale=scale, score_mod=score_mod, **extra)
             except NotImplementedError:
                 first += 1
         if first == len(implementation):
@@ -276,4 +276,4 @@ class PagedKVCache(nnx.Module):
         return registry.attend(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
                                kv_lengths=kv_lengths, bias=bias, scale=scale,
                                implementation=implementation[first:], q_positions=q_pos,
-                               kv_positions=kv_pos)
+                               kv_positions=kv_pos, score_mod=score_mod)

@@ -78,6 +78,8 @@ def attend(q, k, v, *, implementation: Sequence = ("xla",), **kwargs) -> jax.Arr
     """Runs the first implementation in ``implementation`` (names or callables) that supports
     the case."""
     implementation = check(implementation)
+    if kwargs.get("score_mod", 0) is None:
+        del kwargs["score_mod"]  # implementations that predate score modifiers still serve
     reasons = []
     for impl in implementation:
         fn = impl if callable(impl) else _REGISTRY[impl]
@@ -91,10 +93,12 @@ def attend(q, k, v, *, implementation: Sequence = ("xla",), **kwargs) -> jax.Arr
 
 
 def _cudnn(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=None, bias=None,
-           q_positions=None, kv_positions=None):
+           q_positions=None, kv_positions=None, score_mod=None):
     """``jax.nn.dot_product_attention`` with cuDNN, for the cases it expresses exactly."""
     if jax.default_backend() != "gpu":
         raise NotImplementedError("cuDNN needs a GPU")
+    if score_mod is not None:
+        raise NotImplementedError("score modifiers are not expressed through jax.nn")
     if q.dtype.itemsize != 2:
         raise NotImplementedError(f"cuDNN flash attention takes fp16/bf16, not {q.dtype}")
     if segment_ids is not None or q_positions is not None or kv_positions is not None:
@@ -113,7 +117,7 @@ def _cudnn(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=None,
 
 
 def _pallas_paged(q, k_pages, v_pages, block_tables, lengths, *, mask, scale=None,
-                  k_scales=None, v_scales=None):
+                  k_scales=None, v_scales=None, score_mod=None):
     """Our Pallas paged-decode kernel, for the decode steps it is built for (int8 pages with
     their per-token scales included)."""
     t, page = (1 if q.ndim == 3 else q.shape[1]), k_pages.shape[1]
@@ -123,6 +127,8 @@ def _pallas_paged(q, k_pages, v_pages, block_tables, lengths, *, mask, scale=Non
     if page & (page - 1):
         raise NotImplementedError(f"page size {page} is not a power of two")
     scales = {} if k_scales is None else {"k_scales": k_scales, "v_scales": v_scales}
+    if score_mod is not None:
+        scales["score_mod"] = score_mod
     return per_shard.paged(_paged_pallas)(q, k_pages, v_pages, block_tables, lengths,
                                           mask=mask, scale=scale, **scales)
 

@@ -1,4 +1,5 @@
-"""A transformer block: self-attention, optional cross-attention, MLP; pre- or post-norm.
+"""A transformer block: self-attention, optional cross-attention, MLP; pre-, post- or sandwich
+norms.
 
 The block is built from its sub-modules (the model decides which attention, mask and MLP), so
 its constructor stays small and a variant never becomes a flag threaded through ``__call__``.
@@ -13,23 +14,33 @@ from tx.layers.norms import RMSNorm
 
 
 class Block(nnx.Module):
-    """``x + f(norm(x))`` for each sub-layer (pre-norm) or ``norm(x + f(x))`` (post-norm)."""
+    """``x + f(norm(x))`` for each sub-layer (pre-norm), ``norm(x + f(x))`` (post-norm) or
+    ``x + out_norm(f(norm(x)))`` (sandwich, Gemma 2)."""
 
     def __init__(self, self_attn: nnx.Module, mlp: nnx.Module, *, d_model: int,
                  cross_attn: nnx.Module | None = None, norm=RMSNorm(),
                  dropout_rate: float = 0.0, dtype=None, rngs: nnx.Rngs):
-        """``norm`` is a norm value (``RMSNorm(eps, pre)`` / ``LayerNorm(eps, pre)``)."""
+        """``norm`` is a norm value (``RMSNorm(eps, pre, sandwich)`` / ``LayerNorm(...)``)."""
         self.self_attn, self.cross_attn, self.mlp = self_attn, cross_attn, mlp
         num_norms = 3 if cross_attn is not None else 2
-        self.norms = nnx.List([norm.build(d_model, dtype=dtype, rngs=rngs)
-                               for _ in range(num_norms)])
+
+        def build_norms():
+            return nnx.List([norm.build(d_model, dtype=dtype, rngs=rngs)
+                             for _ in range(num_norms)])
+        self.norms = build_norms()
+        # A separate list (None otherwise), so pre- and post-norm blocks keep the parameter
+        # names their checkpoints were saved under.
+        self.out_norms = build_norms() if getattr(norm, "sandwich", False) else None
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.pre_norm = norm.pre
 
     def _residual(self, x, i, fn):
-        if self.pre_norm:
-            return x + self.dropout(fn(self.norms[i](x)))
-        return self.norms[i](x + self.dropout(fn(x)))
+        if not self.pre_norm:
+            return self.norms[i](x + self.dropout(fn(x)))
+        h = fn(self.norms[i](x))
+        if self.out_norms is not None:
+            h = self.out_norms[i](h)
+        return x + self.dropout(h)
 
     def __call__(self, x_btd: jax.Array, positions_bt=None, *, segment_ids=None,
                  kv_lengths=None, context_bsd=None, context_segment_ids=None,

@@ -1,5 +1,5 @@
 """LayerNorm / RMSNorm: a factory with logically partitioned parameters, and the config values
-`RMSNorm(eps, pre)` / `LayerNorm(eps, pre)` that build them."""
+`RMSNorm(eps, pre, sandwich, unit_offset)` / `LayerNorm(eps, pre, sandwich)` that build them."""
 import dataclasses
 
 import jax
@@ -57,16 +57,41 @@ def _rmsnorm(d_model, common):
 _BUILDERS = {'layernorm': _layernorm, 'rmsnorm': _rmsnorm}
 
 
+class UnitOffsetRMSNorm(nnx.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + scale)`` with ``scale`` initialised at 0, computed
+    in fp32 and cast to ``dtype`` only at the end (Gemma multiplies before the cast; LLaMA's
+    norm casts first). Kept in Gemma's parameterisation, so weight decay pulls the gain
+    towards 1 as it does for Gemma, and checkpoints map without arithmetic."""
+
+    def __init__(self, d_model: int, *, eps: float = 1e-6, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        init = _embed_axis(nnx.initializers.zeros_init())
+        self.scale = nnx.Param(init(rngs.params(), (d_model,), param_dtype))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x_btd: jax.Array, mask=None) -> jax.Array:
+        x = x_btd.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+
+
 # -- values: the config's leaves ----------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Norm:
     eps: float = 1e-6
     pre: bool = True  # normalise each sub-layer's input (pre-norm), else its residual sum
+    # With pre: also normalise each sub-layer's output before it joins the residual,
+    # ``x + norm_out(f(norm_in(x)))`` (Gemma 2's "sandwich" norms).
+    sandwich: bool = False
     kind = ''
 
     def __post_init__(self):
         if not self.eps > 0:
             raise ValueError(f"norm.eps={self.eps!r}: must be a positive float, e.g. 1e-6.")
+        if self.sandwich and not self.pre:
+            raise ValueError(f"norm.sandwich={self.sandwich!r}: sandwich norms wrap each "
+                             "sub-layer of a pre-norm block; set pre=True, or sandwich=False "
+                             "for post-norm.")
 
     def build(self, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
         return make_norm(self.kind, d_model, eps=self.eps, dtype=dtype, rngs=rngs)
@@ -74,9 +99,16 @@ class _Norm:
 
 @dataclasses.dataclass(frozen=True)
 class RMSNorm(_Norm):
-    """RMSNorm everywhere; ``pre=False`` is post-norm (the original Transformer, BERT)."""
+    """RMSNorm everywhere; ``pre=False`` is post-norm (the original Transformer, BERT);
+    ``unit_offset`` scales by ``1 + w`` with ``w`` from 0, in fp32 (Gemma)."""
 
+    unit_offset: bool = False
     kind = 'rmsnorm'
+
+    def build(self, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+        if self.unit_offset:
+            return UnitOffsetRMSNorm(d_model, eps=self.eps, dtype=dtype, rngs=rngs)
+        return super().build(d_model, dtype=dtype, rngs=rngs)
 
 
 @dataclasses.dataclass(frozen=True)

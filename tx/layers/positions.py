@@ -3,8 +3,10 @@
 Two halves:
 
 * modules, all :class:`Positions`: one per tower, shared by its attention layers, answering
-  three hooks (`embed` the token embeddings, `rotate` queries and keys, `bias` the logits),
-  each the identity by default, so a scheme overrides only what it changes;
+  four hooks (`embed` the token embeddings, `rotate` queries and keys, `score_mod` a
+  `kernels.score_mods` value for the logits that every implementation applies in place,
+  `bias` a dense `[B, N, T, S]` logits bias that only the `xla` path takes), each the
+  identity by default, so a scheme overrides only what it changes;
 * values, the config's leaves (`RoPE(base)`, `Learned(max_len)`, `Sinusoidal()`,
   `T5Bias(num_buckets, max_distance)`, `ALiBi()`, `NoPositions()`), each building its module.
   A new scheme is one file: a value with `build` and a `Positions` module (see
@@ -23,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels import score_mods
+from kernels.score_mods import alibi_slopes, t5_bucket  # noqa: F401  (re-exported)
 from tx.layers.rope_scaling import RopeScaling, dynamic_inv_freq, static_inv_freq
 
 
@@ -39,8 +43,14 @@ class Positions(nnx.Module):
         attention should see them; a scheme may treat the two differently (xPos)."""
         return q_btnh, k_btkh
 
+    def score_mod(self) -> score_mods.ScoreMod | None:
+        """The logits modifier of this scheme (T5 buckets, ALiBi), evaluated at the positions
+        the attention reports, inside the kernels too; None when it has none."""
+        return None
+
     def bias(self, q_pos_bt: jax.Array, kv_pos_bs: jax.Array) -> jax.Array | None:
-        """An additive logits bias `[B, N, T, S]` (fp32), or None."""
+        """A dense additive logits bias `[B, N, T, S]` (fp32), or None. Only the `xla` path
+        takes it; prefer `score_mod`, which the Pallas kernels apply without the tensor."""
         return None
 
 
@@ -142,31 +152,6 @@ class Rotary(Positions):
         return self.rotate_with(q_btnh, *tables), self.rotate_with(k_btkh, *tables)
 
 
-def t5_bucket(relative_position: jax.Array, *, num_buckets: int, max_distance: int,
-              bidirectional: bool) -> jax.Array:
-    """T5's bucket of `relative_position = kv_pos - q_pos` (Raffel et al., 2020).
-
-    When bidirectional, keys after the query get their own half of the buckets. Within a
-    half, the first half of the buckets hold exact distances (nearby tokens matter most),
-    the rest cover distances up to `max_distance` logarithmically, and farther keys share
-    the last bucket.
-    """
-    offset = jnp.zeros_like(relative_position)
-    if bidirectional:
-        num_buckets //= 2
-        offset = jnp.where(relative_position > 0, num_buckets, 0)  # keys after the query
-        distance = jnp.abs(relative_position)
-    else:
-        distance = jnp.maximum(-relative_position, 0)  # future keys collapse into bucket 0
-    max_exact = num_buckets // 2
-    # max(distance, 1) keeps log finite; those entries take the exact branch anyway.
-    log_ratio = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
-                 / math.log(max_distance / max_exact))
-    far = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
-    far = jnp.minimum(far, num_buckets - 1)
-    return offset + jnp.where(distance < max_exact, distance, far)
-
-
 class T5RelativeBias(Positions):
     """Learned per-head scalar bias indexed by the T5 bucket of `kv_pos - q_pos`."""
 
@@ -188,21 +173,10 @@ class T5RelativeBias(Positions):
         bias_btsn = jnp.take(self.table[...].astype(jnp.float32), bucket_bts, axis=0)
         return jnp.transpose(bias_btsn, (0, 3, 1, 2))
 
-    def bias(self, q_pos_bt, kv_pos_bs):
-        return self(q_pos_bt, kv_pos_bs)
-
-
-def alibi_slopes(num_heads: int) -> tuple[float, ...]:
-    """Press et al. (2022): geometric slopes `2^(-8/n), 2^(-16/n), ...` for n heads.
-
-    For n not a power of two, take the slopes for the largest power of two m < n, then
-    fill the remaining n - m heads with every other slope for 2m (the 1st, 3rd, ...),
-    which interleave with the first set.
-    """
-    def geometric(n):
-        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
-    m = 2 ** int(math.floor(math.log2(num_heads)))
-    return tuple(geometric(m) + geometric(2 * m)[0::2][:num_heads - m])
+    def score_mod(self):
+        return score_mods.T5Bias(self.table[...], num_buckets=self.num_buckets,
+                                 max_distance=self.max_distance,
+                                 bidirectional=self.bidirectional)
 
 
 class ALiBiBias(Positions):
@@ -217,8 +191,8 @@ class ALiBiBias(Positions):
         distance_bts = jnp.abs(q_pos_bt[:, :, None] - kv_pos_bs[:, None, :]).astype(jnp.float32)
         return -slopes_n[None, :, None, None] * distance_bts[:, None, :, :]
 
-    def bias(self, q_pos_bt, kv_pos_bs):
-        return self(q_pos_bt, kv_pos_bs)
+    def score_mod(self):
+        return score_mods.ALiBi(jnp.asarray(self.slopes, jnp.float32))
 
 
 # -- values: the config's leaves ----------------------------------------------------------------

@@ -65,21 +65,29 @@ def _check_classes(field: str, num_classes) -> None:
 # -- vocabulary heads ---------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _VocabLogits:
-    """``[B, T, D] -> [B, T, V]`` through the embedding table when ``tie``; ``bias`` and
-    ``scale`` (on the hidden state) are there for imported checkpoints (BERT, T5)."""
+    """``[B, T, D] -> [B, T, V]`` through the embedding table when ``tie``; ``bias``,
+    ``scale`` (on the hidden state) and ``softcap`` (``cap * tanh(logits / cap)`` on the
+    logits, None: off) are there for imported checkpoints (BERT, T5, Gemma 2)."""
 
     tie: bool = True
     bias: bool = False
     scale: float = 1.0
+    softcap: float | None = None
 
     def __post_init__(self):
         if not self.scale > 0:
             raise ValueError(f"head.scale={self.scale!r}: must be > 0 (1.0 leaves the head "
                              "alone).")
+        cap = self.softcap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or
+                                not 0 < cap < float("inf")):
+            raise ValueError(f"head.softcap={cap!r}: must be a finite float > 0 (Gemma 2: "
+                             "30.0), or None for uncapped logits.")
 
     def output(self, cfg, embed, *, rngs: nnx.Rngs, transform=None) -> VocabHead:
         return VocabHead(embed, cfg.d_model, cfg.vocab_size, tied=self.tie, rngs=rngs,
-                         transform=transform, use_bias=self.bias, scale=self.scale)
+                         transform=transform, use_bias=self.bias, scale=self.scale,
+                         softcap=self.softcap)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,12 +37,13 @@ class VocabHead(nnx.Module):
     """``[B, T, D] -> [B, T, V]`` fp32 logits, through the embedding table when tied.
 
     Optional, for imported models: a ``transform`` before the projection and an output
-    ``bias`` (BERT), a ``scale`` on the hidden state (T5 with tied embeddings: ``D ** -0.5``).
+    ``bias`` (BERT), a ``scale`` on the hidden state (T5 with tied embeddings: ``D ** -0.5``),
+    a ``softcap`` bounding the logits to ``(-cap, cap)`` (Gemma 2).
     """
 
     def __init__(self, embed: Embed, d_model: int, vocab_size: int, *, tied: bool,
                  rngs: nnx.Rngs, transform: nnx.Module | None = None, use_bias: bool = False,
-                 scale: float = 1.0):
+                 scale: float = 1.0, softcap: float | None = None):
         self.embed = embed if tied else None
         self.proj = None if tied else _dense(d_model, vocab_size, ("embed", "vocab"), rngs)
         self.transform = transform
@@ -51,6 +52,7 @@ class VocabHead(nnx.Module):
         self.bias_v = nnx.Param(init(rngs.params(), (vocab_size,), jnp.float32)) \
             if use_bias else None
         self.scale = scale
+        self.softcap = softcap
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         if self.transform is not None:
@@ -64,6 +66,8 @@ class VocabHead(nnx.Module):
             logits = self.proj(x_md).reshape(*x_btd.shape[:-1], -1)
         if self.bias_v is not None:
             logits = logits + self.bias_v[...][None, None, :]
+        if self.softcap is not None:  # fp32, as the logits are
+            logits = self.softcap * jnp.tanh(logits / self.softcap)
         return logits
 
 

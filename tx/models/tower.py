@@ -1,8 +1,9 @@
 """A stack of blocks over token embeddings: the shared core of every tx model.
 
-``Tower`` turns tokens into hidden states: embedding (plus token-type embeddings and a norm
-when configured, as in BERT), the position module's ``embed`` hook (absolute positions), the
-blocks (each with its own mask from the per-layer schedule), final norm (pre-norm stacks only).
+``Tower`` turns tokens into hidden states: embedding (scaled when configured, as in Gemma;
+plus token-type embeddings and a norm when configured, as in BERT), the position module's
+``embed`` hook (absolute positions), the blocks (each with its own mask from the per-layer
+schedule), final norm (pre-norm stacks only).
 The position module is built once per tower from ``config.positions`` and shared by its
 self-attention layers (T5 shares its bias table the same way).
 """
@@ -30,7 +31,8 @@ def make_attention(cfg: ModelConfig, mask: masks_lib.Mask, *, positions=None,
     a = cfg.attention
     return Attention(cfg.d_model, a.num_heads, a.kv_heads, cfg.head_dim, mask=mask,
                      implementation=a.implementation, positions=positions, use_bias=a.bias,
-                     scale=a.scale, dtype=cfg.dtype, rngs=rngs)
+                     out_bias=a.out_bias, scale=a.scale, score_mod=a.score_mod,
+                     sinks=a.sinks, dtype=cfg.dtype, rngs=rngs)
 
 
 class Tower(nnx.Module):
@@ -39,6 +41,7 @@ class Tower(nnx.Module):
     def __init__(self, cfg: ModelConfig, embed: Embed, layer_masks: tuple[masks_lib.Mask, ...],
                  *, causal: bool, cross: bool = False, rngs: nnx.Rngs):
         self.embed = embed
+        self.embed_scale = cfg.embed.scale
         self.positions = cfg.positions.build(cfg, causal=causal, rngs=rngs)
         self.token_types = Embed(cfg.embed.type_vocab_size, cfg.d_model, dtype=cfg.dtype,
                                  rngs=rngs) if cfg.embed.type_vocab_size else None
@@ -87,6 +90,8 @@ class Tower(nnx.Module):
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(self.start() + jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens_bt).astype(self.dtype)
+        if self.embed_scale != 1.0:  # in the compute dtype, as Gemma rounds sqrt(d_model)
+            x = x * jnp.asarray(self.embed_scale, self.dtype)
         if self.token_types is not None:
             if token_types_bt is None:
                 token_types_bt = jnp.zeros((b, t), jnp.int32)

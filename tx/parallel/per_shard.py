@@ -57,6 +57,9 @@ def attention(fn: Callable) -> Callable:
                                    for n in ("bias", "q_positions", "kv_positions")):
             # One device; or a case the kernel refuses anyway (it raises NotImplementedError).
             return fn(q, k, v, segment_ids=segment_ids, kv_lengths=kv_lengths, **static)
+        if static.get("score_mod") is not None:
+            # Its per-head parameters would need splitting like the heads: left to xla.
+            raise NotImplementedError("score modifiers do not run per shard yet")
         q_spec, kv_spec = _head_specs(parallel, q.shape, k.shape, q_names, kv_names)
         if q_spec[0] != kv_spec[0]:  # a batch of 1 broadcast against many, say
             raise NotImplementedError("queries and keys have different batch splits")
@@ -88,6 +91,8 @@ def paged(fn: Callable) -> Callable:
             if k_scales is not None:
                 static = dict(static, k_scales=k_scales, v_scales=v_scales)
             return fn(q, k_pages, v_pages, block_tables, lengths, **static)
+        if static.get("score_mod") is not None:
+            raise NotImplementedError("score modifiers do not run per shard yet")
         q_names = ("batch", "heads", None) if q.ndim == 3 else ("batch", None, "heads", None)
         q_spec, page_spec = _head_specs(parallel, q.shape, k_pages.shape, q_names,
                                         (None, None, "kv_heads", None))

@@ -35,12 +35,14 @@ from tx.flags import ModelFlags
 from tx.train.configs import INIT, ConfigError
 
 KV_INITS = ("mean", "random")
-# Model fields a loaded weight's shape depends on: overriding one cannot reuse the weights.
+# Model fields a loaded weight's shape (or meaning: norm_unit_offset) depends on: overriding
+# one cannot reuse the weights.
 SHAPE_FIELDS = ("task", "vocab_size", "d_model", "num_layers", "num_decoder_layers",
                 "num_heads", "num_kv_heads", "head_dim", "d_ff", "activation", "norm",
                 "positions", "max_len", "tie_embeddings", "t5_buckets", "attention_bias",
-                "mlp_bias", "type_vocab_size", "embed_norm", "head_transform", "head_bias",
-                "pooler", "num_classes")
+                "attention_out_bias", "mlp_bias", "type_vocab_size", "embed_norm",
+                "head_transform", "head_bias", "pooler", "num_classes", "sandwich_norm",
+                "norm_unit_offset")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

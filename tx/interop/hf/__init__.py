@@ -7,9 +7,14 @@ model; ``save(model, path)`` writes a tx model of a supported family back in tha
 dict to a ``ModelConfig``.
 
 Families, one module each: ``decoders`` (``llama`` with RoPE scaling, ``mistral``, ``gpt2``),
-``bert`` (masked LM, sequence classification), ``t5`` (conditional generation). A config
-option tx cannot reproduce raises a ``ValueError`` naming the option, rather than loading a
-model that computes something else. Layouts are described in ``common.py``.
+``qwen2`` (LLaMA with q/k/v biases, optional sliding-window layers), ``phi3`` (LLaMA with fused
+``qkv_proj`` and ``gate_up_proj``), ``bert`` (masked LM, sequence classification), ``t5``
+(conditional generation). A config option tx cannot reproduce raises a ``ValueError`` naming the
+option, rather than loading a model that computes something else. Layouts are described in
+``common.py``.
+
+A Phi-3 model is a LLaMA (or Mistral) model in tx: ``save`` writes it as one unless told
+``model_type="phi3"``, which writes Phi-3's fused layout.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from flax import nnx
 
 from tx import flags, models
 from tx.config import ModelConfig
-from tx.interop.hf import bert, decoders, t5
+from tx.interop.hf import bert, decoders, phi3, qwen2, t5
 from tx.interop.hf.common import task_of, unsupported
 
-_FAMILIES = (decoders, bert, t5)
+# model_type_of picks the first family that claims a config: phi3 after decoders, so a
+# LLaMA-shaped config saves as LLaMA unless phi3 is asked for.
+_FAMILIES = (decoders, qwen2, phi3, bert, t5)
 _BY_TYPE = {name: family for family in _FAMILIES for name in family.ARCHITECTURES}
 MODEL_TYPES = tuple(_BY_TYPE)
 
@@ -83,14 +90,35 @@ def model_type_of(cfg: ModelConfig) -> str:
             return found
     raise ValueError("this tx config has no supported Hugging Face equivalent (LLaMA: rmsnorm, "
                      "swiglu, rope; Mistral: the same with a local pattern; GPT-2: layernorm, "
-                     "gelu, learned positions, biases, MHA; BERT: post-norm encoder with "
-                     "token types, embedding norm and BERT heads; T5: encoder-decoder with t5 "
-                     "positions, rmsnorm, attention_scale=1).")
+                     "gelu, learned positions, biases, MHA; Qwen2: LLaMA with q/k/v biases "
+                     "and none on o; BERT: post-norm encoder with token types, embedding norm "
+                     "and BERT heads; T5: encoder-decoder with t5 positions, rmsnorm, "
+                     "attention_scale=1).")
 
 
-def hf_config_from(cfg: ModelConfig) -> dict:
-    """The ``config.json`` dict for a tx config (inverse of ``config_from_hf``)."""
-    model_type = model_type_of(cfg)
+def _resolve(cfg: ModelConfig, model_type: str | None, *, exact: bool = True) -> str:
+    """``model_type`` when its family holds ``cfg``; None: the one ``cfg`` corresponds to.
+
+    Not ``exact`` (loading): the family may hold ``cfg`` under another of its names, as a
+    LLaMA checkpoint loaded with a local-attention override is a Mistral model.
+    """
+    if model_type is None:
+        return model_type_of(cfg)
+    claimed = _family(model_type).model_type(cfg)
+    if claimed != model_type and (exact or claimed is None):
+        try:
+            instead = f"it saves as {model_type_of(cfg)!r} without model_type"
+        except ValueError:
+            instead = "no family holds it"
+        raise ValueError(f"model_type={model_type!r} cannot hold this tx config ({instead}): "
+                         f"leave model_type unset or build a {model_type}-shaped config.")
+    return model_type
+
+
+def hf_config_from(cfg: ModelConfig, *, model_type: str | None = None) -> dict:
+    """The ``config.json`` dict for a tx config (inverse of ``config_from_hf``);
+    ``model_type`` picks among families that hold the same config (``"phi3"`` over LLaMA)."""
+    model_type = _resolve(cfg, model_type)
     family = _family(model_type)
     archs = {task: arch for arch, task in family.ARCHITECTURES[model_type].items()}
     hf = dict(model_type=model_type, architectures=[archs[task_of(cfg)]], dtype="float32")
@@ -148,12 +176,14 @@ def _shape_error(entry, found: np.ndarray, source: str) -> ValueError:
                       "vocab); re-export it or fix the config.")
 
 
-def load_weights(model, tensors: dict[str, np.ndarray], *, source: str = "the tensors") -> None:
+def load_weights(model, tensors: dict[str, np.ndarray], *, source: str = "the tensors",
+                 model_type: str | None = None) -> None:
     """Copies HF-named ``tensors`` into ``model`` in place; every tensor must be used.
 
-    ``source`` says where the tensors came from (e.g. the files read), for error messages.
+    ``source`` says where the tensors came from (e.g. the files read), for error messages;
+    ``model_type`` names their layout when several fit the config (``"phi3"``).
     """
-    model_type = model_type_of(model.config)
+    model_type = _resolve(model.config, model_type, exact=False)
     family = _family(model_type)
     tensors = family.prepare(dict(tensors), model_type)
     used = set()
@@ -188,13 +218,14 @@ def load(path: str | os.PathLike, *, seed: int = 0, **overrides) -> nnx.Module:
     if hasattr(family, "tensor_overrides"):  # options only the weights reveal (T5's tying)
         overrides = {**family.tensor_overrides(hf, tensors), **overrides}
     model = models.build(config_from_hf(hf, **overrides), seed=seed)
-    load_weights(model, tensors, source=", ".join(map(repr, safetensors_files(path))))
+    load_weights(model, tensors, source=", ".join(map(repr, safetensors_files(path))),
+                 model_type=hf.get("model_type"))
     return model
 
 
-def state_dict(model) -> dict[str, np.ndarray]:
+def state_dict(model, *, model_type: str | None = None) -> dict[str, np.ndarray]:
     """The model's parameters under HF names, in HF layouts (numpy, fp32)."""
-    model_type = model_type_of(model.config)
+    model_type = _resolve(model.config, model_type)
     out = {}
     for entry in _family(model_type).entries(model, model_type):
         out[entry.key] = np.ascontiguousarray(
@@ -202,16 +233,19 @@ def state_dict(model) -> dict[str, np.ndarray]:
     return out
 
 
-def save(model, path: str | os.PathLike, *, extra_config: dict | None = None) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` for ``transformers``' from_pretrained."""
+def save(model, path: str | os.PathLike, *, extra_config: dict | None = None,
+         model_type: str | None = None) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` for ``transformers``' from_pretrained,
+    as ``model_type`` (default: the family the config corresponds to)."""
     from safetensors.numpy import save_file
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    hf = hf_config_from(model.config)
+    model_type = _resolve(model.config, model_type)
+    hf = hf_config_from(model.config, model_type=model_type)
     hf.update(extra_config or {})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
-    save_file(state_dict(model), os.path.join(path, "model.safetensors"),
+    save_file(state_dict(model, model_type=model_type), os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})
 
 

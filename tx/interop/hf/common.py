@@ -102,13 +102,16 @@ def heads_out(key, param, n, h) -> Entry:
 
 
 def attention(prefix: str, attn, names: tuple[str, str, str, str], n: int, k: int, h: int, *,
-              bias: bool) -> list[Entry]:
-    """q/k/v/o projections named ``prefix + names[i] + '.weight'`` (and ``.bias``)."""
+              bias: bool, out_bias: bool | None = None) -> list[Entry]:
+    """q/k/v/o projections named ``prefix + names[i] + '.weight'`` (and ``.bias``);
+    ``out_bias`` (None: as ``bias``) for o alone, since Qwen2 biases q/k/v but not o."""
     q, kk, v, o = (prefix + name for name in names)
     out = [heads_in(q + ".weight", attn.q_dnh, n, h), heads_in(kk + ".weight", attn.k_dkh, k, h),
            heads_in(v + ".weight", attn.v_dkh, k, h), heads_out(o + ".weight", attn.o_nhd, n, h)]
     if bias:
         out += [heads_in(q + ".bias", attn.q_bias_nh, n, h),
                 heads_in(kk + ".bias", attn.k_bias_kh, k, h),
-                heads_in(v + ".bias", attn.v_bias_kh, k, h), one(o + ".bias", attn.o_bias_d)]
+                heads_in(v + ".bias", attn.v_bias_kh, k, h)]
+    if bias if out_bias is None else out_bias:
+        out.append(one(o + ".bias", attn.o_bias_d))
     return out

@@ -153,15 +153,28 @@ def fields(hf: dict, model_type: str) -> dict:
     return _gpt2(hf) if model_type == "gpt2" else _llama_like(hf, model_type)
 
 
+def _plain_lm(cfg: ModelConfig) -> bool:
+    """A pre-norm decoder LM with no option HF's plain causal LMs lack."""
+    head = cfg.head
+    return (isinstance(head, LMHead) and plain_body(cfg) and not head.bias and
+            head.scale == 1.0 and cfg.attention.scale is None and cfg.norm.pre)
+
+
+def llama_shaped(cfg: ModelConfig) -> bool:
+    """LLaMA's body (RMSNorm, RoPE, SwiGLU), whatever its masks and biases: Mistral, Qwen2 and
+    Phi-3 share it."""
+    mlp = cfg.mlp
+    return (_plain_lm(cfg) and isinstance(cfg.norm, RMSNorm) and
+            isinstance(cfg.positions, RoPE) and (mlp.activation, mlp.gated) == (jax.nn.silu, True))
+
+
 def model_type(cfg: ModelConfig) -> str | None:
     """``llama`` / ``mistral`` / ``gpt2`` when ``cfg`` is one of them, else None."""
-    head, a, mlp = cfg.head, cfg.attention, cfg.mlp
-    if not (isinstance(head, LMHead) and plain_body(cfg) and not head.bias and
-            head.scale == 1.0 and a.scale is None and cfg.norm.pre):
+    a, mlp = cfg.attention, cfg.mlp
+    if not _plain_lm(cfg) or a.out_bias not in (None, a.bias):  # o apart from q/k/v: Qwen2
         return None
     mask = uniform_mask(cfg)
-    if isinstance(cfg.norm, RMSNorm) and isinstance(cfg.positions, RoPE) and \
-            (mlp.activation, mlp.gated) == (jax.nn.silu, True):
+    if llama_shaped(cfg):
         if isinstance(mask, masks.Local) and mask.right == 0:
             return "mistral"
         if mask == masks.Causal():
@@ -213,7 +226,7 @@ def _llama_entries(model, cfg: ModelConfig) -> list[Entry]:
         p, mlp = f"model.layers.{i}.", block.mlp
         out += attention(p + "self_attn.", block.self_attn, ("q_proj", "k_proj", "v_proj",
                                                              "o_proj"), n, k, h,
-                         bias=cfg.attention.bias)
+                         bias=cfg.attention.bias, out_bias=cfg.attention.out_bias)
         out += [linear(p + "mlp.gate_proj.weight", mlp.wi_gate.kernel),
                 linear(p + "mlp.up_proj.weight", mlp.wi_up.kernel),
                 linear(p + "mlp.down_proj.weight", mlp.wo.kernel),

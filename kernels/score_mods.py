@@ -1,0 +1,366 @@
+"""Score modifiers: small values that change attention logits before the softmax.
+
+A score modifier maps the scaled fp32 logits ``s`` (natural units, after ``q . k * scale``) of
+each visible (query, key) pair to new logits. The same value runs in the ``xla`` reference
+(``kernels.reference.attention``), inside the flash kernels (forward, dq, dk/dv) and inside the
+paged decode kernel, so a model keeps one definition of its logits on every path:
+
+* ``ALiBi(slopes)``: ``s - slope[n] * |q_pos - kv_pos|``;
+* ``T5Bias(table, max_distance, bidirectional)``: ``s + table[bucket(kv_pos - q_pos), n]``,
+  the bucket computed from the positions, never a ``[T, S]`` bias tensor;
+* ``SoftCap(cap)``: ``cap * tanh(s / cap)`` (Gemma 2);
+* ``Sinks(logits)``: a learned per-head logit that joins every row's softmax and carries no
+  value (it takes probability mass; a row that sees no key returns zeros);
+* ``ScoreFn(fn)``: a user's traceable ``fn(score, batch, head, q_pos, kv_pos) -> score``.
+
+``chain(a, b)`` (or ``a >> b``) applies ``a`` then ``b``. Masks decide visibility first and a
+modifier only changes the logits of visible pairs, so tile skipping stays exact.
+
+Parameters. A modifier's arrays are pytree leaves (``jax.grad`` reaches them); the rest
+(caps, bucket counts, functions) is static and hashable, so a kernel specialises on the
+tree structure. Kernels see the parameters as one ``[N, width]`` fp32 table
+(``head_params``), one row per query head, and read a column with ``Context.param`` or a
+data-dependent column with ``Context.lookup``; in a kernel those are masked reductions (no
+gathers, no slices), so their transposes lower through Triton too and the gradient of the table
+comes out of the backward kernel per head and column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+# --- where a modifier runs ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Context:
+    """What a modifier may read, broadcastable against the logits ``s``.
+
+    ``batch``, ``head`` (query head), ``q_pos`` and ``kv_pos`` are int32 arrays. ``params`` is
+    the parameter table: ``[N, width]`` in the reference (``head`` indexes it), ``[rows,
+    width]`` in a kernel (one row per tile row, already that row's head). ``offset`` is the
+    first column of the current modifier (``chain`` shifts it).
+    """
+
+    batch: Any
+    head: Any
+    q_pos: Any
+    kv_pos: Any
+    params: Any
+    in_kernel: bool
+    offset: int = 0
+
+    def shifted(self, offset: int) -> "Context":
+        return dataclasses.replace(self, offset=self.offset + offset)
+
+    def param(self, j: int):
+        """Column ``j`` of this modifier's parameters, per head, broadcastable to ``s``."""
+        j += self.offset
+        if self.in_kernel:
+            cols = jax.lax.broadcasted_iota(jnp.int32, self.params.shape, 1)
+            return jnp.sum(jnp.where(cols == j, self.params, 0.0), axis=1, keepdims=True)
+        return self.params[self.head, j]
+
+    def lookup(self, index, count: int):
+        """``params[head, offset + index]`` for an int array ``index`` in ``[0, count)``."""
+        if self.in_kernel:
+            out = jnp.zeros(jnp.broadcast_shapes(index.shape, (self.params.shape[0], 1)),
+                            jnp.float32)
+            for j in range(count):  # count compares beat a gather Triton cannot lower
+                out = out + jnp.where(index == j, self.param(j), 0.0)
+            return out
+        return self.params[self.head, self.offset + index]
+
+
+class ScoreMod:
+    """Base class. Subclasses set ``width`` (parameter columns per head) and implement
+    ``modify``; those with parameters implement ``head_params``; ``check`` validates shapes
+    on the host before anything is traced."""
+
+    width = 0
+
+    def modify(self, s, ctx: Context):
+        raise NotImplementedError
+
+    def head_params(self, num_heads: int) -> jax.Array:
+        """``[num_heads, width]`` fp32 (differentiable in the leaves)."""
+        return jnp.zeros((num_heads, 0), jnp.float32)
+
+    def sink(self) -> jax.Array | None:
+        """``[N]`` sink logits, or None."""
+        return None
+
+    def check(self, num_heads: int) -> None:
+        pass
+
+    def __rshift__(self, other: "ScoreMod") -> "ScoreMod":
+        return chain(self, other)
+
+
+def _fail(name: str, value: Any, fix: str):
+    raise ValueError(f"{name}={value!r} {fix}")
+
+
+def _per_head(name: str, x: Any, num_heads: int, ndim: int = 1, axis: int = 0) -> None:
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != ndim or shape[axis] != num_heads:
+        want = "[N]" if ndim == 1 else "[num_buckets, N]"
+        _fail(f"{name}.shape", shape, f"must be {want} with N = num_heads = {num_heads}; give "
+              "one entry per query head.")
+
+
+def _leaf(cls, data: tuple[str, ...], meta: tuple[str, ...]):
+    return jax.tree_util.register_dataclass(cls, data_fields=list(data),
+                                            meta_fields=list(meta))
+
+
+# --- the modifiers -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ALiBi(ScoreMod):
+    """Linear distance penalty ``-slopes[n] * |q_pos - kv_pos|`` (Press et al., 2022)."""
+
+    slopes: Any  # [N]
+    width = 1
+
+    def modify(self, s, ctx):
+        distance = jnp.abs(ctx.q_pos - ctx.kv_pos).astype(jnp.float32)
+        return s - ctx.param(0) * distance
+
+    def head_params(self, num_heads):
+        return jnp.asarray(self.slopes, jnp.float32).reshape(num_heads, 1)
+
+    def check(self, num_heads):
+        _per_head("ALiBi.slopes", jnp.asarray(self.slopes), num_heads)
+
+
+def alibi_slopes(num_heads: int) -> tuple[float, ...]:
+    """Press et al. (2022): geometric slopes ``2^(-8/n), 2^(-16/n), ...`` for n heads.
+
+    For n not a power of two, take the slopes for the largest power of two m < n, then fill
+    the remaining n - m heads with every other slope for 2m (the 1st, 3rd, ...), which
+    interleave with the first set.
+    """
+    def geometric(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    m = 2 ** int(math.floor(math.log2(num_heads)))
+    return tuple(geometric(m) + geometric(2 * m)[0::2][:num_heads - m])
+
+
+def t5_bucket(relative_position, *, num_buckets: int, max_distance: int, bidirectional: bool):
+    """T5's bucket of ``relative_position = kv_pos - q_pos`` (Raffel et al., 2020).
+
+    When bidirectional, keys after the query get their own half of the buckets. Within a
+    half, the first half of the buckets hold exact distances (nearby tokens matter most),
+    the rest cover distances up to ``max_distance`` logarithmically, and farther keys share
+    the last bucket. Elementwise jnp, so it runs inside a kernel too.
+    """
+    if bidirectional:
+        num_buckets //= 2
+        offset = jnp.where(relative_position > 0, num_buckets, 0)  # keys after the query
+        distance = jnp.abs(relative_position)
+    else:
+        offset = jnp.zeros_like(relative_position)
+        distance = jnp.maximum(-relative_position, 0)  # future keys collapse into bucket 0
+    max_exact = num_buckets // 2
+    # max(distance, 1) keeps log finite; those entries take the exact branch anyway.
+    log_ratio = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+                 / math.log(max_distance / max_exact))
+    far = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+    far = jnp.minimum(far, num_buckets - 1)
+    return offset + jnp.where(distance < max_exact, distance, far)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class T5Bias(ScoreMod):
+    """T5's learned per-head bias over relative-distance buckets: ``table [buckets, N]``."""
+
+    table: Any
+    num_buckets: int = 32
+    max_distance: int = 128
+    bidirectional: bool = True
+
+    @property
+    def width(self):
+        return self.num_buckets
+
+    def modify(self, s, ctx):
+        bucket = t5_bucket(ctx.kv_pos - ctx.q_pos, num_buckets=self.num_buckets,
+                           max_distance=self.max_distance, bidirectional=self.bidirectional)
+        return s + ctx.lookup(bucket, self.num_buckets)
+
+    def head_params(self, num_heads):
+        return jnp.asarray(self.table).astype(jnp.float32).T
+
+    def check(self, num_heads):
+        if isinstance(self.num_buckets, bool) or not isinstance(self.num_buckets, int) or \
+                self.num_buckets < 2 or (self.bidirectional and self.num_buckets % 4):
+            _fail("T5Bias.num_buckets", self.num_buckets, "must be an integer >= 2 (a multiple "
+                  "of 4 when bidirectional: half per direction), e.g. 32.")
+        half = self.num_buckets // (2 if self.bidirectional else 1)
+        if not isinstance(self.max_distance, int) or self.max_distance <= half // 2:
+            _fail("T5Bias.max_distance", self.max_distance, f"must be an integer > {half // 2} "
+                  "(the exact buckets), e.g. 128.")
+        shape = tuple(getattr(self.table, "shape", ()))
+        if shape != (self.num_buckets, num_heads):
+            _fail("T5Bias.table.shape", shape, f"must be [num_buckets, N] = "
+                  f"[{self.num_buckets}, {num_heads}]; one learned bias per bucket and head.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftCap(ScoreMod):
+    """``cap * tanh(s / cap)``: logits bounded to ``(-cap, cap)`` (Gemma 2)."""
+
+    cap: float
+
+    def __post_init__(self):
+        if isinstance(self.cap, bool) or not isinstance(self.cap, (int, float)) or \
+                not math.isfinite(self.cap) or self.cap <= 0:
+            _fail("SoftCap.cap", self.cap, "must be a finite float > 0, e.g. 50.0 (Gemma 2).")
+
+    def modify(self, s, ctx):
+        return self.cap * jnp.tanh(s / self.cap)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sinks(ScoreMod):
+    """A learned per-head logit ``logits [N]`` in every row's softmax, with no value: the row's
+    weights are ``softmax([s, sink])`` without the sink's column (StreamingLLM, gpt-oss)."""
+
+    logits: Any
+
+    def modify(self, s, ctx):
+        return s
+
+    def sink(self):
+        return jnp.asarray(self.logits).astype(jnp.float32)
+
+    def check(self, num_heads):
+        _per_head("Sinks.logits", self.logits, num_heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreFn(ScoreMod):
+    """A user's ``fn(score, batch, head, q_pos, kv_pos) -> score``: fp32 logits and int32
+    indices broadcastable against them; it must be traceable, elementwise and return fp32
+    of the logits' shape. Differentiated by JAX inside the kernels."""
+
+    fn: Callable
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            _fail("ScoreFn.fn", self.fn, "must be a callable fn(score, batch, head, q_pos, "
+                  "kv_pos) -> score.")
+
+    def modify(self, s, ctx):
+        out = self.fn(s, ctx.batch, ctx.head, ctx.q_pos, ctx.kv_pos)
+        shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+        if shape != s.shape or dtype != s.dtype:
+            name = getattr(self.fn, "__name__", repr(self.fn))
+            raise TypeError(f"ScoreFn.fn={name} returned shape {shape} dtype {dtype} for "
+                            f"scores of shape {s.shape} dtype {s.dtype}; return the same "
+                            "shape and float32 (e.g. jnp.broadcast_to(x, score.shape)"
+                            ".astype(score.dtype)).")
+        return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Chain(ScoreMod):
+    """``mods`` applied in order; their parameter columns laid side by side."""
+
+    mods: tuple
+
+    @property
+    def width(self):
+        return sum(m.width for m in self.mods)
+
+    def modify(self, s, ctx):
+        offset = 0
+        for m in self.mods:
+            s = m.modify(s, ctx.shifted(offset))
+            offset += m.width
+        return s
+
+    def head_params(self, num_heads):
+        return jnp.concatenate([m.head_params(num_heads) for m in self.mods], axis=1)
+
+    def sink(self):
+        sinks = [m.sink() for m in self.mods if m.sink() is not None]
+        return sinks[0] if sinks else None
+
+    def check(self, num_heads):
+        if sum(isinstance(m, Sinks) for m in self.mods) > 1:
+            _fail("chain", self.mods, "holds more than one Sinks; give one sink per head.")
+        for m in self.mods:
+            m.check(num_heads)
+
+
+for _cls, _data, _meta in ((ALiBi, ("slopes",), ()),
+                           (T5Bias, ("table",), ("num_buckets", "max_distance",
+                                                 "bidirectional")),
+                           (SoftCap, (), ("cap",)), (Sinks, ("logits",), ()),
+                           (ScoreFn, (), ("fn",)), (Chain, ("mods",), ())):
+    _leaf(_cls, _data, _meta)
+
+
+def chain(*mods: ScoreMod | None) -> ScoreMod | None:
+    """The modifiers applied in order (``None`` entries dropped; nested chains flattened)."""
+    flat = []
+    for m in mods:
+        if m is None:
+            continue
+        if not isinstance(m, ScoreMod):
+            raise ValueError(f"score_mod={m!r} is not a kernels.score_mods value (ALiBi, "
+                             "T5Bias, SoftCap, Sinks, ScoreFn).")
+        flat.extend(m.mods if isinstance(m, Chain) else (m,))
+    if not flat:
+        return None
+    return flat[0] if len(flat) == 1 else Chain(tuple(flat))
+
+
+# --- host-side use by the kernels and the reference --------------------------------------------
+
+def check(score_mod: Any, num_heads: int) -> ScoreMod | None:
+    """``score_mod`` validated for ``num_heads`` query heads (on shapes only: before tracing)."""
+    if score_mod is None:
+        return None
+    if not isinstance(score_mod, ScoreMod):
+        raise ValueError(f"score_mod={score_mod!r} must be a kernels.score_mods value (ALiBi, "
+                         "T5Bias, SoftCap, Sinks, ScoreFn, chain(...)) or None.")
+    score_mod.check(num_heads)
+    return score_mod
+
+
+def split(score_mod: ScoreMod | None, num_heads: int):
+    """``(structure, params [N, width] | None, sinks [N] | None)``: the static part a kernel
+    specialises on and the arrays it reads (both differentiable)."""
+    if score_mod is None:
+        return None, None, None
+    structure = jax.tree_util.tree_structure(score_mod)
+    params = score_mod.head_params(num_heads) if score_mod.width else None
+    return structure, params, score_mod.sink()
+
+
+def rebuild(structure):
+    """A modifier of ``structure`` whose leaves are None: kernels only call ``modify``, which
+    reads parameters through the ``Context``."""
+    return jax.tree_util.tree_unflatten(structure, [None] * structure.num_leaves)
+
+
+def reference_logits(score_mod: ScoreMod, logits, *, head, batch, q_pos, kv_pos,
+                     num_heads: int):
+    """``logits`` of any layout modified in the reference (``head`` etc. broadcastable)."""
+    params = score_mod.head_params(num_heads) if score_mod.width else None
+    ctx = Context(batch=batch, head=head, q_pos=q_pos, kv_pos=kv_pos, params=params,
+                  in_kernel=False)
+    return score_mod.modify(logits, ctx)
+
+
+def pad_width(width: int) -> int:
+    """Triton blocks are powers of two: the padded parameter columns a kernel loads."""
+    return 1 << max(0, width - 1).bit_length() if width else 0
