@@ -11,8 +11,16 @@ It prints a table and one JSON line per (cell, implementation, pass) with ms, TF
 (FLOPs = 4*B*N*T*S*H*density forward, 2.5x that for the backward pass) and the max error
 against an fp32 reference. A peer that cannot run a cell reports "n/a" and why.
 
+``--suites=score_mods`` (or ``peers,score_mods``) adds the score-modifier rows
+(``experiments/_score_mod_bench.py``): ALiBi, T5 buckets, soft-capping, sinks and a ScoreFn in
+the Pallas kernel, timed against the same kernel without a modifier and against the ``xla``
+path with the modifier as a dense bias (or as ``score_mod=`` where it has no bias form), on the
+same cells with K = N. The rows carry ``score_mod``, ``via`` and ``ratio`` (x base).
+
   python experiments/bench_attention.py                 # full matrix on a GPU
   python experiments/bench_attention.py --tiny          # tiny matrix, interpret mode (CPU)
+  python experiments/bench_attention.py --suites=score_mods --seq_lens=2048,8192 \
+      --head_dims=128 --causal=true                     # modifier costs on a GPU
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import _score_mod_bench as smb
 from experiments._timing import median_seconds
 from kernels import masks as masks_lib
 from kernels import reference
@@ -47,9 +56,19 @@ _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations per measurement (me
 _IMPLS = flags.DEFINE_list("impls", ["tx_pallas", "xla", "cudnn", "jax_mha"],
                            "Implementations to compare.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also append the JSON lines to this file.")
+_SUITES = flags.DEFINE_list("suites", ["peers"], "peers: the implementations side by side; "
+                            "score_mods: the score-modifier rows (MHA cells of the same flags).")
+_SCORE_MODS = flags.DEFINE_list("score_mods", list(smb.NAMES), "Modifiers of the score_mods "
+                                "suite.")
 
 IMPLS = ("tx_pallas", "xla", "cudnn", "jax_mha")
+SUITES = ("peers", "score_mods")
 _REF_CHUNK_ELEMS = 1 << 28  # fp32 reference logits per query chunk (1 GiB)
+
+flags.register_validator("suites", lambda v: bool(v) and set(v) <= set(SUITES),
+                         f"--suites must be a non-empty subset of {SUITES}")
+flags.register_validator("score_mods", lambda v: set(v) <= set(smb.NAMES),
+                         f"--score_mods must be a subset of {smb.NAMES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +99,10 @@ def tiny_cells() -> list[Cell]:
     return [mk(num_kv_heads=4, mask=masks_lib.Causal()),
             mk(num_kv_heads=1, mask=masks_lib.Full()),
             mk(num_kv_heads=2, mask=masks_lib.Local(31))]
+
+
+def tiny_score_mod_cells() -> list[Cell]:
+    return [Cell(1, 64, 2, 2, 32, masks_lib.Causal(), "float32")]
 
 
 def full_cells(seq_lens, head_dims, ratios, causal, windows, num_heads, tokens, dtype):
@@ -173,7 +196,7 @@ def _inputs(cell: Cell, seed: int = 0):
     return q, k, v, do
 
 
-def _fp32_reference(cell: Cell, q, k, v) -> np.ndarray:
+def _fp32_reference(cell: Cell, q, k, v, score_mod=None) -> np.ndarray:
     """The fp32 output, in query chunks so long sequences fit in memory."""
     b, t, n, _ = q.shape
     s = k.shape[1]
@@ -184,7 +207,8 @@ def _fp32_reference(cell: Cell, q, k, v) -> np.ndarray:
     def part(q_chunk, start):
         positions = jnp.arange(q_chunk.shape[1], dtype=jnp.int32) + start + (s - t)
         positions = jnp.broadcast_to(positions, (b, q_chunk.shape[1]))
-        return reference.attention(q_chunk, k32, v32, mask=cell.mask, q_positions=positions)
+        return reference.attention(q_chunk, k32, v32, mask=cell.mask, q_positions=positions,
+                                   score_mod=score_mod)
 
     outs = [np.asarray(part(q32[:, i:i + chunk], i)) for i in range(0, t, chunk)]
     return np.concatenate(outs, axis=1)
@@ -199,21 +223,70 @@ def _max_err(x, ref) -> float:
     return float(np.max(np.abs(np.asarray(x, np.float32) - ref)))
 
 
-def bench_cell(cell: Cell, impls, iters: int, interpret: bool, device: str) -> list[dict]:
-    q, k, v, do = _inputs(cell)
+def _reference(cell: Cell, q, k, v, score_mod=None):
+    """``(fp32 output, None)``, or ``(None, why)`` when the reference does not fit."""
     try:
-        ref = _fp32_reference(cell, q, k, v)
-        ref_error = None
+        return _fp32_reference(cell, q, k, v, score_mod), None
     except Exception as e:  # noqa: BLE001 - a reference that does not fit is reported
-        ref, ref_error = None, f"fp32 reference failed: {type(e).__name__}: {e}"[:200]
-    fwd_flops = cell.fwd_flops()
+        return None, f"fp32 reference failed: {type(e).__name__}: {e}"[:200]
+
+
+def _failed(e: Exception) -> list[dict]:
+    return [{"pass": p, "status": "n/a", "reason": f"{type(e).__name__}: {e}"[:300]}
+            for p in ("fwd", "fwd+bwd")]
+
+
+def _measure(fn, inputs, extra, ref, ref_error, fwd_flops, iters, check_dtype=None):
+    """One partial row per pass of ``fn(q, k, v, *extra)``. With ``check_dtype`` the output is
+    checked against ``ref`` first and, out of tolerance, reported as a mismatch, not timed."""
+    q, k, v, do = inputs
+    fwd = jax.jit(fn)
+
+    def loss(q, k, v, do, *extra):
+        return jnp.sum(fn(q, k, v, *extra).astype(jnp.float32) * do.astype(jnp.float32))
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    if check_dtype is not None and ref is not None:
+        try:
+            err = _max_err(fwd(q, k, v, *extra), ref)
+        except Exception as e:  # noqa: BLE001 - an implementation that fails is reported
+            return _failed(e)
+        ok, bound = smb.within_tolerance(err, ref, check_dtype)
+        if not ok:
+            return [{"pass": p, "status": "mismatch", "max_err": err,
+                     "reason": f"max_err {err:.3g} > {bound:.3g} vs the fp32 reference"}
+                    for p in ("fwd", "fwd+bwd")]
+    rows = []
+    passes = (("fwd", fwd, (q, k, v, *extra), fwd_flops),
+              ("fwd+bwd", fwd_bwd, (q, k, v, do, *extra), 3.5 * fwd_flops))
+    for pass_, f, args, flops in passes:
+        row = {"pass": pass_}
+        try:
+            ms = _time(f, args, iters)
+            row.update(status="ok", ms=round(ms, 4),
+                       tflops=round(flops / (ms * 1e-3) / 1e12, 4))
+            if pass_ == "fwd":
+                row["max_err"] = _max_err(fwd(*args), ref) if ref is not None else None
+                if ref_error:
+                    row["reason"] = ref_error
+        except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
+            row.update(status="n/a", reason=f"{type(e).__name__}: {e}"[:300])
+        rows.append(row)
+    return rows
+
+
+def _cell_fields(cell: Cell, device: str) -> dict:
+    return {"cell": cell.label(), "batch": cell.batch, "seq_len": cell.seq_len,
+            "head_dim": cell.head_dim, "num_heads": cell.num_heads,
+            "num_kv_heads": cell.num_kv_heads, "mask": repr(cell.mask), "dtype": cell.dtype,
+            "density": cell.density(), "device": device, "jax_version": jax.__version__}
+
+
+def bench_cell(cell: Cell, impls, iters: int, interpret: bool, device: str) -> list[dict]:
+    inputs = _inputs(cell)
+    ref, ref_error = _reference(cell, *inputs[:3])
     rows = []
     for impl in impls:
-        base = {"cell": cell.label(), "impl": impl, "batch": cell.batch, "seq_len": cell.seq_len,
-                "head_dim": cell.head_dim, "num_heads": cell.num_heads,
-                "num_kv_heads": cell.num_kv_heads, "mask": repr(cell.mask),
-                "dtype": cell.dtype, "density": cell.density(), "device": device,
-                "jax_version": jax.__version__}
+        base = {**_cell_fields(cell, device), "impl": impl}
         try:
             fn = _BUILDERS[impl](cell, interpret)
         except NotImplementedError as e:
@@ -222,38 +295,76 @@ def bench_cell(cell: Cell, impls, iters: int, interpret: bool, device: str) -> l
             continue
         if impl == "jax_mha" and cell.num_heads != cell.num_kv_heads:
             base["note"] = "K/V repeated G times (mha has no GQA)"
-        fwd = jax.jit(fn)
+        for row in _measure(fn, inputs, (), ref, ref_error, cell.fwd_flops(), iters):
+            rows.append({**base, **row})
+    return rows
 
-        def loss(q, k, v, do, fn=fn):
-            return jnp.sum(fn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
-        fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        passes = (("fwd", fwd, (q, k, v), fwd_flops),
-                  ("fwd+bwd", fwd_bwd, (q, k, v, do), 3.5 * fwd_flops))
-        for pass_, f, args, flops in passes:
-            row = {**base, "pass": pass_}
-            try:
-                ms = _time(f, args, iters)
-                row.update(status="ok", ms=round(ms, 4),
-                           tflops=round(flops / (ms * 1e-3) / 1e12, 4))
-                if pass_ == "fwd":
-                    row["max_err"] = _max_err(fwd(q, k, v), ref) if ref is not None else None
-                    if ref_error:
-                        row["reason"] = ref_error
-            except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
-                row.update(status="n/a", reason=f"{type(e).__name__}: {e}"[:300])
+
+def _xla_bias(q, k, v, bias, *, mask):
+    return reference.attention(q, k, v, mask=mask, bias=bias)
+
+
+def _xla_variant(cell: Cell, mod):
+    """``(via, fn, extra args)`` of the xla row: a dense bias where the modifier is one."""
+    try:
+        bias = smb.dense_bias(mod, cell.seq_len, cell.seq_len)
+    except NotImplementedError:
+        return "score_mod", functools.partial(reference.attention, mask=cell.mask,
+                                              score_mod=mod), ()
+    return "dense_bias", functools.partial(_xla_bias, mask=cell.mask), (bias,)
+
+
+def bench_score_mods(cell: Cell, names, iters: int, interpret: bool,
+                     device: str) -> list[dict]:
+    """The score_mods suite on one cell: per modifier, the kernel with it and the xla path,
+    each with ``ratio`` = its ms over the kernel's without a modifier (same pass)."""
+    inputs = _inputs(cell)
+    flops = cell.fwd_flops()
+    base = {**_cell_fields(cell, device), "suite": "score_mods", "interpret": interpret}
+    plain = _measure(_tx_pallas(cell, interpret), inputs, (), *_reference(cell, *inputs[:3]),
+                     flops, iters, check_dtype=cell.dtype)
+    rows = [{**base, "impl": "tx_pallas", "score_mod": "none", "via": "none", **r}
+            for r in plain]
+    base_ms = {r["pass"]: r.get("ms") for r in plain}
+    mods = smb.modifiers(cell.num_heads)
+    for name in names:
+        mod = mods[name]
+        ref = _reference(cell, *inputs[:3], mod)
+        kernel = functools.partial(flash_attention, mask=cell.mask, score_mod=mod,
+                                   interpret=True if interpret else None)
+        variants = [("tx_pallas", "score_mod", kernel, ())]
+        try:
+            variants.append(("xla", *_xla_variant(cell, mod)))
+        except Exception as e:  # noqa: BLE001 - a bias that does not fit is reported
+            rows += [{**base, "impl": "xla", "score_mod": name, "via": "dense_bias", **r}
+                     for r in _failed(e)]
+        for impl, via, fn, extra in variants:
+            for r in _measure(fn, inputs, extra, *ref, flops, iters, check_dtype=cell.dtype):
+                if r.get("ms") and base_ms.get(r["pass"]):
+                    r["ratio"] = round(r["ms"] / base_ms[r["pass"]], 3)
+                rows.append({**base, "impl": impl, "score_mod": name, "via": via, **r})
+    return rows
+
+
+def _collect(cells, rows_of, emit) -> list[dict]:
+    device = jax.devices()[0].device_kind
+    rows = []
+    for cell in cells:
+        for row in rows_of(cell, device):
+            emit(json.dumps(row, sort_keys=True))
             rows.append(row)
     return rows
 
 
 def run(cells, impls=IMPLS, iters: int = 10, interpret: bool = False, emit=print) -> list[dict]:
     """Benchmarks every cell; emits one JSON line per row and returns the rows."""
-    device = jax.devices()[0].device_kind
-    rows = []
-    for cell in cells:
-        for row in bench_cell(cell, impls, iters, interpret, device):
-            emit(json.dumps(row, sort_keys=True))
-            rows.append(row)
-    return rows
+    return _collect(cells, lambda c, d: bench_cell(c, impls, iters, interpret, d), emit)
+
+
+def run_score_mods(cells, names=smb.NAMES, iters: int = 10, interpret: bool = False,
+                   emit=print) -> list[dict]:
+    """The score_mods suite on every cell; emits and returns its rows like ``run``."""
+    return _collect(cells, lambda c, d: bench_score_mods(c, names, iters, interpret, d), emit)
 
 
 def format_table(rows) -> str:
@@ -275,13 +386,16 @@ def main(argv):
     del argv
     tiny = _TINY.value if _TINY.value is not None else jax.default_backend() != "gpu"
     if tiny:
-        cells, iters = tiny_cells(), 1
+        cells, mod_cells, iters = tiny_cells(), tiny_score_mod_cells(), 1
     else:
-        cells = full_cells([int(x) for x in _SEQ_LENS.value], [int(x) for x in _HEAD_DIMS.value],
-                           [int(x) for x in _GQA.value],
-                           [x.lower() in ("1", "true") for x in _CAUSAL.value],
+        seq_lens, head_dims = [int(x) for x in _SEQ_LENS.value], [int(x) for x in
+                                                                  _HEAD_DIMS.value]
+        causal = [x.lower() in ("1", "true") for x in _CAUSAL.value]
+        cells = full_cells(seq_lens, head_dims, [int(x) for x in _GQA.value], causal,
                            [int(x) for x in _WINDOWS.value], _NUM_HEADS.value, _TOKENS.value,
                            _DTYPE.value)
+        mod_cells = full_cells(seq_lens, head_dims, [1], causal, [], _NUM_HEADS.value,
+                               _TOKENS.value, _DTYPE.value)
         iters = _ITERS.value
     out = open(_JSON_OUT.value, "a") if _JSON_OUT.value else None
 
@@ -291,8 +405,14 @@ def main(argv):
             out.write(line + "\n")
             out.flush()
 
-    rows = run(cells, _IMPLS.value, iters, interpret=tiny, emit=emit)
-    print(format_table(rows))
+    suites = _SUITES.value
+    rows = run(cells, _IMPLS.value, iters, interpret=tiny, emit=emit) if "peers" in suites else []
+    mod_rows = (run_score_mods(mod_cells, _SCORE_MODS.value, iters, interpret=tiny, emit=emit)
+                if "score_mods" in suites else [])
+    if "peers" in suites:
+        print(format_table(rows))
+    if mod_rows:
+        print(smb.format_table(mod_rows, interpret=tiny))
     print(f"device={jax.devices()[0].device_kind} jax={jax.__version__} "
           f"backend={jax.default_backend()} interpret={tiny}")
     if out:

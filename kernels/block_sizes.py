@@ -9,10 +9,11 @@ and the (padded) head dim, and shrinks ``block_q`` as the fold grows to keep row
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
-from kernels.common import next_pow2
+from kernels.common import is_int, next_pow2
 
 MIN_BLOCK = 16     # Triton's dot needs >= 16 along every dimension
 MAX_BLOCK = 512    # beyond this a tile no longer fits in registers/shared memory
@@ -125,3 +126,28 @@ def default_split_k(programs: int, num_blocks: int, device_kind: str | None = No
     target = PAGED_TARGET_PROGRAMS[device_family(device_kind)]
     want = -(-target // max(1, programs))
     return max(1, min(next_pow2(want), num_blocks))
+
+
+def check_block_sizes(block_sizes: Any) -> BlockSizes:
+    """Every tile must be a power of two in ``[MIN_BLOCK, MAX_BLOCK]``."""
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes={block_sizes!r} must be a "
+                         "kernels.block_sizes.BlockSizes or None (use the tuning table).")
+    lo, hi = MIN_BLOCK, MAX_BLOCK
+    for name, value in block_sizes.fields().items():
+        integer = is_int(value)
+        if not integer or not lo <= value <= hi or value & (value - 1):
+            fix = min(hi, max(lo, next_pow2(value))) if integer else lo
+            raise ValueError(f"block_sizes.{name}={value!r} must be a power of two in "
+                             f"[{lo}, {hi}]; use e.g. {name}={fix}.")
+    return block_sizes
+
+
+def effective_blocks(bs: BlockSizes, q_len: int, kv_len: int) -> BlockSizes:
+    """Clamp tiles to the (power-of-two-rounded) sequence so short inputs pad little."""
+    qmax = max(MIN_BLOCK, next_pow2(q_len))
+    kmax = max(MIN_BLOCK, next_pow2(kv_len))
+    return dataclasses.replace(
+        bs, block_q=min(bs.block_q, qmax), block_q_dq=min(bs.block_q_dq, qmax),
+        block_q_dkv=min(bs.block_q_dkv, qmax), block_k=min(bs.block_k, kmax),
+        block_k_dq=min(bs.block_k_dq, kmax), block_k_dkv=min(bs.block_k_dkv, kmax))

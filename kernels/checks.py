@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from kernels import masks as masks_lib
+from kernels.block_sizes import MAX_HEAD_DIM
+from kernels.common import SUPPORTED_DTYPES
 
 
 def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int, int]:
@@ -94,3 +96,14 @@ def check_bias(bias: Any, b: int, t: int, s: int, n: int) -> None:
     if not ok:
         raise ValueError(f"bias.shape={tuple(bias.shape)} must be [B or 1, N or 1, T, S] = "
                          f"[{b} or 1, {n} or 1, {t}, {s}].")
+
+
+def check_dtype_and_head_dim(q) -> None:
+    """The dtypes and head dims the Pallas kernels take."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q.dtype={q.dtype} is not supported; cast q, k and v to float32, "
+                         "bfloat16 or float16.")
+    h = q.shape[-1]
+    if not 1 <= h <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={h} (q.shape[3]) must be in [1, "
+                         f"{MAX_HEAD_DIM}]; split larger heads.")

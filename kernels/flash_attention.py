@@ -19,6 +19,14 @@ Ragged lengths: T, S and H are zero-padded to tile multiples (powers of two) out
 kernel; the edge tiles are PARTIAL, so padded keys and rows are masked, and the padding is
 sliced off. Fully masked rows return zeros and zero gradients (their lse is stored as +inf).
 
+Score modifiers (``kernels.score_mods``: ALiBi, T5 buckets, soft-capping, sinks, user functions)
+change each visible logit inside the tile (``kernels.tile_logits``), at the pair's positions.
+Their per-head parameters enter as one table laid out per tile row; the dq kernel, which sees
+every (row, key) pair once, pulls the tile's cotangent back through the modifier with
+``jax.vjp`` and sums the parameters' share per row, so the table's gradient needs no ``T x S``
+tensor. A sink starts each row's running max and sum; its gradient is closed-form from the
+saved lse and the row term ``delta``.
+
 Reference: ``kernels.reference.attention``.
 """
 
@@ -37,12 +45,12 @@ from kernels import block_sizes as block_sizes_lib
 from kernels import checks, tiles
 from kernels import masks as masks_lib
 from kernels import online_softmax
-from kernels import score_mods
-from kernels.common import SUPPORTED_DTYPES, compiler_params, is_int, next_pow2, round_up
+from kernels import flash_layout, score_mods, tile_logits
+from kernels.common import SUPPORTED_DTYPES, compiler_params, next_pow2, round_up
 from kernels.online_softmax import LOG2E
 from kernels.online_softmax import dot as _dot
 from kernels.online_softmax import precision as _precision
-from kernels.block_sizes import BlockSizes
+from kernels.block_sizes import BlockSizes, check_block_sizes
 
 __all__ = ["flash_attention", "registry_attention", "BlockSizes", "check_block_sizes"]
 
@@ -80,44 +88,9 @@ class _Config:
 
 # --- host-side validation ----------------------------------------------------------------------
 
-def check_block_sizes(block_sizes: Any) -> BlockSizes:
-    """Every tile must be a power of two in ``[MIN_BLOCK, MAX_BLOCK]``."""
-    if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_sizes={block_sizes!r} must be a "
-                         "kernels.block_sizes.BlockSizes or None (use the tuning table).")
-    lo, hi = block_sizes_lib.MIN_BLOCK, block_sizes_lib.MAX_BLOCK
-    for name, value in block_sizes.fields().items():
-        integer = is_int(value)
-        if not integer or not lo <= value <= hi or value & (value - 1):
-            fix = min(hi, max(lo, next_pow2(value))) if integer else lo
-            raise ValueError(f"block_sizes.{name}={value!r} must be a power of two in "
-                             f"[{lo}, {hi}]; use e.g. {name}={fix}.")
-    return block_sizes
-
-
-def _check_dtype_and_head_dim(q) -> None:
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q.dtype={q.dtype} is not supported; cast q, k and v to float32, "
-                         "bfloat16 or float16.")
-    h = q.shape[-1]
-    if not 1 <= h <= block_sizes_lib.MAX_HEAD_DIM:
-        raise ValueError(f"head_dim={h} (q.shape[3]) must be in [1, "
-                         f"{block_sizes_lib.MAX_HEAD_DIM}]; split larger heads.")
-
-
 def _group_fold(group: int) -> int:
     """The largest power of two dividing ``group``."""
     return group & -group
-
-
-def _effective_blocks(bs: BlockSizes, q_len: int, kv_len: int) -> BlockSizes:
-    """Clamp tiles to the (power-of-two-rounded) sequence so short inputs pad little."""
-    qmax = max(block_sizes_lib.MIN_BLOCK, next_pow2(q_len))
-    kmax = max(block_sizes_lib.MIN_BLOCK, next_pow2(kv_len))
-    return dataclasses.replace(
-        bs, block_q=min(bs.block_q, qmax), block_q_dq=min(bs.block_q_dq, qmax),
-        block_q_dkv=min(bs.block_q_dkv, qmax), block_k=min(bs.block_k, kmax),
-        block_k_dq=min(bs.block_k_dq, kmax), block_k_dkv=min(bs.block_k_dkv, kmax))
 
 
 # --- the kernels -------------------------------------------------------------------------------
@@ -149,56 +122,6 @@ def _split_refs(cfg: _Config, refs):
     return q_seg, kv_seg, params, sinks, refs
 
 
-def _program_ids():
-    """``(batch, head group)`` of this program, read at the kernel's top level: the
-    interpreter cannot evaluate ``program_id`` inside a ``jax.vjp``."""
-    return pl.program_id(0), pl.program_id(1)
-
-
-def _modify(cfg: _Config, s, params, ids, q_block, kv_start):
-    """The score modifier on natural-unit logits ``s [rows, cols]`` of a tile: row ``r`` is
-    head ``head_group * fold + r % fold`` at position ``q_block * rows / fold + r // fold``."""
-    (rows, cols), (batch, head_group) = s.shape, ids
-    row = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-    t_idx = q_block * (rows // cfg.fold) + row // cfg.fold
-    ctx = score_mods.Context(
-        batch=batch, head=head_group * cfg.fold + row % cfg.fold,
-        q_pos=t_idx + (cfg.kv_len - cfg.q_len),
-        kv_pos=kv_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1), params=params,
-        in_kernel=True)
-    return score_mods.rebuild(cfg.mod).modify(s, ctx)
-
-
-def _logits(cfg: _Config, q, k, params, ids, q_block, kv_start, precision):
-    """Base-2 logits ``[rows, cols]`` of a tile, modified when the call has a modifier."""
-    s = _dot(q, k, (1, 1), precision)
-    if cfg.mod is None:
-        return s * (cfg.scale * LOG2E)  # softmax in base 2: exp(x) = exp2(x * log2(e))
-    return _modify(cfg, s * cfg.scale, params, ids, q_block, kv_start) * LOG2E
-
-
-def _logits_vjp(cfg: _Config, q, k, params, ids, q_block, kv_start, precision):
-    """Base-2 logits of a tile and the pullback of natural-unit cotangents through the
-    modifier: ``ds -> (ds_raw, dparams)`` (``dparams`` None without parameters)."""
-    if cfg.mod is None:
-        s = _logits(cfg, q, k, None, ids, q_block, kv_start, precision)
-        return s, lambda ds: (ds, None)
-    s = _dot(q, k, (1, 1), precision) * cfg.scale
-    if params is None:
-        s_mod, pull = jax.vjp(lambda x: _modify(cfg, x, None, ids, q_block, kv_start), s)
-        return s_mod * LOG2E, lambda ds: (pull(ds)[0], None)
-    s_mod, pull = jax.vjp(lambda x, p: _modify(cfg, x, p, ids, q_block, kv_start), s, params)
-    return s_mod * LOG2E, pull
-
-
-def _initial_max(cfg: _Config, sinks_ref, rows):
-    """The running max and sum a row starts from: ``(-inf, 0)``, or the sink's logit with its
-    weight ``exp2(0) = 1`` already counted."""
-    if sinks_ref is None:
-        return jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32)
-    return sinks_ref[...] * LOG2E, jnp.ones((rows,), jnp.float32)
-
-
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precision):
     q_seg_ref, kv_seg_ref, params_ref, sinks_ref, (o_ref, lse_ref) = _split_refs(cfg, refs)
     rows, block_k = q_ref.shape[0], cfg.blocks.block_k
@@ -206,14 +129,14 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precisi
     q = q_ref[...]                                                         # [rows, Hp]
     q_seg = q_seg_ref[...] if cfg.has_segments else None                   # [rows]
     params = params_ref[...] if cfg.mod_width else None                    # [rows, W]
-    ids = _program_ids()
+    ids = tile_logits.program_ids()
     kv_len = table_ref[tiles.KV_LEN]
 
     def visit(kv_block, carry, masked):
         m_prev, l_prev, acc = carry
         kv_start = pl.multiple_of(kv_block * block_k, block_k)
         k = k_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
-        s = _logits(cfg, q, k, params, ids, q_block, kv_start, precision)  # [rows, block_k]
+        s = tile_logits.logits(cfg, q, k, params, ids, q_block, kv_start, precision)  # [rows, block_k]
         if masked:
             kv_seg = kv_seg_ref[pl.ds(kv_start, block_k)] if cfg.has_segments else None
             keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
@@ -221,7 +144,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precisi
         v = v_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
         return online_softmax.update(m_prev, l_prev, acc, s, v, precision)
 
-    carry = (*_initial_max(cfg, sinks_ref, rows), jnp.zeros(q.shape, jnp.float32))
+    carry = (*tile_logits.initial_max(cfg, sinks_ref, rows), jnp.zeros(q.shape, jnp.float32))
     m, l, acc = tiles.visit_tiles(table_ref, visit, carry)
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
@@ -241,7 +164,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
     lse, delta = lse_ref[...], delta_ref[...]                              # [rows]
     q_seg = q_seg_ref[...] if cfg.has_segments else None
     params = params_ref[...] if cfg.mod_width else None                    # [rows, W]
-    ids = _program_ids()
+    ids = tile_logits.program_ids()
     kv_len = table_ref[tiles.KV_LEN]
 
     def visit(kv_block, carry, masked):
@@ -249,7 +172,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
         kv_start = pl.multiple_of(kv_block * block_k, block_k)
         k = k_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
         v = v_ref[pl.ds(kv_start, block_k), :]
-        s, pull = _logits_vjp(cfg, q, k, params, ids, q_block, kv_start, precision)
+        s, pull = tile_logits.logits_vjp(cfg, q, k, params, ids, q_block, kv_start, precision)
         p = jnp.exp2(s - lse[:, None])                                     # [rows, block_k]
         if masked:
             kv_seg = kv_seg_ref[pl.ds(kv_start, block_k)] if cfg.has_segments else None
@@ -278,7 +201,7 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
     k, v = k_ref[...], v_ref[...]                                          # [block_k, Hp]
     kv_seg = kv_seg_ref[...] if cfg.has_segments else None                 # [block_k]
     params = params_ref[...] if cfg.mod_width else None                    # [rows, W]
-    ids = _program_ids()
+    ids = tile_logits.program_ids()
     kv_len = table_ref[tiles.KV_LEN]
 
     def visit(q_block, carry, masked):
@@ -286,7 +209,7 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
         rows_slice = pl.ds(pl.multiple_of(q_block * rows, rows), rows)
         q, do = q_ref[rows_slice, :], do_ref[rows_slice, :]                # [rows, Hp]
         lse, delta = lse_ref[rows_slice], delta_ref[rows_slice]            # [rows]
-        s, pull = _logits_vjp(cfg, q, k, params, ids, q_block, kv_start, precision)
+        s, pull = tile_logits.logits_vjp(cfg, q, k, params, ids, q_block, kv_start, precision)
         p = jnp.exp2(s - lse[:, None])                                     # [rows, block_k]
         if masked:
             q_seg = q_seg_ref[rows_slice] if cfg.has_segments else None
@@ -440,40 +363,6 @@ def _dkv_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_se
     )(*args)
 
 
-# --- layouts -----------------------------------------------------------------------------------
-
-def _fold_rows(cfg: _Config, x_btnh):
-    """``[B,T,N,H]`` -> ``[B, N/fold, T_pad*fold, H_pad]``: fold heads into tile rows."""
-    b, t, n, h = x_btnh.shape
-    x = jnp.pad(x_btnh, ((0, 0), (0, cfg.q_pad - t), (0, 0), (0, cfg.head_dim_pad - h)))
-    x = x.reshape(b, cfg.q_pad, n // cfg.fold, cfg.fold, cfg.head_dim_pad)
-    return x.transpose(0, 2, 1, 3, 4).reshape(b, n // cfg.fold, cfg.q_pad * cfg.fold,
-                                              cfg.head_dim_pad)
-
-
-def _unfold_rows(cfg: _Config, x_f, dtype):
-    """Inverse of ``_fold_rows`` (drops the padding)."""
-    b, hg, _, hp = x_f.shape
-    x = x_f.reshape(b, hg, cfg.q_pad, cfg.fold, hp).transpose(0, 2, 1, 3, 4)
-    x = x.reshape(b, cfg.q_pad, hg * cfg.fold, hp)
-    return x[:, :cfg.q_len, :, :cfg.head_dim].astype(dtype)
-
-
-def _pad_kv(cfg: _Config, x_bskh):
-    s, h = x_bskh.shape[1], x_bskh.shape[3]
-    return jnp.pad(x_bskh, ((0, 0), (0, cfg.kv_pad - s), (0, 0), (0, cfg.head_dim_pad - h)))
-
-
-def _segments(cfg: _Config, segment_ids):
-    if segment_ids is None:
-        return None, None
-    q_seg, kv_seg = (x.astype(jnp.int32) for x in segment_ids)
-    q_seg = jnp.pad(q_seg, ((0, 0), (0, cfg.q_pad - cfg.q_len)))
-    q_seg = jnp.repeat(q_seg, cfg.fold, axis=1)  # one id per folded row
-    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, cfg.kv_pad - cfg.kv_len)))
-    return q_seg, kv_seg
-
-
 def _tables(cfg: _Config, segment_ids, kv_lengths):
     b, t, s = cfg.blocks, cfg.q_len, cfg.kv_len
     narrow = functools.partial(tiles.narrowed_table, cfg.mask, t, s, segment_ids=segment_ids,
@@ -487,10 +376,10 @@ def _tables(cfg: _Config, segment_ids, kv_lengths):
 
 def _forward(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks):
     table, _, _ = _tables(cfg, segment_ids, kv_lengths)
-    q_seg, kv_seg = _segments(cfg, segment_ids)
-    q_f, k_p, v_p = _fold_rows(cfg, q), _pad_kv(cfg, k), _pad_kv(cfg, v)
+    q_seg, kv_seg = flash_layout.segments(cfg, segment_ids)
+    q_f, k_p, v_p = flash_layout.fold_rows(cfg, q), flash_layout.pad_kv(cfg, k), flash_layout.pad_kv(cfg, v)
     o_f, lse = _forward_call(cfg, table, q_f, k_p, v_p, q_seg, kv_seg, (params, sinks))
-    return _unfold_rows(cfg, o_f, q.dtype), (q_f, k_p, v_p, o_f, lse)
+    return flash_layout.unfold_rows(cfg, o_f, q.dtype), (q_f, k_p, v_p, o_f, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -525,8 +414,8 @@ def _sinks_grad(cfg: _Config, sinks, lse, delta):
 def _flash_bwd(cfg: _Config, residuals, do):
     q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths, params, sinks = residuals
     _, dq_table, dkv_table = _tables(cfg, segment_ids, kv_lengths)
-    q_seg, kv_seg = _segments(cfg, segment_ids)
-    do_f = _fold_rows(cfg, do.astype(q_f.dtype))
+    q_seg, kv_seg = flash_layout.segments(cfg, segment_ids)
+    do_f = flash_layout.fold_rows(cfg, do.astype(q_f.dtype))
     # delta_i = sum_h o_ih * do_ih = sum_j p_ij * dp_ij, the softmax-backward row term.
     delta = jnp.sum(o_f.astype(jnp.float32) * do_f.astype(jnp.float32), axis=-1)
     # Rows past T were never written by the forward kernel: pin them to "sees nothing".
@@ -542,7 +431,7 @@ def _flash_bwd(cfg: _Config, residuals, do):
     if cfg.group != cfg.fold:  # head groups sharing a K/V head: sum their contributions
         dk_p = dk_p.reshape(b, s_pad, kh, hg // kh, hp).sum(axis=3)
         dv_p = dv_p.reshape(b, s_pad, kh, hg // kh, hp).sum(axis=3)
-    dq = _unfold_rows(cfg, dq_out[0], q_f.dtype)
+    dq = flash_layout.unfold_rows(cfg, dq_out[0], q_f.dtype)
     dk = dk_p[:, :cfg.kv_len, :, :cfg.head_dim].astype(k_p.dtype)
     dv = dv_p[:, :cfg.kv_len, :, :cfg.head_dim].astype(v_p.dtype)
     d_params = None if params is None else \
@@ -589,7 +478,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     mask = checks.check_mask(mask)
     checks.check_segment_ids(segment_ids, b, t, s)
     checks.check_kv_lengths(kv_lengths, b)
-    _check_dtype_and_head_dim(q)
+    checks.check_dtype_and_head_dim(q)
     scale = checks.check_scale(scale, h)
     structure, params, sinks = score_mods.split(score_mods.check(score_mod, n), n)
     group = n // kh
@@ -597,12 +486,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if block_sizes is None:
         device_kind = "cpu" if interpret else None  # interpret mode uses the CPU entries
         block_sizes = block_sizes_lib.default_block_sizes(h, fold, device_kind)
-    check_block_sizes(block_sizes)
+    block_sizes_lib.check_block_sizes(block_sizes)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     cfg = _Config(mask=mask, scale=scale, q_len=t, kv_len=s, head_dim=h,
                   head_dim_pad=max(block_sizes_lib.MIN_BLOCK, next_pow2(h)), group=group,
-                  fold=fold, blocks=_effective_blocks(block_sizes, t, s),
+                  fold=fold, blocks=block_sizes_lib.effective_blocks(block_sizes, t, s),
                   has_segments=segment_ids is not None, has_lengths=kv_lengths is not None,
                   interpret=bool(interpret), mod=structure,
                   mod_width=0 if params is None else score_mods.pad_width(params.shape[1]),

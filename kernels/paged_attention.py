@@ -36,6 +36,9 @@ per key, i.e. per logit column, so it is folded into the logits, ``s = (q @ code
 k_scale``, and the codes enter the dot as exact small integers in q's dtype; V's codes are
 scaled before ``p @ v``, because the softmax sum ``l`` must not see V's scale.
 
+Score modifiers (``kernels.score_mods``) change each logit at (query position, key position)
+in registers; a sink joins split 0 only, so the log-sum-exp merge counts it once.
+
 Reference: ``kernels.reference.paged_attention`` (gather the pages, then dense attention).
 """
 

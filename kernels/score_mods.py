@@ -336,12 +336,26 @@ def check(score_mod: Any, num_heads: int) -> ScoreMod | None:
     return score_mod
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Structure:
+    """A modifier's tree structure, hashable and comparable with anything (a kernel config
+    holding it may be compared with one holding None: a bare treedef raises there)."""
+
+    treedef: Any
+
+    def __eq__(self, other):
+        return isinstance(other, Structure) and self.treedef == other.treedef
+
+    def __hash__(self):
+        return hash(self.treedef)
+
+
 def split(score_mod: ScoreMod | None, num_heads: int):
     """``(structure, params [N, width] | None, sinks [N] | None)``: the static part a kernel
     specialises on and the arrays it reads (both differentiable)."""
     if score_mod is None:
         return None, None, None
-    structure = jax.tree_util.tree_structure(score_mod)
+    structure = Structure(jax.tree_util.tree_structure(score_mod))
     params = score_mod.head_params(num_heads) if score_mod.width else None
     return structure, params, score_mod.sink()
 
@@ -349,7 +363,8 @@ def split(score_mod: ScoreMod | None, num_heads: int):
 def rebuild(structure):
     """A modifier of ``structure`` whose leaves are None: kernels only call ``modify``, which
     reads parameters through the ``Context``."""
-    return jax.tree_util.tree_unflatten(structure, [None] * structure.num_leaves)
+    treedef = structure.treedef
+    return jax.tree_util.tree_unflatten(treedef, [None] * treedef.num_leaves)
 
 
 def reference_logits(score_mod: ScoreMod, logits, *, head, batch, q_pos, kv_pos,

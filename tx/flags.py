@@ -212,6 +212,7 @@ class ModelFlags:
     embed_scale: float = 1.0  # multiplies the token embeddings (Gemma: d_model ** 0.5)
     attention_softcap: float | None = None  # cap * tanh(logits / cap) in every attention layer
     final_softcap: float | None = None  # cap * tanh(logits / cap) on the vocabulary logits
+    attention_sinks: bool = False  # a learned per-head sink logit in every attention layer
     # FAVOR+ layers (the `favor` pattern, tx.attention.favor): random features, chunk of the
     # causal form, training calls between feature redraws (0: fixed).
     linear_features: int = 256
@@ -339,7 +340,7 @@ def parse(f: ModelFlags) -> ModelConfig:
         masks=f.layer_masks(causal=head.causal), implementation=f.implementation,
         scale=f.attention_scale, bias=f.attention_bias, out_bias=f.attention_out_bias,
         score_mod=None if f.attention_softcap is None else score_mods.SoftCap(
-            f.attention_softcap))
+            f.attention_softcap), sinks=f.attention_sinks)
     return ModelConfig(
         vocab_size=f.vocab_size, d_model=f.d_model, num_layers=f.num_layers,
         attention=attention, positions=_POSITIONS[f.positions](f),

@@ -64,6 +64,7 @@ def _assert_close(name, got, want, tol):
     atol, rtol = tol
     err, bound = np.abs(got - want).max(), atol + rtol * np.abs(want).max()
     assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+    return err
 
 
 class TestFlashAttention:

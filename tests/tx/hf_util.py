@@ -35,3 +35,16 @@ def padded_batch(vocab: int, seed: int = 0, t: int = 12, lengths=(12, 7, 3)):
     ids = rng.randint(3, vocab, (len(lengths), t))
     valid = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
     return np.where(valid, ids, 0), valid, np.asarray(lengths, np.int32)
+
+
+def hf_greedy(torch, ref, prompt, *, new: int, eos: int, pad: int):
+    """``transformers``' greedy continuation of ``prompt [B, T]`` as ``[B, new]``: HF stops
+    once every row is done, tx pads with ``pad``, so the tail is padded to match."""
+    with torch.no_grad():
+        ids = torch.tensor(prompt)
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=new, eos_token_id=eos,
+                           pad_token_id=pad).numpy()[:, prompt.shape[1]:]
+    want = np.full((len(prompt), new), pad, np.int64)
+    want[:, :out.shape[1]] = out
+    return want

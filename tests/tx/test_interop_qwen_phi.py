@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 torch.set_num_threads(1)  # the CPU is shared with JAX and pytest-xdist workers
 
-from tests.tx.hf_util import TOL, hf_model, padded_batch, save  # noqa: E402
+from tests.tx.hf_util import TOL, hf_greedy, hf_model, padded_batch, save  # noqa: E402
 from kernels import masks  # noqa: E402
 from tx.inference import Contiguous, Paged, generate  # noqa: E402
 from tx.config import replace  # noqa: E402
@@ -52,12 +52,7 @@ def pair(request, tmp_path_factory):
     ref = hf_model(transformers, torch, cls_name, config_name, spread=0.3, **BASE, **changes)
     model = hf.load(save(tmp_path_factory, request.param, ref))
     prompt = np.random.RandomState(1).randint(3, VOCAB, (2, 6))
-    with torch.no_grad():
-        out = ref.generate(torch.tensor(prompt), attention_mask=torch.ones_like(
-            torch.tensor(prompt)), do_sample=False, max_new_tokens=NEW, eos_token_id=EOS,
-            pad_token_id=PAD).numpy()[:, prompt.shape[1]:]
-    want = np.full((2, NEW), PAD, np.int64)
-    want[:, :out.shape[1]] = out  # HF stops once every row is done; tx pads with PAD
+    want = hf_greedy(torch, ref, prompt, new=NEW, eos=EOS, pad=PAD)
     return request.param, ref, model, (prompt, want)
 
 

@@ -52,3 +52,68 @@ def test_pallas_trains_like_xla(task, attention):
     xla = _losses(model_config(**base, implementation=("xla",)))
     assert pallas[-1] < pallas[0]  # it trains
     np.testing.assert_allclose(pallas, xla, rtol=2e-4, atol=2e-4)
+
+
+# --- score modifiers: T5 buckets, ALiBi and Gemma-2 soft-capping inside the kernels -----------
+
+SCORE_MOD_MODELS = {
+    "t5": dict(task="seq2seq", attention="gqa", positions="t5", t5_buckets=8,
+               t5_max_distance=20),
+    "alibi": dict(task="lm", attention="gqa+local", positions="alibi"),
+    "gemma2": dict(task="lm", attention="gqa", layer_pattern=("local", "causal"),
+                   num_layers=2, positions="rope", attention_softcap=2.0, final_softcap=3.0,
+                   sandwich_norm=True, norm_unit_offset=True, embed_scale=32 ** 0.5,
+                   activation="geglu", attention_sinks=True),
+}
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the Pallas kernels the registry hands work to (flash and paged), by kind of
+    score modifier; a case the kernels declined would raise, since 'pallas' stands alone."""
+    from tx.attention import registry
+    calls = {"flash": [], "paged": []}
+
+    def counting(kind, fn):
+        def call(*args, **kwargs):
+            calls[kind].append(type(kwargs.get("score_mod")).__name__)
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setitem(registry._REGISTRY, "pallas",
+                        counting("flash", registry._REGISTRY["pallas"]))
+    monkeypatch.setitem(registry._PAGED, "pallas", counting("paged", registry._PAGED["pallas"]))
+    return calls
+
+
+def _model_config(name, implementation):
+    base = dict(vocab_size=V, d_model=32, num_heads=4, num_kv_heads=2, num_layers=1, d_ff=64,
+                window=6)
+    return model_config(**{**base, **SCORE_MOD_MODELS[name]}, implementation=implementation)
+
+
+@pytest.mark.parametrize("name", list(SCORE_MOD_MODELS))
+def test_score_mod_models_train_and_decode_on_pallas_alone(name, kernel_calls):
+    from tx.inference import Paged, generate
+    pallas_cfg, xla_cfg = (_model_config(name, impl) for impl in (("pallas",), ("xla",)))
+    pallas = _losses(pallas_cfg)
+    assert pallas[-1] < pallas[0]
+    wanted = {"t5": {"T5Bias"}, "alibi": {"ALiBi"}, "gemma2": {"Chain"}}[name]
+    assert wanted <= set(kernel_calls["flash"]), kernel_calls
+    kernel_calls["flash"].clear()
+    xla = _losses(xla_cfg)
+    assert not kernel_calls["flash"]  # the xla run never touched the kernel
+    np.testing.assert_allclose(pallas, xla, rtol=2e-4, atol=2e-4)
+
+    # Greedy decoding through the paged cache: prefill and steps in the paged kernel.
+    seq2seq = name == "t5"
+    rng = np.random.default_rng(3)
+    prompt = jnp.asarray(rng.integers(8, V, (B, 1 if seq2seq else 9)), jnp.int32)
+    extra = {"source_bs": jnp.asarray(rng.integers(8, V, (B, 11)), jnp.int32)} if seq2seq \
+        else {}
+    tokens = []
+    for cfg in (pallas_cfg, xla_cfg):
+        model = models.build(cfg)
+        tokens.append(generate(model, prompt, max_new_tokens=8, cache=Paged(4), **extra).tokens)
+    np.testing.assert_array_equal(tokens[0], tokens[1])
+    assert wanted <= set(kernel_calls["paged"]), kernel_calls

@@ -42,7 +42,8 @@ def names() -> tuple[str, ...]:
 # by implementation name. A paged cache tries them in its ``implementation`` order and attends
 # over its gathered pages (``attend``) from the first name that has none.
 _PAGED: dict[str, AttentionFn] = {}
-_MAX_PAGED_TOKENS = 16  # longer chunks (prefill) attend over gathered pages, with flash
+_MAX_PAGED_TOKENS = 16  # tokens per kernel call; longer prefills go in chunks of this many
+_MAX_PAGED_CHUNKS = 64  # past this many chunks a prefill attends over the gathered pages
 
 
 def register_paged(name: str, fn: AttentionFn) -> None:
@@ -119,18 +120,32 @@ def _cudnn(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=None,
 def _pallas_paged(q, k_pages, v_pages, block_tables, lengths, *, mask, scale=None,
                   k_scales=None, v_scales=None, score_mod=None):
     """Our Pallas paged-decode kernel, for the decode steps it is built for (int8 pages with
-    their per-token scales included)."""
+    their per-token scales and score modifiers included). A prefill of more tokens under a
+    mask that never shows a query later keys (causal, sliding window) runs as chunks of
+    ``_MAX_PAGED_TOKENS``: chunk ``c`` is exact with the length cut at its last token, since
+    the keys after it are hidden from it anyway."""
     t, page = (1 if q.ndim == 3 else q.shape[1]), k_pages.shape[1]
-    if t > _MAX_PAGED_TOKENS:
-        raise NotImplementedError(f"{t} new tokens: the paged kernel serves decode steps of "
-                                  f"up to {_MAX_PAGED_TOKENS}")
+    band = (mask or masks_lib.Full()).band()
+    if t > _MAX_PAGED_TOKENS and (band is None or band[1] > 0 or
+                                  t > _MAX_PAGED_TOKENS * _MAX_PAGED_CHUNKS):
+        raise NotImplementedError(f"{t} new tokens under {mask}: the paged kernel serves "
+                                  f"decode steps of up to {_MAX_PAGED_TOKENS}, and causal "
+                                  f"prefills of up to {_MAX_PAGED_TOKENS * _MAX_PAGED_CHUNKS}")
     if page & (page - 1):
         raise NotImplementedError(f"page size {page} is not a power of two")
-    scales = {} if k_scales is None else {"k_scales": k_scales, "v_scales": v_scales}
+    extra = {} if k_scales is None else {"k_scales": k_scales, "v_scales": v_scales}
     if score_mod is not None:
-        scales["score_mod"] = score_mod
-    return per_shard.paged(_paged_pallas)(q, k_pages, v_pages, block_tables, lengths,
-                                          mask=mask, scale=scale, **scales)
+        extra["score_mod"] = score_mod
+    kernel = per_shard.paged(_paged_pallas)
+    if t <= _MAX_PAGED_TOKENS:
+        return kernel(q, k_pages, v_pages, block_tables, lengths, mask=mask, scale=scale,
+                      **extra)
+    outs = []
+    for c0 in range(0, t, _MAX_PAGED_TOKENS):
+        c1 = min(t, c0 + _MAX_PAGED_TOKENS)
+        outs.append(kernel(q[:, c0:c1], k_pages, v_pages, block_tables, lengths - (t - c1),
+                           mask=mask, scale=scale, **extra))
+    return jnp.concatenate(outs, axis=1)
 
 
 register("xla", reference.attention)

@@ -72,7 +72,8 @@ class UnitOffsetRMSNorm(nnx.Module):
     def __call__(self, x_btd: jax.Array, mask=None) -> jax.Array:
         x = x_btd.astype(jnp.float32)
         y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+        gain = (1.0 + self.scale[...].astype(jnp.float32)).reshape((1,) * (x.ndim - 1) + (-1,))
+        return (y * gain).astype(self.dtype)
 
 
 # -- values: the config's leaves ----------------------------------------------------------------

@@ -8,7 +8,8 @@ dict to a ``ModelConfig``.
 
 Families, one module each: ``decoders`` (``llama`` with RoPE scaling, ``mistral``, ``gpt2``),
 ``qwen2`` (LLaMA with q/k/v biases, optional sliding-window layers), ``phi3`` (LLaMA with fused
-``qkv_proj`` and ``gate_up_proj``), ``bert`` (masked LM, sequence classification), ``t5``
+``qkv_proj`` and ``gate_up_proj``), ``gemma2`` (soft-capped logits, sandwich norms,
+alternating sliding-window layers), ``bert`` (masked LM, sequence classification), ``t5``
 (conditional generation). A config option tx cannot reproduce raises a ``ValueError`` naming the
 option, rather than loading a model that computes something else. Layouts are described in
 ``common.py``.
@@ -29,12 +30,12 @@ from flax import nnx
 
 from tx import flags, models
 from tx.config import ModelConfig
-from tx.interop.hf import bert, decoders, phi3, qwen2, t5
+from tx.interop.hf import bert, decoders, gemma2, phi3, qwen2, t5
 from tx.interop.hf.common import task_of, unsupported
 
 # model_type_of picks the first family that claims a config: phi3 after decoders, so a
 # LLaMA-shaped config saves as LLaMA unless phi3 is asked for.
-_FAMILIES = (decoders, qwen2, phi3, bert, t5)
+_FAMILIES = (decoders, qwen2, phi3, gemma2, bert, t5)
 _BY_TYPE = {name: family for family in _FAMILIES for name in family.ARCHITECTURES}
 MODEL_TYPES = tuple(_BY_TYPE)
 

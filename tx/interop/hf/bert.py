@@ -13,7 +13,8 @@ from __future__ import annotations
 from kernels import masks
 from tx.config import ModelConfig
 from tx.interop.hf.common import (Entry, activation_of, attention, check_architecture, dense,
-                                  linear, norm, one, uniform_mask, unsupported)
+                                  linear, no_gemma_options, norm, one, uniform_mask,
+                                  unsupported)
 from tx.layers import LayerNorm, Learned
 from tx.models import heads
 
@@ -65,7 +66,7 @@ def model_type(cfg: ModelConfig) -> str | None:
             getattr(head, "bias", False) and activation_of(cfg) in _TO_HF and
             a.kv_heads == a.num_heads and cfg.head_dim * a.num_heads == cfg.d_model and
             uniform_mask(cfg) == masks.Full() and a.scale is None and
-            getattr(head, "scale", 1.0) == 1.0)
+            getattr(head, "scale", 1.0) == 1.0 and no_gemma_options(cfg))
     known = {heads.MLMHead: lambda: head.transform,
              heads.Classifier: lambda: isinstance(head.pooler, heads.ClsPool),
              heads.TokenClassifier: lambda: True}

@@ -35,9 +35,19 @@ def activation_of(cfg) -> str | None:
 
 
 def plain_body(cfg) -> bool:
-    """No option HF's plain architectures lack: default input embeddings and no MLM
-    transform (each family checks the rest)."""
-    return cfg.embed == EmbedConfig() and not getattr(cfg.head, "transform", False)
+    """No option HF's plain architectures lack: default input embeddings, no MLM transform
+    and none of Gemma 2's options (each family checks the rest)."""
+    return (cfg.embed == EmbedConfig() and not getattr(cfg.head, "transform", False) and
+            no_gemma_options(cfg))
+
+
+def no_gemma_options(cfg) -> bool:
+    """None of the options only Gemma 2 maps (``gemma2.py``): scaled embeddings, sandwich or
+    unit-offset norms, soft-capped attention or vocabulary logits."""
+    norm = cfg.norm
+    return (cfg.embed.scale == 1.0 and not getattr(norm, "sandwich", False) and
+            not getattr(norm, "unit_offset", False) and cfg.attention.score_mod is None and
+            getattr(cfg.head, "softcap", None) is None)
 
 
 def uniform_mask(cfg) -> masks.Mask | None:
@@ -115,3 +125,26 @@ def attention(prefix: str, attn, names: tuple[str, str, str, str], n: int, k: in
     if bias if out_bias is None else out_bias:
         out.append(one(o + ".bias", attn.o_bias_d))
     return out
+
+
+# Hugging Face's names of a layer's attention kind (``layer_types``).
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def layer_kinds(cfg, family: str) -> tuple[list[str], int | None]:
+    """Each layer's HF attention kind for a tx config, and the one window (in keys) of the
+    sliding layers; ``family`` names the model in the errors."""
+    kinds, windows = [], set()
+    for mask in cfg.attention.layer_masks(cfg.num_layers, masks.Causal()):
+        if mask == masks.Causal():
+            kinds.append(FULL)
+        elif isinstance(mask, masks.Local) and mask.right == 0:
+            kinds.append(SLIDING)
+            windows.add(mask.left + 1)  # Local(W - 1): W keys
+        else:
+            unsupported("attention.masks", cfg.attention.masks, f"{family} layers are causal "
+                        "or a causal sliding window (masks.Causal(), masks.Local(W - 1)).")
+    if len(windows) > 1:
+        unsupported("attention.masks", cfg.attention.masks, f"{family} has one sliding_window "
+                    f"for every sliding layer, not {sorted(windows)}; use one window size.")
+    return kinds, (windows.pop() if windows else None)

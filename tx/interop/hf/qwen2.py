@@ -9,13 +9,13 @@ is tx ``Local(W - 1)`` (as for Mistral), every other layer is causal; a mix beco
 
 from __future__ import annotations
 
-from kernels import masks
 from tx.config import ModelConfig
 from tx.interop.hf import decoders
-from tx.interop.hf.common import Entry, check_architecture, unsupported
+from tx.interop.hf.common import (FULL, SLIDING, Entry, check_architecture, layer_kinds,
+                                   unsupported)
 
 ARCHITECTURES = {"qwen2": {"Qwen2ForCausalLM": "lm"}}
-_FULL, _SLIDING = "full_attention", "sliding_attention"
+_FULL, _SLIDING = FULL, SLIDING
 _MAX_WINDOW_LAYERS = 28  # HF's default when a file leaves max_window_layers out
 
 
@@ -59,38 +59,20 @@ def fields(hf: dict, model_type: str) -> dict:
     return out
 
 
-def _tx_layers(cfg: ModelConfig) -> tuple[list[str], int | None]:
-    """Each layer's HF attention kind for a tx config, and the one window of the sliding ones."""
-    kinds, windows = [], set()
-    for mask in cfg.attention.layer_masks(cfg.num_layers, masks.Causal()):
-        if mask == masks.Causal():
-            kinds.append(_FULL)
-        elif isinstance(mask, masks.Local) and mask.right == 0:
-            kinds.append(_SLIDING)
-            windows.add(mask.left + 1)  # Local(W - 1): W keys
-        else:
-            unsupported("attention.masks", cfg.attention.masks, "Qwen2 layers are causal or "
-                        "a causal sliding window (masks.Causal(), masks.Local(W - 1)).")
-    if len(windows) > 1:
-        unsupported("attention.masks", cfg.attention.masks, f"Qwen2 has one sliding_window "
-                    f"for every sliding layer, not {sorted(windows)}; use one window size.")
-    return kinds, (windows.pop() if windows else None)
-
-
 def model_type(cfg: ModelConfig) -> str | None:
     """``qwen2`` for a LLaMA-shaped config with q/k/v biases and none on o or the MLP."""
     a = cfg.attention
     if not (decoders.llama_shaped(cfg) and a.bias and a.out_bias is False and
             not cfg.mlp.bias):
         return None
-    _tx_layers(cfg)  # masks Qwen2 has no layer type for fail here, by name
+    layer_kinds(cfg, "Qwen2")  # masks Qwen2 has no layer type for fail here, by name
     return "qwen2"
 
 
 def hf_config(cfg: ModelConfig, model_type: str) -> dict:
     hf = decoders.hf_config(cfg, "llama")
     del hf["attention_bias"], hf["mlp_bias"]  # not Qwen2 options: its biases are fixed
-    kinds, window = _tx_layers(cfg)
+    kinds, window = layer_kinds(cfg, "Qwen2")
     # layer_types says it all to transformers >= 4.53; older ones read max_window_layers, which
     # matches when the sliding layers are the last ones.
     hf.update(use_sliding_window=window is not None, sliding_window=window, layer_types=kinds,

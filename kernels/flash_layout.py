@@ -1,0 +1,36 @@
+"""Flash attention's memory layouts: query heads folded into tile rows, zero padding to tile
+multiples, segment ids per folded row. ``cfg`` is ``kernels.flash_attention._Config``."""
+
+import jax.numpy as jnp
+
+
+def fold_rows(cfg, x_btnh):
+    """``[B,T,N,H]`` -> ``[B, N/fold, T_pad*fold, H_pad]``: fold heads into tile rows."""
+    b, t, n, h = x_btnh.shape
+    x = jnp.pad(x_btnh, ((0, 0), (0, cfg.q_pad - t), (0, 0), (0, cfg.head_dim_pad - h)))
+    x = x.reshape(b, cfg.q_pad, n // cfg.fold, cfg.fold, cfg.head_dim_pad)
+    return x.transpose(0, 2, 1, 3, 4).reshape(b, n // cfg.fold, cfg.q_pad * cfg.fold,
+                                              cfg.head_dim_pad)
+
+
+def unfold_rows(cfg, x_f, dtype):
+    """Inverse of ``fold_rows`` (drops the padding)."""
+    b, hg, _, hp = x_f.shape
+    x = x_f.reshape(b, hg, cfg.q_pad, cfg.fold, hp).transpose(0, 2, 1, 3, 4)
+    x = x.reshape(b, cfg.q_pad, hg * cfg.fold, hp)
+    return x[:, :cfg.q_len, :, :cfg.head_dim].astype(dtype)
+
+
+def pad_kv(cfg, x_bskh):
+    s, h = x_bskh.shape[1], x_bskh.shape[3]
+    return jnp.pad(x_bskh, ((0, 0), (0, cfg.kv_pad - s), (0, 0), (0, cfg.head_dim_pad - h)))
+
+
+def segments(cfg, segment_ids):
+    if segment_ids is None:
+        return None, None
+    q_seg, kv_seg = (x.astype(jnp.int32) for x in segment_ids)
+    q_seg = jnp.pad(q_seg, ((0, 0), (0, cfg.q_pad - cfg.q_len)))
+    q_seg = jnp.repeat(q_seg, cfg.fold, axis=1)  # one id per folded row
+    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, cfg.kv_pad - cfg.kv_len)))
+    return q_seg, kv_seg
