@@ -29,8 +29,8 @@ B, T = 2, 37  # not a multiple of any block
 
 @pytest.fixture(autouse=True)
 def _release_compiled():
-    """Each cell compiles its own kernels (about 30 MB of executables): let them go after the
-    test, so a worker's memory does not grow with the matrix."""
+    """Each cell compiles its own kernels, a few hundred memory maps of executables: let them
+    go after the test, or the matrix alone would exhaust a worker's maps (tests/conftest.py)."""
     yield
     jax.clear_caches()
 HEADS = {"mha": (4, 4), "gqa4": (8, 2), "mqa": (4, 1)}
@@ -388,7 +388,9 @@ if __name__ == "__main__":
         for mod_name in MODS:
             for pattern in PATTERNS:
                 for heads in HEADS:
-                    for name, err in _check_case(mod_name, pattern, heads, dtype).items():
+                    errors = _check_case(mod_name, pattern, heads, dtype)
+                    jax.clear_caches()  # see _release_compiled
+                    for name, err in errors.items():
                         key = (dtype, name)
                         worst[key] = max(worst.get(key, (0.0, None)),
                                          (float(err), f"{mod_name}/{pattern}/{heads}"))
