@@ -31,6 +31,15 @@ _MAX_Q_BLOCKS = 16
 _KEY_ALIGN = 16  # key ranges start and end on multiples of this (or at S)
 
 
+def _default_positions(b, t, s, q_positions, kv_positions):
+    """The given positions, or the bottom-right aligned ones: ``[B, T]`` and ``[B, S]``."""
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return q_positions, kv_positions
+
+
 def visibility(mask: masks_lib.Mask, b: int, t: int, s: int, *, segment_ids=None,
                kv_lengths=None, q_positions=None, kv_positions=None,
                kv_len: int | None = None) -> jax.Array:
@@ -40,10 +49,7 @@ def visibility(mask: masks_lib.Mask, b: int, t: int, s: int, *, segment_ids=None
     unfilled cache), which nobody sees. ``kv_len`` is the key count the mask is evaluated for
     (default ``s``; a block of keys passes the whole length).
     """
-    if q_positions is None:
-        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))
-    if kv_positions is None:
-        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_positions, kv_positions = _default_positions(b, t, s, q_positions, kv_positions)
     q_pos, kv_pos = q_positions[:, :, None], kv_positions[:, None, :]
     kv_len = s if kv_len is None else kv_len
     visible = jnp.broadcast_to(mask.predicate(q_pos, kv_pos, kv_len), (b, t, s)) & (kv_pos >= 0)
@@ -71,10 +77,7 @@ def _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions,
 def _modified(score_mod, logits, q_positions, kv_positions):
     """The score modifier applied to logits ``[B,K,G,T,S]`` at the given positions."""
     b, kh, g, t, s = logits.shape
-    if q_positions is None:
-        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))
-    if kv_positions is None:
-        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_positions, kv_positions = _default_positions(b, t, s, q_positions, kv_positions)
     head = jnp.arange(kh * g, dtype=jnp.int32).reshape(1, kh, g, 1, 1)
     batch = jnp.arange(b, dtype=jnp.int32).reshape(b, 1, 1, 1, 1)
     return score_mods.reference_logits(
