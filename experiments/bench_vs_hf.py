@@ -8,6 +8,10 @@ repetition by repetition (so a loaded machine slows both alike; medians reported
   * train: one AdamW step (forward, token cross-entropy, backward, update). tx runs
     ``tx.train.make_train_step`` with plain ``optax.adamw`` (no clipping, no non-finite
     guard); PyTorch runs ``torch.optim.AdamW`` with the same hyperparameters;
+  * attention: one layer's causal attention alone, forward and backward, on the model's
+    heads and the ``B x T`` batch: tx's ``xla`` implementation (what the layer runs on CPU)
+    against PyTorch's ``scaled_dot_product_attention`` (a fused flash kernel on CPU), the
+    share of the training step where the two differ most;
   * decode: greedy generation of ``--new_tokens`` after a ``--prompt``-token prompt at each
     ``--decode_batches`` size (tx ``generate`` with the contiguous cache, HF ``generate``),
     and tx's paged cache against its contiguous one.
@@ -41,7 +45,7 @@ from tx.interop import hf
 from tx.train.step import init_state, make_train_step
 
 _MODELS = flags.DEFINE_list("models", ["gpt2", "llama"], "Model shapes: gpt2, llama.")
-_WORK = flags.DEFINE_list("work", ["forward", "train", "decode"], "What to time.")
+_WORK = flags.DEFINE_list("work", ["forward", "train", "attention", "decode"], "What to time.")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width D.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Layers.")
 _VOCAB = flags.DEFINE_integer("vocab", 2048, "Vocabulary V.")
@@ -177,6 +181,44 @@ def train_row(name, ref, model, ids):
                 first_loss_diff=abs(tx_loss - torch_loss))
 
 
+def attention_row(name, config, ids):
+    """Causal attention with the model's heads on random q, k, v: output and q/k/v gradients
+    for a random cotangent, checked against each other before timing."""
+    import torch
+    from kernels import masks
+    from tx.attention import registry
+    b, t = ids.shape
+    n = config.get("num_attention_heads", config.get("n_head"))
+    kh = config.get("num_key_value_heads", n)
+    h = config.get("hidden_size", config.get("n_embd")) // n
+    rng = np.random.RandomState(2)
+    q, k, v, do = (rng.standard_normal(shape).astype(np.float32)
+                   for shape in ((b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, t, n, h)))
+
+    def loss(q, k, v):
+        out = registry.attend(q, k, v, mask=masks.Causal(), implementation=("xla",))
+        return (out * do).sum()
+
+    tx_grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    torch_in = [torch.tensor(x).transpose(1, 2) for x in (q, k, v)]  # [B, heads, T, H]
+    do_t = torch.tensor(do).transpose(1, 2)
+
+    def torch_grads():
+        leaves = [x.clone().requires_grad_() for x in torch_in]
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True,
+                                                               enable_gqa=kh != n)
+        out.backward(do_t)
+        return [x.grad.transpose(1, 2).numpy() for x in leaves]
+
+    diff = max(float(np.abs(np.asarray(a) - w).max())
+               for a, w in zip(tx_grads(q, k, v), torch_grads()))
+    assert diff <= _TOL.value, f"{name}: attention gradients differ by {diff} > {_TOL.value}"
+    tx_s, torch_s = interleaved(lambda: jax.block_until_ready(tx_grads(q, k, v)), torch_grads,
+                                _REPEATS.value)
+    return dict(work="attention", batch=b, tokens=b * t, tx_s=tx_s, torch_s=torch_s,
+                max_abs_grad_diff=diff, heads=n, kv_heads=kh, head_dim=h)
+
+
 def decode_rows(name, ref, model, batch):
     import torch
     new = _NEW.value
@@ -221,6 +263,8 @@ def run() -> list[dict]:
             found.append(forward_row(name, ref, model, ids[:, :-1]))
         if "train" in _WORK.value:
             found.append(train_row(name, ref, model, ids))
+        if "attention" in _WORK.value:
+            found.append(attention_row(name, config, ids[:, :-1]))
         if "decode" in _WORK.value:
             for batch in _DECODE_BATCHES.value:
                 found += decode_rows(name, ref, model, int(batch))
