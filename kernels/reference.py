@@ -186,15 +186,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
     if len(blocks) == 1 and blocks[0][2:] == (0, s):
         return _dense_attention(q, k, v, mask, segment_ids, kv_lengths, scale, bias,
                                 q_positions, kv_positions, score_mod=score_mod).astype(q.dtype)
+    # A block's positions are its slice of the whole call's (default: bottom-right aligned).
+    q_positions, kv_positions = _default_positions(b, t, s, q_positions, kv_positions)
     outs = []
     for q0, q1, k0, k1 in blocks:
         if k0 == k1:  # these rows see no key: zeros (and zero gradients)
             outs.append(jnp.zeros((b, q1 - q0) + q.shape[2:], jnp.float32))
             continue
-        q_pos = (jnp.broadcast_to(jnp.arange(q0, q1, dtype=jnp.int32) + (s - t), (b, q1 - q0))
-                 if q_positions is None else q_positions[:, q0:q1])
-        kv_pos = (jnp.broadcast_to(jnp.arange(k0, k1, dtype=jnp.int32), (b, k1 - k0))
-                  if kv_positions is None else kv_positions[:, k0:k1])
+        q_pos, kv_pos = q_positions[:, q0:q1], kv_positions[:, k0:k1]
         segments = None if segment_ids is None else (segment_ids[0][:, q0:q1],
                                                       segment_ids[1][:, k0:k1])
         # Key lengths count slots from 0: shift them to this block's first key.
