@@ -181,16 +181,15 @@ def train_row(name, ref, model, ids):
                 first_loss_diff=abs(tx_loss - torch_loss))
 
 
-def attention_row(name, config, ids):
-    """Causal attention with the model's heads on random q, k, v: output and q/k/v gradients
-    for a random cotangent, checked against each other before timing."""
+def attention_row(name, model, ids):
+    """Causal attention with the model's heads on random q, k, v, forward and backward: the
+    q/k/v gradients for a random cotangent are checked against each other before timing."""
     import torch
     from kernels import masks
     from tx.attention import registry
     b, t = ids.shape
-    n = config.get("num_attention_heads", config.get("n_head"))
-    kh = config.get("num_key_value_heads", n)
-    h = config.get("hidden_size", config.get("n_embd")) // n
+    n, kh, h = (model.config.attention.num_heads, model.config.attention.kv_heads,
+                model.config.head_dim)
     rng = np.random.RandomState(2)
     q, k, v, do = (rng.standard_normal(shape).astype(np.float32)
                    for shape in ((b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, t, n, h)))
@@ -264,7 +263,7 @@ def run() -> list[dict]:
         if "train" in _WORK.value:
             found.append(train_row(name, ref, model, ids))
         if "attention" in _WORK.value:
-            found.append(attention_row(name, config, ids[:, :-1]))
+            found.append(attention_row(name, model, ids[:, :-1]))
         if "decode" in _WORK.value:
             for batch in _DECODE_BATCHES.value:
                 found += decode_rows(name, ref, model, int(batch))
