@@ -131,6 +131,20 @@ def _largest_array_file(workdir, step) -> pathlib.Path:
     return max(files, key=lambda p: p.stat().st_size)
 
 
+def _reader_falls_back_past_40(workdir, capsys):
+    """Loads ``workdir``'s model as evaluate.py and generate.py do (``loop.load_model``):
+    checkpoint 40 must be reported in one line and step 20 loaded. -> (resolved config, the
+    line)."""
+    from tx.train import configs as configs_lib
+    from tx.train import loop
+    resolved = configs_lib.resolve(loop.saved_config(workdir))
+    _, step = loop.load_model(resolved, workdir)
+    assert step == 20
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("checkpoint 40 in "), lines
+    return resolved, lines[0]
+
+
 def test_a_corrupt_checkpoint_is_reported_moved_aside_and_the_run_falls_back(reference,
                                                                             tmp_path):
     workdir = tmp_path / "run"
@@ -158,9 +172,6 @@ def test_an_array_that_misses_its_checksum_is_corrupt_and_readers_fall_back(refe
     """Values that read back but differ from what was saved (recorded here as a changed
     checksum, so that the arrays themselves decode) are caught by the checksum check."""
     import json
-
-    from tx.train import configs as configs_lib
-    from tx.train import loop
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     meta_file = workdir / "checkpoints" / "40" / "meta" / "metadata"
@@ -168,28 +179,18 @@ def test_an_array_that_misses_its_checksum_is_corrupt_and_readers_fall_back(refe
     name = next(key for key in meta["checksums"] if key.startswith("['params']"))
     meta["checksums"][name] = f"{int(meta['checksums'][name], 16) ^ 1:016x}"
     meta_file.write_text(json.dumps(meta))
-    resolved = configs_lib.resolve(loop.saved_config(workdir))
-    _, step = loop.load_model(resolved, workdir)
-    assert step == 20
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("checkpoint 40 in "), lines
-    assert f"is corrupt: array {name} does not match the checksum" in lines[0], lines
+    _, line = _reader_falls_back_past_40(workdir, capsys)
+    assert f"is corrupt: array {name} does not match the checksum" in line, line
 
 
 def test_a_truncated_checkpoint_is_reported_and_readers_fall_back(reference, tmp_path, capsys):
-    from tx.train import configs as configs_lib
     from tx.train import loop
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     path = _largest_array_file(workdir, 40)
     os.truncate(path, path.stat().st_size // 3)
-    # evaluate.py and generate.py load their model through loop.load_model.
-    resolved = configs_lib.resolve(loop.saved_config(workdir))
-    _, step = loop.load_model(resolved, workdir)
-    assert step == 20
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("checkpoint 40 in ")
-    assert "cannot be read (array " in lines[0] and "falling back" in lines[0]
+    resolved, line = _reader_falls_back_past_40(workdir, capsys)
+    assert "cannot be read (array " in line and "falling back" in line
     assert (workdir / "checkpoints" / "40").is_dir()  # readers leave it in place
     with pytest.raises(loop.CheckpointError, match="checkpoint 40 .* cannot be read"):
         loop.load_model(resolved, workdir, step=40)  # an explicit step never falls back
