@@ -199,8 +199,11 @@ def test_a_truncated_checkpoint_is_reported_and_readers_fall_back(reference, tmp
 def _on_a_full_disk(cmd, limit_bytes):
     """``cmd`` in a process whose files cannot grow past ``limit_bytes`` (writes fail with
     EFBIG, as on a full disk). A launcher sets the limit and execs, so nothing runs between
-    fork and exec in this (threaded) test process."""
+    fork and exec in this (threaded) test process. It also leaves the tests' shared
+    compilation cache (tests/conftest.py): that cache is the harness's, and a truncated entry
+    would outlive this process and warn in every later one."""
     launcher = ("import os, resource, signal, sys\n"
+                "os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)\n"
                 "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
                 f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes}))\n"
                 "os.execv(sys.argv[1], sys.argv[1:])\n")
