@@ -4,9 +4,8 @@ sequence) over a paged KV cache, timed side by side on the same pages for
   * ``tx_pallas``: ``kernels.paged_attention`` (split-K from the tuning table);
   * ``tx_pallas_split``: the same with ``--kernel_split_k`` programs per sequence (flash-decoding);
   * ``xla``: ``kernels.reference.paged_attention`` (gather the pages, then dense attention);
-  * ``jax_pallas``: JAX's own ``jax.experimental.pallas.ops.gpu.paged_attention`` (its pages
-    are ``[K, P, L, H]`` and it does not scale the logits: pages transposed and q scaled once,
-    outside the timing).
+  * ``jax_pallas``: JAX's own ``jax.experimental.pallas.ops.gpu.paged_attention`` (the same
+    ``[K, P, L, H]`` pages; it does not scale the logits: q scaled once, outside the timing).
 
 GB/s counts the bytes a decode step must read at least (every sequence's K and V up to its
 length, plus q) over the median time; ``copy_pct`` compares it with this device's measured copy
@@ -51,7 +50,7 @@ def default_shapes(on_gpu: bool, batch: int | None, context: int | None) -> list
 
 
 def make_inputs(shape: Shape, seed: int = 0):
-    """Shuffled physical pages, ragged lengths; ``[P, L, K, H]`` pools with room to spare."""
+    """Shuffled physical pages, ragged lengths; ``[K, P, L, H]`` pools with room to spare."""
     rng = np.random.default_rng(seed)
     per_seq = -(-shape.context // shape.page_size)
     num_pages = shape.batch * per_seq + 8
@@ -59,7 +58,7 @@ def make_inputs(shape: Shape, seed: int = 0):
     lengths = rng.integers(shape.context // 2, shape.context + 1, shape.batch)
     keys = jax.random.split(jax.random.key(seed), 3)
     dtype = jnp.dtype(shape.dtype)
-    pool = (num_pages, shape.page_size, shape.num_kv_heads, shape.head_dim)
+    pool = (shape.num_kv_heads, num_pages, shape.page_size, shape.head_dim)
     q = jax.random.normal(keys[0], (shape.batch, shape.num_heads, shape.head_dim), dtype)
     k = jax.random.normal(keys[1], pool, dtype)
     v = jax.random.normal(keys[2], pool, dtype)
@@ -114,10 +113,9 @@ def run(shapes: list[Shape], *, interpret: bool, split_k: int, iters: int) -> li
                                          v.astype(jnp.float32), tables, lengths)
         for name, fn in implementations(interpret, split_k).items():
             args = (q, k, v, tables, lengths)
-            if name == "jax_pallas":  # it takes [K, P, L, H] pages and does not scale logits
+            if name == "jax_pallas":  # it does not scale the logits
                 q_scaled = (q * shape.head_dim ** -0.5).astype(q.dtype)
-                args = (q_scaled, k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3), tables,
-                        lengths)
+                args = (q_scaled, k, v, tables, lengths)
             row = {"bench": "paged_kernel", "impl": name, **dataclasses.asdict(shape),
                    "interpret": interpret and name != "xla"}
             try:

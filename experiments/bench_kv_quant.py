@@ -192,7 +192,7 @@ def cache_bytes(model) -> dict:
     per_slot = tail = 0.0
     for cache in generation_lib.caches(model):
         parts = [c[...] for store in (cache.k_pages, cache.v_pages) for c in store.values()]
-        slots = parts[0].shape[0] * cache.page_size  # every part leads with the pool's P
+        slots = parts[0].shape[1] * cache.page_size  # every part is [K, P, ...]
         per_slot += sum(x.nbytes for x in parts) / slots
         rows = cache.block_tables[...].shape[0]
         tail += sum(t[...].nbytes / rows for t in (cache.k_tail, cache.v_tail)

@@ -2,8 +2,10 @@
 skipping and split-K (flash-decoding).
 
 Algorithm: PagedAttention (Kwon et al., 2023, arXiv:2309.06180): the KV cache lives in a pool
-of fixed-size physical pages ``[P, L, K, H]``; a sequence's ``block_tables`` row maps its
-logical pages to physical ones. The kernel walks those pages with the online softmax of
+of fixed-size physical pages ``[K, P, L, H]``; a sequence's ``block_tables`` row maps its
+logical pages to physical ones. The pool is K/V-head major so that one head's page is one
+contiguous ``[L, H]`` block: a program's page loads are whole blocks, and the gathering
+``xla`` path gets ``[K, B, S, H]``, which feeds its dots without a transpose. The kernel walks those pages with the online softmax of
 FlashAttention (fp32 accumulation), and for long contexts with few sequences splits a
 sequence's pages over ``split_k`` programs whose partial outputs are merged with their
 log-sum-exp (Flash-Decoding, Dao et al., 2023).
@@ -30,7 +32,7 @@ instead would read (leak) another sequence's page. The load itself stays clamped
 traced tables and lengths for debugging. The host-side checks live in ``kernels.paged_checks``.
 
 Quantised pages. With ``k_scales``/``v_scales`` the pages hold int8 codes and a scale per
-(token, kv head): key = ``code * scale``. The kernel reads the codes (a quarter of fp32's bytes,
+(kv head, token): key = ``code * scale``. The kernel reads the codes (a quarter of fp32's bytes,
 half of bf16's: decode is bound by those reads) and dequantises in registers. K's scale is
 per key, i.e. per logit column, so it is folded into the logits, ``s = (q @ codes^T) *
 k_scale``, and the codes enter the dot as exact small integers in q's dtype; V's codes are
@@ -94,7 +96,7 @@ class _Config:
     split_k: int
     out_dtype: Any
     squeeze: bool         # q was [B, N, H]
-    quantised: bool       # int8 pages with k/v scales ``[P, L, K]``
+    quantised: bool       # int8 pages with k/v scales ``[K, P, L]``
     interpret: bool
     num_warps: int | None
     num_stages: int
@@ -180,7 +182,7 @@ def _initial(cfg: _Config, sinks_ref, rows):
 
 
 def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precision):
-    # Quantised pages bring their scale refs (``[P, L]`` for this kv head), a score modifier
+    # Quantised pages bring their scale refs (``[P, L]`` of this kv head), a score modifier
     # its per-row parameters and sinks, before the outputs.
     ks_ref, vs_ref, params_ref, sinks_ref, o_ref, lse_ref = _split_refs(cfg, refs)
     ppb, page = cfg.pages_per_block, cfg.page_size
@@ -282,12 +284,12 @@ def _row_inputs(cfg: _Config, kh: int, params, sinks):
 def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages, k_scales, v_scales,
                 params=None, sinks=None):
     b, kh, rows, hp = q_f.shape
-    p, page = k_pages.shape[:2]
+    p, page = k_pages.shape[1:3]
     # One partial output per split; fp32 when they still have to be merged.
     o_dtype = jnp.float32 if cfg.split_k > 1 else q_f.dtype
-    kv_spec = pl.BlockSpec((p, page, None, hp), lambda b, h, s: (0, 0, h, 0))
+    kv_spec = pl.BlockSpec((None, p, page, hp), lambda b, h, s: (h, 0, 0, 0))
     # Quantised pages: this kv head's scales of every page, read like its codes.
-    scale_spec = pl.BlockSpec((p, page, None), lambda b, h, s: (0, 0, h))
+    scale_spec = pl.BlockSpec((None, p, page), lambda b, h, s: (h, 0, 0))
     scales = [k_scales, v_scales] if cfg.quantised else []
     extra, extra_specs = _row_inputs(cfg, kh, params, sinks)
     kernel = functools.partial(_paged_kernel, cfg=cfg, precision=_precision(q_f.dtype))
@@ -344,7 +346,7 @@ def _paged_jit(cfg: _Config, q, k_pages, v_pages, block_tables, lengths, k_scale
     # A traced table may hold ids outside [0, P): -1 marks such a page empty for the kernel
     # (masked, never clamped onto another sequence's page). The padding is never visited
     # (loop bounds stop at the sequence's last page).
-    num_pages = k_pages.shape[0]
+    num_pages = k_pages.shape[1]
     table = block_tables.astype(jnp.int32)
     table = jnp.where((table >= 0) & (table < num_pages), table, -1)
     table = jnp.pad(table, ((0, 0), (0, cfg.table_width - cfg.max_pages)))
@@ -374,8 +376,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     Args:
       q: ``[B, N, H]`` (one new token per sequence) or ``[B, T, N, H]``; the ``T`` new tokens
         sit at positions ``lengths - T .. lengths - 1``.
-      k_pages, v_pages: ``[P, L, K, H]`` physical pages of ``L`` tokens (``L`` a power of two),
-        in q's dtype, or int8 codes when ``k_scales``/``v_scales`` are given.
+      k_pages, v_pages: ``[K, P, L, H]``: each kv head's ``P`` physical pages of ``L`` tokens
+        (``L`` a power of two), in q's dtype, or int8 codes when ``k_scales``/``v_scales`` are
+        given.
       block_tables: ``[B, max_pages]`` int32; logical page ``j`` of sequence ``b`` is physical
         page ``block_tables[b, j]``. Entries at or past ``cdiv(lengths[b], L)`` are never read.
         An id outside ``[0, P)`` raises a ValueError; under ``jit`` (unchecked) it reads as an
@@ -390,7 +393,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         interpret mode).
       pages_per_block: pages loaded per loop iteration; ``None``: from the tuning table.
       interpret: run the Pallas interpreter; ``None`` means "iff no GPU is present".
-      k_scales, v_scales: ``[P, L, K]`` float32 or bfloat16, both or neither: int8 pages hold
+      k_scales, v_scales: ``[K, P, L]`` float32 or bfloat16, both or neither: int8 pages hold
         symmetric codes, key ``k = k_pages.astype(f32) * k_scales[..., None]`` (V likewise);
         the kernel dequantises them in registers.
       score_mod: a ``kernels.score_mods`` value applied to the logits at (query position,

@@ -28,7 +28,7 @@ def is_pow2(x: Any) -> bool:
 
 
 def _check_page_dtypes(q, k_pages, v_pages, k_scales, v_scales):
-    """Float pages in q's dtype, or int8 codes with ``[P, L, K]`` float32/bfloat16 scales."""
+    """Float pages in q's dtype, or int8 codes with ``[K, P, L]`` float32/bfloat16 scales."""
     if (k_scales is None) != (v_scales is None):
         given, missing = ("k_scales", "v_scales") if v_scales is None else ("v_scales",
                                                                             "k_scales")
@@ -38,7 +38,7 @@ def _check_page_dtypes(q, k_pages, v_pages, k_scales, v_scales):
         if CODE_DTYPE in (k_pages.dtype, v_pages.dtype):
             raise ValueError(f"k_pages.dtype={k_pages.dtype}, v_pages.dtype={v_pages.dtype}: "
                              "int8 pages are quantised codes; pass k_scales and v_scales "
-                             "([P, L, K] float32 or bfloat16), or dequantise the pages.")
+                             "([K, P, L] float32 or bfloat16), or dequantise the pages.")
         if not (q.dtype == k_pages.dtype == v_pages.dtype):
             raise ValueError(f"dtypes must match: q.dtype={q.dtype}, k_pages.dtype="
                              f"{k_pages.dtype}, v_pages.dtype={v_pages.dtype}; cast them to "
@@ -58,8 +58,8 @@ def _check_page_dtypes(q, k_pages, v_pages, k_scales, v_scales):
     want = tuple(k_pages.shape[:3])
     for name, x in (("k_scales", k_scales), ("v_scales", v_scales)):
         if tuple(getattr(x, "shape", ())) != want or getattr(x, "ndim", None) != 3:
-            raise ValueError(f"{name}.shape={getattr(x, 'shape', None)} must be [P, L, K] = "
-                             f"{want} (k_pages.shape[:3]): one scale per token and kv head.")
+            raise ValueError(f"{name}.shape={getattr(x, 'shape', None)} must be [K, P, L] = "
+                             f"{want} (k_pages.shape[:3]): one scale per kv head and token.")
         if x.dtype not in SCALE_DTYPES:
             raise ValueError(f"{name}.dtype={x.dtype} must be float32 or bfloat16; use "
                              f"{name}.astype(jnp.float32).")
@@ -73,12 +73,12 @@ def check_shapes(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_sc
     for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name}.shape={getattr(x, 'shape', None)} must be 4-D "
-                             "[P, L, K, H]: P pages of L tokens, K kv heads, head dim H.")
+                             "[K, P, L, H]: K kv heads of P pages of L tokens, head dim H.")
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages.shape={k_pages.shape} and v_pages.shape={v_pages.shape} "
-                         "must match ([P, L, K, H]).")
+                         "must match ([K, P, L, H]).")
     b, t, n, h = q.shape if q.ndim == 4 else (q.shape[0], 1, *q.shape[1:])
-    p, page, kh, hk = k_pages.shape
+    kh, p, page, hk = k_pages.shape
     if hk != h:
         raise ValueError(f"head dim k_pages.shape[3]={hk} must equal q.shape[-1]={h}; "
                          "project q, k and v to the same head_dim.")
@@ -87,11 +87,11 @@ def check_shapes(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_sc
                          f"{block_sizes_lib.MAX_HEAD_DIM}]; split larger heads.")
     if kh < 1 or n % kh:
         raise ValueError(f"num_heads={n} (q.shape[-2]) must be a multiple of num_kv_heads={kh} "
-                         "(k_pages.shape[2]); choose num_kv_heads dividing num_heads.")
+                         "(k_pages.shape[0]); choose num_kv_heads dividing num_heads.")
     if p < 1:
-        raise ValueError(f"k_pages.shape[0]={p} must be >= 1 physical page.")
+        raise ValueError(f"k_pages.shape[1]={p} must be >= 1 physical page.")
     if not is_pow2(page):
-        raise ValueError(f"page size k_pages.shape[1]={page} must be a power of two "
+        raise ValueError(f"page size k_pages.shape[2]={page} must be a power of two "
                          f"(e.g. {next_pow2(page)}); Triton tiles are powers of two.")
     _check_page_dtypes(q, k_pages, v_pages, k_scales, v_scales)
     shape = getattr(block_tables, "shape", None)

@@ -98,15 +98,41 @@ def _softmax(logits, score_mod):
     return e / (e.sum(axis=-1, keepdims=True) + jnp.exp(sink - m))
 
 
+def _logits(q, k, kv_major: bool):
+    """fp32 ``q k^T`` as ``[B,K,G,T,S]`` for keys ``[B,S,K,H]`` or (``kv_major``) ``[K,B,S,H]``.
+
+    K-major keys come from a paged pool's whole pages. K and B then lead every operand, so
+    XLA's dot takes them as its batch dims as they lie; a ``[B,K,...]`` order would make it
+    transpose the keys first, one more pass over them than a contiguous cache pays."""
+    b, t, n, h = q.shape
+    kh = k.shape[0 if kv_major else 2]
+    q = q.reshape(b, t, kh, n // kh, h)
+    if not kv_major:
+        return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("KBTGH,KBSH->KBTGS", q.transpose(2, 0, 1, 3, 4), k,
+                        preferred_element_type=jnp.float32)
+    return logits.transpose(1, 0, 3, 2, 4)
+
+
+def _weighted_values(probs, v, kv_major: bool):
+    """``probs [B,K,G,T,S] @ v`` as fp32 ``[B,T,K,G,H]``, v laid out as in ``_logits``."""
+    probs = probs.astype(v.dtype)
+    if not kv_major:
+        return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("KBTGS,KBSH->KBTGH", probs.transpose(1, 0, 3, 2, 4), v,
+                     preferred_element_type=jnp.float32)
+    return out.transpose(1, 2, 0, 3, 4)
+
+
 def _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias, q_positions,
-                   kv_positions, kv_len=None, score_mod=None):
+                   kv_positions, kv_len=None, score_mod=None, kv_major=False):
     """fp32 logits ``[B,K,G,T,S]`` with hidden pairs at the fp32 minimum (finite, so fully
     hidden rows stay NaN-free) and visibility ``[B,T,S]``; arguments already checked."""
-    (b, t, n, h), (s, kh) = q.shape, k.shape[1:3]
+    b, t, n, h = q.shape
+    s, kh = (k.shape[2], k.shape[0]) if kv_major else k.shape[1:3]
     g = n // kh
     scale = h ** -0.5 if scale is None else scale
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(b, t, kh, g, h), k,
-                        preferred_element_type=jnp.float32) * scale
+    logits = _logits(q, k, kv_major) * scale
     if bias is not None:
         groups = (1, 1) if bias.shape[1] == 1 else (kh, g)
         logits = logits + bias.astype(jnp.float32).reshape(bias.shape[0], *groups, t, s)
@@ -119,14 +145,14 @@ def _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias, q_positions
 
 
 def _dense_attention(q, k, v, mask, segment_ids, kv_lengths, scale, bias, q_positions,
-                     kv_positions, kv_len=None, score_mod=None):
+                     kv_positions, kv_len=None, score_mod=None, kv_major=False):
     """Softmax attention over every key given, as ``[B,T,N,H]`` fp32."""
     logits, visible_bts = _masked_logits(q, k, mask, segment_ids, kv_lengths, scale, bias,
-                                         q_positions, kv_positions, kv_len, score_mod)
+                                         q_positions, kv_positions, kv_len, score_mod,
+                                         kv_major)
     # Zeroing hidden pairs after the softmax keeps a -inf bias from pushing weight onto them.
     probs = jnp.where(visible_bts[:, None, None], _softmax(logits, score_mod), 0.0)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = _weighted_values(probs, v, kv_major)
     out = jnp.where(visible_bts.any(axis=-1)[:, :, None, None, None], out, 0.0)
     return out.reshape(q.shape)
 
@@ -219,8 +245,8 @@ def attention_weights(q: jax.Array, k: jax.Array, *, mask: Any = None, segment_i
 
 
 def dequantise_pages(codes: jax.Array, scales: jax.Array) -> jax.Array:
-    """fp32 ``[P, L, K, H]`` values of int8 codes with per-(token, kv head) scales
-    ``[P, L, K]`` (symmetric quantisation: value = code * scale)."""
+    """fp32 values of int8 pages ``[K, P, L, H]`` with per-(kv head, token) scales
+    ``[K, P, L]`` (symmetric quantisation: value = code * scale); any leading shape."""
     return codes.astype(jnp.float32) * scales.astype(jnp.float32)[..., None]
 
 
@@ -230,14 +256,15 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     k_scales: jax.Array | None = None,
                     v_scales: jax.Array | None = None,
                     score_mod: score_mods.ScoreMod | None = None) -> jax.Array:
-    """Reference for ``kernels.paged_attention``: gather each sequence's pages into contiguous
-    K/V ``[B, max_pages * L, K, H]``, then ``attention`` with the new tokens at positions
-    ``lengths - T .. lengths - 1`` and keys past ``lengths`` as padding.
+    """Reference for ``kernels.paged_attention``: gather each sequence's pages into K-major
+    K/V ``[K, B, max_pages * L, H]``, then dense attention with the new tokens at positions
+    ``lengths - T .. lengths - 1`` and keys past ``lengths`` as padding. Also the ``xla``
+    implementation's decode step over a paged cache (``tx.attention.registry``).
 
-    q is ``[B, N, H]`` or ``[B, T, N, H]``; k_pages/v_pages ``[P, L, K, H]``; block_tables
+    q is ``[B, N, H]`` or ``[B, T, N, H]``; k_pages/v_pages ``[K, P, L, H]``; block_tables
     ``[B, max_pages]`` int32; lengths ``[B]`` int32 (new tokens included). With
-    ``k_scales``/``v_scales`` ``[P, L, K]`` the pages are int8 codes: they are dequantised
-    (``dequantise_pages``) and attended in fp32, the output cast to q's dtype.
+    ``k_scales``/``v_scales`` ``[K, P, L]`` the pages are int8 codes: the gathered pages are
+    dequantised (``dequantise_pages``) and attended in fp32, the output cast to q's dtype.
 
     A page id outside ``[0, P)`` reads as an empty page (its keys hidden, as if past the
     length), as in the kernel: gathering it would clamp or wrap onto another sequence's page.
@@ -247,28 +274,36 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                          f"all; got k_scales={'None' if k_scales is None else 'array'}, "
                          f"v_scales={'None' if v_scales is None else 'array'}.")
     out_dtype = q.dtype
-    if k_scales is not None:
-        k_pages, v_pages = dequantise_pages(k_pages, k_scales), dequantise_pages(v_pages,
-                                                                                 v_scales)
-        q = q.astype(jnp.float32)
     squeeze = q.ndim == 3
     q_btnh = q[:, None] if squeeze else q
-    b, t = q_btnh.shape[:2]
-    p, page, kh, h = k_pages.shape
+    b, t, n = q_btnh.shape[:3]
+    kh, p, page, h = k_pages.shape
+    mask = checks.check_mask(mask)
+    score_mods.check(score_mod, n)
     s = block_tables.shape[1] * page
     tables = block_tables.astype(jnp.int32)
     real = (tables >= 0) & (tables < p)                                   # [B, max_pages]
     tables = jnp.where(real, tables, 0)
-    k = k_pages[tables].reshape(b, s, kh, h)  # [B, max_pages, L, K, H] -> [B, S, K, H]
+    # Whole pages, [K, B, max_pages, L, H] -> [K, B, S, H]: no transpose on the way.
+    k, v = k_pages[:, tables].reshape(kh, b, s, h), v_pages[:, tables].reshape(kh, b, s, h)
+    if k_scales is not None:
+        k = dequantise_pages(k, k_scales[:, tables].reshape(kh, b, s))
+        v = dequantise_pages(v, v_scales[:, tables].reshape(kh, b, s))
+        q_btnh = q_btnh.astype(jnp.float32)
     real_bs = jnp.repeat(real, page, axis=1)                              # [B, S]
     # Zeroed values keep an empty page's contents (even NaN) out of the weighted sum.
-    v = jnp.where(real_bs[:, :, None, None], v_pages[tables].reshape(b, s, kh, h), 0)
+    v = jnp.where(real_bs[None, :, :, None], v, 0)
     kv_positions = jnp.where(real_bs, jnp.arange(s, dtype=jnp.int32)[None, :], -1)  # -1: empty
     lengths = lengths.astype(jnp.int32)
     q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
-    out = attention(q_btnh, k, v, mask=mask, kv_lengths=lengths, scale=scale,
-                    q_positions=q_positions, kv_positions=kv_positions,
-                    score_mod=score_mod).astype(out_dtype)
+    if b * n * t * s * 4 > _BLOCK_LOGITS_BYTES:  # a long prefill: query blocks bound the logits
+        k, v = jnp.moveaxis(k, 0, 2), jnp.moveaxis(v, 0, 2)                 # [B, S, K, H]
+        out = attention(q_btnh, k, v, mask=mask, kv_lengths=lengths, scale=scale,
+                        q_positions=q_positions, kv_positions=kv_positions, score_mod=score_mod)
+    else:
+        out = _dense_attention(q_btnh, k, v, mask, None, lengths, scale, None, q_positions,
+                               kv_positions, score_mod=score_mod, kv_major=True)
+    out = out.astype(out_dtype)
     return out[:, 0] if squeeze else out
 
 

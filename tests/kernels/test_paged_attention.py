@@ -53,14 +53,14 @@ def _pool(lengths, *, n=4, kh=2, h=32, page=8, max_pages=None, t=1, dtype=jnp.fl
         row[:count] = [next(owned) for _ in range(count)]
     q_shape = (len(lengths), n, h) if t == 1 else (len(lengths), t, n, h)
     q = rng.standard_normal(q_shape, np.float32)
-    k = rng.standard_normal((num_pages, page, kh, h), np.float32)
-    v = rng.standard_normal((num_pages, page, kh, h), np.float32)
+    k = rng.standard_normal((kh, num_pages, page, h), np.float32)
+    v = rng.standard_normal((kh, num_pages, page, h), np.float32)
     return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
             jnp.asarray(table), jnp.asarray(lengths))
 
 
 def _quantise(x, scale_dtype="float32"):
-    """Symmetric int8 codes ``[P, L, K, H]`` and per-(token, kv head) scales ``[P, L, K]``."""
+    """Symmetric int8 codes ``[K, P, L, H]`` and per-(kv head, token) scales ``[K, P, L]``."""
     x = np.asarray(x, np.float32)
     amax = np.abs(x).max(axis=-1)
     scales = jnp.asarray(np.where(amax > 0, amax / 127, 1.0), scale_dtype)
@@ -72,10 +72,10 @@ def _quantise(x, scale_dtype="float32"):
 def _poison(k, v, table, lengths, mask, t, page):
     """NaN in every page the kernel must not read: spares, padding, outside the window."""
     first, stop = (np.asarray(x) for x in page_bounds(mask, lengths, t, page))
-    keep = np.zeros(k.shape[0], bool)
+    keep = np.zeros(k.shape[1], bool)
     for row, lo, hi in zip(np.asarray(table), first, stop):
         keep[row[lo:hi]] = True
-    bad = jnp.asarray(~keep)[:, None, None, None]
+    bad = jnp.asarray(~keep)[None, :, None, None]
     return jnp.where(bad, jnp.nan, k), jnp.where(bad, jnp.nan, v)
 
 
@@ -140,7 +140,7 @@ def test_window_output_ignores_far_pages():
     assert visited_pages(mask, lens, 1, 8) == 3 + 1  # keys 179..199: pages 22..24
     want = _reference(q, k, v, table, lens, mask=mask)
     k_bad, v_bad = _poison(k, v, table, lens, mask, 1, 8)
-    assert int(jnp.isnan(k_bad[:, 0, 0, 0]).sum()) >= 21
+    assert int(jnp.isnan(k_bad[0, :, 0, 0]).sum()) >= 21
     for split_k in (1, 2):
         got = paged_attention(q, k_bad, v_bad, table, lens, mask=mask, split_k=split_k,
                               pages_per_block=2)
@@ -164,6 +164,26 @@ def test_split_k_agrees_with_no_split():
     np.testing.assert_allclose(np.asarray(one), np.asarray(many), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask", [M.Causal(), M.Local(7)], ids=["causal", "local"])
+def test_reference_equals_dense_attention_over_the_gathered_pages(mask, monkeypatch):
+    """The reference's two ways (K-major pages into the dots as they lie; a long prefill
+    transposed to ``[B, S, K, H]`` for the query-blocked ``attention``) against
+    ``reference.attention`` over K/V gathered by hand, GQA 4:1 and ragged lengths."""
+    t = 3
+    q, k, v, table, lens = _pool([9, 30, 17], n=8, kh=2, t=t, max_pages=5)
+    b, s = table.shape[0], table.shape[1] * 8
+    slot = jnp.arange(s)[None, :]
+    dense_k, dense_v = (x[:, table].reshape(2, b, s, 32).transpose(1, 2, 0, 3) for x in (k, v))
+    want = reference.attention(q, dense_k, dense_v, mask=mask, kv_lengths=lens,
+                               q_positions=lens[:, None] - t + jnp.arange(t)[None, :],
+                               kv_positions=jnp.broadcast_to(slot, (b, s)))
+    kv_major = reference.paged_attention(q, k, v, table, lens, mask=mask)
+    monkeypatch.setattr(reference, "_BLOCK_LOGITS_BYTES", 0)  # every call is a "long prefill"
+    blocked = reference.paged_attention(q, k, v, table, lens, mask=mask)
+    _assert_close(kv_major, want, "float32")
+    _assert_close(blocked, want, "float32")
+
+
 def test_under_jit_skips_value_checks():
     q, k, v, table, lens = _pool([9, 12], n=4, kh=2, page=8)
     fn = jax.jit(lambda q, k, v, t, l: paged_attention(q, k, v, t, l, mask=M.Causal()))
@@ -182,14 +202,14 @@ def _bad(**changes):
 BAD = {
     "q_rank": (dict(q=jnp.zeros((2, 32))), "q.shape"),
     "kv_rank": (dict(k_pages=jnp.zeros((4, 8, 32))), "k_pages.shape"),
-    "kv_mismatch": (dict(v_pages=jnp.zeros((5, 8, 2, 32))), "v_pages.shape"),
+    "kv_mismatch": (dict(v_pages=jnp.zeros((2, 5, 8, 32))), "v_pages.shape"),
     "heads": (dict(q=jnp.zeros((2, 3, 32))), "num_heads=3"),
     "head_dim": (dict(q=jnp.zeros((2, 4, 16))), "head dim"),
     "dtype": (dict(q=jnp.zeros((2, 4, 32), jnp.bfloat16)), "dtypes must match"),
     "int_dtype": (dict(q=jnp.zeros((2, 4, 32), jnp.int32),
-                       k_pages=jnp.zeros((6, 8, 2, 32), jnp.int32),
-                       v_pages=jnp.zeros((6, 8, 2, 32), jnp.int32)), "q.dtype"),
-    "page_size": (dict(k_pages=jnp.zeros((6, 6, 2, 32)), v_pages=jnp.zeros((6, 6, 2, 32))),
+                       k_pages=jnp.zeros((2, 6, 8, 32), jnp.int32),
+                       v_pages=jnp.zeros((2, 6, 8, 32), jnp.int32)), "q.dtype"),
+    "page_size": (dict(k_pages=jnp.zeros((2, 6, 6, 32)), v_pages=jnp.zeros((2, 6, 6, 32))),
                   "power of two"),
     "table_dtype": (dict(block_tables=jnp.zeros((2, 2), jnp.float32)), "block_tables.dtype"),
     "table_shape": (dict(block_tables=jnp.zeros((3, 2), jnp.int32)), "block_tables.shape"),

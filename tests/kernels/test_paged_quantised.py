@@ -78,10 +78,10 @@ def test_out_of_range_page_under_jit_reads_as_empty():
     """Under jit a bad id cannot raise: its page is empty (masked, V zeroed), even though the
     stand-in page the kernel loads in its place has NaN scales; ``checked`` reports it."""
     q, k, v, table, lens, k_scales, v_scales = _quantised_pool([20, 12], n=4, kh=2, page=8)
-    spare = min(set(range(k.shape[0])) - set(np.asarray(table).ravel().tolist()))
+    spare = min(set(range(k.shape[1])) - set(np.asarray(table).ravel().tolist()))
     table = jnp.where(table == 0, spare, table)                   # page 0: owned by nobody
     table = table.at[0, 1].set(99)                                # slot 1 of sequence 0: bad
-    k_scales, v_scales = k_scales.at[0].set(jnp.nan), v_scales.at[0].set(jnp.nan)
+    k_scales, v_scales = k_scales.at[:, 0].set(jnp.nan), v_scales.at[:, 0].set(jnp.nan)
     fn = jax.jit(lambda *a: paged_attention.checked(
         *a[:5], k_scales=a[5], v_scales=a[6], mask=M.Causal(), split_k=2, pages_per_block=1))
     err, got = fn(q, k, v, table, lens, k_scales, v_scales)
@@ -99,17 +99,17 @@ def _bad(**changes):
     return args
 
 
-P, L, K, H = 6, 8, 2, 32  # the pool _bad builds: 2 + 1 pages used, 3 spare
+K, P, L, H = 2, 6, 8, 32  # the pool _bad builds: 2 + 1 pages used, 3 spare
 BAD = {
     "k_scales_alone": (dict(v_scales=None), "k_scales is given but v_scales=None"),
     "v_scales_alone": (dict(k_scales=None), "v_scales is given but k_scales=None"),
     "int8_without_scales": (dict(k_scales=None, v_scales=None), "k_pages.dtype=int8"),
-    "float_k_pages": (dict(k_pages=jnp.zeros((P, L, K, H))), "k_pages.dtype=float32"),
-    "float_v_pages": (dict(v_pages=jnp.zeros((P, L, K, H), jnp.bfloat16)),
+    "float_k_pages": (dict(k_pages=jnp.zeros((K, P, L, H))), "k_pages.dtype=float32"),
+    "float_v_pages": (dict(v_pages=jnp.zeros((K, P, L, H), jnp.bfloat16)),
                       "v_pages.dtype=bfloat16"),
-    "scales_shape": (dict(k_scales=jnp.ones((P, L, K, 1))), "k_scales.shape=(6, 8, 2, 1)"),
-    "scales_pages": (dict(v_scales=jnp.ones((P - 1, L, K))), "v_scales.shape=(5, 8, 2)"),
-    "scales_dtype": (dict(k_scales=jnp.ones((P, L, K), jnp.float16)),
+    "scales_shape": (dict(k_scales=jnp.ones((K, P, L, 1))), "k_scales.shape=(2, 6, 8, 1)"),
+    "scales_pages": (dict(v_scales=jnp.ones((K, P - 1, L))), "v_scales.shape=(2, 5, 8)"),
+    "scales_dtype": (dict(k_scales=jnp.ones((K, P, L), jnp.float16)),
                      "k_scales.dtype=float16"),
     "int_q": (dict(q=jnp.zeros((2, 4, H), jnp.int8)), "q.dtype=int8"),
 }

@@ -225,8 +225,8 @@ def _pool(lengths, n, kh, h, page, t, dtype, seed=0):
     max_pages = -(-max(lengths) // page)
     p = len(lengths) * max_pages + 3
     q = jnp.asarray(rng.standard_normal((len(lengths), t, n, h)), dtype)
-    k = jnp.asarray(rng.standard_normal((p, page, kh, h)), dtype)
-    v = jnp.asarray(rng.standard_normal((p, page, kh, h)), dtype)
+    k = jnp.asarray(rng.standard_normal((kh, p, page, h)), dtype)
+    v = jnp.asarray(rng.standard_normal((kh, p, page, h)), dtype)
     table = jnp.asarray(rng.permutation(p)[:len(lengths) * max_pages].reshape(
         len(lengths), max_pages), jnp.int32)
     return q, k, v, table, jnp.asarray(lengths, jnp.int32)

@@ -108,7 +108,7 @@ CONFIGS = [(2, 1), (1, 2)]  # (split_k, pages_per_block): a split merge; a multi
 @pytest.mark.parametrize("bad_id", ["num_pages", "negative"])
 def test_paged_kernel_under_jit_reads_an_out_of_range_page_as_empty(split_k, ppb, bad_id):
     q, k, v, table, lens = _pool([12, 16], n=4, kh=2, h=32, page=8)  # two pages each
-    p = k.shape[0]
+    p = k.shape[1]
     bad = table.at[0, 1].set(p if bad_id == "num_pages" else -1)
     fn = _jitted(split_k, ppb)
     # Kernel and reference agree on the whole batch: sequence 1 is untouched.
@@ -118,8 +118,8 @@ def test_paged_kernel_under_jit_reads_an_out_of_range_page_as_empty(split_k, ppb
     want = _reference(q, k, v, table, lens.at[0].set(8))[0]
     # ... and no other page: every other page is NaN, so one foreign read shows.
     others = jnp.arange(p) != table[0, 0]
-    k_bad = jnp.where(others[:, None, None, None], jnp.nan, k)
-    v_bad = jnp.where(others[:, None, None, None], jnp.nan, v)
+    k_bad = jnp.where(others[None, :, None, None], jnp.nan, k)
+    v_bad = jnp.where(others[None, :, None, None], jnp.nan, v)
     _assert_close(fn(q, k_bad, v_bad, bad, lens)[0], want, "float32")
     _assert_close(_reference(q, k_bad, v_bad, bad, lens)[0], want, "float32")
 
@@ -127,7 +127,7 @@ def test_paged_kernel_under_jit_reads_an_out_of_range_page_as_empty(split_k, ppb
 @pytest.mark.parametrize("split_k, ppb", CONFIGS)
 def test_paged_row_with_only_out_of_range_pages_is_zero(split_k, ppb):
     q, k, v, table, lens = _pool([12, 16], n=4, kh=2, h=32, page=8)
-    bad = table.at[0].set(jnp.asarray([k.shape[0] + 3, -7], jnp.int32))
+    bad = table.at[0].set(jnp.asarray([k.shape[1] + 3, -7], jnp.int32))
     for out in (_jitted(split_k, ppb)(q, k, v, bad, lens), _reference(q, k, v, bad, lens)):
         assert np.isfinite(np.asarray(out)).all() and not np.asarray(out[0]).any()
         _assert_close(out[1], _reference(q, k, v, table, lens)[1], "float32")
@@ -170,7 +170,7 @@ def test_page_pool_block_table_names_the_sequence_holding_a_bad_page():
 
 
 def test_copy_pages_rejects_pages_outside_the_pool():
-    pages = jnp.zeros((4, 2, 1, 8))
+    pages = jnp.zeros((1, 4, 2, 8))  # [K, P, L, H]
     with pytest.raises(ValueError, match=r"copies\[1\]=\(-2, 3\): its src page -2"):
         copy_pages(pages, pages, [(0, 1), (-2, 3)])
 

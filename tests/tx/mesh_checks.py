@@ -184,8 +184,8 @@ def check_kernels():
     out["mqa_loss"] = [float(l0), float(l1)]
     out["mqa_grad_err"] = _relative_error(g0, g1)
     # Paged decode: 4 sequences, pages of 4 tokens, 8 pages each (pool of 32 + spare).
-    pages_k = jax.random.normal(kk, (40, 4, 4, 8), jnp.float32)  # [P, L, K, H]
-    pages_v = jax.random.normal(kv, (40, 4, 4, 8), jnp.float32)
+    pages_k = jax.random.normal(kk, (4, 40, 4, 8), jnp.float32)  # [K, P, L, H]
+    pages_v = jax.random.normal(kv, (4, 40, 4, 8), jnp.float32)
     tables = jnp.arange(32, dtype=jnp.int32).reshape(4, 8)[::-1]
     q1 = q[:, :2]  # two new tokens per sequence
     plain = jax.jit(lambda *a: paged_attention(*a, mask=masks.Causal()))(

@@ -71,16 +71,16 @@ def test_int4_per_token_round_trip_and_packing():
 
 
 def test_channel_int4_round_trip_per_channel():
-    x = _kv((2, 16, 3, 8))  # two pages of 16 tokens
+    x = _kv((3, 2, 16, 8))  # 3 K/V heads' two pages of 16 tokens: [K, P, L, H]
     scheme = quant.ChannelInt4()
     parts = scheme.quantise(x)
-    assert parts["codes"].shape == (2, 8, 3, 8) and parts["scale"].shape == (2, 3, 8)
+    assert parts["codes"].shape == (3, 2, 8, 8) and parts["scale"].shape == (3, 2, 8)
     err = jnp.abs(scheme.dequantise(parts, jnp.float32) - x)
-    assert bool((err <= parts["scale"][:, None] / 2 * (1 + 1e-5) + 1e-6).all())
+    assert bool((err <= parts["scale"][:, :, None] / 2 * (1 + 1e-5) + 1e-6).all())
 
 
 def test_per_channel_keys_beat_per_token_on_outlier_channels():
-    x = _kv(outliers=True)
+    x = jnp.moveaxis(_kv(outliers=True), 2, 0)  # [K, P, L, H]: each K/V head's 2 pages
     per_token = quant.Int4().dequantise(quant.Int4().quantise(x), jnp.float32)
     per_channel = quant.ChannelInt4().dequantise(quant.ChannelInt4().quantise(x), jnp.float32)
     assert float(jnp.abs(per_channel - x).mean()) < 0.25 * float(jnp.abs(per_token - x).mean())
@@ -102,8 +102,9 @@ def test_kivi_pages_hold_sealed_pages_quantised_and_the_tail_exact(chunks):
         got_k, got_v, _, kv_pos = cache.update(keys[:, start:start + t], values[:, start:start + t])
         start += t
         sealed = start // page * page  # tokens on full pages
-        want_k = kv.key.dequantise(kv.key.quantise(
-            keys[:, :sealed].reshape(b, -1, page, k, h)), jnp.float32).reshape(b, sealed, k, h)
+        pages = jnp.moveaxis(keys[:, :sealed].reshape(b, -1, page, k, h), 3, 0)  # K-major
+        want_k = jnp.moveaxis(kv.key.dequantise(kv.key.quantise(pages), jnp.float32), 0, 3)
+        want_k = want_k.reshape(b, sealed, k, h)
         want_v = kv.value.dequantise(kv.value.quantise(values[:, :sealed]), jnp.float32)
         np.testing.assert_array_equal(got_k[:, :sealed], want_k)
         np.testing.assert_array_equal(got_v[:, :sealed], want_v)

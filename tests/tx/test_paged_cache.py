@@ -232,8 +232,8 @@ def test_device_pools_match_contiguous_attention(seed):
     rng = np.random.default_rng(seed)
     kh, h, page = 2, 8, 4
     pool = PagePool(16, page)
-    k_pages = jnp.zeros((16, page, kh, h))
-    v_pages = jnp.zeros((16, page, kh, h))
+    k_pages = jnp.zeros((kh, 16, page, h))
+    v_pages = jnp.zeros((kh, 16, page, h))
     dense_k: dict[int, np.ndarray] = {}
     dense_v: dict[int, np.ndarray] = {}
 

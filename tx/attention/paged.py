@@ -1,7 +1,8 @@
 """A paged KV cache for the attention layer: K/V live in fixed-size pages of a shared pool.
 
 The host-side page manager (``tx.inference.paged_cache``) decides which physical pages each
-sequence uses; this module holds the device side: the page pool ``[P, L, K, H]``, the block
+sequence uses; this module holds the device side: the page pool ``[K, P, L, H]`` (K/V-head
+major, so a head's page is one contiguous block: see ``kernels.paged_attention``), the block
 tables ``[B, max_pages]`` and the number of tokens written. ``attend`` scatters new K/V into
 their pages and attends: through a paged kernel that reads the pages in place (``pallas``: the
 Pallas paged-decode kernel) when the layer's implementation list names one, else over the
@@ -31,10 +32,10 @@ from tx.attention import quant, registry
 
 def copy_page_pairs(k_pages: jax.Array, v_pages: jax.Array, src: jax.Array,
                     dst: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Copies pages ``src[i] -> dst[i]`` of ``[P, L, K, H]`` pools; every page is read before
+    """Copies pages ``src[i] -> dst[i]`` of ``[K, P, L, H]`` pools; every page is read before
     any is written, so pairs may swap pages. A destination listed twice must get the same
     contents each time (an unchanged shared page)."""
-    return k_pages.at[dst].set(k_pages[src]), v_pages.at[dst].set(v_pages[src])
+    return k_pages.at[:, dst].set(k_pages[:, src]), v_pages.at[:, dst].set(v_pages[:, src])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,21 @@ class ForkPlan:
     block_tables: np.ndarray
     copies: np.ndarray
     private_from: int
+
+
+def _pool(scheme, shape: tuple, dtype) -> dict:
+    """Empty ``[K, P, L, H]`` storage of ``scheme`` (``tx.attention.quant``): one cache per
+    part, each ``[K, P, ...]``."""
+    return nnx.data({name: _kv_major(part)
+                     for name, part in quant.zeros(scheme, shape, dtype).items()})
+
+
+def _kv_major(x: jax.Array, *names) -> nnx.Cache:
+    """A cache array split by K/V head (its leading axis) under a mesh, then by ``names``; the
+    block tables split by sequence (see ``tx.parallel.per_shard``)."""
+    names = ("kv_heads", *names)
+    return nnx.Cache(x, out_sharding=names + (None,) * (x.ndim - len(names)),
+                     eager_sharding=False)
 
 
 def _check_tables(block_tables, fork_plan: ForkPlan | None, num_pages: int) -> None:
@@ -78,7 +94,7 @@ def _check_tables(block_tables, fork_plan: ForkPlan | None, num_pages: int) -> N
 
 
 class PagedKVCache(nnx.Module):
-    """Pages ``[P, L, K, H]`` addressed through ``block_tables [B, max_pages]``.
+    """Pages ``[K, P, L, H]`` addressed through ``block_tables [B, max_pages]``.
 
     ``kv`` (``tx.attention.quant.KVQuant``) quantises the pages; None stores ``dtype``.
     Token-wise schemes (int8, per-token int4) write each token in place. A residual scheme
@@ -86,6 +102,7 @@ class PagedKVCache(nnx.Module):
     ``[B, L, K, H]``) and quantises a page once, when it fills (seals): a sealed page is
     immutable, so a shared prefix page is quantised once for every row that holds it, and a
     copy-on-write copy of a partial page stays in full precision (it lives in the tail).
+    Every array is K/V-head major: a quantised part is ``[K, P, ...]``, a tail ``[K, B, L, H]``.
     """
 
     def __init__(self, block_tables, num_pages: int, page_size: int, num_kv_heads: int,
@@ -95,16 +112,15 @@ class PagedKVCache(nnx.Module):
         kv = quant.float_kv(dtype) if kv is None else cache_lib.check_kv(kv, head_dim,
                                                                          page_size)
         self.kv, self.dtype = kv, dtype
-        shape = (num_pages, page_size, num_kv_heads, head_dim)
-        # Pages split by K/V head under a mesh; tables by sequence (see tx.parallel.per_shard).
-        self.k_pages = cache_lib.buffers(kv.key, shape, dtype, (None,))
-        self.v_pages = cache_lib.buffers(kv.value, shape, dtype, (None,))
+        shape = (num_kv_heads, num_pages, page_size, head_dim)
+        self.k_pages = _pool(kv.key, shape, dtype)
+        self.v_pages = _pool(kv.value, shape, dtype)
         self.k_tail = self.v_tail = nnx.data(None)
         rows = np.shape(block_tables)[0]
         if kv.residual:
-            tail = (rows, page_size, num_kv_heads, head_dim)
-            self.k_tail = cache_lib.kv_buffer(tail, dtype)
-            self.v_tail = cache_lib.kv_buffer(tail, dtype)
+            tail = (num_kv_heads, rows, page_size, head_dim)
+            self.k_tail = _kv_major(jnp.zeros(tail, dtype), "batch")
+            self.v_tail = _kv_major(jnp.zeros(tail, dtype), "batch")
         self.block_tables = nnx.Cache(jnp.asarray(block_tables, jnp.int32),
                                       out_sharding=("batch", None), eager_sharding=False)
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))
@@ -129,7 +145,7 @@ class PagedKVCache(nnx.Module):
         self.block_tables.set_value(self.fork_tables[...])  # more rows: replace the array
         if self.kv.residual:  # each fork continues the prompt's partial page on its own
             for tail in (self.k_tail, self.v_tail):
-                tail.set_value(jnp.repeat(tail[...], n, axis=0))
+                tail.set_value(jnp.repeat(tail[...], n, axis=1))
 
     def reorder(self, rows: jax.Array) -> None:
         """Row ``i`` continues from row ``rows[i]``: its own pages get ``rows[i]``'s contents.
@@ -141,11 +157,11 @@ class PagedKVCache(nnx.Module):
         self._copy(tables[rows].reshape(-1), tables.reshape(-1))
         if self.kv.residual:
             for tail in (self.k_tail, self.v_tail):
-                tail[...] = tail[...][rows]
+                tail[...] = tail[...][:, rows]
 
     def _copy(self, src, dst) -> None:
         for store in (self.k_pages, self.v_pages):
-            cache_lib.assign(store, {n: x.at[dst].set(x[src])
+            cache_lib.assign(store, {n: x.at[:, dst].set(x[:, src])
                                      for n, x in cache_lib.read(store).items()})
 
     def _write(self, k_new, v_new):
@@ -160,8 +176,8 @@ class PagedKVCache(nnx.Module):
         # token-wise quantisation is deterministic, so identical codes too.
         for store, scheme, new in ((self.k_pages, self.kv.key, k_new),
                                    (self.v_pages, self.kv.value, v_new)):
-            parts = scheme.quantise(new)
-            cache_lib.assign(store, {n: x.at[pages, offsets].set(parts[n])
+            parts = scheme.quantise(jnp.moveaxis(new, 2, 0))                # [K, B, T, ...]
+            cache_lib.assign(store, {n: x.at[:, pages, offsets].set(parts[n])
                                      for n, x in cache_lib.read(store).items()})
         self.index[...] = self.index[...] + t
 
@@ -176,24 +192,25 @@ class PagedKVCache(nnx.Module):
         cols = start // size + jnp.arange(width, dtype=jnp.int32)  # their logical pages
         tables = self.block_tables[...]
         ids = tables[:, jnp.minimum(cols, tables.shape[1] - 1)]            # [B, width]
-        num_pages = jax.tree.leaves(cache_lib.read(self.k_pages))[0].shape[0]
+        num_pages = jax.tree.leaves(cache_lib.read(self.k_pages))[0].shape[1]
         ids = jnp.where(jnp.arange(width)[None, :] < filled, ids, num_pages)  # past: dropped
         for store, scheme, tail, new in ((self.k_pages, self.kv.key, self.k_tail, k_new),
                                          (self.v_pages, self.kv.value, self.v_tail, v_new)):
-            window = jnp.zeros((b, width * size) + new.shape[2:], self.dtype)
-            window = jax.lax.dynamic_update_slice_in_dim(window, tail[...], 0, axis=1)
-            window = jax.lax.dynamic_update_slice_in_dim(window, new.astype(self.dtype), used,
-                                                         axis=1)
-            window = window.reshape(b, width, size, *new.shape[2:])
+            kh, h = new.shape[2:]
+            window = jnp.zeros((kh, b, width * size, h), self.dtype)
+            window = jax.lax.dynamic_update_slice_in_dim(window, tail[...], 0, axis=2)
+            window = jax.lax.dynamic_update_slice_in_dim(
+                window, jnp.moveaxis(new, 2, 0).astype(self.dtype), used, axis=2)
+            window = window.reshape(kh, b, width, size, h)
 
             def seal(pool, window=window, scheme=scheme):
-                parts = scheme.quantise(window)                             # [B, width, ...]
-                return {n: x.at[ids].set(parts[n], mode="drop") for n, x in pool.items()}
+                parts = scheme.quantise(window)                          # [K, B, width, ...]
+                return {n: x.at[:, ids].set(parts[n], mode="drop") for n, x in pool.items()}
 
             # Most decode steps fill no page: skip quantising then (all rows share `used`).
             pool = cache_lib.read(store)
             cache_lib.assign(store, jax.lax.cond(filled > 0, seal, lambda pool: pool, pool))
-            tail[...] = jax.lax.dynamic_index_in_dim(window, filled, axis=1, keepdims=False)
+            tail[...] = jax.lax.dynamic_index_in_dim(window, filled, axis=2, keepdims=False)
         self.index[...] = start + t
 
     def _gather(self):
@@ -203,13 +220,14 @@ class PagedKVCache(nnx.Module):
         out = []
         for store, scheme, tail in ((self.k_pages, self.kv.key, self.k_tail),
                                     (self.v_pages, self.kv.value, self.v_tail)):
-            pages = scheme.dequantise({n: x[tables] for n, x in cache_lib.read(store).items()},
-                                      self.dtype)                           # [B, W, L, K, H]
+            pages = scheme.dequantise({n: x[:, tables]
+                                       for n, x in cache_lib.read(store).items()},
+                                      self.dtype)                           # [K, B, W, L, H]
             if tail is not None:  # the partial page is read from the tail
-                current = jnp.arange(w)[None, :, None, None, None] == self.index[...] // \
-                    self.page_size
-                pages = jnp.where(current, tail[...][:, None], pages)
-            out.append(pages.reshape(b, w * self.page_size, *pages.shape[3:]))
+                current = jnp.arange(w)[:, None, None] == self.index[...] // self.page_size
+                pages = jnp.where(current, tail[...][:, :, None], pages)
+            kh, h = pages.shape[0], pages.shape[-1]
+            out.append(jnp.moveaxis(pages, 0, 3).reshape(b, w * self.page_size, kh, h))
         return tuple(out)
 
     def _kernel_pages(self):

@@ -150,8 +150,8 @@ class Int4:
 @dataclasses.dataclass(frozen=True)
 class ChannelInt4:
     """Asymmetric int4 per (K/V head, channel) over a page's ``L`` tokens: ``quantise`` takes
-    whole pages ``[..., L, K, H]``; codes are packed two per byte along the tokens, so ``L``
-    must be even."""
+    whole pages of one head each, ``[..., L, H]`` (the paged cache's pool is K/V-head major);
+    codes are packed two per byte along the tokens, so ``L`` must be even."""
 
     scale_dtype: Any = jnp.float32
     bits = 4
@@ -163,13 +163,13 @@ class ChannelInt4:
         _check_scale_dtype(self, self.scale_dtype)
 
     def quantise(self, x: jax.Array) -> dict:
-        codes, scale, zero = _range_codes(x, -3, self.scale_dtype)
-        return {"codes": pack4(codes, -3), "scale": scale, "zero": zero}
+        codes, scale, zero = _range_codes(x, -2, self.scale_dtype)
+        return {"codes": pack4(codes, -2), "scale": scale, "zero": zero}
 
     def dequantise(self, parts: dict, dtype) -> jax.Array:
-        codes = unpack4(parts["codes"], -3).astype(jnp.float32)
-        x = codes * parts["scale"].astype(jnp.float32)[..., None, :, :] \
-            + parts["zero"].astype(jnp.float32)[..., None, :, :]
+        codes = unpack4(parts["codes"], -2).astype(jnp.float32)
+        x = codes * parts["scale"].astype(jnp.float32)[..., None, :] \
+            + parts["zero"].astype(jnp.float32)[..., None, :]
         return x.astype(dtype)
 
     def check(self, head_dim: int, page_size: int | None, field: str) -> None:

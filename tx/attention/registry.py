@@ -38,9 +38,10 @@ def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-# Kernels that read a paged KV cache in place (the signature of ``kernels.paged_attention``),
-# by implementation name. A paged cache tries them in its ``implementation`` order and attends
-# over its gathered pages (``attend``) from the first name that has none.
+# Paged-cache paths by implementation name (the signature of ``kernels.paged_attention``):
+# kernels that read the pages in place, and the ``xla`` reference, which gathers whole
+# K-major pages. A paged cache tries them in its ``implementation`` order and attends over
+# its gathered pages (``attend``) from the first name that has none.
 _PAGED: dict[str, AttentionFn] = {}
 _MAX_PAGED_TOKENS = 16  # tokens per kernel call; longer prefills go in chunks of this many
 _MAX_PAGED_CHUNKS = 64  # past this many chunks a prefill attends over the gathered pages
@@ -124,7 +125,7 @@ def _pallas_paged(q, k_pages, v_pages, block_tables, lengths, *, mask, scale=Non
     mask that never shows a query later keys (causal, sliding window) runs as chunks of
     ``_MAX_PAGED_TOKENS``: chunk ``c`` is exact with the length cut at its last token, since
     the keys after it are hidden from it anyway."""
-    t, page = (1 if q.ndim == 3 else q.shape[1]), k_pages.shape[1]
+    t, page = (1 if q.ndim == 3 else q.shape[1]), k_pages.shape[2]
     band = (mask or masks_lib.Full()).band()
     if t > _MAX_PAGED_TOKENS and (band is None or band[1] > 0 or
                                   t > _MAX_PAGED_TOKENS * _MAX_PAGED_CHUNKS):
@@ -152,6 +153,9 @@ register("xla", reference.attention)
 register("cudnn", _cudnn)
 register("pallas", per_shard.attention(_pallas))  # per shard under a mesh; GSPMD splits xla
 register_paged("pallas", _pallas_paged)
+# Gathers whole K-major pages and attends without transposing them: on a CPU a decode step
+# over the paged cache then costs what one over a contiguous cache does.
+register_paged("xla", reference.paged_attention)
 
 
 # --- linear (feature-map) attention ------------------------------------------------------------

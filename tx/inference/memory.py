@@ -95,7 +95,7 @@ def kv_cache_bytes(config, batch: int, tokens: int, *, dtype="float32",
             slots = window if window is not None and window < tokens else tokens
             shape = (batch, slots, k, h)
         else:
-            shape = (batch * -(-tokens // page_size), page_size, k, h)
+            shape = (k, batch * -(-tokens // page_size), page_size, h)  # a K-major pool
         total += quant.nbytes(kv.key, shape) + quant.nbytes(kv.value, shape)
         if kv.residual:  # each sequence's partial page, K and V, in the compute dtype
             total += 2 * batch * page_size * k * h * jnp.dtype(config.dtype).itemsize

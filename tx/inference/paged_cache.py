@@ -24,7 +24,8 @@ numpy, run between jitted steps; the device only ever sees int32 arrays
 * Running out of pages raises ``OutOfPages`` *before* any state changes (check with
   ``can_allocate`` to make a request wait instead); no sequence's data is ever overwritten.
 
-Device side: ``copy_pages`` then ``write_kv`` apply an ``Update`` to ``[P, L, K, H]`` pools.
+Device side: ``copy_pages`` then ``write_kv`` apply an ``Update`` to ``[K, P, L, H]`` pools
+(K/V-head major, as ``kernels.paged_attention`` reads them).
 Apply updates in the order the pool returned them.
 """
 
@@ -302,7 +303,7 @@ class PagePool:
 
 def copy_pages(k_pages: jax.Array, v_pages: jax.Array,
                copies: Iterable[tuple[int, int]]) -> tuple[jax.Array, jax.Array]:
-    """Performs ``(src_page, dst_page)`` copies on ``[P, L, K, H]`` pools (copy-on-write).
+    """Performs ``(src_page, dst_page)`` copies on ``[K, P, L, H]`` pools (copy-on-write).
 
     The copies of one call must be independent (no destination is also a source), as those
     of one ``Update`` are; pad a batch with ``(p, p)`` pairs to keep its shape fixed.
@@ -310,12 +311,12 @@ def copy_pages(k_pages: jax.Array, v_pages: jax.Array,
     copies = np.asarray(list(copies), np.int32).reshape(-1, 2)
     if not copies.size:
         return k_pages, v_pages
-    bad = np.argwhere((copies < 0) | (copies >= k_pages.shape[0]))
+    bad = np.argwhere((copies < 0) | (copies >= k_pages.shape[1]))
     if bad.size:  # a gather would clamp or wrap it onto another sequence's page
         i, j = (int(x) for x in bad[0])
         raise ValueError(f"copies[{i}]={tuple(int(x) for x in copies[i])}: its "
                          f"{('src', 'dst')[j]} page {int(copies[i, j])} is not in [0, "
-                         f"k_pages.shape[0]={k_pages.shape[0]}); copy between pages of the pool.")
+                         f"k_pages.shape[1]={k_pages.shape[1]}); copy between pages of the pool.")
     return copy_page_pairs(k_pages, v_pages, jnp.asarray(copies[:, 0]),
                            jnp.asarray(copies[:, 1]))
 
@@ -325,11 +326,13 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, slots: jax.Array, k_new: ja
     """Scatters new keys/values into the pools: ``k_new``/``v_new`` ``[..., K, H]`` go to the
     flat slots ``slots [...]`` (``page * L + offset``); negative slots (bucket padding) are
     dropped. Traceable; donate the pools under ``jit`` to update them in place."""
-    p, page, kh, h = k_pages.shape
+    kh, p, page, h = k_pages.shape
     slots = jnp.asarray(slots, jnp.int32).reshape(-1)
     slots = jnp.where(slots < 0, p * page, slots)  # out of range: dropped below
-    k_flat = k_pages.reshape(p * page, kh, h).at[slots].set(
-        k_new.reshape(-1, kh, h).astype(k_pages.dtype), mode="drop")
-    v_flat = v_pages.reshape(p * page, kh, h).at[slots].set(
-        v_new.reshape(-1, kh, h).astype(v_pages.dtype), mode="drop")
-    return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+
+    def write(pages, new):  # new [..., K, H] -> [K, tokens, H], scattered per head
+        new = jnp.moveaxis(new.reshape(-1, kh, h), 1, 0).astype(pages.dtype)
+        flat = pages.reshape(kh, p * page, h).at[:, slots].set(new, mode="drop")
+        return flat.reshape(pages.shape)
+
+    return write(k_pages, k_new), write(v_pages, v_new)

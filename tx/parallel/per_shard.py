@@ -95,7 +95,7 @@ def paged(fn: Callable) -> Callable:
             raise NotImplementedError("score modifiers do not run per shard yet")
         q_names = ("batch", "heads", None) if q.ndim == 3 else ("batch", None, "heads", None)
         q_spec, page_spec = _head_specs(parallel, q.shape, k_pages.shape, q_names,
-                                        (None, None, "kv_heads", None))
+                                        ("kv_heads", None, None, None))
         page_spec = PartitionSpec(*page_spec)
         rows = q_spec[0]
 
@@ -107,7 +107,7 @@ def paged(fn: Callable) -> Callable:
             return shard_map(local, parallel.mesh, in_specs=specs, out_specs=q_spec)(
                 q, k_pages, v_pages, block_tables, lengths)
 
-        # int8 pages: their scales [P, L, K] split by K/V head like the pages.
+        # int8 pages: their scales [K, P, L] split by K/V head like the pages.
         scale_spec = PartitionSpec(*tuple(page_spec)[:3])
 
         def local_int8(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales):
