@@ -13,6 +13,7 @@ from tx import flags as tx_flags
 from tx import models
 from tx.attention import quant
 from tx.attention.paged import PagedKVCache
+from tx.data.text import stdlib_corpus
 from tx.flags import model_config
 from tx.inference import Contiguous, Paged, beam_search, generate, generation, kv_cache_bytes
 from tx.inference import memory
@@ -150,15 +151,30 @@ def byte_lm(tmp_path_factory):
     return model
 
 
-def test_int8_greedy_decoding_matches_fp32_on_a_trained_byte_lm(byte_lm):
-    text = (ROOT / "README.md").read_bytes()[:4096]
-    prompts = np.stack([np.frombuffer(text[i * 300:i * 300 + 16], np.uint8)
-                        for i in range(8)]).astype(np.int32) + 3  # bytes after the specials
+def _held_out_windows(n: int, width: int, seed: int = 0) -> np.ndarray:
+    """``n`` windows of ``width`` token ids (``OFFSET + byte``) from the held-out split of the
+    built-in text the byte LM trained on: they do not change when this repository's files do."""
+    stream = stdlib_corpus().split("eval").stream
+    starts = np.random.default_rng(seed).integers(0, len(stream) - width, n)
+    return np.stack([stream[s:s + width] for s in starts]).astype(np.int32)
+
+
+def test_int8_decoding_matches_fp32_on_a_trained_byte_lm(byte_lm):
+    """Teacher-forced, the int8 cache picks fp32's next token at >= 98% of 8 x 48 held-out
+    positions (fed 8 at a time; the flips are near-ties). Free-running greedy from their first
+    16 tokens gives fp32's 32 tokens at >= 95%: the coarser bound, since one early flip changes
+    the rest of its row."""
+    windows = _held_out_windows(8, 48)
+    fp32 = _cached_logits(byte_lm, jnp.asarray(windows), Paged(16), 8).argmax(-1)
     kw = dict(max_new_tokens=32)
-    fp32 = generate(byte_lm, prompts, cache=Paged(16), **kw).tokens
+    greedy = generate(byte_lm, windows[:, :16], cache=Paged(16), **kw).tokens
     for cache in (Paged(16, kv=quant.int8_kv()), Contiguous(kv=quant.int8_kv())):
-        agree = float((generate(byte_lm, prompts, cache=cache, **kw).tokens == fp32).mean())
-        assert agree >= 0.95, (cache, agree)
+        forced = _cached_logits(byte_lm, jnp.asarray(windows), cache, 8).argmax(-1)
+        agree = float((forced == fp32).mean())
+        assert agree >= 0.98, ("teacher-forced", cache, agree)
+        agree = float((generate(byte_lm, windows[:, :16], cache=cache, **kw).tokens ==
+                       greedy).mean())
+        assert agree >= 0.95, ("greedy", cache, agree)
 
 
 @pytest.mark.parametrize("kv", [quant.int8_kv, quant.int4_per_token_kv])
