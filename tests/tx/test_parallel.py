@@ -25,9 +25,9 @@ MESHES = ["8x1x1", "1x8x1", "2x2x2", "1x2x4"]
 
 
 def eight_devices(*checks) -> dict:
-    # Unoptimised CPU code compiles twice as fast; every comparison is within one process.
-    flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
+    # The conftest's XLA_FLAGS (cheap LLVM compiles; every comparison is within one process)
+    # and eight host devices.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=flags)
     proc = subprocess.run([sys.executable, "-m", "tests.tx.mesh_checks", *checks], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=400)
