@@ -99,10 +99,10 @@ class PagedKVCache(nnx.Module):
     ``kv`` (``tx.attention.quant.KVQuant``) quantises the pages; None stores ``dtype``.
     Token-wise schemes (int8, per-token int4) write each token in place. A residual scheme
     (KIVI) keeps each row's partly filled last page in ``dtype`` (``k_tail``/``v_tail``
-    ``[B, L, K, H]``) and quantises a page once, when it fills (seals): a sealed page is
+    ``[K, B, L, H]``) and quantises a page once, when it fills (seals): a sealed page is
     immutable, so a shared prefix page is quantised once for every row that holds it, and a
     copy-on-write copy of a partial page stays in full precision (it lives in the tail).
-    Every array is K/V-head major: a quantised part is ``[K, P, ...]``, a tail ``[K, B, L, H]``.
+    Every array is K/V-head major: each stored part of a scheme is ``[K, P, ...]``.
     """
 
     def __init__(self, block_tables, num_pages: int, page_size: int, num_kv_heads: int,
