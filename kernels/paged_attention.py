@@ -5,10 +5,10 @@ Algorithm: PagedAttention (Kwon et al., 2023, arXiv:2309.06180): the KV cache li
 of fixed-size physical pages ``[K, P, L, H]``; a sequence's ``block_tables`` row maps its
 logical pages to physical ones. The pool is K/V-head major so that one head's page is one
 contiguous ``[L, H]`` block: a program's page loads are whole blocks, and the gathering
-``xla`` path gets ``[K, B, S, H]``, which feeds its dots without a transpose. The kernel walks those pages with the online softmax of
-FlashAttention (fp32 accumulation), and for long contexts with few sequences splits a
-sequence's pages over ``split_k`` programs whose partial outputs are merged with their
-log-sum-exp (Flash-Decoding, Dao et al., 2023).
+``xla`` path gets ``[K, B, S, H]``, which feeds its dots without a transpose. The kernel walks
+those pages with the online softmax of FlashAttention (fp32 accumulation), and for long
+contexts with few sequences splits a sequence's pages over ``split_k`` programs whose partial
+outputs are merged with their log-sum-exp (Flash-Decoding, Dao et al., 2023).
 
 Layout. A program handles one (batch row, K/V head, split). The ``G = N / K`` query heads of
 the group and the ``T`` new tokens are folded into the rows of its q tile, ``[R, H]`` with row
