@@ -25,6 +25,14 @@ class TestPallas(AttentionSuite):
     must_serve_core = True
 
 
+class TestCpu(AttentionSuite):
+    """The fused C++ kernel (``kernels/cpu_attention.cc``): every core case; it declines a
+    bias (left to xla)."""
+
+    implementation = "cpu"
+    must_serve_core = True
+
+
 class TestCudnn(AttentionSuite):
     """Declines (skips) everything without a GPU, and fp32, segment ids and most masks on
     one."""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import masks as masks_lib
-from kernels import reference
+from kernels import cpu_attention, reference
 from kernels.flash_attention import registry_attention as _pallas
 from kernels.linear_attention import linear_attention as _linear_pallas_kernel
 from kernels.linear_attention import linear_attention_chunked as _linear_chunked
@@ -152,6 +152,8 @@ def _pallas_paged(q, k_pages, v_pages, block_tables, lengths, *, mask, scale=Non
 register("xla", reference.attention)
 register("cudnn", _cudnn)
 register("pallas", per_shard.attention(_pallas))  # per shard under a mesh; GSPMD splits xla
+# Fused C++ kernel on the CPU backend (fp32 compute, banded masks); declines elsewhere.
+register("cpu", per_shard.attention(cpu_attention.attention))
 register_paged("pallas", _pallas_paged)
 # Gathers whole K-major pages and attends without transposing them: on a CPU a decode step
 # over the paged cache then costs what one over a contiguous cache does.

@@ -1,0 +1,197 @@
+"""Fused attention on the CPU: a C++ kernel (``cpu_attention.cc``) called through XLA's FFI.
+
+XLA runs attention on the CPU as separate dots and elementwise passes over the logits; this
+kernel forms each row's logits, softmax and output in one pass that stays in cache, and its
+backward recomputes the probabilities row by row (flash attention's scheme, with the row's
+log-sum-exp saved by the forward). It computes in fp32 (bf16/fp16 inputs are cast, as the
+reference's logits are) and serves every mask at default positions: a row's keys outside
+the mask's span are never read (a band's tiles past the diagonal cost nothing), and inside
+it a non-band mask's dense map, segment ids and key lengths decide. GQA/MQA by ``N / K``
+query heads per K/V head, without copying K/V. A bias, a score modifier or explicit
+positions raise ``NotImplementedError``, so the attention registry falls through to the
+next implementation (``("cpu", "xla")``).
+
+The library is compiled on first use with the machine's C++ compiler (``$CXX`` or ``g++``,
+``-O3 -march=native``) into ``$TX_KERNEL_CACHE`` (default ``~/.cache/tx/kernels``), named by
+a hash of the source, the flags and the JAX version, and reused after that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import checks
+from kernels import masks as masks_lib
+
+_SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_TARGETS = {"forward": "TxCpuAttentionForward", "backward": "TxCpuAttentionBackward"}
+_MAX_HEAD_DIM = 256
+
+
+def _cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("TX_KERNEL_CACHE",
+                                       pathlib.Path.home() / ".cache" / "tx" / "kernels"))
+
+
+class BuildError(NotImplementedError):
+    """No compiler, or the compile failed: the registry then falls through to the next
+    implementation (``("cpu", "xla")``), and a config that names ``("cpu",)`` alone fails with
+    this message."""
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise BuildError(f"the cpu attention kernel needs a C++ compiler: $CXX={cxx!r} is not "
+                         "on PATH (install g++ or set $CXX; or use implementation=('xla',)).")
+    return cxx
+
+
+def build() -> pathlib.Path:
+    """Compiles the kernel library (once per source, compiler, flags and JAX version) into
+    the kernel cache; returns its path. Raises ``BuildError`` when it cannot."""
+    cxx = _compiler()
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join((cxx, *_FLAGS, jax.__version__)).encode())
+    target = _cache_dir() / f"cpu_attention_{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename: concurrent builders (test workers) each write
+    # their own file, and a reader never sees a half-written library.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = pathlib.Path(tmp) / target.name
+        cmd = [cxx, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise BuildError(f"compiling {_SOURCE.name} failed (exit {done.returncode}): "
+                             f"{' '.join(cmd)}\n{done.stderr[-4000:]}")
+        os.replace(out, target)
+    return target
+
+
+_failure: BuildError | None = None  # a failed build is not retried at every trace
+
+
+@functools.cache
+def _load() -> None:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+    for kind, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(f"tx_cpu_attention_{kind}",
+                                    jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+
+
+def _register() -> None:
+    global _failure
+    if _failure is not None:
+        raise _failure
+    try:
+        _load()
+    except BuildError as e:
+        _failure = e
+        raise
+
+
+@functools.lru_cache(maxsize=256)
+def _row_ranges(mask: masks_lib.Mask, t: int, s: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each row's key range ``[T, 2]`` (``j0, j1``) under ``mask`` at bottom-right aligned
+    positions, and the mask's dense map ``[T, S]`` (int8) where it is not a band (else None):
+    the kernel never reads a key outside a row's range and checks the map inside it."""
+    band = mask.band()
+    if band is not None:
+        pos = np.arange(t) + (s - t)
+        lo, hi = band
+        j0 = np.zeros(t) if math.isinf(lo) else np.clip(pos + lo, 0, s)
+        j1 = np.full(t, s) if math.isinf(hi) else np.clip(pos + hi + 1, 0, s)
+        return np.stack([j0, np.maximum(j0, j1)], 1).astype(np.int32), None
+    dense = mask.dense(t, s)
+    seen = dense.any(1)
+    j0 = np.where(seen, dense.argmax(1), 0)
+    j1 = np.where(seen, s - dense[:, ::-1].argmax(1), 0)
+    return np.stack([j0, j1], 1).astype(np.int32), dense.astype(np.int8)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, seen, attrs):
+    return _forward(q, k, v, seen, attrs)[0]
+
+
+def _forward(q, k, v, seen, attrs):
+    (b, t, n, _), f32 = q.shape, jnp.float32
+    out = (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct((b, n, t), f32))
+    call = jax.ffi.ffi_call("tx_cpu_attention_forward", out, vmap_method="sequential")
+    return call(q, k, v, *seen, **dict(attrs))
+
+
+def _attend_fwd(q, k, v, seen, attrs):
+    o, lse = _forward(q, k, v, seen, attrs)
+    return o, (q, k, v, seen, o, lse)
+
+
+def _attend_bwd(attrs, residuals, do):
+    q, k, v, seen, o, lse = residuals
+    out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    call = jax.ffi.ffi_call("tx_cpu_attention_backward", out, vmap_method="sequential")
+    dq, dk, dv = call(q, k, v, *seen, o, lse, do, **dict(attrs))
+    return dq, dk, dv, tuple(None for _ in seen)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _declined(q, k, v, mask, bias, q_positions, kv_positions, score_mod) -> list[str]:
+    reasons = [f"{name} (pass None)" for name, value in (
+        ("bias", bias), ("q_positions", q_positions), ("kv_positions", kv_positions),
+        ("score_mod", score_mod)) if value is not None]
+    if not isinstance(mask, masks_lib.Mask):
+        reasons.append(f"mask={mask!r} (not a kernels.masks.Mask)")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
+    if jax.default_backend() != "cpu":
+        reasons.append(f"backend {jax.default_backend()!r} (it runs on the CPU only)")
+    return reasons
+
+
+def attention(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=None, bias=None,
+              q_positions=None, kv_positions=None, block_q=None, score_mod=None):
+    """``kernels.reference.attention``'s signature and results, computed in fp32.
+
+    Serves every mask, segment ids and key lengths at default positions; raises
+    ``NotImplementedError`` (so the registry tries the next implementation) for a bias, a
+    score modifier, explicit positions, head dims past 256, or a backend other than the
+    CPU. ``block_q`` is accepted and ignored (the kernel takes its rows four at a time)."""
+    del block_q
+    checks.check_qkv(q, k, v)
+    mask = masks_lib.Full() if mask is None else mask
+    reasons = _declined(q, k, v, mask, bias, q_positions, kv_positions, score_mod)
+    if reasons:
+        raise NotImplementedError("the cpu attention kernel does not serve: "
+                                  + ", ".join(reasons))
+    _register()
+    (b, t, _, h), s = q.shape, k.shape[1]
+    rows, dense = _row_ranges(mask, t, s)
+    lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else \
+        jnp.asarray(kv_lengths, jnp.int32)
+    absent = np.zeros((1, 1), np.int32)
+    q_seg, kv_seg = (absent, absent) if segment_ids is None else \
+        (jnp.asarray(x, jnp.int32) for x in segment_ids)
+    seen = (jnp.asarray(rows), lengths,
+            jnp.asarray(np.zeros((1, 1), np.int8) if dense is None else dense), q_seg, kv_seg)
+    attrs = (("dense", np.int64(dense is not None)), ("packed", np.int64(segment_ids is not None)),
+             ("scale", np.float32(h ** -0.5 if scale is None else scale)))
+    f32 = jnp.float32
+    out = _attend(q.astype(f32), k.astype(f32), v.astype(f32), seen, attrs)
+    return out.astype(q.dtype)
