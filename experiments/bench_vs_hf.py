@@ -9,9 +9,10 @@ repetition by repetition (so a loaded machine slows both alike; medians reported
     ``tx.train.make_train_step`` with plain ``optax.adamw`` (no clipping, no non-finite
     guard); PyTorch runs ``torch.optim.AdamW`` with the same hyperparameters;
   * attention: one layer's causal attention alone, forward and backward, on the model's
-    heads and the ``B x T`` batch: tx's ``xla`` implementation (what the layer runs on CPU)
-    against PyTorch's ``scaled_dot_product_attention`` (a fused flash kernel on CPU), the
-    share of the training step where the two differ most;
+    heads and the ``B x T`` batch, against PyTorch's ``scaled_dot_product_attention`` (a
+    fused flash kernel on CPU): tx's default implementations (what the layer runs: the fused
+    ``cpu`` kernel, ``kernels/cpu_attention.cc``) and, as ``attention_xla``, the ``xla``
+    reference alone;
   * decode: greedy generation of ``--new_tokens`` after a ``--prompt``-token prompt at each
     ``--decode_batches`` size (tx ``generate`` with the contiguous cache, HF ``generate``),
     and tx's paged cache against its contiguous one.
@@ -40,6 +41,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from tx.config import DEFAULT_IMPLEMENTATION
 from tx.inference import Contiguous, Paged, generate
 from tx.interop import hf
 from tx.train.step import init_state, make_train_step
@@ -181,9 +183,10 @@ def train_row(name, ref, model, ids):
                 first_loss_diff=abs(tx_loss - torch_loss))
 
 
-def attention_row(name, model, ids):
-    """Causal attention with the model's heads on random q, k, v, forward and backward: the
-    q/k/v gradients for a random cotangent are checked against each other before timing."""
+def attention_row(name, model, ids, implementation, work):
+    """Causal attention with the model's heads on random q, k, v, forward and backward, by
+    ``implementation``: the q/k/v gradients for a random cotangent are checked against
+    PyTorch's before timing."""
     import torch
     from kernels import masks
     from tx.attention import registry
@@ -195,7 +198,7 @@ def attention_row(name, model, ids):
                    for shape in ((b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, t, n, h)))
 
     def loss(q, k, v):
-        out = registry.attend(q, k, v, mask=masks.Causal(), implementation=("xla",))
+        out = registry.attend(q, k, v, mask=masks.Causal(), implementation=implementation)
         return (out * do).sum()
 
     tx_grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -214,8 +217,9 @@ def attention_row(name, model, ids):
     assert diff <= _TOL.value, f"{name}: attention gradients differ by {diff} > {_TOL.value}"
     tx_s, torch_s = interleaved(lambda: jax.block_until_ready(tx_grads(q, k, v)), torch_grads,
                                 _REPEATS.value)
-    return dict(work="attention", batch=b, tokens=b * t, tx_s=tx_s, torch_s=torch_s,
-                max_abs_grad_diff=diff, heads=n, kv_heads=kh, head_dim=h)
+    return dict(work=work, batch=b, tokens=b * t, tx_s=tx_s, torch_s=torch_s,
+                max_abs_grad_diff=diff, heads=n, kv_heads=kh, head_dim=h,
+                implementation=",".join(implementation))
 
 
 def decode_rows(name, ref, model, batch):
@@ -263,7 +267,9 @@ def run() -> list[dict]:
         if "train" in _WORK.value:
             found.append(train_row(name, ref, model, ids))
         if "attention" in _WORK.value:
-            found.append(attention_row(name, model, ids[:, :-1]))
+            found += [attention_row(name, model, ids[:, :-1], implementation, work)
+                      for work, implementation in (("attention", DEFAULT_IMPLEMENTATION),
+                                                   ("attention_xla", ("xla",)))]
         if "decode" in _WORK.value:
             for batch in _DECODE_BATCHES.value:
                 found += decode_rows(name, ref, model, int(batch))

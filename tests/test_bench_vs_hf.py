@@ -25,15 +25,17 @@ def test_bench_vs_hf_smoke():
                          capture_output=True, text=True, check=True, timeout=300).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert {(r["model"], r["work"]) for r in rows} == {
-        ("llama", w) for w in ("forward", "train", "attention", "decode", "paged_vs_contiguous")}
+        ("llama", w) for w in ("forward", "train", "attention", "attention_xla", "decode",
+                               "paged_vs_contiguous")}
     for r in rows:
         assert r["bench"] == "vs_hf" and r["tx_tokens_per_s"] > 0 and r["torch_threads"] == 1
         if r["work"] == "forward":
             assert r["max_abs_logit_diff"] <= 1e-4
         if r["work"] == "train":
             assert r["first_loss_diff"] <= 1e-4
-        if r["work"] == "attention":
+        if r["work"].startswith("attention"):
             assert r["max_abs_grad_diff"] <= 1e-4 and (r["heads"], r["kv_heads"]) == (8, 2)
+            assert r["implementation"] == ("cpu,xla" if r["work"] == "attention" else "xla")
         if r["work"] in ("decode", "paged_vs_contiguous"):
             assert r["greedy_identical"] and r["batch"] == 2 and r["tokens"] == 6
     assert "tx / PyTorch" in out

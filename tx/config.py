@@ -56,6 +56,12 @@ def cycle(schedule: tuple, num_layers: int, default) -> tuple:
     return tuple(schedule[i % len(schedule)] for i in range(num_layers))
 
 
+# The attention implementations tried, in order, when a config names none: the fused CPU
+# kernel (kernels/cpu_attention.cc) where it serves the call, which is fp32 compute on the
+# CPU backend at default positions with no bias; the XLA reference everywhere else.
+DEFAULT_IMPLEMENTATION = ("cpu", "xla")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
     """The three axes of self-attention, plus the projections' options.
@@ -70,7 +76,7 @@ class AttentionConfig:
     num_kv_heads: int | None = None  # None: num_heads (MHA); 1: MQA; in between: GQA
     head_dim: int | None = None  # None: d_model // num_heads
     masks: tuple = ()
-    implementation: tuple = ("xla",)
+    implementation: tuple = DEFAULT_IMPLEMENTATION
     scale: float | None = None  # logits scale; None: head_dim ** -0.5 (T5: 1.0)
     bias: bool = False  # biases on the q/k/v/o projections (GPT-2, BERT)
     out_bias: bool | None = None  # bias on the output projection; None: as ``bias`` (Qwen2: False)

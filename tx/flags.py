@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from kernels import masks, score_mods
 from tx.attention import favor, quant, registry
-from tx.config import AttentionConfig, EmbedConfig, ModelConfig
+from tx.config import DEFAULT_IMPLEMENTATION, AttentionConfig, EmbedConfig, ModelConfig
 from tx.inference import generation
 from tx.layers import mlp as mlp_lib
 from tx.layers import norms, positions
@@ -188,7 +188,7 @@ class ModelFlags:
     stride: int = 8
     sparse_block: int = 16
     num_classes: int = 2
-    implementation: tuple[str, ...] = ("xla",)
+    implementation: tuple[str, ...] = DEFAULT_IMPLEMENTATION
     dtype: str = "float32"
     norm_eps: float = 1e-6  # epsilon of every LayerNorm / RMSNorm
     rope_base: float = 10000.0  # RoPE's theta: the angle of dimension pair i is p * base^(-2i/H)

@@ -24,6 +24,7 @@ from kernels import score_mods
 from tx import parallel
 from tx.attention import cache as cache_lib
 from tx.attention import registry
+from tx.config import DEFAULT_IMPLEMENTATION
 from tx.layers.positions import Positions
 
 
@@ -44,7 +45,7 @@ class Attention(nnx.Module):
     pageable = True  # decoding can keep its K/V in a paged cache
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 mask: masks_lib.Mask | None = None, implementation: Sequence = ("xla",),
+                 mask: masks_lib.Mask | None = None, implementation: Sequence = DEFAULT_IMPLEMENTATION,
                  positions: Positions | None = None, use_bias: bool = False,
                  out_bias: bool | None = None, scale: float | None = None,
                  score_mod: score_mods.ScoreMod | None = None, sinks: bool = False,

@@ -28,6 +28,7 @@ from kernels import masks as masks_lib
 from kernels.paged_attention import check_block_tables
 from tx.attention import cache as cache_lib
 from tx.attention import quant, registry
+from tx.config import DEFAULT_IMPLEMENTATION
 
 
 def copy_page_pairs(k_pages: jax.Array, v_pages: jax.Array, src: jax.Array,
@@ -260,7 +261,7 @@ class PagedKVCache(nnx.Module):
         return self.index[...]
 
     def attend(self, q_btnh, k_new, v_new, positions_bt=None, *, mask: masks_lib.Mask,
-               scale=None, implementation: Sequence = ("xla",), positions,
+               scale=None, implementation: Sequence = DEFAULT_IMPLEMENTATION, positions,
                segment_ids=None, kv_lengths=None, cross=False, score_mod=None):
         """Writes the new tokens, then attends: implementations are tried in order, one with a
         paged kernel (``registry.register_paged``, e.g. ``pallas``) reads the pages in place

@@ -23,6 +23,7 @@ from kernels.flash_attention import registry_attention as _pallas
 from kernels.linear_attention import linear_attention as _linear_pallas_kernel
 from kernels.linear_attention import linear_attention_chunked as _linear_chunked
 from kernels.paged_attention import paged_attention as _paged_pallas
+from tx.config import DEFAULT_IMPLEMENTATION
 from tx.parallel import per_shard
 
 AttentionFn = Callable[..., jax.Array]
@@ -76,7 +77,7 @@ def check(implementation) -> tuple:
     return implementation
 
 
-def attend(q, k, v, *, implementation: Sequence = ("xla",), **kwargs) -> jax.Array:
+def attend(q, k, v, *, implementation: Sequence = DEFAULT_IMPLEMENTATION, **kwargs) -> jax.Array:
     """Runs the first implementation in ``implementation`` (names or callables) that supports
     the case."""
     implementation = check(implementation)
@@ -158,6 +159,9 @@ register_paged("pallas", _pallas_paged)
 # Gathers whole K-major pages and attends without transposing them: on a CPU a decode step
 # over the paged cache then costs what one over a contiguous cache does.
 register_paged("xla", reference.paged_attention)
+# The fused CPU kernel has no paged form: a paged cache that names it first (the default
+# ("cpu", "xla")) decodes through the same K-major gather.
+register_paged("cpu", reference.paged_attention)
 
 
 # --- linear (feature-map) attention ------------------------------------------------------------
