@@ -153,8 +153,9 @@ def _relative_error(expected, actual) -> float:
 
 
 def check_kernels():
-    """Flash (forward and gradients) and paged attention per shard on (1,2,4) vs unsharded."""
-    from kernels import masks
+    """Flash and the fused CPU kernel (forward and gradients) and paged attention per shard on
+    (1,2,4) vs unsharded."""
+    from kernels import cpu_attention, masks
     from kernels.flash_attention import registry_attention
     from kernels.paged_attention import paged_attention
     from tx import parallel as parallel_lib
@@ -183,6 +184,10 @@ def check_kernels():
     (l0, g0), (l1, g1) = run(registry_attention), run(sharded)
     out["mqa_loss"] = [float(l0), float(l1)]
     out["mqa_grad_err"] = _relative_error(g0, g1)
+    (l0, g0), (l1, g1) = run(cpu_attention.attention), run(per_shard.attention(
+        cpu_attention.attention))
+    out["cpu_loss"] = [float(l0), float(l1)]
+    out["cpu_grad_err"] = _relative_error(g0, g1)
     # Paged decode: 4 sequences, pages of 4 tokens, 8 pages each (pool of 32 + spare).
     pages_k = jax.random.normal(kk, (4, 40, 4, 8), jnp.float32)  # [K, P, L, H]
     pages_v = jax.random.normal(kv, (4, 40, 4, 8), jnp.float32)

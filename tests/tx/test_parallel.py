@@ -70,6 +70,8 @@ def test_pallas_kernels_and_kv_caches_run_per_shard():
     assert out["flash_grad_err"] < 3e-6
     np.testing.assert_allclose(*out["mqa_loss"], rtol=1e-6)
     assert out["mqa_grad_err"] < 3e-6
+    np.testing.assert_allclose(*out["cpu_loss"], rtol=1e-6)  # MQA, as the run above
+    assert out["cpu_grad_err"] < 3e-6
     assert out["paged_err"] < 1e-5
     assert "fsdp" in out["paged_spec"] and "tensor" in out["paged_spec"]  # really split
     # A decoder's KV cache [B, S, K, H] split by rows and K/V heads; prefill + decode agree.
