@@ -1,5 +1,5 @@
-// Fused attention for the CPU: forward and backward over a banded mask, GQA without copying
-// K/V, one (batch row, K/V head) per task on XLA's intra-op thread pool.
+// Fused attention for the CPU: forward and backward under any mask, GQA without copying K/V,
+// one (batch row, K/V head) per task on XLA's intra-op thread pool.
 //
 // Built on first use by kernels/cpu_attention.py (g++ -O3 -march=native) and called through
 // XLA's FFI. Layouts are tx's: q/o [B, T, N, H], k/v [B, S, K, H], lse [B, N, T]; query head
@@ -12,55 +12,30 @@
 // Why a hand-written kernel: XLA runs attention as separate dots and elementwise passes, and
 // every pass streams the [rows, S] logits through memory; here each row's logits live in a
 // small scratch buffer that stays in L1 while they are formed, exponentiated and used.
-// The vectors are GCC vector extensions (16 floats), which lower to whatever the machine's
-// -march offers (AVX-512, 2 x AVX2, NEON...).
+// Vectors, exp and the thread pool's loop are in cpu_simd.h.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float v16 __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t i16 __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline v16 splat(float x) { return v16{} + x; }
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-
-// e^x for x <= 0 (arguments below -87 give ~1e-38, not 0: callers zero masked lanes).
-// Range reduction by ln 2 in two parts, then a degree-6 polynomial: relative error ~2e-7.
-inline v16 exp_neg(v16 x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  // n = floor(x / ln2 + 0.5): the conversion truncates, so step down where it rounded up.
-  v16 y = x * splat(1.44269504088896341f) + splat(0.5f);
-  v16 n = __builtin_convertvector(__builtin_convertvector(y, i16), v16);
-  n = n > y ? n - splat(1.0f) : n;
-  v16 r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+using tx_cpu::exp_neg;
+using tx_cpu::i16;
+using tx_cpu::kLanes;
+using tx_cpu::load;
+using tx_cpu::parallel_for;
+using tx_cpu::splat;
+using tx_cpu::store;
+using tx_cpu::v16;
 
 struct Dims {
   int64_t b, t, s, n, k, h, g;
@@ -88,32 +63,6 @@ struct Visibility {
     return q_seg == nullptr || q_seg[bi * d.t + i] == kv_seg[bi * d.s + j];
   }
 };
-
-// Runs body(item) for item in [0, items) on the caller and the pool's threads. The caller
-// waits only for items other threads have claimed, never for a task to start: a pool busy
-// with other work (or with another call like this one) cannot deadlock it. Late tasks find
-// nothing left and touch only the shared counters.
-struct Progress {
-  std::atomic<int64_t> next{0}, completed{0};
-};
-
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t items, const F& body) {
-  auto progress = std::make_shared<Progress>();
-  auto run = [progress, items, &body] {
-    for (int64_t item; (item = progress->next.fetch_add(1)) < items;) {
-      body(item);
-      progress->completed.fetch_add(1);
-    }
-  };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), items - 1);
-  for (int64_t w = 0; w < helpers; ++w) {
-    auto task = run;
-    pool.Schedule(std::move(task));
-  }
-  run();
-  while (progress->completed.load() < items) std::this_thread::yield();
-}
 
 // One (batch row, K/V head): its keys transposed [H, Sp] and its values [S, Hp], zero-padded
 // to whole vectors, so a row's logits are vector FMAs over keys and its output over channels.
@@ -248,8 +197,11 @@ inline void slot_exp(const Group& gr, float* x, int64_t ld, const float* shift, 
         v16 x = load(row + j);
         e = exp_neg(x - splat(shift[s]));
         e = x == splat(-std::numeric_limits<float>::infinity()) ? splat(0.0f) : e;
-        for (int64_t l = 0; l < kLanes; ++l)
-          if (j + l < sl.j0 || j + l >= sl.j1) e[l] = 0.0f;
+        if (j < sl.j0 || j + kLanes > sl.j1) {  // a vector across the range's edge
+          i16 key = tx_cpu::iota() + static_cast<int32_t>(j);
+          e = (key >= static_cast<int32_t>(sl.j0)) & (key < static_cast<int32_t>(sl.j1))
+                  ? e : splat(0.0f);
+        }
       }
       store(row + j, e);
       total += e;
@@ -385,8 +337,7 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_l
         if (slot_hide(d, vis, bi, gr, logits.data(), ld)) {
           for (int s = 0; s < kSlots; ++s) {
             const Slot& sl = gr.slot[s];
-            m[s] = sl.empty() ? 0.0f : *std::max_element(logits.begin() + s * ld + sl.j0,
-                                                         logits.begin() + s * ld + sl.j1);
+            m[s] = sl.empty() ? 0.0f : tx_cpu::max_of(logits.data() + s * ld, sl.j0, sl.j1);
           }
           slot_exp(gr, logits.data(), ld, m, l);
           with_vectors(hp / kLanes, [&](auto hv) {

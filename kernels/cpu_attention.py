@@ -36,7 +36,8 @@ from kernels import checks
 from kernels import masks as masks_lib
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_HEADER = pathlib.Path(__file__).with_name("cpu_simd.h")  # vectors, exp, the pool's loop
+_FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"forward": "TxCpuAttentionForward", "backward": "TxCpuAttentionBackward"}
 _MAX_HEAD_DIM = 256
 
@@ -64,7 +65,8 @@ def build() -> pathlib.Path:
     """Compiles the kernel library (once per source, compiler, flags and JAX version) into
     the kernel cache; returns its path. Raises ``BuildError`` when it cannot."""
     cxx = _compiler()
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join((cxx, *_FLAGS, jax.__version__)).encode())
+    key = hashlib.sha256(_SOURCE.read_bytes() + _HEADER.read_bytes()
+                         + " ".join((cxx, *_FLAGS, jax.__version__)).encode())
     target = _cache_dir() / f"cpu_attention_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -73,7 +75,8 @@ def build() -> pathlib.Path:
     # their own file, and a reader never sees a half-written library.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = pathlib.Path(tmp) / target.name
-        cmd = [cxx, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", str(out)]
+        cmd = [cxx, *_FLAGS, "-iquote", str(_HEADER.parent), "-isystem", jax.ffi.include_dir(),
+               str(_SOURCE), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise BuildError(f"compiling {_SOURCE.name} failed (exit {done.returncode}): "
