@@ -61,13 +61,19 @@ def _compiler() -> str:
     return cxx
 
 
-def build() -> pathlib.Path:
-    """Compiles the kernel library (once per source, compiler, flags and JAX version) into
-    the kernel cache; returns its path. Raises ``BuildError`` when it cannot."""
-    cxx = _compiler()
+def library_path(cxx: str) -> pathlib.Path:
+    """Where the library built from today's source by ``cxx`` lives in the kernel cache: its
+    name hashes the source, the header, the compiler, the flags and the JAX version."""
     key = hashlib.sha256(_SOURCE.read_bytes() + _HEADER.read_bytes()
                          + " ".join((cxx, *_FLAGS, jax.__version__)).encode())
-    target = _cache_dir() / f"cpu_attention_{key.hexdigest()[:16]}.so"
+    return _cache_dir() / f"cpu_attention_{key.hexdigest()[:16]}.so"
+
+
+def build() -> pathlib.Path:
+    """Compiles the kernel library (once per ``library_path``) into the kernel cache; returns
+    its path. Raises ``BuildError`` when it cannot."""
+    cxx = _compiler()
+    target = library_path(cxx)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -130,10 +130,18 @@ def test_a_failed_build_falls_through_to_the_next_implementation(monkeypatch):
 
 
 def test_the_library_is_cached_by_source(monkeypatch, tmp_path):
-    monkeypatch.setenv("TX_KERNEL_CACHE", str(tmp_path))
-    first = cpu_attention.build()
-    assert cpu_attention.build() == first  # reused, not rebuilt
+    built = cpu_attention.build()  # the tests above have compiled it: found, not rebuilt
+    assert built == cpu_attention.library_path(cpu_attention._compiler()) and built.exists()
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError(f"compiled again: {args}")
+
+    monkeypatch.setattr(cpu_attention.subprocess, "run", no_compiling)
+    assert cpu_attention.build() == built
+    # An edited source, or another compiler, is another library.
     edited = tmp_path / "cpu_attention.cc"
     edited.write_text(cpu_attention._SOURCE.read_text() + "\n// an edit\n")
     monkeypatch.setattr(cpu_attention, "_SOURCE", edited)
-    assert cpu_attention.build() != first
+    assert cpu_attention.library_path("g++") not in (built, cpu_attention.library_path("clang++"))
+    with pytest.raises(AssertionError, match="compiled again"):
+        cpu_attention.build()
