@@ -40,6 +40,10 @@ _HEADER = pathlib.Path(__file__).with_name("cpu_simd.h")  # vectors, exp, the po
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"forward": "TxCpuAttentionForward", "backward": "TxCpuAttentionBackward"}
 _MAX_HEAD_DIM = 256
+# A mask that is not a band reaches the kernel as its dense [T, S] map, a constant in the
+# compiled program; past this many entries (16 MiB) the kernel declines and xla evaluates
+# the mask's predicate instead.
+_MAX_DENSE_MAP = 1 << 24
 
 
 def _cache_dir() -> pathlib.Path:
@@ -169,6 +173,10 @@ def _declined(q, k, v, mask, bias, q_positions, kv_positions, score_mod) -> list
         reasons.append(f"mask={mask!r} (not a kernels.masks.Mask)")
     if q.shape[-1] > _MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
+    if isinstance(mask, masks_lib.Mask) and mask.band() is None and \
+            q.shape[1] * k.shape[1] > _MAX_DENSE_MAP:
+        reasons.append(f"mask={mask!r} over {q.shape[1]} x {k.shape[1]} (not a band: its "
+                       f"dense map would pass {_MAX_DENSE_MAP} entries)")
     if jax.default_backend() != "cpu":
         reasons.append(f"backend {jax.default_backend()!r} (it runs on the CPU only)")
     return reasons

@@ -103,6 +103,14 @@ def test_declines_what_it_does_not_serve_and_the_registry_falls_through(kwargs, 
         _close("fallback", got, reference.attention(q, k, v, mask=M.Causal(), **kwargs))
 
 
+def test_a_long_non_band_mask_is_left_to_xla(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "_MAX_DENSE_MAP", 80)
+    q, k, v, _ = _inputs(1, 9, 9, 4, 2, 8)
+    with pytest.raises(NotImplementedError, match="dense map"):
+        cpu_attention.attention(q, k, v, mask=M.Strided(3))
+    cpu_attention.attention(q, k, v, mask=M.Causal())  # a band needs no map
+
+
 def test_a_missing_compiler_is_a_clear_decline(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler-tx")
     monkeypatch.setenv("TX_KERNEL_CACHE", str(tmp_path))
