@@ -12,7 +12,7 @@
 // Why a hand-written kernel: XLA runs attention as separate dots and elementwise passes, and
 // every pass streams the [rows, S] logits through memory; here each row's logits live in a
 // small scratch buffer that stays in L1 while they are formed, exponentiated and used.
-// Vectors, exp and the thread pool's loop are in cpu_simd.h.
+// Vectors, exp and the thread pool's loop are in cpu_simd.h; a row's loops in cpu_rows.h.
 
 #include <algorithm>
 #include <cmath>
@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_rows.h"
 #include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -28,280 +29,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using tx_cpu::exp_neg;
-using tx_cpu::i16;
-using tx_cpu::kLanes;
-using tx_cpu::load;
-using tx_cpu::parallel_for;
-using tx_cpu::splat;
-using tx_cpu::store;
-using tx_cpu::v16;
-
-struct Dims {
-  int64_t b, t, s, n, k, h, g;
-  float scale;
-};
-
-Dims dims_of(ffi::AnyBuffer::Dimensions q, ffi::AnyBuffer::Dimensions k, float scale) {
-  return Dims{q[0], q[1], k[1], q[2], k[2], q[3], q[2] / k[2], scale};
-}
-
-struct Visibility {
-  const int32_t* rows;     // [T, 2]
-  const int32_t* kv_len;   // [B]
-  const int8_t* visible;   // [T, S], or null: every key in a row's range is visible
-  const int32_t *q_seg, *kv_seg;  // [B, T] / [B, S], or null: no packing
-
-  // Keys [j0, j1) that row i of batch row bi may see; j0 >= j1 when it sees none.
-  void range(const Dims& d, int64_t bi, int64_t i, int64_t* j0, int64_t* j1) const {
-    *j0 = std::max<int64_t>(rows[2 * i], 0);
-    *j1 = std::min<int64_t>({rows[2 * i + 1], kv_len[bi], d.s});
-  }
-  bool per_key() const { return visible != nullptr || q_seg != nullptr; }
-  bool sees(const Dims& d, int64_t bi, int64_t i, int64_t j) const {
-    if (visible != nullptr && !visible[i * d.s + j]) return false;
-    return q_seg == nullptr || q_seg[bi * d.t + i] == kv_seg[bi * d.s + j];
-  }
-};
-
-// One (batch row, K/V head): its keys transposed [H, Sp] and its values [S, Hp], zero-padded
-// to whole vectors, so a row's logits are vector FMAs over keys and its output over channels.
-struct Panel {
-  int64_t sp, hp;
-  std::vector<float> kt, k_rows, vt, v_rows;
-  // The transposed panels' row stride is padded by one vector past a whole number of them:
-  // a power-of-two stride (S = 256) maps every channel's keys to the same few L1 sets.
-  Panel(const Dims& d) : sp((d.s + kLanes - 1) / kLanes * kLanes + kLanes),
-                         hp((d.h + kLanes - 1) / kLanes * kLanes),
-                         kt(d.h * sp), k_rows(d.s * hp), vt(d.h * sp), v_rows(d.s * hp) {}
-  void fill(const Dims& d, const float* k, const float* v, int64_t bi, int64_t kh,
-            bool transposed_v) {
-    std::fill(kt.begin(), kt.end(), 0.0f);
-    std::fill(k_rows.begin(), k_rows.end(), 0.0f);
-    std::fill(v_rows.begin(), v_rows.end(), 0.0f);
-    if (transposed_v) std::fill(vt.begin(), vt.end(), 0.0f);
-    for (int64_t j = 0; j < d.s; ++j) {
-      const float* kj = k + ((bi * d.s + j) * d.k + kh) * d.h;
-      const float* vj = v + ((bi * d.s + j) * d.k + kh) * d.h;
-      for (int64_t c = 0; c < d.h; ++c) {
-        kt[c * sp + j] = kj[c];
-        k_rows[j * hp + c] = kj[c];
-        v_rows[j * hp + c] = vj[c];
-        if (transposed_v) vt[c * sp + j] = vj[c];
-      }
-    }
-  }
-};
-
-// A task walks its (row, query head) pairs four at a time, row-major: the G heads of a row,
-// or (G = 1) four consecutive rows. The four share every load of a key, value or gradient
-// row, so each load feeds four FMAs. Each pair ("slot") keeps its own key range [j0, j1);
-// the loops run over the union [u0, u1), and a slot's weights are exact zeros outside its
-// range, so the extra keys add nothing. A slot past the last pair, or a row that sees no
-// key, has an empty range.
-constexpr int kSlots = 4;
-
-struct Slot {
-  int64_t i = 0, n = 0, j0 = 0, j1 = 0;
-  bool real = false;
-  bool empty() const { return j0 >= j1; }
-};
-
-struct Group {
-  Slot slot[kSlots];
-  int64_t u0, u1;  // union of the slots' key ranges; u0 >= u1 when all are empty
-  Group(const Dims& d, const Visibility& vis, int64_t bi, int64_t kh, int64_t first)
-      : u0(d.s), u1(0) {
-    for (int s = 0; s < kSlots; ++s) {
-      int64_t pair = first + s;
-      if (pair >= d.t * d.g) continue;
-      Slot& sl = slot[s];
-      sl.real = true;
-      sl.i = pair / d.g;
-      sl.n = kh * d.g + pair % d.g;
-      vis.range(d, bi, sl.i, &sl.j0, &sl.j1);
-      if (sl.empty()) {
-        sl.j0 = sl.j1 = 0;
-      } else {
-        u0 = std::min(u0, sl.j0);
-        u1 = std::max(u1, sl.j1);
-      }
-    }
-  }
-  int64_t v0() const { return u0 / kLanes * kLanes; }
-  int64_t v1() const { return (u1 + kLanes - 1) / kLanes * kLanes; }
-};
-
-// out[s][j] = sum_c a[s][c] * t[c * sp + j] over the vectors covering [u0, u1), two
-// vectors of keys at a time (eight independent FMA chains).
-inline void slot_dots(const Group& gr, const float* a, int64_t hp, const float* t, int64_t h,
-                      int64_t sp, float* out, int64_t ld) {
-  int64_t j = gr.v0();
-  for (; j + kLanes < gr.v1(); j += 2 * kLanes) {
-    v16 acc0[kSlots] = {}, acc1[kSlots] = {};
-    for (int64_t c = 0; c < h; ++c) {
-      v16 k0 = load(t + c * sp + j), k1 = load(t + c * sp + j + kLanes);
-      for (int s = 0; s < kSlots; ++s) {
-        v16 as = splat(a[s * hp + c]);
-        acc0[s] += as * k0;
-        acc1[s] += as * k1;
-      }
-    }
-    for (int s = 0; s < kSlots; ++s) {
-      store(out + s * ld + j, acc0[s]);
-      store(out + s * ld + j + kLanes, acc1[s]);
-    }
-  }
-  if (j < gr.v1()) {
-    v16 acc[kSlots] = {};
-    for (int64_t c = 0; c < h; ++c) {
-      v16 kv = load(t + c * sp + j);
-      for (int s = 0; s < kSlots; ++s) acc[s] += splat(a[s * hp + c]) * kv;
-    }
-    for (int s = 0; s < kSlots; ++s) store(out + s * ld + j, acc[s]);
-  }
-}
-
-// Logits of keys a slot may not see inside its range become -inf (the per-key checks); a
-// slot left with none is emptied. Returns whether any slot still sees a key.
-inline bool slot_hide(const Dims& d, const Visibility& vis, int64_t bi, Group& gr, float* x,
-                      int64_t ld) {
-  if (!vis.per_key()) return gr.u0 < gr.u1;
-  bool any = false;
-  for (int s = 0; s < kSlots; ++s) {
-    Slot& sl = gr.slot[s];
-    bool seen = false;
-    for (int64_t j = sl.j0; j < sl.j1; ++j) {
-      if (vis.sees(d, bi, sl.i, j)) {
-        seen = true;
-      } else {
-        x[s * ld + j] = -std::numeric_limits<float>::infinity();
-      }
-    }
-    if (!seen) sl.j0 = sl.j1 = 0;
-    any |= seen;
-  }
-  return any;
-}
-
-// x[s][j] = exp(x[s][j] - shift[s]) inside slot s's range and 0 elsewhere on [v0, v1);
-// returns each slot's sum.
-inline void slot_exp(const Group& gr, float* x, int64_t ld, const float* shift, float* sums) {
-  for (int s = 0; s < kSlots; ++s) {
-    const Slot& sl = gr.slot[s];
-    float* row = x + s * ld;
-    v16 total = splat(0.0f);
-    for (int64_t j = gr.v0(); j < gr.v1(); j += kLanes) {
-      v16 e = splat(0.0f);
-      if (j + kLanes > sl.j0 && j < sl.j1) {
-        v16 x = load(row + j);
-        e = exp_neg(x - splat(shift[s]));
-        e = x == splat(-std::numeric_limits<float>::infinity()) ? splat(0.0f) : e;
-        if (j < sl.j0 || j + kLanes > sl.j1) {  // a vector across the range's edge
-          i16 key = tx_cpu::iota() + static_cast<int32_t>(j);
-          e = (key >= static_cast<int32_t>(sl.j0)) & (key < static_cast<int32_t>(sl.j1))
-                  ? e : splat(0.0f);
-        }
-      }
-      store(row + j, e);
-      total += e;
-    }
-    float sum = 0.0f;
-    for (int l = 0; l < kLanes; ++l) sum += total[l];
-    sums[s] = sum;
-  }
-}
-
-// The head dim in vectors, HV = hp / 16, is a template argument below: the loops over it
-// unroll and their accumulators stay in registers. with_vectors() picks the instance.
-template <typename F>
-void with_vectors(int64_t hv, F f) {
-  switch (hv) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-    default: return f(std::integral_constant<int, 0>{});  // any width, not unrolled
-  }
-}
-
-// acc[s][:hp] = sum_j w[s][j] * rows[j, :hp] over [u0, u1).
-template <int HV>
-void slot_weighted_rows(const Group& gr, const float* w, int64_t ld, const float* rows,
-                        int64_t hp_any, float* acc) {
-  if constexpr (HV == 0) {
-    for (int64_t c = 0; c < hp_any; c += kLanes) {
-      v16 a[kSlots] = {};
-      for (int64_t j = gr.u0; j < gr.u1; ++j) {
-        v16 r = load(rows + j * hp_any + c);
-        for (int s = 0; s < kSlots; ++s) a[s] += splat(w[s * ld + j]) * r;
-      }
-      for (int s = 0; s < kSlots; ++s) store(acc + s * hp_any + c, a[s]);
-    }
-  } else {
-    constexpr int64_t hp = HV * kLanes;
-    v16 a[kSlots][HV] = {};
-    for (int64_t j = gr.u0; j < gr.u1; ++j) {
-      v16 r[HV];
-      for (int c = 0; c < HV; ++c) r[c] = load(rows + j * hp + c * kLanes);
-      for (int s = 0; s < kSlots; ++s) {
-        v16 ws = splat(w[s * ld + j]);
-        for (int c = 0; c < HV; ++c) a[s][c] += ws * r[c];
-      }
-    }
-    for (int s = 0; s < kSlots; ++s)
-      for (int c = 0; c < HV; ++c) store(acc + s * hp + c * kLanes, a[s][c]);
-  }
-}
-
-// rows[j, :hp] += sum_s w[s][j] * x[s][:hp] over [u0, u1).
-template <int HV>
-void slot_add_outer(const Group& gr, const float* w, int64_t ld, const float* x,
-                    int64_t hp_any, float* rows) {
-  if constexpr (HV == 0) {
-    for (int64_t j = gr.u0; j < gr.u1; ++j) {
-      for (int64_t c = 0; c < hp_any; c += kLanes) {
-        v16 r = load(rows + j * hp_any + c);
-        for (int s = 0; s < kSlots; ++s) r += splat(w[s * ld + j]) * load(x + s * hp_any + c);
-        store(rows + j * hp_any + c, r);
-      }
-    }
-  } else {
-    constexpr int64_t hp = HV * kLanes;
-    v16 xs[kSlots][HV];
-    for (int s = 0; s < kSlots; ++s)
-      for (int c = 0; c < HV; ++c) xs[s][c] = load(x + s * hp + c * kLanes);
-    for (int64_t j = gr.u0; j < gr.u1; ++j) {
-      v16 r[HV];
-      for (int c = 0; c < HV; ++c) r[c] = load(rows + j * hp + c * kLanes);
-      for (int s = 0; s < kSlots; ++s) {
-        v16 ws = splat(w[s * ld + j]);
-        for (int c = 0; c < HV; ++c) r[c] += ws * xs[s][c];
-      }
-      for (int c = 0; c < HV; ++c) store(rows + j * hp + c * kLanes, r[c]);
-    }
-  }
-}
-
-// The slots' scaled queries (zero-padded to hp; zero for slots that are not real).
-inline void slot_queries(const Dims& d, const Group& gr, const float* q, int64_t bi,
-                         int64_t hp, float* out) {
-  std::fill(out, out + kSlots * hp, 0.0f);
-  for (int s = 0; s < kSlots; ++s) {
-    const Slot& sl = gr.slot[s];
-    if (!sl.real) continue;
-    const float* qi = q + ((bi * d.t + sl.i) * d.n + sl.n) * d.h;
-    for (int64_t c = 0; c < d.h; ++c) out[s * hp + c] = qi[c] * d.scale;
-  }
-}
-
-inline int64_t row_at(const Dims& d, int64_t bi, const Slot& sl) {
-  return ((bi * d.t + sl.i) * d.n + sl.n) * d.h;
-}
+using namespace tx_cpu;  // NOLINT: the kernel's own primitives (cpu_simd.h, cpu_rows.h)
 
 using I32 = ffi::Buffer<ffi::S32>;
 using F32 = ffi::Buffer<ffi::F32>;
@@ -312,6 +40,45 @@ Visibility visibility_of(I32 rows, I32 kv_len, ffi::Buffer<ffi::S8> visible, I32
                     dense ? visible.typed_data() : nullptr,
                     packed ? q_seg.typed_data() : nullptr,
                     packed ? kv_seg.typed_data() : nullptr};
+}
+
+// The forward of one task's rows over its filled panel: o, and lse unless it is null.
+void attend_rows(const Dims& d, const Visibility& vis, int64_t bi, int64_t kh,
+                 const Panel& panel, const float* qp, float* op, float* lp) {
+  int64_t hp = panel.hp, ld = panel.sp;
+  std::vector<float> qs(kSlots * hp), logits(kSlots * ld), acc(kSlots * hp);
+  float m[kSlots], l[kSlots];
+  for (int64_t first = 0; first < d.t * d.g; first += kSlots) {
+    Group gr(d, vis, bi, kh, first);
+    if (gr.u0 < gr.u1) {
+      slot_queries(d, gr, qp, bi, hp, qs.data());
+      slot_dots(gr, qs.data(), hp, panel.kt.data(), d.h, panel.sp, logits.data(), ld);
+      if (slot_hide(d, vis, bi, gr, logits.data(), ld)) {
+        for (int s = 0; s < kSlots; ++s) {
+          const Slot& sl = gr.slot[s];
+          m[s] = sl.empty() ? 0.0f : tx_cpu::max_of(logits.data() + s * ld, sl.j0, sl.j1);
+        }
+        slot_exp(gr, logits.data(), ld, m, l);
+        with_vectors(hp / kLanes, [&](auto hv) {
+          slot_weighted_rows<hv()>(gr, logits.data(), ld, panel.v_rows.data(), hp,
+                                   acc.data());
+        });
+      }
+    }
+    for (int s = 0; s < kSlots; ++s) {
+      const Slot& sl = gr.slot[s];
+      if (!sl.real) continue;
+      float* out = op + row_at(d, bi, sl);
+      float* row_lse = lp == nullptr ? nullptr : lp + (bi * d.n + sl.n) * d.t + sl.i;
+      if (sl.empty()) {  // sees no key: zeros, and an lse the backward reads as "skip"
+        std::fill(out, out + d.h, 0.0f);
+        if (row_lse != nullptr) *row_lse = std::numeric_limits<float>::infinity();
+        continue;
+      }
+      for (int64_t c = 0; c < d.h; ++c) out[c] = acc[s * hp + c] / l[s];
+      if (row_lse != nullptr) *row_lse = m[s] + std::log(l[s]);
+    }
+  }
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_len,
@@ -326,40 +93,7 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_l
     int64_t bi = item / d.k, kh = item % d.k;
     Panel panel(d);
     panel.fill(d, kp, vp, bi, kh, /*transposed_v=*/false);
-    int64_t hp = panel.hp, ld = panel.sp;
-    std::vector<float> qs(kSlots * hp), logits(kSlots * ld), acc(kSlots * hp);
-    float m[kSlots], l[kSlots];
-    for (int64_t first = 0; first < d.t * d.g; first += kSlots) {
-      Group gr(d, vis, bi, kh, first);
-      if (gr.u0 < gr.u1) {
-        slot_queries(d, gr, qp, bi, hp, qs.data());
-        slot_dots(gr, qs.data(), hp, panel.kt.data(), d.h, panel.sp, logits.data(), ld);
-        if (slot_hide(d, vis, bi, gr, logits.data(), ld)) {
-          for (int s = 0; s < kSlots; ++s) {
-            const Slot& sl = gr.slot[s];
-            m[s] = sl.empty() ? 0.0f : tx_cpu::max_of(logits.data() + s * ld, sl.j0, sl.j1);
-          }
-          slot_exp(gr, logits.data(), ld, m, l);
-          with_vectors(hp / kLanes, [&](auto hv) {
-            slot_weighted_rows<hv()>(gr, logits.data(), ld, panel.v_rows.data(), hp,
-                                     acc.data());
-          });
-        }
-      }
-      for (int s = 0; s < kSlots; ++s) {
-        const Slot& sl = gr.slot[s];
-        if (!sl.real) continue;
-        float* out = op + row_at(d, bi, sl);
-        float* row_lse = lp + (bi * d.n + sl.n) * d.t + sl.i;
-        if (sl.empty()) {  // sees no key: zeros, and an lse the backward reads as "skip"
-          std::fill(out, out + d.h, 0.0f);
-          *row_lse = std::numeric_limits<float>::infinity();
-          continue;
-        }
-        for (int64_t c = 0; c < d.h; ++c) out[c] = acc[s * hp + c] / l[s];
-        *row_lse = m[s] + std::log(l[s]);
-      }
-    }
+    attend_rows(d, vis, bi, kh, panel, qp, op, lp);
   });
   return ffi::Error::Success();
 }
@@ -434,6 +168,36 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_
   return ffi::Error::Success();
 }
 
+// A paged cache's new rows: q [B, T, N, H] at positions lengths - T .. lengths - 1 over the
+// keys its block table names in the pool (forward only: decoding takes no gradients).
+ffi::Error PagedForward(ffi::ThreadPool pool, F32 q, F32 k_pages, F32 v_pages, I32 tables,
+                        I32 lengths, float scale, int64_t lo, int64_t hi,
+                        ffi::ResultBuffer<ffi::F32> o) {
+  auto qd = q.dimensions(), pd = k_pages.dimensions();
+  int64_t pages = pd[1], page = pd[2], per_row = tables.dimensions()[1];
+  Dims d{qd[0], qd[1], per_row * page, qd[2], pd[0], qd[3], qd[2] / pd[0], scale};
+  int64_t far = d.t + d.s;  // the band, clipped: +-inf arrive as +-2^40
+  Visibility vis{nullptr, lengths.typed_data(), nullptr, nullptr, nullptr};
+  vis.banded = true;
+  vis.lo = std::clamp<int64_t>(lo, -far, far);
+  vis.hi = std::clamp<int64_t>(hi, -far, far);
+  const float *qp = q.typed_data(), *kp = k_pages.typed_data(), *vp = v_pages.typed_data();
+  const int32_t* tp = tables.typed_data();
+  float* op = o->typed_data();
+  parallel_for(pool, d.b * d.k, [&](int64_t item) {
+    int64_t bi = item / d.k, kh = item % d.k;
+    Panel panel(d);
+    std::vector<int8_t> key_ok(d.s);
+    Visibility mine = vis;
+    if (!panel.fill_pages(d, kp, vp, tp + bi * per_row, pages, page, kh,
+                          vis.kv_len[bi], key_ok)) {
+      mine.key_ok = key_ok.data();
+    }
+    attend_rows(d, mine, bi, kh, panel, qp, op, nullptr);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Both take q, k, v, then what decides visibility: rows, kv_len, visible, q_seg, kv_seg.
@@ -464,3 +228,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuAttentionBackward, Backward,
                                   .Ret<F32>()    // dq
                                   .Ret<F32>()    // dk
                                   .Ret<F32>());  // dv
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuPagedAttention, PagedForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()    // q
+                                  .Arg<F32>()    // k_pages
+                                  .Arg<F32>()    // v_pages
+                                  .Arg<I32>()    // block tables
+                                  .Arg<I32>()    // lengths
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("lo")
+                                  .Attr<int64_t>("hi")
+                                  .Ret<F32>());  // o

@@ -9,11 +9,12 @@ the mask's span are never read (a band's tiles past the diagonal cost nothing), 
 it a non-band mask's dense map, segment ids and key lengths decide. GQA/MQA by ``N / K``
 query heads per K/V head, without copying K/V. A bias, a score modifier or explicit
 positions raise ``NotImplementedError``, so the attention registry falls through to the
-next implementation (``("cpu", "xla")``).
+next implementation (``("cpu", "xla")``). ``paged_attention`` is the same kernel over a
+paged KV cache: it reads a sequence's pages in place through its block table.
 
 The library is compiled on first use with the machine's C++ compiler (``$CXX`` or ``g++``,
 ``-O3 -march=native``) into ``$TX_KERNEL_CACHE`` (default ``~/.cache/tx/kernels``), named by
-a hash of the source, the flags and the JAX version, and reused after that.
+a hash of the sources, the compiler, the flags and the JAX version, and reused after that.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from kernels import checks
 from kernels import masks as masks_lib
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
-_HEADER = pathlib.Path(__file__).with_name("cpu_simd.h")  # vectors, exp, the pool's loop
+# Vectors, exp and the pool's loop; shapes, visibility and a group of rows' loops.
+_HEADERS = tuple(pathlib.Path(__file__).with_name(name) for name in ("cpu_simd.h", "cpu_rows.h"))
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-w")
-_TARGETS = {"forward": "TxCpuAttentionForward", "backward": "TxCpuAttentionBackward"}
+_TARGETS = {"forward": "TxCpuAttentionForward", "backward": "TxCpuAttentionBackward",
+            "paged": "TxCpuPagedAttention"}
 _MAX_HEAD_DIM = 256
 # A mask that is not a band reaches the kernel as its dense [T, S] map, a constant in the
 # compiled program; past this many entries (16 MiB) the kernel declines and xla evaluates
@@ -68,7 +71,7 @@ def _compiler() -> str:
 def library_path(cxx: str) -> pathlib.Path:
     """Where the library built from today's source by ``cxx`` lives in the kernel cache: its
     name hashes the source, the header, the compiler, the flags and the JAX version."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + _HEADER.read_bytes()
+    key = hashlib.sha256(_SOURCE.read_bytes() + b"".join(x.read_bytes() for x in _HEADERS)
                          + " ".join((cxx, *_FLAGS, jax.__version__)).encode())
     return _cache_dir() / f"cpu_attention_{key.hexdigest()[:16]}.so"
 
@@ -85,7 +88,7 @@ def build() -> pathlib.Path:
     # their own file, and a reader never sees a half-written library.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = pathlib.Path(tmp) / target.name
-        cmd = [cxx, *_FLAGS, "-iquote", str(_HEADER.parent), "-isystem", jax.ffi.include_dir(),
+        cmd = [cxx, *_FLAGS, "-iquote", str(_HEADERS[0].parent), "-isystem", jax.ffi.include_dir(),
                str(_SOURCE), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
@@ -212,3 +215,43 @@ def attention(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=No
     f32 = jnp.float32
     out = _attend(q.astype(f32), k.astype(f32), v.astype(f32), seen, attrs)
     return out.astype(q.dtype)
+
+
+def _band_attrs(band) -> dict:
+    far = 1 << 40  # "unbounded": the kernel clips it to T + S
+    lo, hi = (int(math.copysign(far, x)) if math.isinf(x) else int(x) for x in band)
+    return dict(lo=np.int64(lo), hi=np.int64(hi))
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mask=None, scale=None,
+                    k_scales=None, v_scales=None, score_mod=None):
+    """``kernels.reference.paged_attention``'s signature and results for a decode step or
+    prefill over fp32 (or cast) pages ``[K, P, L, H]``, read through the block tables in
+    place: no gathered copy of the sequence's K/V. Forward only. Declines (raises
+    ``NotImplementedError``) int8 pages, score modifiers, masks that are not a band, head
+    dims past 256 and backends other than the CPU."""
+    mask = masks_lib.Full() if mask is None else mask
+    band = mask.band() if isinstance(mask, masks_lib.Mask) else None
+    reasons = [f"{name} (pass None)" for name, value in (
+        ("k_scales", k_scales), ("score_mod", score_mod)) if value is not None]
+    if band is None:
+        reasons.append(f"mask={mask!r} (not a band)")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
+    if jax.default_backend() != "cpu":
+        reasons.append(f"backend {jax.default_backend()!r} (it runs on the CPU only)")
+    if reasons:
+        raise NotImplementedError("the cpu paged attention kernel does not serve: "
+                                  + ", ".join(reasons))
+    _register()
+    squeeze = q.ndim == 3
+    q_btnh = (q[:, None] if squeeze else q).astype(jnp.float32)
+    h = q.shape[-1]
+    attrs = dict(scale=np.float32(h ** -0.5 if scale is None else scale), **_band_attrs(band))
+    call = jax.ffi.ffi_call("tx_cpu_attention_paged",
+                            jax.ShapeDtypeStruct(q_btnh.shape, jnp.float32),
+                            vmap_method="sequential")
+    out = call(q_btnh, k_pages.astype(jnp.float32), v_pages.astype(jnp.float32),
+               jnp.asarray(block_tables, jnp.int32), jnp.asarray(lengths, jnp.int32), **attrs)
+    out = out.astype(q.dtype)
+    return out[:, 0] if squeeze else out

@@ -153,3 +153,43 @@ def test_the_library_is_cached_by_source(monkeypatch, tmp_path):
     assert cpu_attention.library_path("g++") not in (built, cpu_attention.library_path("clang++"))
     with pytest.raises(AssertionError, match="compiled again"):
         cpu_attention.build()
+
+
+# ------------------------------------------------------------------ over a paged KV cache
+
+from tests.kernels import test_paged_attention as paged_cases  # noqa: E402
+
+
+@pytest.mark.parametrize("case", paged_cases.CASES, ids=list(paged_cases.CASES))
+def test_paged_matches_reference_reading_only_its_pages(case):
+    # The Pallas kernel's cases: every page no row may read is NaN, so one stray read shows.
+    lengths, n, kh, h, page, t, mask, _, _, dtype = paged_cases.CASES[case]
+    q, k, v, table, lens = paged_cases._pool(lengths, n=n, kh=kh, h=h, page=page, t=t,
+                                             dtype=dtype, max_pages=-(-max(lengths) // page) + 1)
+    if mask is not None and mask.band() is None:
+        with pytest.raises(NotImplementedError, match="not a band"):
+            cpu_attention.paged_attention(q, k, v, table, lens, mask=mask)
+        return
+    want = paged_cases._reference(q, k, v, table, lens, mask=mask)
+    k_bad, v_bad = paged_cases._poison(k, v, table, lens, mask, t, page)
+    got = jax.jit(lambda *a: cpu_attention.paged_attention(*a, mask=mask))(
+        q, k_bad, v_bad, table, lens)
+    assert got.dtype == q.dtype
+    paged_cases._assert_close(got, want, dtype)
+
+
+def test_paged_page_ids_outside_the_pool_read_as_empty():
+    q, k, v, table, lens = paged_cases._pool([9, 20], n=4, kh=2, h=16, page=4, t=2)
+    table = table.at[0, 0].set(-1).at[1, 2].set(k.shape[1] + 5)
+    got = cpu_attention.paged_attention(q, k, v, table, lens, mask=M.Causal())
+    want = reference.paged_attention(q, k, v, table, lens, mask=M.Causal())
+    _close("out", got, want)
+
+
+def test_paged_declines_int8_pages_and_score_mods():
+    q, k, v, table, lens = paged_cases._pool([5], n=4, kh=2, h=16, page=4)
+    with pytest.raises(NotImplementedError, match="k_scales"):
+        cpu_attention.paged_attention(q, k, v, table, lens, k_scales=jnp.ones(k.shape[:3]),
+                                      v_scales=jnp.ones(k.shape[:3]))
+    with pytest.raises(NotImplementedError, match="score_mod"):
+        cpu_attention.paged_attention(q, k, v, table, lens, score_mod=object())

@@ -159,9 +159,8 @@ register_paged("pallas", _pallas_paged)
 # Gathers whole K-major pages and attends without transposing them: on a CPU a decode step
 # over the paged cache then costs what one over a contiguous cache does.
 register_paged("xla", reference.paged_attention)
-# The fused CPU kernel has no paged form: a paged cache that names it first (the default
-# ("cpu", "xla")) decodes through the same K-major gather.
-register_paged("cpu", reference.paged_attention)
+# Reads the pages in place through the block tables (fp32 pages; int8 pages go to xla's).
+register_paged("cpu", per_shard.paged(cpu_attention.paged_attention))
 
 
 # --- linear (feature-map) attention ------------------------------------------------------------
