@@ -31,6 +31,9 @@ namespace {
 
 using namespace tx_cpu;  // NOLINT: the kernel's own primitives (cpu_simd.h, cpu_rows.h)
 
+// Multiply-adds of a call's logits: what decides whether the pool's threads are worth waking.
+inline int64_t work_of(const Dims& d) { return d.b * d.t * d.n * d.s * d.h; }
+
 using I32 = ffi::Buffer<ffi::S32>;
 using F32 = ffi::Buffer<ffi::F32>;
 
@@ -89,10 +92,10 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_l
   Visibility vis = visibility_of(rows, kv_len, visible, q_seg, kv_seg, dense, packed);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = o->typed_data(), *lp = lse->typed_data();
-  parallel_for(pool, d.b * d.k, [&](int64_t item) {
+  parallel_for(pool, d.b * d.k, work_of(d), [&](int64_t item) {
     int64_t bi = item / d.k, kh = item % d.k;
-    Panel panel(d);
-    panel.fill(d, kp, vp, bi, kh, /*transposed_v=*/false);
+    Panel panel(d, /*backward=*/false);
+    panel.fill(d, kp, vp, bi, kh);
     attend_rows(d, vis, bi, kh, panel, qp, op, lp);
   });
   return ffi::Error::Success();
@@ -108,10 +111,10 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *opp = o.typed_data(), *lp = lse.typed_data(), *dop = d_o.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
-  parallel_for(pool, d.b * d.k, [&](int64_t item) {
+  parallel_for(pool, d.b * d.k, work_of(d), [&](int64_t item) {
     int64_t bi = item / d.k, kh = item % d.k;
-    Panel panel(d);
-    panel.fill(d, kp, vp, bi, kh, /*transposed_v=*/true);
+    Panel panel(d, /*backward=*/true);
+    panel.fill(d, kp, vp, bi, kh);
     int64_t hp = panel.hp, ld = panel.sp;
     std::vector<float> qs(kSlots * hp), dos(kSlots * hp), p(kSlots * ld), ds(kSlots * ld),
         dq_rows(kSlots * hp), dk_rows(d.s * hp, 0.0f), dv_rows(d.s * hp, 0.0f);
@@ -184,9 +187,9 @@ ffi::Error PagedForward(ffi::ThreadPool pool, F32 q, F32 k_pages, F32 v_pages, I
   const float *qp = q.typed_data(), *kp = k_pages.typed_data(), *vp = v_pages.typed_data();
   const int32_t* tp = tables.typed_data();
   float* op = o->typed_data();
-  parallel_for(pool, d.b * d.k, [&](int64_t item) {
+  parallel_for(pool, d.b * d.k, work_of(d), [&](int64_t item) {
     int64_t bi = item / d.k, kh = item % d.k;
-    Panel panel(d);
+    Panel panel(d, /*backward=*/false);
     std::vector<int8_t> key_ok(d.s);
     Visibility mine = vis;
     if (!panel.fill_pages(d, kp, vp, tp + bi * per_row, pages, page, kh,

@@ -56,28 +56,33 @@ struct Visibility {
 
 // One (batch row, K/V head): its keys transposed [H, Sp] and its values [S, Hp], zero-padded
 // to whole vectors, so a row's logits are vector FMAs over keys and its output over channels.
+// The backward also reads the keys as rows (for dQ) and the values transposed (for dP).
 struct Panel {
   int64_t sp, hp;
+  bool backward;
   std::vector<float> kt, k_rows, vt, v_rows;
   // The transposed panels' row stride is padded by one vector past a whole number of them:
   // a power-of-two stride (S = 256) maps every channel's keys to the same few L1 sets.
-  Panel(const Dims& d) : sp((d.s + kLanes - 1) / kLanes * kLanes + kLanes),
-                         hp((d.h + kLanes - 1) / kLanes * kLanes),
-                         kt(d.h * sp), k_rows(d.s * hp), vt(d.h * sp), v_rows(d.s * hp) {}
-  void fill(const Dims& d, const float* k, const float* v, int64_t bi, int64_t kh,
-            bool transposed_v) {
-    std::fill(kt.begin(), kt.end(), 0.0f);
-    std::fill(k_rows.begin(), k_rows.end(), 0.0f);
-    std::fill(v_rows.begin(), v_rows.end(), 0.0f);
-    if (transposed_v) std::fill(vt.begin(), vt.end(), 0.0f);
+  Panel(const Dims& d, bool backward)
+      : sp((d.s + kLanes - 1) / kLanes * kLanes + kLanes),
+        hp((d.h + kLanes - 1) / kLanes * kLanes),
+        backward(backward),
+        kt(d.h * sp),
+        k_rows(backward ? d.s * hp : 0),
+        vt(backward ? d.h * sp : 0),
+        v_rows(d.s * hp) {}
+  void fill(const Dims& d, const float* k, const float* v, int64_t bi, int64_t kh) {
+    for (auto* x : {&kt, &k_rows, &vt, &v_rows}) std::fill(x->begin(), x->end(), 0.0f);
     for (int64_t j = 0; j < d.s; ++j) {
       const float* kj = k + ((bi * d.s + j) * d.k + kh) * d.h;
       const float* vj = v + ((bi * d.s + j) * d.k + kh) * d.h;
       for (int64_t c = 0; c < d.h; ++c) {
         kt[c * sp + j] = kj[c];
-        k_rows[j * hp + c] = kj[c];
         v_rows[j * hp + c] = vj[c];
-        if (transposed_v) vt[c * sp + j] = vj[c];
+        if (backward) {
+          k_rows[j * hp + c] = kj[c];
+          vt[c * sp + j] = vj[c];
+        }
       }
     }
   }

@@ -77,8 +77,12 @@ struct Progress {
   std::atomic<int64_t> next{0}, completed{0};
 };
 
+// Below this many multiply-adds (about 0.1 ms of one core) a call runs on the caller alone:
+// waking a pool thread costs more than it would take over (a decode step's attention).
+constexpr int64_t kParallelWork = int64_t{1} << 21;
+
 template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t items, const F& body) {
+void parallel_for(ffi::ThreadPool& pool, int64_t items, int64_t work, const F& body) {
   auto progress = std::make_shared<Progress>();
   auto run = [progress, items, &body] {
     for (int64_t item; (item = progress->next.fetch_add(1)) < items;) {
@@ -86,7 +90,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, const F& body) {
       progress->completed.fetch_add(1);
     }
   };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), items - 1);
+  int64_t helpers = work < kParallelWork ? 0 : std::min<int64_t>(pool.num_threads(), items - 1);
   for (int64_t w = 0; w < helpers; ++w) {
     auto task = run;
     pool.Schedule(std::move(task));
