@@ -77,9 +77,11 @@ struct Progress {
   std::atomic<int64_t> next{0}, completed{0};
 };
 
-// Below this many multiply-adds (about 0.1 ms of one core) a call runs on the caller alone:
-// waking a pool thread costs more than it would take over (a decode step's attention).
-constexpr int64_t kParallelWork = int64_t{1} << 21;
+// Below this many multiply-adds (about 10 us of one core) a call runs on the caller alone:
+// waking a pool thread costs about what it would take over. A batch-1 decode step's
+// attention is under it; a batch-8 step's is over (bench_vs_hf --work=decode: one thread
+// lifts batch 1 paged decode ~10%, and costs batch 8 ~15%).
+constexpr int64_t kParallelWork = int64_t{1} << 18;
 
 template <typename F>
 void parallel_for(ffi::ThreadPool& pool, int64_t items, int64_t work, const F& body) {
