@@ -168,21 +168,27 @@ def _attend_bwd(attrs, residuals, do):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _declined(q, k, v, mask, bias, q_positions, kv_positions, score_mod) -> list[str]:
-    reasons = [f"{name} (pass None)" for name, value in (
-        ("bias", bias), ("q_positions", q_positions), ("kv_positions", kv_positions),
-        ("score_mod", score_mod)) if value is not None]
-    if not isinstance(mask, masks_lib.Mask):
-        reasons.append(f"mask={mask!r} (not a kernels.masks.Mask)")
+def _decline(kernel: str, q, unused: dict, reasons: list[str]) -> None:
+    """Raises ``NotImplementedError`` naming everything ``kernel`` does not serve: the
+    arguments in ``unused`` that are not None, ``reasons``, and the head dim and backend
+    limits both entry points share. Returns when there is nothing to decline."""
+    reasons = [f"{name} (pass None)" for name, value in unused.items() if value is not None] \
+        + reasons
     if q.shape[-1] > _MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
-    if isinstance(mask, masks_lib.Mask) and mask.band() is None and \
-            q.shape[1] * k.shape[1] > _MAX_DENSE_MAP:
-        reasons.append(f"mask={mask!r} over {q.shape[1]} x {k.shape[1]} (not a band: its "
-                       f"dense map would pass {_MAX_DENSE_MAP} entries)")
     if jax.default_backend() != "cpu":
         reasons.append(f"backend {jax.default_backend()!r} (it runs on the CPU only)")
-    return reasons
+    if reasons:
+        raise NotImplementedError(f"the {kernel} kernel does not serve: " + ", ".join(reasons))
+
+
+def _mask_reasons(q, k, mask) -> list[str]:
+    if not isinstance(mask, masks_lib.Mask):
+        return [f"mask={mask!r} (not a kernels.masks.Mask)"]
+    if mask.band() is None and q.shape[1] * k.shape[1] > _MAX_DENSE_MAP:
+        return [f"mask={mask!r} over {q.shape[1]} x {k.shape[1]} (not a band: its dense map "
+                f"would pass {_MAX_DENSE_MAP} entries)"]
+    return []
 
 
 def attention(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=None, bias=None,
@@ -196,10 +202,9 @@ def attention(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=No
     del block_q
     checks.check_qkv(q, k, v)
     mask = masks_lib.Full() if mask is None else mask
-    reasons = _declined(q, k, v, mask, bias, q_positions, kv_positions, score_mod)
-    if reasons:
-        raise NotImplementedError("the cpu attention kernel does not serve: "
-                                  + ", ".join(reasons))
+    _decline("cpu attention", q, dict(bias=bias, q_positions=q_positions,
+                                      kv_positions=kv_positions, score_mod=score_mod),
+             _mask_reasons(q, k, mask))
     _register()
     (b, t, _, h), s = q.shape, k.shape[1]
     rows, dense = _row_ranges(mask, t, s)
@@ -232,17 +237,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mask=None, sc
     dims past 256 and backends other than the CPU."""
     mask = masks_lib.Full() if mask is None else mask
     band = mask.band() if isinstance(mask, masks_lib.Mask) else None
-    reasons = [f"{name} (pass None)" for name, value in (
-        ("k_scales", k_scales), ("score_mod", score_mod)) if value is not None]
-    if band is None:
-        reasons.append(f"mask={mask!r} (not a band)")
-    if q.shape[-1] > _MAX_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
-    if jax.default_backend() != "cpu":
-        reasons.append(f"backend {jax.default_backend()!r} (it runs on the CPU only)")
-    if reasons:
-        raise NotImplementedError("the cpu paged attention kernel does not serve: "
-                                  + ", ".join(reasons))
+    _decline("cpu paged attention", q, dict(k_scales=k_scales, score_mod=score_mod),
+             [] if band is not None else [f"mask={mask!r} (not a band)"])
     _register()
     squeeze = q.ndim == 3
     q_btnh = (q[:, None] if squeeze else q).astype(jnp.float32)
