@@ -89,6 +89,17 @@ def test_no_recompilation_per_token_or_per_call():
     assert generate_lib._decode_cached._cache_size() == before
 
 
+def test_decoding_attentions_are_the_decoder_self_attentions_in_layer_order():
+    model = _seq2seq()
+    got = generate_lib.decoding_attentions(model)
+    assert [id(a) for a in got] == [id(a) for a in model.decoder.self_attentions()]
+    encoder = {id(a) for a in model.encoder.tower.self_attentions()}
+    assert encoder and not encoder & {id(a) for a in got}
+    decoder = _decoder("gqa")
+    assert [id(a) for a in generate_lib.decoding_attentions(decoder)] == \
+        [id(b.self_attn) for b in decoder.tower.blocks]
+
+
 def test_encoder_decoder_generation_cache_matches_recompute():
     model = _seq2seq()
     source, start = _prompt(b=2, t=7, seed=1), jnp.ones((2, 1), jnp.int32)

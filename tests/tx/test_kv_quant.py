@@ -233,6 +233,26 @@ def test_planner_equals_the_allocated_caches(attention, dtype, page):
     assert kv_cache_bytes(model.config, 3, 17, dtype=dtype, page_size=page) == allocated
 
 
+def test_storage_is_memoised_for_frozen_schemes_and_traced_for_mutable_ones():
+    calls = []
+
+    class Mutable:  # a researcher's own scheme: unhashable, so never memoised
+        __hash__ = None
+
+        def quantise(self, x):
+            calls.append(x.shape)
+            return quant.Int8().quantise(x)
+
+    for _ in range(2):
+        got = quant.storage(Mutable(), (2, 5, 8), jnp.float32)
+    assert len(calls) == 2
+    want = quant.storage(quant.Int8(), (2, 5, 8), jnp.float32)
+    assert {n: (s.shape, s.dtype) for n, s in got.items()} == \
+        {n: (s.shape, s.dtype) for n, s in want.items()}
+    assert quant.storage(quant.Int8(), (2, 5, 8)) == want  # a memoised copy, equal
+    assert quant.storage(quant.Int8(), (2, 5, 8)) is not want  # callers may change theirs
+
+
 def test_planner_formula_and_largest_batch():
     cfg = _decoder("gqa", num_kv_heads=2).config  # 2 layers, 2 K/V heads of 8
     assert kv_cache_bytes(cfg, 2, 100, dtype="bfloat16") == 2 * 2 * 2 * 8 * 2 * 100 * 2

@@ -27,6 +27,7 @@ partial page in full precision) and ``int4_per_token`` (the naive baseline).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -241,7 +242,19 @@ KV_DTYPES = {"int8": int8_kv, "int4": kivi_kv, "int4_per_token": int4_per_token_
 
 def storage(scheme, shape: tuple, dtype=jnp.float32) -> dict:
     """``{part: ShapeDtypeStruct}`` that ``scheme`` stores for a float tensor of ``shape``."""
-    return jax.eval_shape(scheme.quantise, jax.ShapeDtypeStruct(tuple(shape), dtype))
+    shape, dtype = tuple(int(x) for x in shape), jnp.dtype(dtype)
+    try:
+        hash(scheme)
+    except TypeError:  # a researcher's own mutable scheme: traced every time
+        return jax.eval_shape(scheme.quantise, jax.ShapeDtypeStruct(shape, dtype))
+    return dict(_storage(scheme, shape, dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _storage(scheme, shape: tuple, dtype) -> tuple:
+    # Memoised: every cache built for a generate call asks again, and tracing ``quantise``
+    # costs a large part of a short decode's host time. Schemes are frozen (hashable) values.
+    return tuple(jax.eval_shape(scheme.quantise, jax.ShapeDtypeStruct(shape, dtype)).items())
 
 
 def zeros(scheme, shape: tuple, dtype=jnp.float32) -> dict:

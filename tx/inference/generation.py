@@ -30,6 +30,7 @@ from tx.attention.paged import ForkPlan, PagedKVCache
 from tx.attention.quant import KVQuant
 from tx.inference.paged_cache import PagePool
 from tx.inference.sampling import Greedy
+from tx.layers.block import Block
 from tx.models import Seq2Seq, Tower
 
 PAD = 0
@@ -173,12 +174,14 @@ def _finish(done, new, stop_tokens):
 
 
 def decoding_attentions(model) -> list[nnx.Module]:
-    """The self-attention layers that decode, in layer order: those of every tower found by
-    walking the graph, except a seq2seq model's encoder."""
+    """The self-attention layers that decode, in layer order: those of the blocks in every
+    tower, except a seq2seq model's encoder. One walk of the graph (each generate call makes
+    it, and a walk costs milliseconds)."""
     skip = model.encoder.tower if isinstance(model, Seq2Seq) else None
-    return [attn for _, tower in nnx.iter_graph(model)
-            if isinstance(tower, Tower) and tower is not skip
-            for attn in tower.self_attentions()]
+    nodes = list(nnx.iter_graph(model))
+    towers = [path for path, node in nodes if isinstance(node, Tower) and node is not skip]
+    return [node.self_attn for path, node in nodes if isinstance(node, Block)
+            and any(path[:len(t)] == t for t in towers)]
 
 
 def caches(model) -> list[nnx.Module]:
@@ -197,7 +200,8 @@ def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 
     own copy of a partly filled last prompt page (copy-on-write) and its own pages for the
     ``max_new_tokens`` it will generate.
     """
-    for i, attn in enumerate(decoding_attentions(model)):
+    attentions = decoding_attentions(model)  # walked once: the walk costs a decode's milliseconds
+    for i, attn in enumerate(attentions):
         if not attn.pageable:
             raise ValueError(f"cache=Paged(page_size={page_size}): layer {i} is "
                              f"{type(attn).__name__}, which keeps a constant-size state, not "
@@ -217,7 +221,7 @@ def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 
             pool.append(seq_id, max_new_tokens)  # reserve: decoding never allocates
         tables = pool.block_table(seq_ids, width=width)
     tables = jnp.asarray(tables, jnp.int32)  # one host-to-device copy, shared by every layer
-    for attn in decoding_attentions(model):
+    for attn in attentions:
         _, k, h = attn.k_dkh[...].shape
         attn.cache = nnx.data(PagedKVCache(tables, pool.num_pages, page_size, k, h,
                                            dtype=attn.dtype, fork_plan=plan, kv=kv))
