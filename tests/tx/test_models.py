@@ -170,3 +170,20 @@ def test_every_parameter_has_logical_axes():
         for path, spec in jax.tree_util.tree_leaves_with_path(
                 specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
             assert isinstance(spec, jax.sharding.PartitionSpec) and len(spec) > 0, path
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 7, 300])
+def test_correct_metric_is_argmax_equals_label_ties_and_bad_labels_included(vocab):
+    """``correct`` avoids argmax (slow on XLA's CPU backend) and must still mean it: ties go
+    to the first index, labels outside the vocabulary (padding -1, say) are never correct."""
+    rng = np.random.RandomState(vocab)
+    logits = jnp.asarray(rng.randint(0, 3, (3, 41, vocab)).astype(np.float32))  # many ties
+    labels = jnp.asarray(rng.randint(-2, vocab + 2, (3, 41)))
+    want = np.asarray(logits).argmax(-1) == np.asarray(labels)
+    np.testing.assert_array_equal(heads_lib.argmax_is(logits, labels), want.astype(np.float32))
+    weights = jnp.asarray(rng.randint(0, 2, (3, 41)))
+    _, metrics = heads_lib.token_loss(logits, jnp.clip(labels, 0, vocab - 1), weights)
+    hits = np.asarray(logits).argmax(-1) == np.clip(np.asarray(labels), 0, vocab - 1)
+    assert float(metrics["correct"]) == float((hits * np.asarray(weights)).sum())
+    _, metrics = heads_lib.class_loss(logits[:, 0], jnp.clip(labels[:, 0], 0, vocab - 1))
+    assert float(metrics["correct"]) == float(hits[:, 0].sum())
