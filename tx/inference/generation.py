@@ -175,8 +175,8 @@ def _finish(done, new, stop_tokens):
 
 def decoding_attentions(model) -> list[nnx.Module]:
     """The self-attention layers that decode, in layer order: those of the blocks in every
-    tower, except a seq2seq model's encoder. One walk of the graph (each generate call makes
-    it, and a walk costs milliseconds)."""
+    tower, except a seq2seq model's encoder. One walk of the graph: every generate with the
+    paged cache makes it, and a walk costs milliseconds of a short decode."""
     skip = model.encoder.tower if isinstance(model, Seq2Seq) else None
     nodes = list(nnx.iter_graph(model))
     towers = [path for path, node in nodes if isinstance(node, Tower) and node is not skip]
