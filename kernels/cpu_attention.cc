@@ -171,22 +171,46 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_
   return ffi::Error::Success();
 }
 
-// A paged cache's new rows: q [B, T, N, H] at positions lengths - T .. lengths - 1 over the
-// keys its block table names in the pool (forward only: decoding takes no gradients).
-ffi::Error PagedForward(ffi::ThreadPool pool, F32 q, F32 k_pages, F32 v_pages, I32 tables,
-                        I32 lengths, float scale, int64_t lo, int64_t hi,
-                        ffi::ResultBuffer<ffi::F32> o) {
-  auto qd = q.dimensions(), pd = k_pages.dimensions();
-  int64_t pages = pd[1], page = pd[2], per_row = tables.dimensions()[1];
-  Dims d{qd[0], qd[1], per_row * page, qd[2], pd[0], qd[3], qd[2] / pd[0], scale};
+// A cache's new rows see the band lo <= j - pos <= hi from pos = lengths - T + i, and keys
+// below lengths only.
+Visibility cached_rows(const Dims& d, I32 lengths, int64_t lo, int64_t hi) {
   int64_t far = d.t + d.s;  // the band, clipped: +-inf arrive as +-2^40
   Visibility vis{nullptr, lengths.typed_data(), nullptr, nullptr, nullptr};
   vis.banded = true;
   vis.lo = std::clamp<int64_t>(lo, -far, far);
   vis.hi = std::clamp<int64_t>(hi, -far, far);
-  const float *qp = q.typed_data(), *kp = k_pages.typed_data(), *vp = v_pages.typed_data();
-  const int32_t* tp = tables.typed_data();
+  return vis;
+}
+
+// A contiguous cache's new rows: q [B, T, N, H] at positions lengths - T .. lengths - 1 over
+// k/v [B, S, K, H], of which each batch row's first lengths[b] slots are written (forward
+// only: decoding takes no gradients).
+ffi::Error CachedForward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 lengths, float scale,
+                         int64_t lo, int64_t hi, ffi::ResultBuffer<ffi::F32> o) {
+  Dims d = dims_of(q.dimensions(), k.dimensions(), scale);
+  Visibility vis = cached_rows(d, lengths, lo, hi);
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float* op = o->typed_data();
+  parallel_for(pool, d.b * d.k, work_of(d), [&](int64_t item) {
+    int64_t bi = item / d.k, kh = item % d.k;
+    Panel panel(d, /*backward=*/false);
+    panel.fill(d, kp, vp, bi, kh, vis.kv_len[bi]);
+    attend_rows(d, vis, bi, kh, panel, qp, op, nullptr);
+  });
+  return ffi::Error::Success();
+}
+
+// A paged cache's new rows q [B, T, N, H] at the same positions, over the keys its block
+// table names in the pools [K, P, L, H].
+void attend_pages(ffi::ThreadPool& pool, F32 q, const float* kp, const float* vp,
+                  ffi::AnyBuffer::Dimensions pd, I32 tables, I32 lengths, float scale,
+                  int64_t lo, int64_t hi, float* op) {
+  auto qd = q.dimensions();
+  int64_t pages = pd[1], page = pd[2], per_row = tables.dimensions()[1];
+  Dims d{qd[0], qd[1], per_row * page, qd[2], pd[0], qd[3], qd[2] / pd[0], scale};
+  Visibility vis = cached_rows(d, lengths, lo, hi);
+  const float* qp = q.typed_data();
+  const int32_t* tp = tables.typed_data();
   parallel_for(pool, d.b * d.k, work_of(d), [&](int64_t item) {
     int64_t bi = item / d.k, kh = item % d.k;
     Panel panel(d, /*backward=*/false);
@@ -198,6 +222,50 @@ ffi::Error PagedForward(ffi::ThreadPool pool, F32 q, F32 k_pages, F32 v_pages, I
     }
     attend_rows(d, mine, bi, kh, panel, qp, op, nullptr);
   });
+}
+
+ffi::Error PagedForward(ffi::ThreadPool pool, F32 q, F32 k_pages, F32 v_pages, I32 tables,
+                        I32 lengths, float scale, int64_t lo, int64_t hi,
+                        ffi::ResultBuffer<ffi::F32> o) {
+  attend_pages(pool, q, k_pages.typed_data(), v_pages.typed_data(), k_pages.dimensions(),
+               tables, lengths, scale, lo, hi, o->typed_data());
+  return ffi::Error::Success();
+}
+
+// A paged decode step that also stores its tokens: k_new/v_new [B, T, K, H] go to positions
+// lengths - T .. lengths - 1 of each row's pages (through its block table; a page id outside
+// [0, P) drops the token) in the pools, which XLA aliases to the outputs, and then the rows
+// attend as in PagedForward. The stores finish before any task reads: rows that share a
+// prefix page may store the same token there.
+ffi::Error PagedWriteForward(ffi::ThreadPool pool, F32 q, F32 k_new, F32 v_new, F32 k_pages,
+                             F32 v_pages, I32 tables, I32 lengths, float scale, int64_t lo,
+                             int64_t hi, ffi::ResultBuffer<ffi::F32> o,
+                             ffi::ResultBuffer<ffi::F32> k_out,
+                             ffi::ResultBuffer<ffi::F32> v_out) {
+  auto pd = k_pages.dimensions(), nd = k_new.dimensions();
+  int64_t kh_n = pd[0], pages = pd[1], page = pd[2], h = pd[3];
+  int64_t b_n = nd[0], t_n = nd[1], per_row = tables.dimensions()[1];
+  int64_t pool_size = kh_n * pages * page * h;
+  float *kp = k_out->typed_data(), *vp = v_out->typed_data();
+  // XLA aliases each pool to its output; copy only where it did not.
+  if (kp != k_pages.typed_data()) std::copy_n(k_pages.typed_data(), pool_size, kp);
+  if (vp != v_pages.typed_data()) std::copy_n(v_pages.typed_data(), pool_size, vp);
+  const int32_t *tp = tables.typed_data(), *lp = lengths.typed_data();
+  for (int64_t bi = 0; bi < b_n; ++bi) {
+    for (int64_t ti = 0; ti < t_n; ++ti) {
+      int64_t pos = lp[bi] - t_n + ti, col = pos / page;
+      if (pos < 0 || col >= per_row) continue;
+      int64_t id = tp[bi * per_row + col];
+      if (id < 0 || id >= pages) continue;
+      for (int64_t kh = 0; kh < kh_n; ++kh) {
+        int64_t from = ((bi * t_n + ti) * kh_n + kh) * h;
+        int64_t to = ((kh * pages + id) * page + pos % page) * h;
+        std::copy_n(k_new.typed_data() + from, h, kp + to);
+        std::copy_n(v_new.typed_data() + from, h, vp + to);
+      }
+    }
+  }
+  attend_pages(pool, q, kp, vp, pd, tables, lengths, scale, lo, hi, o->typed_data());
   return ffi::Error::Success();
 }
 
@@ -232,6 +300,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuAttentionBackward, Backward,
                                   .Ret<F32>()    // dk
                                   .Ret<F32>());  // dv
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuCachedAttention, CachedForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()    // q
+                                  .Arg<F32>()    // k
+                                  .Arg<F32>()    // v
+                                  .Arg<I32>()    // lengths
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("lo")
+                                  .Attr<int64_t>("hi")
+                                  .Ret<F32>());  // o
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuPagedAttention, PagedForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -244,3 +324,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuPagedAttention, PagedForward,
                                   .Attr<int64_t>("lo")
                                   .Attr<int64_t>("hi")
                                   .Ret<F32>());  // o
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuPagedWriteAttention, PagedWriteForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()    // q
+                                  .Arg<F32>()    // k_new
+                                  .Arg<F32>()    // v_new
+                                  .Arg<F32>()    // k_pages (aliased to the k_pages result)
+                                  .Arg<F32>()    // v_pages (aliased to the v_pages result)
+                                  .Arg<I32>()    // block tables
+                                  .Arg<I32>()    // lengths
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("lo")
+                                  .Attr<int64_t>("hi")
+                                  .Ret<F32>()    // o
+                                  .Ret<F32>()    // k_pages
+                                  .Ret<F32>());  // v_pages

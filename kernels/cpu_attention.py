@@ -9,8 +9,9 @@ the mask's span are never read (a band's tiles past the diagonal cost nothing), 
 it a non-band mask's dense map, segment ids and key lengths decide. GQA/MQA by ``N / K``
 query heads per K/V head, without copying K/V. A bias, a score modifier or explicit
 positions raise ``NotImplementedError``, so the attention registry falls through to the
-next implementation (``("cpu", "xla")``). ``paged_attention`` is the same kernel over a
-paged KV cache: it reads a sequence's pages in place through its block table.
+next implementation (``("cpu", "xla")``). ``cached_attention`` and ``paged_attention`` are
+the same kernel over a contiguous and a paged KV cache: new queries at the end of each row's
+keys, the pages read in place through the block table.
 
 The library is compiled on first use with the machine's C++ compiler (``$CXX`` or ``g++``,
 ``-O3 -march=native``) into ``$TX_KERNEL_CACHE`` (default ``~/.cache/tx/kernels``), named by
@@ -41,7 +42,8 @@ _SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 _HEADERS = tuple(pathlib.Path(__file__).with_name(name) for name in ("cpu_simd.h", "cpu_rows.h"))
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"forward": "TxCpuAttentionForward", "backward": "TxCpuAttentionBackward",
-            "paged": "TxCpuPagedAttention"}
+            "cached": "TxCpuCachedAttention", "paged": "TxCpuPagedAttention",
+            "paged_write": "TxCpuPagedWriteAttention"}
 _MAX_HEAD_DIM = 256
 # A mask that is not a band reaches the kernel as its dense [T, S] map, a constant in the
 # compiled program; past this many entries (16 MiB) the kernel declines and xla evaluates
@@ -228,6 +230,33 @@ def _band_attrs(band) -> dict:
     return dict(lo=np.int64(lo), hi=np.int64(hi))
 
 
+def _cached_attrs(q, mask, scale, kernel: str, unused: dict) -> dict:
+    """The band and scale of a cache's call, after declining what the kernel does not serve."""
+    mask = masks_lib.Full() if mask is None else mask
+    band = mask.band() if isinstance(mask, masks_lib.Mask) else None
+    _decline(kernel, q, unused, [] if band is not None else [f"mask={mask!r} (not a band)"])
+    _register()
+    return dict(scale=np.float32(q.shape[-1] ** -0.5 if scale is None else scale),
+                **_band_attrs(band))
+
+
+def cached_attention(q, k, v, lengths, *, mask=None, scale=None, score_mod=None):
+    """New queries ``q [B, T, N, H]`` over a contiguous cache's ``k, v [B, S, K, H]``, of which
+    each row's first ``lengths [B]`` slots are written: query ``i`` sits at position
+    ``lengths - T + i`` and sees the keys below ``lengths`` that ``mask`` shows it (the cache's
+    ``q_positions`` / ``kv_positions`` in ``kernels.reference.attention``). Forward only, fp32
+    compute. Declines score modifiers, masks that are not a band, head dims past 256 and
+    backends other than the CPU."""
+    checks.check_qkv(q, k, v)
+    attrs = _cached_attrs(q, mask, scale, "cpu cached attention", dict(score_mod=score_mod))
+    call = jax.ffi.ffi_call("tx_cpu_attention_cached",
+                            jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    f32 = jnp.float32
+    out = call(q.astype(f32), k.astype(f32), v.astype(f32), jnp.asarray(lengths, jnp.int32),
+               **attrs)
+    return out.astype(q.dtype)
+
+
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mask=None, scale=None,
                     k_scales=None, v_scales=None, score_mod=None):
     """``kernels.reference.paged_attention``'s signature and results for a decode step or
@@ -235,15 +264,10 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mask=None, sc
     place: no gathered copy of the sequence's K/V. Forward only. Declines (raises
     ``NotImplementedError``) int8 pages, score modifiers, masks that are not a band, head
     dims past 256 and backends other than the CPU."""
-    mask = masks_lib.Full() if mask is None else mask
-    band = mask.band() if isinstance(mask, masks_lib.Mask) else None
-    _decline("cpu paged attention", q, dict(k_scales=k_scales, score_mod=score_mod),
-             [] if band is not None else [f"mask={mask!r} (not a band)"])
-    _register()
+    attrs = _cached_attrs(q, mask, scale, "cpu paged attention",
+                          dict(k_scales=k_scales, score_mod=score_mod))
     squeeze = q.ndim == 3
     q_btnh = (q[:, None] if squeeze else q).astype(jnp.float32)
-    h = q.shape[-1]
-    attrs = dict(scale=np.float32(h ** -0.5 if scale is None else scale), **_band_attrs(band))
     call = jax.ffi.ffi_call("tx_cpu_attention_paged",
                             jax.ShapeDtypeStruct(q_btnh.shape, jnp.float32),
                             vmap_method="sequential")
@@ -251,3 +275,28 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mask=None, sc
                jnp.asarray(block_tables, jnp.int32), jnp.asarray(lengths, jnp.int32), **attrs)
     out = out.astype(q.dtype)
     return out[:, 0] if squeeze else out
+
+
+def paged_write_attention(q, k_new, v_new, k_pages, v_pages, block_tables, lengths, *,
+                          mask=None, scale=None, score_mod=None):
+    """``paged_attention`` after storing the step's tokens ``k_new, v_new [B, T, K, H]`` at
+    positions ``lengths - T .. lengths - 1`` of each row's pages: returns ``(out, k_pages,
+    v_pages)``, the pools updated in place (XLA aliases them to the outputs). One call per
+    layer and step where a scatter of K and V into the pools took five small XLA ops. A
+    token whose page id lies outside the pool is dropped. fp32 pages only; declines what
+    ``paged_attention`` declines."""
+    attrs = _cached_attrs(q, mask, scale, "cpu paged attention", dict(score_mod=score_mod))
+    if k_pages.dtype != jnp.float32 or v_pages.dtype != jnp.float32:
+        raise NotImplementedError(f"the cpu paged kernel stores fp32 pages, not {k_pages.dtype}")
+    squeeze = q.ndim == 3
+    f32 = jnp.float32
+    q_btnh = (q[:, None] if squeeze else q).astype(f32)
+    out = (jax.ShapeDtypeStruct(q_btnh.shape, f32), jax.ShapeDtypeStruct(k_pages.shape, f32),
+           jax.ShapeDtypeStruct(v_pages.shape, f32))
+    call = jax.ffi.ffi_call("tx_cpu_attention_paged_write", out, vmap_method="sequential",
+                            input_output_aliases={3: 1, 4: 2})
+    o, k_pages, v_pages = call(q_btnh, k_new.astype(f32), v_new.astype(f32), k_pages, v_pages,
+                               jnp.asarray(block_tables, jnp.int32),
+                               jnp.asarray(lengths, jnp.int32), **attrs)
+    o = o.astype(q.dtype)
+    return (o[:, 0] if squeeze else o), k_pages, v_pages

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -29,7 +30,7 @@ struct Visibility {
   const int32_t* kv_len;   // [B]
   const int8_t* visible;   // [T, S], or null: every key in a row's range is visible
   const int32_t *q_seg, *kv_seg;  // [B, T] / [B, S], or null: no packing
-  // A paged cache's rows: row i of batch row bi sits at position kv_len[bi] - T + i and sees
+  // A KV cache's rows: row i of batch row bi sits at position kv_len[bi] - T + i and sees
   // lo <= j - pos <= hi; key_ok [S] (one task's, or null) hides keys on invalid pages.
   bool banded = false;
   int64_t lo = 0, hi = 0;
@@ -54,26 +55,45 @@ struct Visibility {
   }
 };
 
-// One (batch row, K/V head): its keys transposed [H, Sp] and its values [S, Hp], zero-padded
-// to whole vectors, so a row's logits are vector FMAs over keys and its output over channels.
-// The backward also reads the keys as rows (for dQ) and the values transposed (for dP).
+// Floats left uninitialised (std::vector would zero them): whoever fills one writes every
+// entry that is read.
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : n_(n), p_(n > 0 ? new float[n] : nullptr) {}
+  float* data() { return p_.get(); }
+  const float* data() const { return p_.get(); }
+  float& operator[](int64_t i) { return p_[i]; }
+  bool empty() const { return n_ == 0; }
+
+ private:
+  int64_t n_;
+  std::unique_ptr<float[]> p_;
+};
+
+// One (batch row, K/V head): its keys transposed [H, Sp] and its values [S, Hp], padded with
+// zeros to whole vectors, so a row's logits are vector FMAs over keys and its output over
+// channels. The backward also reads the keys as rows (for dQ) and the values transposed (for dP).
 struct Panel {
-  int64_t sp, hp;
+  int64_t sp, hp, h;
   bool backward;
-  std::vector<float> kt, k_rows, vt, v_rows;
+  Scratch kt, k_rows, vt, v_rows;
   // The transposed panels' row stride is padded by one vector past a whole number of them:
   // a power-of-two stride (S = 256) maps every channel's keys to the same few L1 sets.
   Panel(const Dims& d, bool backward)
       : sp((d.s + kLanes - 1) / kLanes * kLanes + kLanes),
         hp((d.h + kLanes - 1) / kLanes * kLanes),
+        h(d.h),
         backward(backward),
         kt(d.h * sp),
         k_rows(backward ? d.s * hp : 0),
         vt(backward ? d.h * sp : 0),
         v_rows(d.s * hp) {}
-  void fill(const Dims& d, const float* k, const float* v, int64_t bi, int64_t kh) {
-    for (auto* x : {&kt, &k_rows, &vt, &v_rows}) std::fill(x->begin(), x->end(), 0.0f);
-    for (int64_t j = 0; j < d.s; ++j) {
+  // Batch row bi's keys [0, filled) of K/V head kh from k/v [B, S, K, H] (a contiguous
+  // cache passes its length: the slots past it hold nothing yet).
+  void fill(const Dims& d, const float* k, const float* v, int64_t bi, int64_t kh,
+            int64_t filled = -1) {
+    int64_t upto = filled < 0 ? d.s : std::min<int64_t>(filled, d.s);
+    for (int64_t j = 0; j < upto; ++j) {
       const float* kj = k + ((bi * d.s + j) * d.k + kh) * d.h;
       const float* vj = v + ((bi * d.s + j) * d.k + kh) * d.h;
       for (int64_t c = 0; c < d.h; ++c) {
@@ -84,32 +104,55 @@ struct Panel {
           vt[c * sp + j] = vj[c];
         }
       }
+      pad_row(j);
     }
+    pad_keys(upto);
   }
   // From a page pool [K, P, L, H] through batch row bi's block table (max_pages ids), the
-  // first `len` keys; a key on a page id outside [0, P) stays zero and key_ok[j] = 0.
+  // first `len` keys; a key on a page id outside [0, P) reads as zero and key_ok[j] = 0.
   // Returns whether every page read was valid.
   bool fill_pages(const Dims& d, const float* k_pages, const float* v_pages,
                   const int32_t* table, int64_t pages, int64_t page, int64_t kh, int64_t len,
                   std::vector<int8_t>& key_ok) {
-    std::fill(kt.begin(), kt.end(), 0.0f);
-    std::fill(v_rows.begin(), v_rows.end(), 0.0f);
     std::fill(key_ok.begin(), key_ok.end(), 1);
     bool all_valid = true;
-    for (int64_t j = 0; j < std::min<int64_t>(len, d.s); ++j) {
+    int64_t upto = std::min<int64_t>(len, d.s);
+    for (int64_t j = 0; j < upto; ++j) {
       int64_t id = table[j / page];
-      if (id < 0 || id >= pages) {
+      bool valid = id >= 0 && id < pages;
+      int64_t at = ((kh * pages + (valid ? id : 0)) * page + j % page) * d.h;
+      for (int64_t c = 0; c < d.h; ++c) {
+        kt[c * sp + j] = valid ? k_pages[at + c] : 0.0f;
+        v_rows[j * hp + c] = valid ? v_pages[at + c] : 0.0f;
+      }
+      pad_row(j);
+      if (!valid) {
         key_ok[j] = 0;
         all_valid = false;
-        continue;
-      }
-      int64_t at = ((kh * pages + id) * page + j % page) * d.h;
-      for (int64_t c = 0; c < d.h; ++c) {
-        kt[c * sp + j] = k_pages[at + c];
-        v_rows[j * hp + c] = v_pages[at + c];
       }
     }
+    pad_keys(upto);
     return all_valid;
+  }
+
+ private:
+  // The panels are not zeroed as a whole: the loops read a row's channels up to hp, and keys
+  // [0, upto) plus at most the rest of the last vector past them (the range loops of
+  // Group); those are the entries written here. Zeroing all S keys per task cost as much as
+  // a decode step's attention itself.
+  void pad_row(int64_t j) {
+    for (auto* rows : {&v_rows, &k_rows}) {
+      if (!rows->empty())
+        std::fill(rows->data() + j * hp + h, rows->data() + (j + 1) * hp, 0.0f);
+    }
+  }
+  void pad_keys(int64_t upto) {
+    int64_t end = std::min<int64_t>(sp, (upto + kLanes - 1) / kLanes * kLanes + kLanes);
+    for (auto* t : {&kt, &vt}) {
+      if (t->empty()) continue;
+      for (int64_t c = 0; c < h; ++c)
+        std::fill(t->data() + c * sp + upto, t->data() + c * sp + end, 0.0f);
+    }
   }
 };
 

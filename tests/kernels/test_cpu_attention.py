@@ -193,3 +193,98 @@ def test_paged_declines_int8_pages_and_score_mods():
                                       v_scales=jnp.ones(k.shape[:3]))
     with pytest.raises(NotImplementedError, match="score_mod"):
         cpu_attention.paged_attention(q, k, v, table, lens, score_mod=object())
+
+
+# ------------------------------------------------------------- over a contiguous KV cache
+
+
+def _cache_positions(lengths, t, s):
+    """The positions a contiguous cache reports: queries at the end of each row's keys,
+    unwritten slots at -1."""
+    lengths = jnp.asarray(lengths, jnp.int32)[:, None]
+    q_pos = lengths - t + jnp.arange(t, dtype=jnp.int32)[None]
+    slots = jnp.arange(s, dtype=jnp.int32)[None]
+    return q_pos, jnp.where(slots < lengths, slots, -1)
+
+
+# (lengths per row, T, S, N, K, H): a decode step, a prefill into an empty cache, a chunk
+# into a part-filled one, a full cache; GQA 3:1, 4:1, 1:1 and MQA; head dims and key counts
+# that are not whole vectors.
+CACHED = [([9, 37], 1, 40, 6, 2, 24), ([17, 17], 17, 64, 8, 2, 32), ([30, 12], 5, 33, 4, 4, 40),
+          ([50, 50], 3, 50, 8, 1, 16)]
+
+
+@pytest.mark.parametrize("case", CACHED, ids=lambda c: "L{}_T{}_S{}_N{}_K{}_H{}".format(
+    "-".join(map(str, c[0])), *c[1:]))
+@pytest.mark.parametrize("mask", [M.Causal(), M.Local(6), M.Full(), M.Local(3, 2)], ids=repr)
+def test_cached_matches_reference_at_the_cache_positions(case, mask):
+    lengths, t, s, n, k, h = case
+    q, kk, v, _ = _inputs(len(lengths), t, s, n, k, h, seed=3)
+    # Slots past a row's length hold NaN: the kernel must never read them.
+    unwritten = jnp.arange(s)[None, :, None, None] >= jnp.asarray(lengths)[:, None, None, None]
+    k_bad, v_bad = (jnp.where(unwritten, jnp.nan, x) for x in (kk, v))
+    q_pos, kv_pos = _cache_positions(lengths, t, s)
+    want = reference.attention(q, kk, v, mask=mask, q_positions=q_pos, kv_positions=kv_pos)
+    got = jax.jit(lambda *a: cpu_attention.cached_attention(*a, mask=mask))(
+        q, k_bad, v_bad, jnp.asarray(lengths, jnp.int32))
+    _close("out", got, want)
+
+
+def test_cached_rows_that_see_no_key_are_zero():
+    # Row 0's cache is empty: its queries sit at negative positions and see no key.
+    q, k, v, _ = _inputs(2, 3, 16, 4, 2, 16)
+    got = cpu_attention.cached_attention(q, k, v, jnp.asarray([0, 8], jnp.int32),
+                                         mask=M.Causal())
+    assert not bool(jnp.isnan(got).any())
+    assert float(jnp.abs(got[0]).max()) == 0.0  # row 0's cache is empty: nothing to see
+    q_pos, kv_pos = _cache_positions([0, 8], 3, 16)
+    want = reference.attention(q, k, v, mask=M.Causal(), q_positions=q_pos, kv_positions=kv_pos)
+    _close("out", got[1], want[1])
+
+
+def test_cached_declines_score_mods_and_masks_that_are_not_bands():
+    q, k, v, _ = _inputs(1, 1, 8, 4, 2, 16)
+    lengths = jnp.asarray([4], jnp.int32)
+    with pytest.raises(NotImplementedError, match="score_mod"):
+        cpu_attention.cached_attention(q, k, v, lengths, score_mod=object())
+    with pytest.raises(NotImplementedError, match="not a band"):
+        cpu_attention.cached_attention(q, k, v, lengths, mask=M.Strided(3))
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_paged_write_stores_the_tokens_then_attends_as_after_a_scatter(t):
+    # Rows 0 and 1 share their first page (a prefix); row 2's last table entry names no page,
+    # so a token that lands there is dropped. GQA 3:1.
+    rng = np.random.default_rng(5)
+    kh, pages, page, h, n = 2, 12, 4, 16, 6
+    k_pages = jnp.asarray(rng.standard_normal((kh, pages, page, h)), jnp.float32)
+    v_pages = jnp.asarray(rng.standard_normal((kh, pages, page, h)), jnp.float32)
+    table = jnp.asarray([[0, 1, 2, 3], [0, 5, 6, 7], [8, 9, 10, -1]], jnp.int32)
+    lengths = jnp.asarray([9, 14, 14], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((3, t, n, h)), jnp.float32)
+    k_new = jnp.asarray(rng.standard_normal((3, t, kh, h)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((3, t, kh, h)), jnp.float32)
+    want_k, want_v = k_pages, v_pages
+    for b in range(3):
+        for i in range(t):
+            pos = int(lengths[b]) - t + i
+            page_id = int(table[b, pos // page])
+            if page_id >= 0:
+                want_k = want_k.at[:, page_id, pos % page].set(k_new[b, i])
+                want_v = want_v.at[:, page_id, pos % page].set(v_new[b, i])
+    want = reference.paged_attention(q, want_k, want_v, table, lengths, mask=M.Causal())
+    out, got_k, got_v = jax.jit(lambda *a: cpu_attention.paged_write_attention(
+        *a, mask=M.Causal()))(q, k_new, v_new, k_pages, v_pages, table, lengths)
+    np.testing.assert_array_equal(np.asarray(got_k), np.asarray(want_k))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    _close("out", out, want)
+
+
+def test_paged_write_declines_quantised_pages_and_score_mods():
+    q, k, v, table, lens = paged_cases._pool([5], n=4, kh=2, h=16, page=4)
+    new = jnp.zeros((1, 1, 2, 16), jnp.float32)
+    with pytest.raises(NotImplementedError, match="fp32 pages"):
+        cpu_attention.paged_write_attention(q, new, new, k.astype(jnp.bfloat16),
+                                            v.astype(jnp.bfloat16), table, lens)
+    with pytest.raises(NotImplementedError, match="score_mod"):
+        cpu_attention.paged_write_attention(q, new, new, k, v, table, lens, score_mod=object())

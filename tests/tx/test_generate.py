@@ -249,3 +249,74 @@ def test_paged_generation_reads_pages_with_the_pallas_kernel(monkeypatch):
                         length_penalty=0.0)
     np.testing.assert_allclose(beams.scores, _sequence_logp(model, prompt, beams.tokens),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("positions, expect", [("rope", "served"), ("alibi", "declined"),
+                                              ("t5", "declined")])
+def test_contiguous_generation_reads_the_cache_with_the_cpu_kernel(monkeypatch, positions,
+                                                                   expect):
+    """Under the default implementations a contiguous cache's prefill and decode steps go
+    through the cpu kernel's cache entry (no positions built) and give the tokens of the xla
+    path over the cache's positions. A score modifier (ALiBi's slopes, T5's buckets) makes
+    the kernel decline, and the registry's next implementation serves."""
+    from tx.attention import registry
+    calls = []
+    kernel = registry.cached_kernel("cpu")
+
+    def counting(q, *args, **kwargs):
+        try:
+            out = kernel(q, *args, **kwargs)
+        except NotImplementedError:
+            calls.append("declined")
+            raise
+        calls.append(q.shape[:2])
+        return out
+
+    monkeypatch.setitem(registry._CACHED, "cpu", counting)
+    config = dict(attention="gqa", positions=positions, vocab_size=V, d_model=24, num_layers=2,
+                  d_ff=48)
+    model = models.build(model_config(**config))
+    reference = models.build(model_config(**config, implementation=("xla",)))
+    prompt = _prompt(b=2, t=7)
+    got = generate(model, prompt, max_new_tokens=6)
+    want = generate(reference, prompt, max_new_tokens=6)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    if expect == "served":
+        assert calls[0] == (2, 7) and (2, 1) in calls  # the prefill, then decode steps
+    else:
+        assert calls and set(calls) == {"declined"}
+
+
+def test_paged_generation_stores_and_attends_through_the_cpu_writer(monkeypatch):
+    """Under the default implementations each paged prefill and decode step stores its
+    tokens and attends in one cpu kernel call; the tokens are the contiguous cache's, and
+    beams on shared pages score as a fresh forward pass does."""
+    from tx.attention import registry
+    calls = []
+    writer = registry.paged_writer("cpu")
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[:2])
+        return writer(q, *args, **kwargs)
+
+    monkeypatch.setitem(registry._PAGED_WRITERS, "cpu", counting)
+    model = models.build(model_config(attention="gqa", vocab_size=V, d_model=24, num_layers=2,
+                                      d_ff=48))
+    prompt = _prompt(b=2, t=7)
+    paged = generate(model, prompt, max_new_tokens=6, cache=Paged(4))
+    np.testing.assert_array_equal(paged.tokens, generate(model, prompt, max_new_tokens=6).tokens)
+    assert calls[0] == (2, 7) and (2, 1) in calls  # the prefill, then decode steps
+    beams = beam_search(model, prompt, max_new_tokens=5, num_beams=2, cache=Paged(4),
+                        length_penalty=0.0)
+    np.testing.assert_allclose(beams.scores, _sequence_logp(model, prompt, beams.tokens),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_the_paged_writer_declines_under_a_mesh(monkeypatch):
+    # Per shard, each device's copy of a pool shared across batch shards would take only its
+    # own rows' tokens; the paged kernels, which run per shard, serve instead.
+    from tx.attention import registry
+    from tx.parallel import shard
+    monkeypatch.setattr(shard, "active", lambda: object())
+    with pytest.raises(NotImplementedError, match="does not run per shard"):
+        registry.paged_writer("cpu")(None, None, None, None, None, None, None, mask=None)

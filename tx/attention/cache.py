@@ -117,10 +117,25 @@ class _RowCache(nnx.Module):
         k, v, q_pos, kv_pos = self.update(k_new, v_new)
         # The mask, the position bias and the score modifier are taken at the positions the
         # cache reports.
+        bias = positions.bias(q_pos, kv_pos)
+        filled = self.filled(q_btnh.shape[0])
+        if filled is not None and segment_ids is None and kv_lengths is None and bias is None:
+            # A cache kernel (registry.register_cached) knows these positions without them.
+            out, implementation = registry.first_kernel(
+                implementation, registry.cached_kernel,
+                lambda kernel: kernel(q_btnh, k, v, filled, mask=mask, scale=scale,
+                                      score_mod=score_mod))
+            if out is not None:
+                return out
         return registry.attend(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
-                               kv_lengths=kv_lengths, bias=positions.bias(q_pos, kv_pos),
-                               scale=scale, implementation=implementation, q_positions=q_pos,
+                               kv_lengths=kv_lengths, bias=bias, scale=scale,
+                               implementation=implementation, q_positions=q_pos,
                                kv_positions=kv_pos, score_mod=score_mod)
+
+    def filled(self, batch: int) -> jax.Array | None:
+        """``[B]`` slots written per row when they are a prefix that ends at the new tokens
+        (the positions a cache kernel assumes), else None."""
+        return None
 
     def _map(self, fn, *, reshape: bool = False) -> None:
         for store in (self.k, self.v):
@@ -143,6 +158,9 @@ class KVCache(_RowCache):
         self._init_storage((batch, max_len, num_kv_heads, head_dim), dtype, kv)
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))  # tokens written so far
         self.max_len = max_len
+
+    def filled(self, batch):
+        return jnp.full((batch,), self.index[...], jnp.int32)
 
     def update(self, k_new, v_new):
         b, t = k_new.shape[:2]

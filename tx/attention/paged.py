@@ -241,13 +241,40 @@ class PagedKVCache(nnx.Module):
             return k["codes"], v["codes"], {"k_scales": k["scale"], "v_scales": v["scale"]}
         return None
 
-    def _positions(self, t: int):
+    def _store_and_attend(self, q_btnh, k_new, v_new, *, mask, scale, implementation,
+                          positions, score_mod):
+        """The first implementation's paged writer stores the step's tokens in the pools and
+        attends, in one call; None (nothing stored) when it has none or declines, when the
+        pages are quantised, or when a position bias needs the general path."""
+        names = registry.check(implementation)
+        writer = registry.paged_writer(names[0])
+        if writer is None or not isinstance(self.kv.key, quant.Float) or \
+                not isinstance(self.kv.value, quant.Float):
+            return None
+        t = q_btnh.shape[1]
+        end = self.index[...] + t
+        if positions.bias(*self._positions(t, end)) is not None:
+            return None
+        lengths = jnp.full((q_btnh.shape[0],), end, jnp.int32)
+        try:
+            out, k, v = writer(q_btnh, k_new, v_new, cache_lib.read(self.k_pages)["x"],
+                               cache_lib.read(self.v_pages)["x"], self.block_tables[...],
+                               lengths, mask=mask, scale=scale, score_mod=score_mod)
+        except NotImplementedError:
+            return None
+        cache_lib.assign(self.k_pages, {"x": k})
+        cache_lib.assign(self.v_pages, {"x": v})
+        self.index[...] = end
+        return out
+
+    def _positions(self, t: int, end=None):
         """``q_positions [B, T]`` of the ``t`` newest tokens and ``kv_positions [B, S]`` of
-        the gathered pages (-1: an empty slot)."""
+        the gathered pages (-1: an empty slot), once ``end`` tokens are stored (default:
+        those stored so far)."""
         tables = self.block_tables[...]
         b, s = tables.shape[0], tables.shape[1] * self.page_size
         slots = jnp.arange(s, dtype=jnp.int32)
-        end = self.index[...]
+        end = self.index[...] if end is None else end
         kv_pos = jnp.broadcast_to(jnp.where(slots < end, slots, -1), (b, s))
         q_pos = jnp.broadcast_to(end - t + jnp.arange(t, dtype=jnp.int32), (b, t))
         return q_pos, kv_pos
@@ -268,31 +295,33 @@ class PagedKVCache(nnx.Module):
         (int8 pages dequantised in the kernel); from the first without one (or once every
         kernel declined, or when segment ids, key lengths, a position bias or int4 pages
         need the general path) the gathered, dequantised pages go through
-        ``registry.attend``."""
+        ``registry.attend``. A first implementation with a paged writer
+        (``registry.register_paged_writer``: ``cpu``) stores and attends in one call."""
+        if segment_ids is None and kv_lengths is None:
+            out = self._store_and_attend(q_btnh, k_new, v_new, mask=mask, scale=scale,
+                                         implementation=implementation, positions=positions,
+                                         score_mod=score_mod)
+            if out is not None:
+                return out
         self._write(k_new, v_new)
         t = q_btnh.shape[1]
         q_pos, kv_pos = self._positions(t)
         implementation = tuple(implementation)
         bias = positions.bias(q_pos, kv_pos)
         in_place = self._kernel_pages()
-        plain = segment_ids is None and kv_lengths is None and bias is None and \
-            in_place is not None
-        lengths = jnp.full((q_btnh.shape[0],), self.index[...], jnp.int32)
-        first = 0  # the first implementation the general path may use
-        for name in implementation if plain else ():
-            kernel = registry.paged_kernel(name)
-            if kernel is None:
-                break
+        if segment_ids is None and kv_lengths is None and bias is None and \
+                in_place is not None:
             k_pages, v_pages, extra = in_place
-            try:
-                return kernel(q_btnh, k_pages, v_pages, self.block_tables[...], lengths,
-                              mask=mask, scale=scale, score_mod=score_mod, **extra)
-            except NotImplementedError:
-                first += 1
-        if first == len(implementation):
-            first = 0  # every name declined: the registry says why
+            lengths = jnp.full((q_btnh.shape[0],), self.index[...], jnp.int32)
+            out, implementation = registry.first_kernel(
+                implementation, registry.paged_kernel,
+                lambda kernel: kernel(q_btnh, k_pages, v_pages, self.block_tables[...],
+                                      lengths, mask=mask, scale=scale, score_mod=score_mod,
+                                      **extra))
+            if out is not None:
+                return out
         k, v = self._gather()
         return registry.attend(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
                                kv_lengths=kv_lengths, bias=bias, scale=scale,
-                               implementation=implementation[first:], q_positions=q_pos,
+                               implementation=implementation, q_positions=q_pos,
                                kv_positions=kv_pos, score_mod=score_mod)

@@ -12,6 +12,7 @@ shard (``tx.parallel.per_shard``).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -25,6 +26,7 @@ from kernels.linear_attention import linear_attention_chunked as _linear_chunked
 from kernels.paged_attention import paged_attention as _paged_pallas
 from tx.config import DEFAULT_IMPLEMENTATION
 from tx.parallel import per_shard
+from tx.parallel import shard as shard_lib
 
 AttentionFn = Callable[..., jax.Array]
 _REGISTRY: dict[str, AttentionFn] = {}
@@ -55,6 +57,69 @@ def register_paged(name: str, fn: AttentionFn) -> None:
 
 def paged_kernel(name) -> AttentionFn | None:
     return None if callable(name) else _PAGED.get(name)
+
+
+# Paged-cache writers by implementation name: ``fn(q, k_new, v_new, k_pages, v_pages,
+# block_tables, lengths, *, mask, scale, score_mod) -> (out, k_pages, v_pages)`` stores a
+# step's tokens in fp32 pools and attends in one call (``kernels.cpu_attention.
+# paged_write_attention``). A paged cache uses its first implementation's, if it has one.
+_PAGED_WRITERS: dict[str, AttentionFn] = {}
+
+
+def register_paged_writer(name: str, fn: AttentionFn) -> None:
+    """Adds (or replaces) the paged-cache writer of implementation ``name``."""
+    _PAGED_WRITERS[name] = fn
+
+
+def paged_writer(name) -> AttentionFn | None:
+    return None if callable(name) else _PAGED_WRITERS.get(name)
+
+
+def _whole_pool(fn: AttentionFn) -> AttentionFn:
+    """A writer stores into the whole page pool: per shard, each device's copy of a pool
+    shared across batch shards would take only its own rows' tokens, so under a mesh it
+    declines (the paged kernels run per shard instead)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if shard_lib.active() is not None:
+            raise NotImplementedError("a paged writer does not run per shard")
+        return fn(*args, **kwargs)
+    return call
+
+
+# Contiguous-cache paths by implementation name: ``fn(q, k, v, lengths, *, mask, scale,
+# score_mod)`` over a cache's ``k, v [B, S, K, H]`` whose first ``lengths [B]`` slots are
+# written, the new queries at its end (``kernels.cpu_attention.cached_attention``). A name
+# without one attends through ``attend`` with the cache's positions.
+_CACHED: dict[str, AttentionFn] = {}
+
+
+def register_cached(name: str, fn: AttentionFn) -> None:
+    """Adds (or replaces) the contiguous-cache kernel of implementation ``name``."""
+    _CACHED[name] = fn
+
+
+def cached_kernel(name) -> AttentionFn | None:
+    return None if callable(name) else _CACHED.get(name)
+
+
+def first_kernel(implementation: Sequence, kernel_of: Callable, call: Callable):
+    """Tries the kernels ``kernel_of(name)`` of ``implementation``'s leading names in order
+    (``call(kernel)`` runs one) up to the first name without one. Returns ``(output, ())``
+    from the first that serves, else ``(None, names)``: the names the general path tries,
+    from the first without a kernel, or all of them when every kernel declined (the
+    registry then says why each one did)."""
+    implementation = _as_tuple(implementation)
+    for first, name in enumerate(implementation):
+        kernel = kernel_of(name)
+        if kernel is None:
+            return None, implementation[first:]
+        try:
+            return call(kernel), ()
+        except NotImplementedError:
+            pass
+    return None, implementation
 
 
 def _as_tuple(implementation) -> tuple:
@@ -161,6 +226,8 @@ register_paged("pallas", _pallas_paged)
 register_paged("xla", reference.paged_attention)
 # Reads the pages in place through the block tables (fp32 pages; int8 pages go to xla's).
 register_paged("cpu", per_shard.paged(cpu_attention.paged_attention))
+register_cached("cpu", per_shard.cached(cpu_attention.cached_attention))
+register_paged_writer("cpu", _whole_pool(cpu_attention.paged_write_attention))
 
 
 # --- linear (feature-map) attention ------------------------------------------------------------

@@ -78,6 +78,22 @@ def attention(fn: Callable) -> Callable:
     return call
 
 
+def cached(fn: Callable) -> Callable:
+    """Wraps a contiguous cache's kernel (``kernels.cpu_attention.cached_attention``) as
+    ``attention`` does: each row's length travels with its row."""
+
+    def as_attention(q, k, v, *, segment_ids=None, kv_lengths=None, **static):
+        del segment_ids  # a cache's call never has them
+        return fn(q, k, v, kv_lengths, **static)
+
+    wrapped = attention(as_attention)
+
+    @functools.wraps(fn)
+    def call(q, k, v, lengths, **static):
+        return wrapped(q, k, v, kv_lengths=lengths, **static)
+    return call
+
+
 def paged(fn: Callable) -> Callable:
     """Wraps ``kernels.paged_attention.paged_attention`` the same way: sequences split over
     ``(data, fsdp)`` with their block tables and lengths, heads over ``tensor``; the page pool
