@@ -253,13 +253,13 @@ ffi::Error PagedWriteForward(ffi::ThreadPool pool, F32 q, F32 k_new, F32 v_new, 
   const int32_t *tp = tables.typed_data(), *lp = lengths.typed_data();
   for (int64_t bi = 0; bi < b_n; ++bi) {
     for (int64_t ti = 0; ti < t_n; ++ti) {
-      int64_t pos = lp[bi] - t_n + ti, col = pos / page;
-      if (pos < 0 || col >= per_row) continue;
-      int64_t id = tp[bi * per_row + col];
-      if (id < 0 || id >= pages) continue;
+      int64_t pos = lp[bi] - t_n + ti;
+      if (pos < 0 || pos >= per_row * page) continue;
+      int64_t slot = page_slot(tp + bi * per_row, pages, page, pos);
+      if (slot < 0) continue;
       for (int64_t kh = 0; kh < kh_n; ++kh) {
         int64_t from = ((bi * t_n + ti) * kh_n + kh) * h;
-        int64_t to = ((kh * pages + id) * page + pos % page) * h;
+        int64_t to = (kh * pages * page + slot) * h;
         std::copy_n(k_new.typed_data() + from, h, kp + to);
         std::copy_n(v_new.typed_data() + from, h, vp + to);
       }

@@ -55,6 +55,13 @@ struct Visibility {
   }
 };
 
+// Where key j of a row lies in a pool of `pages` pages of `page` keys, through the row's
+// block table: page id * page + offset, or -1 when the id is outside [0, pages).
+inline int64_t page_slot(const int32_t* table, int64_t pages, int64_t page, int64_t j) {
+  int64_t id = table[j / page];
+  return id < 0 || id >= pages ? -1 : id * page + j % page;
+}
+
 // Floats left uninitialised (std::vector would zero them): whoever fills one writes every
 // entry that is read.
 class Scratch {
@@ -72,7 +79,8 @@ class Scratch {
 
 // One (batch row, K/V head): its keys transposed [H, Sp] and its values [S, Hp], padded with
 // zeros to whole vectors, so a row's logits are vector FMAs over keys and its output over
-// channels. The backward also reads the keys as rows (for dQ) and the values transposed (for dP).
+// channels. The backward also reads the keys as rows (for dQ) and the values transposed
+// (for dP).
 struct Panel {
   int64_t sp, hp, h;
   bool backward;
@@ -118,9 +126,9 @@ struct Panel {
     bool all_valid = true;
     int64_t upto = std::min<int64_t>(len, d.s);
     for (int64_t j = 0; j < upto; ++j) {
-      int64_t id = table[j / page];
-      bool valid = id >= 0 && id < pages;
-      int64_t at = ((kh * pages + (valid ? id : 0)) * page + j % page) * d.h;
+      int64_t slot = page_slot(table, pages, page, j);
+      bool valid = slot >= 0;
+      int64_t at = (kh * pages * page + (valid ? slot : 0)) * d.h;
       for (int64_t c = 0; c < d.h; ++c) {
         kt[c * sp + j] = valid ? k_pages[at + c] : 0.0f;
         v_rows[j * hp + c] = valid ? v_pages[at + c] : 0.0f;

@@ -243,25 +243,25 @@ class PagedKVCache(nnx.Module):
 
     def _store_and_attend(self, q_btnh, k_new, v_new, *, mask, scale, implementation,
                           positions, score_mod):
-        """The first implementation's paged writer stores the step's tokens in the pools and
-        attends, in one call; None (nothing stored) when it has none or declines, when the
-        pages are quantised, or when a position bias needs the general path."""
-        names = registry.check(implementation)
-        writer = registry.paged_writer(names[0])
-        if writer is None or not isinstance(self.kv.key, quant.Float) or \
-                not isinstance(self.kv.value, quant.Float):
+        """The leading implementations' paged writers, tried in order (``registry.
+        first_kernel``), store the step's tokens in the pools and attend, in one call; None
+        (nothing stored) when none has one or every one declines, when the pages are
+        quantised, or when a position bias needs the general path."""
+        if not isinstance(self.kv.key, quant.Float) or not isinstance(self.kv.value, quant.Float):
             return None
         t = q_btnh.shape[1]
         end = self.index[...] + t
         if positions.bias(*self._positions(t, end)) is not None:
             return None
         lengths = jnp.full((q_btnh.shape[0],), end, jnp.int32)
-        try:
-            out, k, v = writer(q_btnh, k_new, v_new, cache_lib.read(self.k_pages)["x"],
-                               cache_lib.read(self.v_pages)["x"], self.block_tables[...],
-                               lengths, mask=mask, scale=scale, score_mod=score_mod)
-        except NotImplementedError:
+        stored, _ = registry.first_kernel(
+            implementation, registry.paged_writer,
+            lambda writer: writer(q_btnh, k_new, v_new, cache_lib.read(self.k_pages)["x"],
+                                  cache_lib.read(self.v_pages)["x"], self.block_tables[...],
+                                  lengths, mask=mask, scale=scale, score_mod=score_mod))
+        if stored is None:
             return None
+        out, k, v = stored
         cache_lib.assign(self.k_pages, {"x": k})
         cache_lib.assign(self.v_pages, {"x": v})
         self.index[...] = end
@@ -295,8 +295,8 @@ class PagedKVCache(nnx.Module):
         (int8 pages dequantised in the kernel); from the first without one (or once every
         kernel declined, or when segment ids, key lengths, a position bias or int4 pages
         need the general path) the gathered, dequantised pages go through
-        ``registry.attend``. A first implementation with a paged writer
-        (``registry.register_paged_writer``: ``cpu``) stores and attends in one call."""
+        ``registry.attend``. Leading implementations with a paged writer
+        (``registry.register_paged_writer``: ``cpu``) store and attend in one call."""
         if segment_ids is None and kv_lengths is None:
             out = self._store_and_attend(q_btnh, k_new, v_new, mask=mask, scale=scale,
                                          implementation=implementation, positions=positions,

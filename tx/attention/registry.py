@@ -62,7 +62,7 @@ def paged_kernel(name) -> AttentionFn | None:
 # Paged-cache writers by implementation name: ``fn(q, k_new, v_new, k_pages, v_pages,
 # block_tables, lengths, *, mask, scale, score_mod) -> (out, k_pages, v_pages)`` stores a
 # step's tokens in fp32 pools and attends in one call (``kernels.cpu_attention.
-# paged_write_attention``). A paged cache uses its first implementation's, if it has one.
+# paged_write_attention``). A paged cache tries its leading implementations' in order.
 _PAGED_WRITERS: dict[str, AttentionFn] = {}
 
 
