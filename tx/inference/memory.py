@@ -38,10 +38,10 @@ def kv_storage_of(dtype, page_size: int | None) -> quant.KVQuant:
     name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name in FLOAT_DTYPES:
         return quant.float_kv(jnp.dtype(name))
-    if name == "int4" and page_size is None:
-        return quant.int4_per_token_kv()
     if name in quant.KV_DTYPES:
-        return quant.KV_DTYPES[name]()
+        scheme = quant.KV_DTYPES[name]()
+        # A residual scheme (KIVI) quantises whole pages: without pages, the same width per token.
+        return quant.int4_per_token_kv() if scheme.residual and page_size is None else scheme
     raise ValueError(f"dtype={dtype!r}: use one of {FLOAT_DTYPES + tuple(quant.KV_DTYPES)} "
                      "or a tx.attention.quant.KVQuant.")
 
