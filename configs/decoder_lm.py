@@ -37,7 +37,7 @@ def get_config(source=None):
                          "or none (built-in text).")
     dataset, options = _DATA[source]
     model = ModelFlags(task="lm", vocab_size=BYTE_VOCAB_SIZE, d_model=128,
-                       num_layers=2, num_heads=4, d_ff=512, max_len=128, attention="mha")
+                       num_layers=2, num_heads=4, d_ff=512, max_len=128)
     return experiment(model, dataset=dataset, options=options, seq_len=128, steps=300,
-                      batch_size=16, learning_rate=3e-3, warmup_steps=20, eval_every=100,
+                      batch_size=16, learning_rate=3e-3, eval_every=100,
                       checkpoint_every=100)

@@ -14,7 +14,7 @@ from tx.train.configs import experiment, model_dict, model_flags
 
 def get_config(variant: str = "mlm"):
     model = ModelFlags(task="mlm", vocab_size=BYTE_VOCAB_SIZE, d_model=128, num_layers=2,
-                       num_heads=4, d_ff=512, max_len=128, attention="full", norm="layernorm",
+                       num_heads=4, d_ff=512, max_len=128, norm="layernorm",
                        activation="gelu", positions="learned")
     config = experiment(model, dataset="bytes_mlm", seq_len=128, steps=300, batch_size=16,
                         learning_rate=1e-3, warmup_steps=20, eval_every=100,

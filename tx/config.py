@@ -12,7 +12,8 @@ A ``ModelConfig`` holds values, not names (DESIGN.md, "variants are values"):
   (``tx.models.heads``); the head builds the model, owns its loss and says what its batch
   needs, so the model family follows from it.
 
-This module is a leaf of the import graph: it imports nothing from ``kernels`` or ``tx``; the
+This module is a leaf of the import graph: it imports nothing from ``kernels`` or ``tx`` but the
+stdlib-only ``tx.registry``; the
 leaves are checked by what they can do (``build``, ``predicate``...), so a research file can
 bring its own. Names and flag spellings live in one place, ``tx.flags``.
 """
@@ -23,6 +24,8 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+
+from tx.registry import Registry
 
 
 def _fail(field: str, value: Any, fix: str) -> None:
@@ -60,6 +63,11 @@ def cycle(schedule: tuple, num_layers: int, default) -> tuple:
 # kernel (kernels/cpu_attention.cc) where it serves the call, which is fp32 compute on the
 # CPU backend at default positions with no bias; the XLA reference everywhere else.
 DEFAULT_IMPLEMENTATION = ("cpu", "xla")
+# The activation dtypes a config may name (``--config.model.dtype``).
+DTYPES = Registry("dtype", "dtype")
+for _name, _dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16),
+                      ("float16", jnp.float16)):
+    DTYPES.register(_name, _dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

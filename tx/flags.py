@@ -1,339 +1,290 @@
-"""The flag edge: the one place where names become values.
+"""The flag edge: the one place where names become values, and values print back to names.
 
-Researchers write ``--config.model.attention=gqa+local``, ``positions=t5``,
-``layer_pattern=local,local,local,full``, ``window=128``; the ml_collections configs hold these
-flat fields (:class:`ModelFlags`). :func:`parse` turns them into a :class:`tx.config.ModelConfig`
-whose leaves are values (masks, ``RoPE(...)``, ``LMHead(...)``...). Nothing below this module
-reads a name again.
+Researchers write ``--config.model.attention=gqa+local|global``, ``positions=t5``,
+``layer_pattern=local,local,local,full``, ``window=128``. :class:`ModelFlags` holds these flat
+fields and :func:`parse` turns them into a :class:`tx.config.ModelConfig` whose leaves are
+values (masks, ``RoPE(...)``, ``LMHead(...)``...); :func:`to_flags` prints a config back, and
+``parse(ModelFlags(**to_flags(c))) == c`` for every flag-built config.
 
-Named presets live in registries that research code extends from its own file; a registered
-name then works from flags with no other edit:
+The fields are not listed here. A few belong to every model (:data:`CORE`); every other field
+is declared by the registered value that reads it (``window`` by the ``local`` pattern,
+``t5_buckets`` by ``t5`` positions, ``pooler`` by the ``seq_cls`` task, ``norm_eps`` by every
+norm), in the value's own file, through one registry type (:class:`tx.registry.Registry`).
+A research file adds a variant, its fields and its printing in one call, e.g.
+``register_positions("kerple", fn, fields=(Field("kerple_p", 1.0, "..."),))``; the name and
+its fields then work from flags and are listed by ``--print_config`` with no other edit.
 
-* ``register_pattern(name, fn)``: ``fn(flags, causal=...) -> Mask`` (used in ``attention``
-  and ``layer_pattern``);
-* ``register_positions(name, fn)``: ``fn(flags) -> positions value``;
-* ``register_head(task, fn)``: ``fn(flags) -> head value`` (the ``task`` flag);
-* implementations: ``tx.attention.register(name, fn)``, the single source of their names.
-
-Every error names the flag, its value and the fix.
+The grammar (``tx.attention.patterns``): patterns join with ``&`` and ``|`` as masks do; a
+heads preset joins a pattern with ``+``; every tuple field takes a comma list. A spelling
+means one value or is refused in one line naming the parts.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-
-from kernels import masks, score_mods
-from tx.attention import favor, quant, registry
-from tx.config import DEFAULT_IMPLEMENTATION, AttentionConfig, EmbedConfig, ModelConfig
-from tx.inference import generation
+from kernels import score_mods
+from tx.attention import favor as _favor  # noqa: F401  (registers 'favor', 'local_favor')
+from tx.attention import patterns as pattern_lib
+from tx.attention import quant, registry
+from tx.config import DEFAULT_IMPLEMENTATION, DTYPES, AttentionConfig, EmbedConfig, ModelConfig
+from tx.inference.generation import CACHES
 from tx.layers import mlp as mlp_lib
 from tx.layers import norms, positions
-from tx.layers.rope_scaling import RopeScaling
 from tx.models import heads
+from tx.registry import (Field, Registry, non_negative_int, optional, positive_float,
+                         positive_int)
+
+PATTERNS, HEAD_PRESETS = pattern_lib.PATTERNS, pattern_lib.HEAD_PRESETS
+POSITIONS, TASKS, POOLERS = positions.SCHEMES, heads.TASKS, heads.POOLERS
+NORMS, ACTIVATIONS = norms.NORMS, mlp_lib.ACTIVATIONS
 
 
 def _fail(field: str, value: Any, fix: str) -> None:
     raise ValueError(f"{field}={value!r}: {fix}")
 
 
-# -- registries ---------------------------------------------------------------------------------
-PatternFn = Callable[..., masks.Mask]
-_PATTERNS: dict[str, PatternFn] = {}
-_POSITIONS: dict[str, Callable[["ModelFlags"], Any]] = {}
-_HEADS: dict[str, Callable[["ModelFlags"], Any]] = {}
-HEAD_PRESETS = {"mha": lambda n: n, "mqa": lambda n: 1, "gqa": lambda n: max(1, n // 2)}
+def register_pattern(name: str, fn: Callable, *, fields=(), prints=None) -> None:
+    """``fn(flags, *, causal) -> Mask`` (or a layer value); ``causal`` is True in a decoder's
+    self-attention. ``fields``: the :class:`Field` s it reads beyond the built-in ones;
+    ``prints(value, causal) -> dict | None``: the fields that rebuild ``value``."""
+    PATTERNS.register(name, fn, fields=fields, prints=prints)
 
 
-def _register(table: dict, kind: str, name: str, fn: Callable) -> None:
-    if not isinstance(name, str) or not name or "+" in name or "," in name:
-        _fail(f"{kind} name", name, "use a non-empty name without '+' or ','.")
-    if not callable(fn):
-        _fail(f"{kind} {name!r}", fn, "give a function that builds the value.")
-    table[name] = fn
-
-
-def register_pattern(name: str, fn: PatternFn) -> None:
-    """``fn(flags, *, causal) -> Mask``; ``causal`` is True in a decoder's self-attention.
-    ``flags`` is the :class:`ModelFlags` (``window``, ``stride``, ``sparse_block``...)."""
-    _register(_PATTERNS, "pattern", name, fn)
-
-
-def register_positions(name: str, fn: Callable) -> None:
+def register_positions(name: str, fn: Callable, *, fields=(), prints=None) -> None:
     """``fn(flags) -> positions value`` (a value with ``build(cfg, *, causal, rngs)``)."""
-    _register(_POSITIONS, "positions", name, fn)
+    POSITIONS.register(name, fn, fields=fields, prints=prints)
 
 
-def register_head(task: str, fn: Callable) -> None:
+def register_head(task: str, fn: Callable, *, fields=(), prints=None) -> None:
     """``fn(flags) -> head value`` (a value with ``build`` and ``loss``), selected by the
     ``task`` flag; a dataset of the same task name feeds it."""
-    _register(_HEADS, "task", task, fn)
+    TASKS.register(task, fn, fields=fields, prints=prints)
 
 
 def patterns() -> tuple[str, ...]:
-    return tuple(_PATTERNS)
+    return PATTERNS.names()
 
 
 def position_schemes() -> tuple[str, ...]:
-    return tuple(_POSITIONS)
+    return POSITIONS.names()
 
 
 def tasks() -> tuple[str, ...]:
-    return tuple(_HEADS)
+    return TASKS.names()
 
 
-def _window(f: "ModelFlags", causal: bool) -> masks.Mask:
-    # A window of `window` keys: Mistral's Local(W - 1) when causal, centred otherwise.
-    w = f.window
-    return masks.Local(w - 1) if causal else masks.Local(w // 2, w // 2)
+def _one_of(reg: Registry) -> Callable:
+    hint = f"; register your own with {reg.register_hint}" if reg.register_hint else ""
+    return lambda name, value: None if value in reg else f"use one of {reg.names()}{hint}."
 
 
-def _bigbird(f: "ModelFlags", causal: bool) -> masks.Mask:
-    bb = masks.BigBird(f.sparse_block, window_blocks=3, global_blocks=1, random_blocks=1)
-    return bb & masks.Causal() if causal else bb
+def _names(name: str, value: Any) -> str | None:
+    if not isinstance(value, tuple) or not all(isinstance(v, (str,)) or callable(v)
+                                                for v in value):
+        return "give a comma list of names, e.g. local,local,local,full."
+    return None
 
 
-def _global(f: "ModelFlags", causal: bool) -> masks.Mask:
-    glob = _window(f, causal) | masks.GlobalTokens((0,))
-    return glob & masks.Causal() if causal else glob
+# The fields of every model; each registered variant adds its own (see fields()).
+CORE = (
+    Field("task", "lm", "the head, and so the model family: lm, mlm, seq_cls, token_cls, "
+          "seq2seq, or a registered one", check=_one_of(TASKS)),
+    Field("vocab_size", 256, "tokens in the vocabulary", check=positive_int),
+    Field("d_model", 64, "model width D", check=positive_int),
+    Field("num_layers", 2, "blocks (the encoder's, for seq2seq)", check=positive_int),
+    Field("num_heads", 4, "query heads N", check=positive_int),
+    Field("num_kv_heads", None, "K/V heads K (1: MQA, N: MHA); None: from the attention "
+          "preset, else N", type=int, check=optional(positive_int)),
+    Field("head_dim", None, "H; None: d_model // num_heads", type=int,
+          check=optional(positive_int)),
+    Field("d_ff", 256, "MLP hidden units F", check=positive_int),
+    Field("activation", "gelu", "the MLP's activation (swiglu, geglu: gated)",
+          check=_one_of(ACTIVATIONS)),
+    Field("norm", "rmsnorm", "the norm of every block", check=_one_of(NORMS)),
+    Field("positions", "rope", "the position scheme", check=_one_of(POSITIONS)),
+    Field("attention", "", "heads preset and/or pattern: gqa+local, mqa, local|global, "
+          "(local|global)&strided; empty: MHA, full"),
+    Field("layer_pattern", (), "per-layer patterns cycled over the layers: "
+          "local,local,local,full", check=_names),
+    Field("implementation", DEFAULT_IMPLEMENTATION, "attention implementations tried in "
+          "order: xla,cpu (pallas, cudnn, or registered)", check=_names),
+    Field("dtype", "float32", "activation dtype (parameters and softmax stay fp32)",
+          check=_one_of(DTYPES)),
+    Field("dropout_rate", 0.0, "dropout after attention and MLP, in [0, 1)",
+          check=lambda n, v: None if isinstance(v, (int, float)) and 0 <= v < 1 else
+          "must be in [0, 1)."),
+    Field("mlp_bias", False, "biases on the MLP projections (GPT-2, BERT)"),
+    Field("attention_bias", False, "biases on the q/k/v/o projections (GPT-2, BERT)"),
+    Field("attention_out_bias", None, "bias on o; None: as attention_bias (Qwen2: False)",
+          type=bool),
+    Field("attention_scale", None, "logits scale; None: head_dim ** -0.5 (T5: 1.0)",
+          type=float, check=optional(positive_float)),
+    Field("attention_softcap", None, "cap * tanh(logits / cap) in every attention layer "
+          "(Gemma 2: 50.0); None: off", type=float, check=optional(positive_float)),
+    Field("attention_sinks", False, "a learned per-head sink logit in every attention layer"),
+    Field("type_vocab_size", 0, "token-type embeddings added to the input (BERT: 2)",
+          check=non_negative_int),
+    Field("embed_norm", False, "a norm right after the summed input embeddings (BERT)"),
+    Field("embed_scale", 1.0, "multiplies the token embeddings (Gemma: d_model ** 0.5)",
+          check=positive_float),
+)
 
 
-def _everything(f: "ModelFlags", causal: bool) -> masks.Mask:
-    return masks.Causal() if causal else masks.Full()
+def fields() -> dict[str, Field]:
+    """Every model flag, in order: :data:`CORE`, then the fields the registered patterns,
+    position schemes, norms and tasks declare (a name declared twice must agree)."""
+    out: dict[str, Field] = {}
+    for reg in (None, PATTERNS, POSITIONS, NORMS, TASKS):
+        for f in CORE if reg is None else reg.fields():
+            if f.name in out and out[f.name].default != f.default:
+                raise ValueError(f"model flag {f.name!r} is declared twice, with defaults "
+                                 f"{out[f.name].default!r} and {f.default!r}.")
+            out.setdefault(f.name, f)
+    return out
 
 
-def _favor(f: "ModelFlags", causal: bool) -> favor.Favor:
-    return favor.Favor(f.linear_features, causal=causal, chunk=f.linear_chunk,
-                       redraw_every=f.linear_redraw)
+def _suggest(name: str, choices) -> str:
+    near = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(near)}?" if near else ""
 
 
-def _local_global(f: "ModelFlags", causal: bool) -> favor.LocalGlobal:
-    return favor.LocalGlobal(_window(f, causal), _favor(f, causal))
+def _normalise(field: Field, value: Any) -> Any:
+    """Flag spellings to the field's type: a comma list (or ml_collections' one-element tuple
+    holding one) for a tuple field; a list as a tuple."""
+    if field.type is tuple:
+        items = (value,) if isinstance(value, str) else tuple(value) \
+            if isinstance(value, (list, tuple)) else value
+        if isinstance(items, tuple):
+            return tuple(p.strip() for item in items
+                         for p in (item.split(",") if isinstance(item, str) else (item,))
+                         if not isinstance(p, str) or p.strip())
+    if field.type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
-for _name, _fn in (
-        ("full", _everything), ("causal", _everything), ("local", _window),
-        ("strided", lambda f, causal: masks.Strided(f.stride)),
-        # Sparse Transformer's strided pattern when causal; BigBird when bidirectional.
-        ("sparse", lambda f, causal: masks.Strided(f.stride) if causal else _bigbird(f, causal)),
-        ("bigbird", _bigbird), ("global", _global),
-        # FAVOR+ linear attention (a layer value, not a mask): 'local,local,local,favor'.
-        ("favor", _favor),
-        # Local softmax plus a gated FAVOR+ path over every key, in one layer.
-        ("local_favor", _local_global)):
-    register_pattern(_name, lambda f, *, causal, _fn=_fn: _fn(f, causal))
-
-for _name, _fn in (
-        ("rope", lambda f: positions.RoPE(f.rope_base, f.rope_scaling, f.max_len)),
-        ("sinusoidal", lambda f: positions.Sinusoidal()),
-        ("learned", lambda f: positions.Learned(f.max_len)),
-        ("t5", lambda f: positions.T5Bias(f.t5_buckets, f.t5_max_distance)),
-        ("alibi", lambda f: positions.ALiBi()),
-        ("none", lambda f: positions.NoPositions())):
-    register_positions(_name, _fn)
-
-_POOLERS = {"mean": heads.MeanPool(), "cls": heads.ClsPool()}
-
-
-def _vocab(f: "ModelFlags") -> dict:
-    return dict(tie=f.tie_embeddings, bias=f.head_bias, scale=f.head_scale,
-                softcap=f.final_softcap)
-
-
-for _name, _fn in (
-        ("lm", lambda f: heads.LMHead(**_vocab(f))),
-        ("mlm", lambda f: heads.MLMHead(**_vocab(f), transform=f.head_transform)),
-        ("seq_cls", lambda f: heads.Classifier(f.num_classes, _POOLERS[f.pooler], f.head_bias)),
-        ("token_cls", lambda f: heads.TokenClassifier(f.num_classes, f.head_bias)),
-        ("seq2seq", lambda f: heads.Seq2SeqLM(**_vocab(f), num_layers=f.num_decoder_layers,
-                                              masks=f.layer_masks(causal=True)))):
-    register_head(_name, _fn)
-
-# name -> (function, gated)
-ACTIVATIONS = {"relu": (jax.nn.relu, False), "gelu": (jax.nn.gelu, False),
-               "gelu_exact": (mlp_lib.gelu_exact, False), "swiglu": (jax.nn.silu, True),
-               "geglu": (jax.nn.gelu, True)}
-NORMS = {"rmsnorm": norms.RMSNorm, "layernorm": norms.LayerNorm}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-# -- the flat flags -----------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
 class ModelFlags:
-    """The flat ``config.model.*`` fields of an experiment config; :func:`parse` makes the
-    value tree. Validated at construction: errors name the flag."""
+    """The flat ``config.model.*`` fields of an experiment (every name in :func:`fields`);
+    validated at construction, errors name the flag. :func:`parse` makes the value tree."""
 
-    task: str = "lm"  # the head: lm, mlm, seq_cls, token_cls, seq2seq, or a registered one
-    vocab_size: int = 256
-    d_model: int = 64
-    num_layers: int = 2
-    num_decoder_layers: int | None = None  # seq2seq only; None means num_layers
-    num_heads: int = 4
-    num_kv_heads: int | None = None  # None: from the `attention` preset (MHA by default)
-    head_dim: int | None = None  # None: d_model // num_heads
-    d_ff: int = 256
-    activation: str = "gelu"
-    norm: str = "rmsnorm"
-    pre_norm: bool = True
-    positions: str = "rope"
-    max_len: int = 512  # learned positions' table
-    dropout_rate: float = 0.0
-    tie_embeddings: bool = True
-    attention: str = "mha"  # heads preset and/or pattern, joined by '+': gqa+local
-    layer_pattern: tuple[str, ...] = ()  # per-layer pattern names, cycled over the layers
-    window: int = 64
-    stride: int = 8
-    sparse_block: int = 16
-    num_classes: int = 2
-    implementation: tuple[str, ...] = DEFAULT_IMPLEMENTATION
-    dtype: str = "float32"
-    norm_eps: float = 1e-6  # epsilon of every LayerNorm / RMSNorm
-    rope_base: float = 10000.0  # RoPE's theta: the angle of dimension pair i is p * base^(-2i/H)
-    rope_scaling: RopeScaling | None = None  # long-context RoPE frequencies (linear, yarn...)
-    t5_buckets: int = 32  # T5 relative-position buckets
-    t5_max_distance: int = 128  # T5: distances beyond share the last bucket
-    attention_bias: bool = False  # biases on the q/k/v/o projections (GPT-2, BERT)
-    attention_out_bias: bool | None = None  # bias on o; None: as attention_bias (Qwen2: False)
-    mlp_bias: bool = False  # biases on the MLP projections (GPT-2, BERT)
-    attention_scale: float | None = None  # logits scale; None: head_dim ** -0.5 (T5: 1.0)
-    # Options of imported architectures (BERT, T5); the defaults change nothing.
-    type_vocab_size: int = 0  # token-type (segment) embeddings added to the input; BERT: 2
-    embed_norm: bool = False  # a norm right after the summed input embeddings (BERT)
-    head_transform: bool = False  # dense + activation + norm before the vocab head (BERT MLM)
-    head_bias: bool = False  # output biases on the vocab and class heads (BERT)
-    head_scale: float = 1.0  # multiplies the last hidden state before the vocab head (T5)
-    pooler: str = "mean"  # seq_cls: mean over valid tokens, or 'cls' = tanh(dense(first)) (BERT)
-    # Options of Gemma 2; the defaults change nothing.
-    sandwich_norm: bool = False  # also normalise each sub-layer's output (needs pre_norm)
-    norm_unit_offset: bool = False  # rmsnorm scales by 1 + w, w from 0, in fp32 (Gemma)
-    embed_scale: float = 1.0  # multiplies the token embeddings (Gemma: d_model ** 0.5)
-    attention_softcap: float | None = None  # cap * tanh(logits / cap) in every attention layer
-    final_softcap: float | None = None  # cap * tanh(logits / cap) on the vocabulary logits
-    attention_sinks: bool = False  # a learned per-head sink logit in every attention layer
-    # FAVOR+ layers (the `favor` pattern, tx.attention.favor): random features, chunk of the
-    # causal form, training calls between feature redraws (0: fixed).
-    linear_features: int = 256
-    linear_chunk: int = 64
-    linear_redraw: int = 0
+    __slots__ = ("_values",)
 
-    def __post_init__(self):
-        if isinstance(self.implementation, str):
-            object.__setattr__(self, "implementation", tuple(self.implementation.split(",")))
-        if isinstance(self.layer_pattern, str):
-            names = tuple(p for p in self.layer_pattern.split(",") if p)
-            object.__setattr__(self, "layer_pattern", names)
-        self._validate()
+    def __init__(self, **values):
+        known = fields()
+        for name in values:
+            if name not in known:
+                raise ValueError(f"{name}: not a model flag{_suggest(name, known)} (the model "
+                                 f"flags: {', '.join(known)}).")
+        merged = {name: f.default for name, f in known.items()}
+        merged.update({name: _normalise(known[name], v) for name, v in values.items()})
+        object.__setattr__(self, "_values", merged)
+        _validate(self, known)
 
-    def _validate(self) -> None:
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len",
-                     "num_classes", "stride", "sparse_block", "window", "linear_features",
-                     "linear_chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                _fail(name, value, "must be a positive integer.")
-        for value, field, allowed in ((self.task, "task", tasks()),
-                                      (self.positions, "positions", position_schemes()),
-                                      (self.norm, "norm", tuple(NORMS)),
-                                      (self.activation, "activation", tuple(ACTIVATIONS)),
-                                      (self.dtype, "dtype", tuple(DTYPES)),
-                                      (self.pooler, "pooler", tuple(_POOLERS))):
-            if value not in allowed:
-                _fail(field, value, f"use one of {allowed}.")
-        for name in self.layer_pattern:
-            if name not in _PATTERNS:
-                _fail("layer_pattern", self.layer_pattern, f"{name!r} is not one of "
-                      f"{patterns()}; register your own with tx.flags.register_pattern.")
-        heads_preset, _ = self._split_attention()
-        kv = self.kv_heads
-        if not 1 <= kv <= self.num_heads or self.num_heads % kv:
-            _fail("num_kv_heads", kv, f"must divide num_heads={self.num_heads}; pick a "
-                  "divisor of num_heads.")
-        if heads_preset == "gqa" and not 1 < kv < self.num_heads:
-            _fail("num_kv_heads", kv, f"attention='gqa' needs 1 < num_kv_heads < "
-                  f"num_heads={self.num_heads}; use 'mqa' or 'mha' for the ends.")
+    def __getattr__(self, name: str) -> Any:
         try:
-            registry.check(self.implementation)
-        except ValueError as e:
-            raise ValueError(str(e).replace("implementation=", "implementation: ", 1)) from None
-        if self.head_dim is None and self.d_model % self.num_heads:
-            _fail("d_model", self.d_model, f"must be divisible by num_heads={self.num_heads} "
-                  "when head_dim is implicit; set head_dim or change num_heads.")
-        for name in ("norm_eps", "head_scale", "embed_scale"):
-            if not getattr(self, name) > 0:
-                _fail(name, getattr(self, name), "must be > 0.")
-        self._validate_gemma()
-        if not self.rope_base > 1:
-            _fail("rope_base", self.rope_base, "must be > 1, e.g. 10000.0.")
-        if self.attention_scale is not None and not self.attention_scale > 0:
-            _fail("attention_scale", self.attention_scale, "must be > 0, or None for "
-                  "head_dim ** -0.5.")
-        if isinstance(self.linear_redraw, bool) or not isinstance(self.linear_redraw, int) \
-                or self.linear_redraw < 0:
-            _fail("linear_redraw", self.linear_redraw, "must be an integer >= 0 (0: keep the "
-                  "first draw of the features).")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            _fail("dropout_rate", self.dropout_rate, "must be in [0, 1).")
-        if isinstance(self.type_vocab_size, bool) or not isinstance(self.type_vocab_size, int) \
-                or self.type_vocab_size < 0:
-            _fail("type_vocab_size", self.type_vocab_size, "must be an integer >= 0 (0: no "
-                  "token-type embeddings).")
-        if self.rope_scaling is not None and (self.positions != "rope" or
-                                              not isinstance(self.rope_scaling, RopeScaling)):
-            _fail("rope_scaling", self.rope_scaling, "give a tx.layers.RopeScaling, with "
-                  "positions='rope'.")
+            return object.__getattribute__(self, "_values")[name]
+        except KeyError:
+            raise AttributeError(f"ModelFlags has no field {name!r}"
+                                 f"{_suggest(name, self._values)}") from None
 
-    def _validate_gemma(self) -> None:
-        for name in ("attention_softcap", "final_softcap"):
-            cap = getattr(self, name)
-            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
-                                    or not 0 < cap < float("inf")):
-                _fail(name, cap, "must be a finite float > 0 (Gemma 2: 50.0 in attention, "
-                      "30.0 on the logits), or None for no cap.")
-        if self.sandwich_norm and not self.pre_norm:
-            _fail("sandwich_norm", self.sandwich_norm, "wraps the sub-layers of a pre-norm "
-                  "block; set pre_norm=True, or sandwich_norm=False.")
-        if self.norm_unit_offset and self.norm != "rmsnorm":
-            _fail("norm_unit_offset", self.norm_unit_offset, f"is an rmsnorm option (Gemma), "
-                  f"not one of norm={self.norm!r}; set norm='rmsnorm' or leave it False.")
+    def __setattr__(self, name, value):
+        raise AttributeError("ModelFlags is frozen; use flags.replace(field=value).")
 
-    def _split_attention(self) -> tuple[str, str | None]:
-        """``attention`` as (heads preset, pattern name or None)."""
-        heads_preset, pattern = "mha", None
-        for part in self.attention.split("+"):
-            if part in HEAD_PRESETS:
-                heads_preset = part
-            elif part in _PATTERNS:
-                pattern = part
-            else:
-                _fail("attention", self.attention, f"{part!r} is not a variant; use one of "
-                      f"{tuple(HEAD_PRESETS) + patterns()}, or join a heads and a pattern "
-                      "with '+', e.g. 'gqa+local'.")
-        return heads_preset, pattern
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ModelFlags) and self._values == other._values
 
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._values.items(), key=lambda kv: kv[0])))
+
+    def __repr__(self) -> str:
+        defaults = fields()
+        changed = ", ".join(f"{k}={v!r}" for k, v in self._values.items()
+                            if k not in defaults or v != defaults[k].default)
+        return f"ModelFlags({changed})"
+
+    def replace(self, **changes) -> "ModelFlags":
+        return ModelFlags(**{**self._values, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    # -- derived ------------------------------------------------------------------------------
     @property
     def kv_heads(self) -> int:
         if self.num_kv_heads is not None:
             return self.num_kv_heads
-        return HEAD_PRESETS[self._split_attention()[0]](self.num_heads)
+        preset, _ = pattern_lib.split_attention(self.attention)
+        return HEAD_PRESETS[preset or "mha"](self.num_heads)
 
-    def layer_masks(self, *, causal: bool) -> tuple[masks.Mask, ...]:
-        """The mask schedule: ``layer_pattern``, else the ``attention`` preset's pattern."""
-        _, pattern = self._split_attention()
-        names = self.layer_pattern or (pattern or "full",)
-        return tuple(_PATTERNS[name](self, causal=causal) for name in names)
-
-
-def _norm(f: ModelFlags):
-    unit_offset = dict(unit_offset=True) if f.norm_unit_offset else {}  # rmsnorm's alone
-    return NORMS[f.norm](f.norm_eps, f.pre_norm, f.sandwich_norm, **unit_offset)
+    def layer_masks(self, *, causal: bool) -> tuple:
+        """The schedule: ``layer_pattern``, else the ``attention`` pattern, else ``full``."""
+        _, pattern = pattern_lib.split_attention(self.attention)
+        exprs = self.layer_pattern or (pattern or "full",)
+        flag = "layer_pattern" if self.layer_pattern else "attention"
+        return tuple(pattern_lib.build(e, self, causal=causal, flag=flag) for e in exprs)
 
 
+def replace(f: ModelFlags, **changes) -> ModelFlags:
+    return f.replace(**changes)
+
+
+# -- validation ----------------------------------------------------------------------------------
+def _validate(f: ModelFlags, known: dict[str, Field]) -> None:
+    for name, field in known.items():
+        field.validate(getattr(f, name))
+    preset, pattern = pattern_lib.split_attention(f.attention)
+    if pattern is not None and f.layer_pattern:
+        _fail("attention", f.attention, f"names the pattern {pattern!r} and layer_pattern="
+              f"{','.join(map(str, f.layer_pattern))} names every layer's; keep one (the heads "
+              f"preset alone may stay: attention={preset or ''!r}).")
+    _validate_heads(f, preset)
+    try:
+        registry.check(f.implementation)
+    except ValueError as e:
+        raise ValueError(str(e).replace("implementation=", "implementation: ", 1)) from None
+    if f.head_dim is None and f.d_model % f.num_heads:
+        _fail("d_model", f.d_model, f"must be divisible by num_heads={f.num_heads} when "
+              "head_dim is implicit; set head_dim or change num_heads.")
+    if f.sandwich_norm and not f.pre_norm:
+        _fail("sandwich_norm", f.sandwich_norm, "wraps the sub-layers of a pre-norm block; "
+              "set pre_norm=True, or sandwich_norm=False.")
+    if f.norm_unit_offset and f.norm != "rmsnorm":
+        _fail("norm_unit_offset", f.norm_unit_offset, f"is an rmsnorm option (Gemma), not one "
+              f"of norm={f.norm!r}; set norm='rmsnorm' or leave it False.")
+    if not f.rope_base > 1:
+        _fail("rope_base", f.rope_base, "must be > 1, e.g. 10000.0.")
+    if f.rope_scaling is not None and (f.positions != "rope" or
+                                       type(f.rope_scaling).__name__ != "RopeScaling"):
+        _fail("rope_scaling", f.rope_scaling, "give a tx.layers.RopeScaling, with "
+              "positions='rope'.")
+    f.layer_masks(causal=TASKS[f.task](f).causal)  # every pattern expression builds
+
+
+_PRESET_MEANS = {"mha": "num_kv_heads == num_heads", "mqa": "num_kv_heads == 1",
+                 "gqa": "1 < num_kv_heads < num_heads"}
+
+
+def _validate_heads(f: ModelFlags, preset: str | None) -> None:
+    kv = f.kv_heads
+    if not 1 <= kv <= f.num_heads or f.num_heads % kv:
+        _fail("num_kv_heads", kv, f"must divide num_heads={f.num_heads}; pick a divisor of "
+              "num_heads.")
+    fits = {"mha": kv == f.num_heads, "mqa": kv == 1, "gqa": 1 < kv < f.num_heads}
+    if preset in fits and not fits[preset]:
+        if f.num_kv_heads is not None:
+            _fail("attention", f.attention, f"the preset {preset!r} means "
+                  f"{_PRESET_MEANS[preset]}, which contradicts num_kv_heads={kv} with "
+                  f"num_heads={f.num_heads}; drop the preset or num_kv_heads.")
+        _fail("num_kv_heads", kv, f"attention={preset!r} needs {_PRESET_MEANS[preset]} "
+              f"(num_heads={f.num_heads}); use 'mqa' or 'mha' for the ends.")
+
+
+# -- flags -> values -----------------------------------------------------------------------------
 def parse(f: ModelFlags) -> ModelConfig:
     """The value tree the flat flags describe."""
-    head = _HEADS[f.task](f)
+    head = TASKS[f.task](f)
     act, gated = ACTIVATIONS[f.activation]
     attention = AttentionConfig(
         num_heads=f.num_heads, num_kv_heads=f.kv_heads, head_dim=f.head_dim,
@@ -343,9 +294,9 @@ def parse(f: ModelFlags) -> ModelConfig:
             f.attention_softcap), sinks=f.attention_sinks)
     return ModelConfig(
         vocab_size=f.vocab_size, d_model=f.d_model, num_layers=f.num_layers,
-        attention=attention, positions=_POSITIONS[f.positions](f),
+        attention=attention, positions=POSITIONS[f.positions](f),
         mlp=mlp_lib.MLPConfig(f.d_ff, act, gated, f.mlp_bias),
-        norm=_norm(f), head=head,
+        norm=NORMS[f.norm](f), head=head,
         embed=EmbedConfig(type_vocab_size=f.type_vocab_size, norm=f.embed_norm,
                           scale=f.embed_scale),
         dropout_rate=f.dropout_rate, dtype=DTYPES[f.dtype])
@@ -357,36 +308,112 @@ def model_config(**flags) -> ModelConfig:
     return parse(ModelFlags(**flags))
 
 
-CACHES = {"contiguous": generation.Contiguous, "paged": generation.Paged,
-          "none": generation.Recompute}
+# -- values -> flags -----------------------------------------------------------------------------
+def _spelled(reg: Registry, value: Any, what: str, *args) -> tuple[str, dict]:
+    found = reg.spell(value, *args)
+    if found is None:
+        raise ValueError(f"{what}={value!r} is no registered {reg.kind}: it has no flag "
+                         f"spelling; register it ({reg.register_hint or 'its registry'}) with "
+                         "prints=... to print it.")
+    return found
 
 
+def _merge(out: dict, more: dict, what: str) -> None:
+    for k, v in more.items():
+        if k in out and out[k] != v:
+            raise ValueError(f"{what} needs {k}={v!r} where another part needs {out[k]!r}: no "
+                             "single set of flags builds this config.")
+        out[k] = v
+
+
+def _schedule(config: ModelConfig) -> dict:
+    causal = config.head.causal
+    exprs, out = [], {}
+    for mask in config.attention.masks:
+        found = pattern_lib.spell(mask, causal=causal)
+        if found is None:
+            raise ValueError(f"attention.masks: {mask!r} is not spelled by any registered "
+                             "pattern (nor an '&' / '|' of them); register it with "
+                             "tx.flags.register_pattern(..., prints=...).")
+        exprs.append(found[0])
+        _merge(out, found[1], "attention.masks")
+    if len(exprs) == 1:
+        out["attention"] = exprs[0]
+    elif exprs:
+        out["layer_pattern"] = tuple(exprs)
+    return out
+
+
+def to_flags(config: ModelConfig) -> dict[str, Any]:
+    """The model flags (those that differ from their defaults) that rebuild ``config``:
+    ``parse(ModelFlags(**to_flags(config))) == config``. A config no flags can express (a
+    callable implementation, a hand-built mask no pattern spells) raises a ValueError
+    naming the part."""
+    a, mlp = config.attention, config.mlp
+    if a.score_mod is not None and type(a.score_mod) is not score_mods.SoftCap:
+        raise ValueError(f"attention.score_mod={a.score_mod!r}: only SoftCap has a flag "
+                         "(attention_softcap).")
+    if not all(isinstance(i, str) for i in a.implementation):
+        raise ValueError(f"attention.implementation={a.implementation!r}: a callable has no "
+                         "flag spelling; register it with tx.attention.register(name, fn).")
+    out = dict(
+        vocab_size=config.vocab_size, d_model=config.d_model, num_layers=config.num_layers,
+        num_heads=a.num_heads, num_kv_heads=None if a.kv_heads == a.num_heads else a.kv_heads,
+        head_dim=a.head_dim, d_ff=mlp.d_ff, mlp_bias=mlp.bias,
+        activation=_spelled(ACTIVATIONS, (mlp.activation, mlp.gated), "mlp.activation")[0],
+        implementation=tuple(a.implementation), attention_scale=a.scale,
+        attention_bias=a.bias, attention_out_bias=a.out_bias, attention_sinks=a.sinks,
+        attention_softcap=None if a.score_mod is None else a.score_mod.cap,
+        type_vocab_size=config.embed.type_vocab_size, embed_norm=config.embed.norm,
+        embed_scale=config.embed.scale, dropout_rate=config.dropout_rate,
+        dtype=_spelled(DTYPES, config.dtype, "dtype")[0])
+    for flag, reg, value in (("task", TASKS, config.head), ("positions", POSITIONS,
+                                                             config.positions),
+                             ("norm", NORMS, config.norm)):
+        name, more = _spelled(reg, value, flag)
+        out[flag] = name
+        _merge(out, more, flag)
+    _merge(out, _schedule(config), "attention.masks")
+    known = fields()
+    out = {k: v for k, v in out.items() if v != known[k].default}
+    rebuilt = parse(ModelFlags(**out))
+    if rebuilt != config:
+        diff = [k for k in ("attention", "positions", "mlp", "norm", "head", "embed")
+                if getattr(rebuilt, k) != getattr(config, k)]
+        raise ValueError(f"no flags rebuild this config exactly (its {', '.join(diff) or 'dtype'}"
+                         " differs from the nearest spelling).")
+    return out
+
+
+def flag_args(values: dict[str, Any], prefix: str = "--config.model.") -> list[str]:
+    """``to_flags`` output as command-line arguments (tuples as comma lists)."""
+    def spell(v):
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return [f"{prefix}{k}={spell(v)}" for k, v in values.items()]
+
+
+# -- decoding flags ------------------------------------------------------------------------------
 def kv_storage(name: str):
     """The ``KVQuant`` of a ``--kv_dtype`` / ``inference.kv_dtype`` name (``auto``: None,
-    the compute dtype; ``int8``; ``int4``: KIVI; ``int4_per_token``)."""
+    the compute dtype; ``int8``; ``int4``: KIVI; ``int4_per_token``; or a registered one)."""
     if name == "auto":
         return None
     if name not in quant.KV_DTYPES:
-        _fail("kv_dtype", name, f"use one of {('auto', *quant.KV_DTYPES)}.")
+        _fail("kv_dtype", name, f"use one of {('auto', *quant.KV_DTYPES.names())}.")
     return quant.KV_DTYPES[name]()
 
 
 def cache(name: str, *, kv_dtype: str = "auto", **options):
     """The cache value of a ``--cache`` flag (``contiguous``, ``paged``, ``none``), storing
     K/V as ``kv_dtype`` names (``kv_storage``)."""
-    if name not in CACHES:
-        _fail("cache", name, f"use one of {tuple(CACHES)}.")
+    cls = CACHES[name]  # an unknown name fails here, naming the choices
     kv = kv_storage(kv_dtype)
     if kv is None:
-        return CACHES[name](**options)
-    if name == "none":
-        _fail("kv_dtype", kv_dtype, "needs a cache to quantise; use --cache=contiguous or "
-              "--cache=paged, or kv_dtype=auto.")
+        return cls(**options)
+    if not getattr(cls, "cached", True):
+        _fail("kv_dtype", kv_dtype, f"needs a cache to quantise; use --cache=contiguous or "
+              f"--cache=paged, or kv_dtype=auto (not with --cache={name}).")
     if kv.residual and name != "paged":
         _fail("kv_dtype", kv_dtype, "(KIVI) quantises keys per channel over full pages, so it "
               "needs --cache=paged; or use kv_dtype=int8 / int4_per_token.")
-    return CACHES[name](kv=kv, **options)
-
-
-def replace(f: ModelFlags, **changes) -> ModelFlags:
-    return dataclasses.replace(f, **changes)
+    return cls(kv=kv, **options)

@@ -129,12 +129,12 @@ def test_bad_rope_scaling_names_field(changes, field):
 
 def test_config_module_imports_nothing_from_kernels_or_layers():
     """tx.config is a leaf of the import graph: importing it loads neither package (only
-    the package's own host-memory settings, stdlib alone, which ``import tx`` applies)."""
+    the package's own host-memory settings and the registry type, stdlib alone)."""
     import subprocess
     import sys
     code = ("import sys, tx.config; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kernels' "
-            "or m.startswith('tx.') and m not in ('tx.config', 'tx.host_memory')))")
+            "or m.startswith('tx.') and m not in ('tx.config', 'tx.host_memory', 'tx.registry')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import masks as masks_lib
+from tx.attention import patterns
+from tx.registry import Field, non_negative_int, positive_int
 from tx.attention import registry
 from tx.attention.layer import Attention
 
@@ -348,3 +350,42 @@ class _LocalGlobalCache(nnx.Module):
     def reorder(self, rows: jax.Array) -> None:
         self.window.reorder(rows)
         self.state.reorder(rows)
+
+
+# -- flag names: 'favor' and 'local_favor' in attention / layer_pattern -------------------------
+_FIELDS = (Field("linear_features", 256, "FAVOR+ random features", check=positive_int),
+           Field("linear_chunk", 64, "FAVOR+: tokens per chunk of the causal form",
+                 check=positive_int),
+           Field("linear_redraw", 0, "FAVOR+: training calls between feature redraws (0: "
+                 "fixed)", check=non_negative_int))
+
+
+def _favor(f, *, causal: bool) -> Favor:
+    return Favor(f.linear_features, causal=causal, chunk=f.linear_chunk,
+                 redraw_every=f.linear_redraw)
+
+
+def _favor_fields(v, causal: bool) -> dict | None:
+    if type(v) is not Favor:
+        return None
+    fields = dict(linear_features=v.num_features, linear_chunk=v.chunk,
+                  linear_redraw=v.redraw_every)
+    rebuilt = Favor(v.num_features, causal=causal, chunk=v.chunk, redraw_every=v.redraw_every)
+    return fields if v == rebuilt else None
+
+
+def _local_favor_fields(v, causal: bool) -> dict | None:
+    if type(v) is not LocalGlobal:
+        return None
+    local, favor = patterns.PATTERNS.spell(v.local, causal), _favor_fields(v.favor, causal)
+    if local is None or local[0] != "local" or favor is None:
+        return None
+    return {**local[1], **favor}
+
+
+patterns.PATTERNS.register("favor", _favor, fields=_FIELDS, prints=_favor_fields)
+# Local softmax plus a gated FAVOR+ path over every key, in one layer.
+patterns.PATTERNS.register(
+    "local_favor", lambda f, *, causal: LocalGlobal(patterns.window(f, causal),
+                                                    _favor(f, causal=causal)),
+    fields=(patterns.WINDOW,) + _FIELDS, prints=_local_favor_fields)

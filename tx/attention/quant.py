@@ -33,6 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from tx.registry import Registry
+
 _SCALE_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
@@ -237,7 +239,11 @@ def kivi_kv(scale_dtype=jnp.float32) -> KVQuant:
 
 
 # The names ``--kv_dtype`` / ``inference.kv_dtype`` accept; ``auto`` stores the compute dtype.
-KV_DTYPES = {"int8": int8_kv, "int4": kivi_kv, "int4_per_token": int4_per_token_kv}
+# ``--kv_dtype`` names -> scheme builders (``auto``, the compute dtype, is the flag's default).
+KV_DTYPES = Registry("KV storage scheme", "kv_dtype",
+                     register_hint="tx.attention.quant.KV_DTYPES.register(name, fn)")
+for _name, _fn in (("int8", int8_kv), ("int4", kivi_kv), ("int4_per_token", int4_per_token_kv)):
+    KV_DTYPES.register(_name, _fn)
 
 
 def storage(scheme, shape: tuple, dtype=jnp.float32) -> dict:

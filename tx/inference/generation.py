@@ -30,6 +30,7 @@ from tx.attention.paged import ForkPlan, PagedKVCache
 from tx.attention.quant import KVQuant
 from tx.inference.paged_cache import PagePool
 from tx.inference.sampling import Greedy
+from tx.registry import Registry
 from tx.layers.block import Block
 from tx.models import Seq2Seq, Tower
 
@@ -339,3 +340,11 @@ def _decode_recompute(graphdef, state, prompt, source, lengths, key, *, max_new_
     carry = (jnp.int32(0), buffer, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), key)
     _, buffer, _, gen_len, _ = jax.lax.while_loop(cond, body, carry)
     return buffer[:, t:], gen_len
+
+
+# ``--cache`` names (tx.flags.cache); a research file adds its own cache value with
+# CACHES.register(name, cls), ``cls(kv=..., **options)`` building it.
+CACHES = Registry("cache", "cache", register_hint="tx.inference.generation.CACHES.register")
+CACHES.register("contiguous", Contiguous)
+CACHES.register("paged", Paged)
+CACHES.register("none", Recompute)

@@ -12,14 +12,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tx import parallel
+from tx.registry import Registry
 
-ACTIVATIONS = ('relu', 'gelu', 'gelu_exact', 'swiglu', 'geglu')
 # 'gelu' is the tanh approximation (jax default), as in GPT-2 and T5's gated-gelu;
 # 'gelu_exact' is the erf form BERT was trained with (the two differ by up to ~1e-3).
 gelu_exact = functools.partial(jax.nn.gelu, approximate=False)
-NONLINEARITY = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'gelu_exact': gelu_exact,
-                'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
-GATED = ('swiglu', 'geglu')
+# name -> (function, gated); a research file adds its own with ACTIVATIONS.register.
+ACTIVATIONS = Registry("activation", "activation",
+                       register_hint="tx.layers.mlp.ACTIVATIONS.register(name, (fn, gated))")
+for _name, _spec in (('relu', (jax.nn.relu, False)), ('gelu', (jax.nn.gelu, False)),
+                     ('gelu_exact', (gelu_exact, False)), ('swiglu', (jax.nn.silu, True)),
+                     ('geglu', (jax.nn.gelu, True))):
+    ACTIVATIONS.register(_name, _spec)
 
 
 def _dense(d_in, d_out, axes, *, use_bias, dtype, param_dtype, rngs):
@@ -41,11 +45,7 @@ class MLP(nnx.Module):
                  gated: bool = False, dropout_rate: float = 0.0, use_bias: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if isinstance(activation, str):  # a name: its function, gated or not
-            if activation not in ACTIVATIONS:
-                raise ValueError(
-                    f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
-            gated = activation in GATED
-            activation = NONLINEARITY[activation]
+            activation, gated = ACTIVATIONS[activation]  # an unknown name lists the choices
         dense = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.activation = activation
         self.wi_gate = _dense(d_model, d_ff, ('embed', 'mlp'), **dense)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-NORMS = ('layernorm', 'rmsnorm')
+from tx.registry import Field, Registry, positive_float
 
 
 def _embed_axis(init):
@@ -22,11 +22,10 @@ def make_norm(kind: str, d_model: int, *, eps: float = 1e-6, dtype=jnp.float32,
     promotes its input to at least float32 and `_normalize` subtracts/scales in that
     promoted dtype, casting only the result to `dtype` (checked in tests).
     """
-    if kind not in _BUILDERS:
-        raise ValueError(f"norm kind {kind!r} is not supported; use one of {NORMS}")
+    build = MODULES[kind]  # an unknown kind fails here, naming the choices
     common = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                   scale_init=_embed_axis(nnx.initializers.ones_init()))
-    return _BUILDERS[kind](d_model, common)
+    return build(d_model, common)
 
 
 # Flax's norms promote half-precision statistics to fp32 on purpose (jnp.promote_types), which
@@ -54,7 +53,9 @@ def _rmsnorm(d_model, common):
     return _RMSNorm(d_model, **common)
 
 
-_BUILDERS = {'layernorm': _layernorm, 'rmsnorm': _rmsnorm}
+MODULES = Registry("norm module", "norm kind")
+MODULES.register('layernorm', _layernorm)
+MODULES.register('rmsnorm', _rmsnorm)
 
 
 class UnitOffsetRMSNorm(nnx.Module):
@@ -117,3 +118,26 @@ class LayerNorm(_Norm):
     """LayerNorm (with a bias) everywhere; ``pre=False`` is post-norm."""
 
     kind = 'layernorm'
+
+
+# -- flag names (tx.flags): the norm of every block, and the fields each reads ------------------
+NORMS = Registry("norm", "norm", register_hint="tx.layers.norms.NORMS.register(name, fn, "
+                 "fields=...)", fields=(
+    Field("norm_eps", 1e-6, "epsilon of every LayerNorm / RMSNorm", check=positive_float),
+    Field("pre_norm", True, "normalise each sub-layer's input (False: post-norm, BERT)"),
+    Field("sandwich_norm", False, "also normalise each sub-layer's output (Gemma 2; needs "
+          "pre_norm)")))
+
+
+def _common(v) -> dict:
+    return dict(norm_eps=v.eps, pre_norm=v.pre, sandwich_norm=v.sandwich)
+
+
+NORMS.register("rmsnorm", lambda f: RMSNorm(f.norm_eps, f.pre_norm, f.sandwich_norm,
+                                            f.norm_unit_offset),
+               fields=(Field("norm_unit_offset", False, "rmsnorm scales by 1 + w, w from 0, in "
+                             "fp32 (Gemma)"),),
+               prints=lambda v: type(v) is RMSNorm and dict(
+                   _common(v), norm_unit_offset=v.unit_offset))
+NORMS.register("layernorm", lambda f: LayerNorm(f.norm_eps, f.pre_norm, f.sandwich_norm),
+               prints=lambda v: type(v) is LayerNorm and _common(v))

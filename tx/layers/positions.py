@@ -28,6 +28,7 @@ from flax import nnx
 from kernels import score_mods
 from kernels.score_mods import alibi_slopes, t5_bucket  # noqa: F401  (re-exported)
 from tx.layers.rope_scaling import RopeScaling, dynamic_inv_freq, static_inv_freq
+from tx.registry import Field, Registry, positive_int
 
 
 class Positions(nnx.Module):
@@ -280,3 +281,36 @@ class ALiBi:
 
     def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
         return ALiBiBias(cfg.num_heads)
+
+
+# -- flag names (tx.flags): each scheme declares the fields it reads and prints itself back ------
+SCHEMES = Registry("position scheme", "positions",
+                   register_hint="tx.flags.register_positions(name, fn, fields=...)")
+MAX_LEN = Field("max_len", 512, "learned positions' table size; RoPE's trained length",
+                check=positive_int)
+ROPE_FIELDS = (Field("rope_base", 10000.0, "RoPE's theta: pair i turns at p * base^(-2i/H)"),
+               Field("rope_scaling", None, "long-context RoPE frequencies: a "
+                     "tx.layers.RopeScaling (linear, dynamic, llama3, yarn) or None",
+                     type=RopeScaling), MAX_LEN)
+T5_FIELDS = (Field("t5_buckets", 32, "T5 relative-position buckets", check=positive_int),
+             Field("t5_max_distance", 128, "T5: distances beyond share the last bucket",
+                   check=positive_int))
+
+
+def _prints(cls, **fields):
+    """``prints`` for a value class: its attributes renamed to flag fields."""
+    return lambda v: type(v) is cls and {flag: getattr(v, attr) for flag, attr in fields.items()}
+
+
+SCHEMES.register("rope", lambda f: RoPE(f.rope_base, f.rope_scaling, f.max_len),
+                 fields=ROPE_FIELDS,
+                 prints=_prints(RoPE, rope_base="base", rope_scaling="scaling",
+                                max_len="trained_len"))
+SCHEMES.register("sinusoidal", lambda f: Sinusoidal(), prints=_prints(Sinusoidal))
+SCHEMES.register("learned", lambda f: Learned(f.max_len), fields=(MAX_LEN,),
+                 prints=_prints(Learned, max_len="max_len"))
+SCHEMES.register("t5", lambda f: T5Bias(f.t5_buckets, f.t5_max_distance), fields=T5_FIELDS,
+                 prints=_prints(T5Bias, t5_buckets="num_buckets",
+                                t5_max_distance="max_distance"))
+SCHEMES.register("alibi", lambda f: ALiBi(), prints=_prints(ALiBi))
+SCHEMES.register("none", lambda f: NoPositions(), prints=_prints(NoPositions))

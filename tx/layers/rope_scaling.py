@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tx.registry import Registry
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +47,8 @@ class RopeScaling:
     attention_factor: float = 1.0  # yarn: multiplies cos and sin (so logits by its square)
 
     def __post_init__(self):
-        if self.kind not in _STATIC:
-            raise ValueError(f"RopeScaling.kind={self.kind!r}: use one of {tuple(_STATIC)}.")
+        if self.kind not in SCALINGS:
+            raise ValueError(f"RopeScaling.kind={self.kind!r}: use one of {SCALINGS.names()}.")
         if not self.factor >= 1.0:
             raise ValueError(f"RopeScaling.factor={self.factor!r}: must be >= 1 (it stretches "
                              "the context).")
@@ -60,7 +62,7 @@ class RopeScaling:
     @property
     def dynamic(self) -> bool:
         """Whether the frequencies depend on the positions of each call."""
-        return _STATIC[self.kind] is None
+        return SCALINGS[self.kind] is DYNAMIC
 
 
 def default_inv_freq(head_dim: int, base: float) -> np.ndarray:
@@ -106,7 +108,7 @@ def static_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None) -> 
     """Inverse frequencies ``[H/2]`` (float32) of every kind except ``dynamic``."""
     if scaling is None or scaling.dynamic:
         return default_inv_freq(head_dim, base)
-    return _STATIC[scaling.kind](head_dim, base, scaling).astype(np.float32)
+    return SCALINGS[scaling.kind](head_dim, base, scaling).astype(np.float32)
 
 
 def dynamic_inv_freq(head_dim: int, base: float, scaling: RopeScaling,
@@ -122,7 +124,12 @@ def dynamic_inv_freq(head_dim: int, base: float, scaling: RopeScaling,
     return jnp.where(length > original, scaled, jnp.asarray(default_inv_freq(head_dim, base)))
 
 
-# Each kind's static frequencies (None: computed per call from the positions).
-_STATIC = {"linear": _linear, "dynamic": None, "llama3": _llama3, "yarn": _yarn}
+# Each kind's static frequencies (DYNAMIC: computed per call from the positions); a research
+# file adds a kind with SCALINGS.register(name, fn(head_dim, base, scaling) -> inv_freq).
+DYNAMIC = "computed per call"
+SCALINGS = Registry("RoPE scaling", "RopeScaling.kind")
+for _kind, _fn in (("linear", _linear), ("dynamic", DYNAMIC), ("llama3", _llama3),
+                   ("yarn", _yarn)):
+    SCALINGS.register(_kind, _fn)
 _BANDED = ("llama3",)  # kinds with a low/high frequency band
-KINDS = tuple(_STATIC)
+KINDS = SCALINGS.names()

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from tx.config import cycle
+from tx.registry import Field, Registry, optional, positive_float, positive_int
 from tx.models import encoder as encoder_lib
 from tx.models.decoder import DecoderLM
 from tx.models.encoder import MaskedLM, SequenceClassifier
@@ -233,3 +234,61 @@ class TokenClassifier:
     def loss(self, model, batch):
         return _encoder_token_loss(model, batch)
 
+
+
+# -- flag names (tx.flags): the `task` flag picks a head; each declares the fields it reads -----
+POOLERS = Registry("pooler", "pooler")
+POOLERS.register("mean", MeanPool())
+POOLERS.register("cls", ClsPool())
+
+_HEAD_BIAS = Field("head_bias", False, "output biases on the vocab and class heads (BERT)")
+_CLASSES = Field("num_classes", 2, "labels of a classification head", check=positive_int)
+_VOCAB = (Field("tie_embeddings", True, "the vocab head reuses the embedding table"),
+          _HEAD_BIAS,
+          Field("head_scale", 1.0, "multiplies the last hidden state before the vocab head "
+                "(T5)", check=positive_float),
+          Field("final_softcap", None, "cap * tanh(logits / cap) on the vocab logits (Gemma 2: "
+                "30.0); None: off", type=float, check=optional(positive_float)))
+TASKS = Registry("task", "task", register_hint="tx.flags.register_head(task, fn, fields=...)",
+                 fields=_VOCAB)
+
+
+def _vocab(f) -> dict:
+    return dict(tie=f.tie_embeddings, bias=f.head_bias, scale=f.head_scale,
+                softcap=f.final_softcap)
+
+
+def _vocab_fields(v) -> dict:
+    return dict(tie_embeddings=v.tie, head_bias=v.bias, head_scale=v.scale,
+                final_softcap=v.softcap)
+
+
+def _seq2seq_fields(v) -> dict | None:
+    # The decoder's masks are the encoder's schedule made causal: tx.flags checks that the
+    # printed flags rebuild the whole config, masks included.
+    return type(v) is Seq2SeqLM and dict(_vocab_fields(v), num_decoder_layers=v.num_layers)
+
+
+TASKS.register("lm", lambda f: LMHead(**_vocab(f)),
+               prints=lambda v: type(v) is LMHead and _vocab_fields(v))
+TASKS.register("mlm", lambda f: MLMHead(**_vocab(f), transform=f.head_transform),
+               fields=(Field("head_transform", False, "dense + activation + norm before the "
+                             "vocab head (BERT MLM)"),),
+               prints=lambda v: type(v) is MLMHead and dict(_vocab_fields(v),
+                                                            head_transform=v.transform))
+TASKS.register("seq_cls", lambda f: Classifier(f.num_classes, POOLERS[f.pooler], f.head_bias),
+               fields=(_CLASSES, Field("pooler", "mean", "seq_cls: mean over valid tokens, or "
+                                       "'cls' = tanh(dense(first)) (BERT)",
+                                       check=lambda n, v: None if v in POOLERS else
+                                       f"use one of {POOLERS.names()}.")),
+               prints=lambda v: type(v) is Classifier and dict(
+                   num_classes=v.num_classes, pooler=POOLERS.name_of(v.pooler),
+                   head_bias=v.bias))
+TASKS.register("token_cls", lambda f: TokenClassifier(f.num_classes, f.head_bias),
+               fields=(_CLASSES,), prints=lambda v: type(v) is TokenClassifier and dict(
+                   num_classes=v.num_classes, head_bias=v.bias))
+TASKS.register("seq2seq", lambda f: Seq2SeqLM(**_vocab(f), num_layers=f.num_decoder_layers,
+                                              masks=f.layer_masks(causal=True)),
+               fields=(Field("num_decoder_layers", None, "seq2seq decoder layers; None: "
+                             "num_layers", type=int, check=optional(positive_int)),),
+               prints=_seq2seq_fields)

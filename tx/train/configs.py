@@ -19,7 +19,6 @@ import json
 import os
 import pathlib
 import sys
-import typing
 from typing import Any
 
 import jax
@@ -78,19 +77,18 @@ class ConfigError(ValueError):
 
 
 def _hints() -> dict[str, Any]:
-    return typing.get_type_hints(ModelFlags)
+    """Every model flag (``tx.flags.fields()``: the core ones and those registered variants
+    declare)."""
+    return flags_lib.fields()
 
 
 def model_dict(cfg: ModelFlags | None = None, **changes) -> ml_collections.ConfigDict:
     """``ModelFlags`` fields as a ConfigDict; ``None`` values become typed placeholders."""
-    cfg = dataclasses.replace(cfg or ModelFlags(), **changes)
+    cfg = (cfg or ModelFlags()).replace(**changes)
     out = ml_collections.ConfigDict()
-    for field, hint in _hints().items():
-        value = getattr(cfg, field)
-        if value is None:
-            inner = [t for t in typing.get_args(hint) if t is not type(None)]
-            value = config_dict.placeholder(inner[0])
-        out[field] = value
+    for name, field in _hints().items():
+        value = getattr(cfg, name)
+        out[name] = config_dict.placeholder(field.type) if value is None else value
     return out
 
 

@@ -23,7 +23,6 @@ with a ``crossover`` section (``configs/ablation.py:linear``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import statistics
@@ -282,4 +281,4 @@ def run(variants: Mapping[str, ModelFlags], cfg: ml_collections.ConfigDict,
 def variant_flags(model: ml_collections.ConfigDict, lengths) -> ModelFlags:
     """A variant's speed-model flags, with positions tables long enough for every length."""
     flags = configs_lib.model_flags(model)
-    return dataclasses.replace(flags, max_len=max(flags.max_len, max(lengths)))
+    return flags.replace(max_len=max(flags.max_len, max(lengths)))

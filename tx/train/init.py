@@ -20,7 +20,6 @@ run saves, so evaluation, generation and export reopen it from the workdir alone
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import pathlib
 import shutil
@@ -31,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from tx.attention import patterns
 from tx.flags import ModelFlags
 from tx.train.configs import INIT, ConfigError
 
@@ -105,7 +105,7 @@ def _source_fields(init) -> dict[str, Any]:
 def _merge(base: dict[str, Any], current: dict[str, Any], where: str) -> dict[str, Any]:
     """``base`` (the checkpoint's flags) updated by ``current``'s non-default fields; a
     shape field that differs fails."""
-    defaults = {f.name: getattr(ModelFlags(), f.name) for f in dataclasses.fields(ModelFlags)}
+    defaults = ModelFlags().to_dict()
     merged = dict(base)
     for name, value in current.items():
         default = defaults.get(name)
@@ -143,10 +143,12 @@ def with_source_model(config: ml_collections.ConfigDict, saved_model: dict | Non
     # The swaps as model flags, on a fresh start and on every resume alike (the weights are
     # swapped once, on the fresh start).
     swap = init.swap
-    if swap.num_kv_heads:
-        merged["num_kv_heads"] = swap.num_kv_heads
-    if swap.layer_pattern:
-        merged["layer_pattern"] = [p for p in swap.layer_pattern.split(",") if p]
+    preset, pattern = patterns.split_attention(merged.get("attention", ""))
+    if swap.num_kv_heads:  # the swap replaces the heads, a preset included
+        merged["num_kv_heads"], preset = swap.num_kv_heads, None
+    if swap.layer_pattern:  # ... and the pattern of every layer
+        merged["layer_pattern"], pattern = [p for p in swap.layer_pattern.split(",") if p], None
+    merged["attention"] = "+".join(p for p in (preset, pattern) if p)
     if swap.window:
         merged["window"] = swap.window
     out = copy.deepcopy(config)

@@ -46,7 +46,7 @@ def fields(hf: dict, model_type: str) -> dict:
                num_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
                activation=_ACTIVATIONS[act], norm="layernorm", pre_norm=False,
                positions="learned", max_len=hf.get("max_position_embeddings", 512),
-               tie_embeddings=bool(hf.get("tie_word_embeddings", True)), attention="full",
+               tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
                norm_eps=float(hf.get("layer_norm_eps", 1e-12)), attention_bias=True,
                mlp_bias=True, type_vocab_size=int(hf.get("type_vocab_size", 2)),
                embed_norm=True, head_bias=True, head_transform=task == "mlm")

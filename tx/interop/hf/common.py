@@ -17,21 +17,17 @@ from flax import nnx
 from kernels import masks
 from tx import flags
 from tx.config import EmbedConfig
-from tx.models import heads
-
-# The flag name of each head kind: HF architectures map to these task names.
-_TASKS = {heads.LMHead: "lm", heads.MLMHead: "mlm", heads.Classifier: "seq_cls",
-          heads.TokenClassifier: "token_cls", heads.Seq2SeqLM: "seq2seq"}
-_ACTIVATION_NAMES = {value: name for name, value in flags.ACTIVATIONS.items()}
-
 
 def task_of(cfg) -> str | None:
-    return _TASKS.get(type(cfg.head))
+    """The task name of the config's head (HF architectures map to task names)."""
+    found = flags.TASKS.spell(cfg.head)
+    return found and found[0]
 
 
 def activation_of(cfg) -> str | None:
     """The flag name of the config's MLP activation (None for a function of your own)."""
-    return _ACTIVATION_NAMES.get((cfg.mlp.activation, cfg.mlp.gated))
+    found = flags.ACTIVATIONS.spell((cfg.mlp.activation, cfg.mlp.gated))
+    return found and found[0]
 
 
 def plain_body(cfg) -> bool:

@@ -114,7 +114,7 @@ def _llama_like(hf: dict, model_type: str) -> dict:
         num_kv_heads=hf.get("num_key_value_heads") or num_heads, head_dim=head_dim,
         d_ff=hf["intermediate_size"], activation="swiglu", norm="rmsnorm", pre_norm=True,
         positions="rope", max_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attention="causal",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_base=theta, rope_scaling=scaling,
         attention_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)))
@@ -143,7 +143,7 @@ def _gpt2(hf: dict) -> dict:
                 num_layers=hf["n_layer"], num_heads=hf["n_head"],
                 d_ff=hf.get("n_inner") or 4 * d, activation="gelu", norm="layernorm",
                 pre_norm=True, positions="learned", max_len=hf["n_positions"],
-                tie_embeddings=bool(hf.get("tie_word_embeddings", True)), attention="causal",
+                tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
                 norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), attention_bias=True,
                 mlp_bias=True)
 

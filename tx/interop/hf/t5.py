@@ -52,7 +52,7 @@ def fields(hf: dict, model_type: str) -> dict:
                 num_decoder_layers=None if decoder_layers == layers else decoder_layers,
                 num_heads=n, head_dim=None if hf["d_kv"] * n == d else hf["d_kv"],
                 d_ff=hf["d_ff"], activation=_FEED_FORWARD[ff], norm="rmsnorm", pre_norm=True,
-                positions="t5", max_len=hf.get("n_positions", 512), attention="full",
+                positions="t5", max_len=hf.get("n_positions", 512),
                 t5_buckets=int(hf.get("relative_attention_num_buckets", 32)),
                 t5_max_distance=int(hf.get("relative_attention_max_distance", 128)),
                 tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
