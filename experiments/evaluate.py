@@ -23,8 +23,9 @@ from tx.train import configs as configs_lib
 from tx.train import loop
 from tx.train.configs import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file (default: the "
-                                          "config saved in the workdir).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file or tx:NAME "
+                                          "(default: the config saved in the workdir).",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _HF = flags.DEFINE_string("hf", None, "A Hugging Face checkpoint directory to score --text "
                           "with, instead of --workdir.")
@@ -38,6 +39,8 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Row length for --text (default
                                 "data.seq_len; for --hf the trained length, at most 1024).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows per batch for --text.")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the result to this JSON file.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, _cli.PRINT_CONFIG_HELP + " Without "
+                                  "--config: the config saved in --workdir.")
 
 
 def _text_perplexity() -> dict:
@@ -59,8 +62,21 @@ def _text_perplexity() -> dict:
                                   batch_size=_BATCH_SIZE.value)
 
 
+def _print_config() -> None:
+    config = _CONFIG.value
+    if config is None:
+        if not _WORKDIR.value:
+            _cli.refuse("--print_config needs --config=<a configs/*.py file or tx:NAME> or "
+                        "--workdir=<a tx run's directory>.")
+        with _cli.one_line_errors():
+            config = loop.saved_config(_WORKDIR.value)
+    _cli.print_config(config)
+
+
 def main(argv):
     _cli.start(argv)
+    if _PRINT_CONFIG.value:
+        return _print_config()
     with _cli.one_line_errors(ValueError, FileNotFoundError):
         if _TEXT.value or _HF.value:
             out = _text_perplexity()

@@ -21,7 +21,8 @@ from experiments import _cli
 from tx import parallel
 from tx.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py), or a "
+                                          "built-in one: tx:NAME[:ARG], e.g. tx:decoder_lm.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output and checkpoint directory.")
 _MULTIHOST = flags.DEFINE_bool(
@@ -31,11 +32,15 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-host, outside a cluster).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0 writes logs).")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, _cli.PRINT_CONFIG_HELP)
 
 
 def main(argv):
     _cli.start(argv)
+    config = _cli.required(_CONFIG, "give --config=<a configs/*.py file or tx:NAME>.")
+    if _PRINT_CONFIG.value:
+        return _cli.print_config(config)
+    workdir = _cli.required(_WORKDIR, "give --workdir=<the run's output directory>.")
     multihost = _MULTIHOST.value
     if multihost is None:
         multihost = parallel.launched_on_many_hosts() or _COORDINATOR.value is not None
@@ -43,7 +48,7 @@ def main(argv):
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
     with _cli.one_line_errors():
-        summary = loop.run(_CONFIG.value, _WORKDIR.value)
+        summary = loop.run(config, workdir)
     if loop.is_main_process():
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in summary.items()))

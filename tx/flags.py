@@ -327,16 +327,28 @@ def _merge(out: dict, more: dict, what: str) -> None:
 
 
 def _schedule(config: ModelConfig) -> dict:
-    causal = config.head.causal
+    """``attention`` or ``layer_pattern`` and the fields the masks read. A seq2seq head's
+    decoder masks are the same spellings built causal, so each layer takes a spelling that
+    rebuilds both; to_flags then checks the whole rebuild."""
+    causal, head = config.head.causal, config.head
+    decoder = getattr(head, "masks", ())
     exprs, out = [], {}
-    for mask in config.attention.masks:
-        found = pattern_lib.spell(mask, causal=causal)
-        if found is None:
+    for i, mask in enumerate(config.attention.masks):
+        found = pattern_lib.spellings(mask, causal=causal)
+        if decoder:
+            both = {e for e, _ in pattern_lib.spellings(decoder[i % len(decoder)], causal=True)}
+            found = [(e, fields) for e, fields in found if e in both]
+        if not found:
             raise ValueError(f"attention.masks: {mask!r} is not spelled by any registered "
                              "pattern (nor an '&' / '|' of them); register it with "
                              "tx.flags.register_pattern(..., prints=...).")
-        exprs.append(found[0])
-        _merge(out, found[1], "attention.masks")
+        exprs.append(found[0][0])
+        for k, v in found[0][1].items():
+            out.setdefault(k, v)
+    if decoder:  # a causal window pins `window` exactly (2k and 2k + 1 centre alike)
+        for mask in decoder:
+            for k, v in (pattern_lib.spell(mask, causal=True) or ("", {}))[1].items():
+                out[k] = v
     if len(exprs) == 1:
         out["attention"] = exprs[0]
     elif exprs:

@@ -164,18 +164,24 @@ class Registry:
         return tuple(out.values())
 
     # -- printing back ----------------------------------------------------------------------
-    def spell(self, value: Any, *args) -> tuple[str, dict] | None:
-        """``(name, fields)`` of the first entry that claims ``value``: its ``prints(value,
-        *args)`` gives the fields that rebuild it; an entry without ``prints`` claims a value
-        equal to its own. None when no entry claims it."""
+    def spellings(self, value: Any, *args) -> list[tuple[str, dict]]:
+        """Every ``(name, fields)`` whose entry claims ``value``: its ``prints(value, *args)``
+        gives the fields that rebuild it; an entry without ``prints`` claims a value equal to
+        its own."""
+        out = []
         for name, e in self._entries.items():
             if e.prints is not None:
                 got = e.prints(value, *args)
                 if got is not None and got is not False:
-                    return name, dict(got)
+                    out.append((name, dict(got)))
             elif _same(e.value, value):
-                return name, {}
-        return None
+                out.append((name, {}))
+        return out
+
+    def spell(self, value: Any, *args) -> tuple[str, dict] | None:
+        """The first of :meth:`spellings`, or None when no entry claims ``value``."""
+        found = self.spellings(value, *args)
+        return found[0] if found else None
 
     def name_of(self, value: Any, *args) -> str:
         found = self.spell(value, *args)

@@ -144,25 +144,35 @@ def split_attention(spelling: str) -> tuple[str | None, str | None]:
 def spell(value, *, causal: bool) -> tuple[str, dict] | None:
     """``(expression, fields)`` that rebuild ``value``, or None when no registered pattern
     (nor an ``&`` / ``|`` of them) does. Fields read by two parts must agree."""
-    found = PATTERNS.spell(value, causal)
-    if found is not None:
-        return found
-    if isinstance(value, (masks.And, masks.Or)):
-        op = "&" if isinstance(value, masks.And) else "|"
-        a, b = spell(value.a, causal=causal), spell(value.b, causal=causal)
-        if a is None or b is None:
-            return None
-        fields = dict(a[1])
-        for k, v in b[1].items():
-            if k in fields and fields[k] != v:
-                return None
-            fields[k] = v
-        left, right = a[0], b[0]
-        if op == "&":  # '|' binds looser: parenthesise an Or inside an And
-            left = f"({left})" if "|" in left and not left.startswith("(") else left
-            right = f"({right})" if "|" in right else right
-        return f"{left}{op}{right}", fields
-    return None
+    found = spellings(value, causal=causal)
+    return found[0] if found else None
+
+
+def spellings(value, *, causal: bool) -> list[tuple[str, dict]]:
+    """Every expression that rebuilds ``value`` (a name may mean another mask elsewhere:
+    ``sparse`` is strided when causal, BigBird when not; a seq2seq config needs the one
+    that rebuilds both its encoder and its decoder)."""
+    return [found[:2] for found in _spell(value, causal)]
+
+
+def _spell(value, causal: bool) -> list[tuple[str, dict, str]]:
+    """Also the top-level operator of each expression ('' for a name), for parentheses."""
+    out = [(*found, "") for found in PATTERNS.spellings(value, causal)]
+    if out or not isinstance(value, (masks.And, masks.Or)):
+        return out
+    op = "&" if isinstance(value, masks.And) else "|"
+    for a in _spell(value.a, causal):
+        for b in _spell(value.b, causal):
+            fields = dict(a[1])
+            if any(fields.get(k, v) != v for k, v in b[1].items()):
+                continue
+            fields.update(b[1])
+            # Operators read left to right and '&' binds tighter: a right operand that is
+            # itself a composite, and an '|' inside an '&', need parentheses.
+            left = f"({a[0]})" if op == "&" and a[2] == "|" else a[0]
+            right = f"({b[0]})" if b[2] else b[0]
+            out.append((f"{left}{op}{right}", fields, op))
+    return out
 
 
 # -- the built-in patterns of kernels.masks -----------------------------------------------------
@@ -186,8 +196,8 @@ def _window_fields(m, causal: bool) -> dict | None:
         return None
     if causal and m.right == 0:
         return dict(window=m.left + 1)
-    if not causal and m.left == m.right and m.left > 0:
-        return dict(window=2 * m.left)
+    if not causal and m.left == m.right:
+        return dict(window=2 * m.left or 1)  # window=1 centres Local(0, 0) as 0 would
     return None
 
 
