@@ -48,8 +48,9 @@ TINY = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.b
 def isolated_registries(monkeypatch):
     """Examples register names in process-wide tables; each test gets copies, so no name it
     registers outlives it (tests elsewhere enumerate every registered dataset)."""
-    for module, table in ((tx_flags, "_PATTERNS"), (tx_flags, "_POSITIONS"),
-                          (tx_flags, "_HEADS"), (registry, "_REGISTRY"), (data, "REGISTRY")):
+    for module, table in ((tx_flags.PATTERNS, "_entries"), (tx_flags.POSITIONS, "_entries"),
+                          (tx_flags.TASKS, "_entries"), (registry, "_REGISTRY"),
+                          (data, "REGISTRY")):
         monkeypatch.setattr(module, table, dict(getattr(module, table)))
 
 

@@ -27,9 +27,9 @@ from typing import Any, Callable
 from kernels import score_mods
 from tx.attention import favor as _favor  # noqa: F401  (registers 'favor', 'local_favor')
 from tx.attention import patterns as pattern_lib
-from tx.attention import quant, registry
+from tx.attention import registry
 from tx.config import DEFAULT_IMPLEMENTATION, DTYPES, AttentionConfig, EmbedConfig, ModelConfig
-from tx.inference.generation import CACHES
+from tx.inference.generation import cache, kv_storage  # noqa: F401  (the decoding flags)
 from tx.layers import mlp as mlp_lib
 from tx.layers import norms, positions
 from tx.models import heads
@@ -63,16 +63,7 @@ def register_head(task: str, fn: Callable, *, fields=(), prints=None) -> None:
     TASKS.register(task, fn, fields=fields, prints=prints)
 
 
-def patterns() -> tuple[str, ...]:
-    return PATTERNS.names()
-
-
-def position_schemes() -> tuple[str, ...]:
-    return POSITIONS.names()
-
-
-def tasks() -> tuple[str, ...]:
-    return TASKS.names()
+patterns, position_schemes, tasks = PATTERNS.names, POSITIONS.names, TASKS.names
 
 
 def _one_of(reg: Registry) -> Callable:
@@ -81,10 +72,8 @@ def _one_of(reg: Registry) -> Callable:
 
 
 def _names(name: str, value: Any) -> str | None:
-    if not isinstance(value, tuple) or not all(isinstance(v, (str,)) or callable(v)
-                                                for v in value):
-        return "give a comma list of names, e.g. local,local,local,full."
-    return None
+    ok = isinstance(value, tuple) and all(isinstance(v, str) or callable(v) for v in value)
+    return None if ok else "give a comma list of names, e.g. local,local,local,full."
 
 
 # The fields of every model; each registered variant adds its own (see fields()).
@@ -247,18 +236,9 @@ def _validate(f: ModelFlags, known: dict[str, Field]) -> None:
     if f.head_dim is None and f.d_model % f.num_heads:
         _fail("d_model", f.d_model, f"must be divisible by num_heads={f.num_heads} when "
               "head_dim is implicit; set head_dim or change num_heads.")
-    if f.sandwich_norm and not f.pre_norm:
-        _fail("sandwich_norm", f.sandwich_norm, "wraps the sub-layers of a pre-norm block; "
-              "set pre_norm=True, or sandwich_norm=False.")
-    if f.norm_unit_offset and f.norm != "rmsnorm":
-        _fail("norm_unit_offset", f.norm_unit_offset, f"is an rmsnorm option (Gemma), not one "
-              f"of norm={f.norm!r}; set norm='rmsnorm' or leave it False.")
-    if not f.rope_base > 1:
-        _fail("rope_base", f.rope_base, "must be > 1, e.g. 10000.0.")
-    if f.rope_scaling is not None and (f.positions != "rope" or
-                                       type(f.rope_scaling).__name__ != "RopeScaling"):
-        _fail("rope_scaling", f.rope_scaling, "give a tx.layers.RopeScaling, with "
-              "positions='rope'.")
+    for reg in (PATTERNS, POSITIONS, NORMS, TASKS):
+        if reg.check is not None:
+            reg.check(f)
     f.layer_masks(causal=TASKS[f.task](f).causal)  # every pattern expression builds
 
 
@@ -402,30 +382,3 @@ def flag_args(values: dict[str, Any], prefix: str = "--config.model.") -> list[s
     def spell(v):
         return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
     return [f"{prefix}{k}={spell(v)}" for k, v in values.items()]
-
-
-# -- decoding flags ------------------------------------------------------------------------------
-def kv_storage(name: str):
-    """The ``KVQuant`` of a ``--kv_dtype`` / ``inference.kv_dtype`` name (``auto``: None,
-    the compute dtype; ``int8``; ``int4``: KIVI; ``int4_per_token``; or a registered one)."""
-    if name == "auto":
-        return None
-    if name not in quant.KV_DTYPES:
-        _fail("kv_dtype", name, f"use one of {('auto', *quant.KV_DTYPES.names())}.")
-    return quant.KV_DTYPES[name]()
-
-
-def cache(name: str, *, kv_dtype: str = "auto", **options):
-    """The cache value of a ``--cache`` flag (``contiguous``, ``paged``, ``none``), storing
-    K/V as ``kv_dtype`` names (``kv_storage``)."""
-    cls = CACHES[name]  # an unknown name fails here, naming the choices
-    kv = kv_storage(kv_dtype)
-    if kv is None:
-        return cls(**options)
-    if not getattr(cls, "cached", True):
-        _fail("kv_dtype", kv_dtype, f"needs a cache to quantise; use --cache=contiguous or "
-              f"--cache=paged, or kv_dtype=auto (not with --cache={name}).")
-    if kv.residual and name != "paged":
-        _fail("kv_dtype", kv_dtype, "(KIVI) quantises keys per channel over full pages, so it "
-              "needs --cache=paged; or use kv_dtype=int8 / int4_per_token.")
-    return cls(kv=kv, **options)

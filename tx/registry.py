@@ -98,12 +98,14 @@ def _suggest(name: str, choices) -> str:
 class Registry:
     """The names of one kind of variant. ``flag`` is the flag (or option) the names are
     spelled in; ``register_hint`` says how research code adds one (for error messages);
-    ``fields`` are read by every entry of the kind (e.g. ``norm_eps`` by every norm)."""
+    ``fields`` are read by every entry of the kind (e.g. ``norm_eps`` by every norm);
+    ``check(flags)`` refuses combinations of the kind's fields (raises a ValueError)."""
 
     def __init__(self, kind: str, flag: str, *, fields: tuple[Field, ...] = (),
-                 register_hint: str | None = None):
+                 register_hint: str | None = None, check: Callable | None = None):
         self.kind, self.flag = kind, flag
         self.shared_fields = tuple(fields)
+        self.check = check
         self.register_hint = register_hint
         self._entries: dict[str, Entry] = {}
 

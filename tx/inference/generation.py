@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from tx.attention.paged import ForkPlan, PagedKVCache
-from tx.attention.quant import KVQuant
+from tx.attention.quant import KV_DTYPES, KVQuant
 from tx.inference.paged_cache import PagePool
 from tx.inference.sampling import Greedy
 from tx.registry import Registry
@@ -348,3 +348,31 @@ CACHES = Registry("cache", "cache", register_hint="tx.inference.generation.CACHE
 CACHES.register("contiguous", Contiguous)
 CACHES.register("paged", Paged)
 CACHES.register("none", Recompute)
+
+
+def kv_storage(name: str):
+    """The ``KVQuant`` of a ``--kv_dtype`` / ``inference.kv_dtype`` name (``auto``: None,
+    the compute dtype; ``int8``; ``int4``: KIVI; ``int4_per_token``; or a registered one)."""
+    if name == "auto":
+        return None
+    if name not in KV_DTYPES:
+        raise ValueError(f"kv_dtype={name!r}: use one of {('auto', *KV_DTYPES.names())}.")
+    return KV_DTYPES[name]()
+
+
+def cache(name: str, *, kv_dtype: str = "auto", **options):
+    """The cache value of a ``--cache`` flag (``contiguous``, ``paged``, ``none``), storing
+    K/V as ``kv_dtype`` names (``kv_storage``)."""
+    cls = CACHES[name]  # an unknown name fails here, naming the choices
+    kv = kv_storage(kv_dtype)
+    if kv is None:
+        return cls(**options)
+    if not getattr(cls, "cached", True):
+        raise ValueError(f"kv_dtype={kv_dtype!r}: needs a cache to quantise; use "
+                         "--cache=contiguous or --cache=paged, or kv_dtype=auto (not with "
+                         f"--cache={name}).")
+    if kv.residual and name != "paged":
+        raise ValueError(f"kv_dtype={kv_dtype!r}: (KIVI) quantises keys per channel over full "
+                         "pages, so it needs --cache=paged; or use kv_dtype=int8 / "
+                         "int4_per_token.")
+    return cls(kv=kv, **options)

@@ -121,8 +121,18 @@ class LayerNorm(_Norm):
 
 
 # -- flag names (tx.flags): the norm of every block, and the fields each reads ------------------
+def _check_flags(f) -> None:
+    if f.sandwich_norm and not f.pre_norm:
+        raise ValueError(f"sandwich_norm={f.sandwich_norm!r}: wraps the sub-layers of a "
+                         "pre-norm block; set pre_norm=True, or sandwich_norm=False.")
+    if f.norm_unit_offset and f.norm != "rmsnorm":
+        raise ValueError(f"norm_unit_offset={f.norm_unit_offset!r}: is an rmsnorm option "
+                         f"(Gemma), not one of norm={f.norm!r}; set norm='rmsnorm' or leave it "
+                         "False.")
+
+
 NORMS = Registry("norm", "norm", register_hint="tx.layers.norms.NORMS.register(name, fn, "
-                 "fields=...)", fields=(
+                 "fields=...)", check=_check_flags, fields=(
     Field("norm_eps", 1e-6, "epsilon of every LayerNorm / RMSNorm", check=positive_float),
     Field("pre_norm", True, "normalise each sub-layer's input (False: post-norm, BERT)"),
     Field("sandwich_norm", False, "also normalise each sub-layer's output (Gemma 2; needs "

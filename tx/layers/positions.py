@@ -284,11 +284,20 @@ class ALiBi:
 
 
 # -- flag names (tx.flags): each scheme declares the fields it reads and prints itself back ------
-SCHEMES = Registry("position scheme", "positions",
+def _check_flags(f) -> None:
+    if f.rope_scaling is not None and (f.positions != "rope" or
+                                       not isinstance(f.rope_scaling, RopeScaling)):
+        raise ValueError(f"rope_scaling={f.rope_scaling!r}: give a tx.layers.RopeScaling, with "
+                         "positions='rope'.")
+
+
+SCHEMES = Registry("position scheme", "positions", check=_check_flags,
                    register_hint="tx.flags.register_positions(name, fn, fields=...)")
 MAX_LEN = Field("max_len", 512, "learned positions' table size; RoPE's trained length",
                 check=positive_int)
-ROPE_FIELDS = (Field("rope_base", 10000.0, "RoPE's theta: pair i turns at p * base^(-2i/H)"),
+ROPE_FIELDS = (Field("rope_base", 10000.0, "RoPE's theta: pair i turns at p * base^(-2i/H)",
+                     check=lambda n, v: None if isinstance(v, (int, float)) and v > 1 else
+                     "must be > 1, e.g. 10000.0."),
                Field("rope_scaling", None, "long-context RoPE frequencies: a "
                      "tx.layers.RopeScaling (linear, dynamic, llama3, yarn) or None",
                      type=RopeScaling), MAX_LEN)
