@@ -24,8 +24,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable
 
-from kernels import score_mods
 from tx.attention import favor as _favor  # noqa: F401  (registers 'favor', 'local_favor')
+from tx.attention import modifiers
 from tx.attention import patterns as pattern_lib
 from tx.attention import registry
 from tx.config import DEFAULT_IMPLEMENTATION, DTYPES, AttentionConfig, EmbedConfig, ModelConfig
@@ -38,7 +38,7 @@ from tx.registry import (Field, Registry, non_negative_int, optional, positive_f
 
 PATTERNS, HEAD_PRESETS = pattern_lib.PATTERNS, pattern_lib.HEAD_PRESETS
 POSITIONS, TASKS, POOLERS = positions.SCHEMES, heads.TASKS, heads.POOLERS
-NORMS, ACTIVATIONS = norms.NORMS, mlp_lib.ACTIVATIONS
+NORMS, ACTIVATIONS, MODIFIERS = norms.NORMS, mlp_lib.ACTIVATIONS, modifiers.MODIFIERS
 
 
 def _fail(field: str, value: Any, fix: str) -> None:
@@ -110,8 +110,6 @@ CORE = (
           type=bool),
     Field("attention_scale", None, "logits scale; None: head_dim ** -0.5 (T5: 1.0)",
           type=float, check=optional(positive_float)),
-    Field("attention_softcap", None, "cap * tanh(logits / cap) in every attention layer "
-          "(Gemma 2: 50.0); None: off", type=float, check=optional(positive_float)),
     Field("attention_sinks", False, "a learned per-head sink logit in every attention layer"),
     Field("type_vocab_size", 0, "token-type embeddings added to the input (BERT: 2)",
           check=non_negative_int),
@@ -123,9 +121,10 @@ CORE = (
 
 def fields() -> dict[str, Field]:
     """Every model flag, in order: :data:`CORE`, then the fields the registered patterns,
-    position schemes, norms and tasks declare (a name declared twice must agree)."""
+    position schemes, score modifiers, norms and tasks declare (a name declared twice must
+    agree)."""
     out: dict[str, Field] = {}
-    for reg in (None, PATTERNS, POSITIONS, NORMS, TASKS):
+    for reg in (None, PATTERNS, POSITIONS, MODIFIERS, NORMS, TASKS):
         for f in CORE if reg is None else reg.fields():
             if f.name in out and out[f.name].default != f.default:
                 raise ValueError(f"model flag {f.name!r} is declared twice, with defaults "
@@ -270,8 +269,7 @@ def parse(f: ModelFlags) -> ModelConfig:
         num_heads=f.num_heads, num_kv_heads=f.kv_heads, head_dim=f.head_dim,
         masks=f.layer_masks(causal=head.causal), implementation=f.implementation,
         scale=f.attention_scale, bias=f.attention_bias, out_bias=f.attention_out_bias,
-        score_mod=None if f.attention_softcap is None else score_mods.SoftCap(
-            f.attention_softcap), sinks=f.attention_sinks)
+        score_mod=modifiers.build(f), sinks=f.attention_sinks)
     return ModelConfig(
         vocab_size=f.vocab_size, d_model=f.d_model, num_layers=f.num_layers,
         attention=attention, positions=POSITIONS[f.positions](f),
@@ -329,7 +327,7 @@ def _schedule(config: ModelConfig) -> dict:
         for mask in decoder:
             for k, v in (pattern_lib.spell(mask, causal=True) or ("", {}))[1].items():
                 out[k] = v
-    if len(exprs) == 1:
+    if len(exprs) == 1 and exprs[0] != "full":  # "full" is what an empty attention means
         out["attention"] = exprs[0]
     elif exprs:
         out["layer_pattern"] = tuple(exprs)
@@ -342,9 +340,6 @@ def to_flags(config: ModelConfig) -> dict[str, Any]:
     callable implementation, a hand-built mask no pattern spells) raises a ValueError
     naming the part."""
     a, mlp = config.attention, config.mlp
-    if a.score_mod is not None and type(a.score_mod) is not score_mods.SoftCap:
-        raise ValueError(f"attention.score_mod={a.score_mod!r}: only SoftCap has a flag "
-                         "(attention_softcap).")
     if not all(isinstance(i, str) for i in a.implementation):
         raise ValueError(f"attention.implementation={a.implementation!r}: a callable has no "
                          "flag spelling; register it with tx.attention.register(name, fn).")
@@ -355,7 +350,7 @@ def to_flags(config: ModelConfig) -> dict[str, Any]:
         activation=_spelled(ACTIVATIONS, (mlp.activation, mlp.gated), "mlp.activation")[0],
         implementation=tuple(a.implementation), attention_scale=a.scale,
         attention_bias=a.bias, attention_out_bias=a.out_bias, attention_sinks=a.sinks,
-        attention_softcap=None if a.score_mod is None else a.score_mod.cap,
+        **modifiers.spell(a.score_mod),
         type_vocab_size=config.embed.type_vocab_size, embed_norm=config.embed.norm,
         embed_scale=config.embed.scale, dropout_rate=config.dropout_rate,
         dtype=_spelled(DTYPES, config.dtype, "dtype")[0])

@@ -243,7 +243,8 @@ def kivi_kv(scale_dtype=jnp.float32) -> KVQuant:
 KV_DTYPES = Registry("KV storage scheme", "kv_dtype",
                      register_hint="tx.attention.quant.KV_DTYPES.register(name, fn)")
 for _name, _fn in (("int8", int8_kv), ("int4", kivi_kv), ("int4_per_token", int4_per_token_kv)):
-    KV_DTYPES.register(_name, _fn)
+    # prints: the name of a scheme equal to the one the name builds (tx.registry.Registry.spell)
+    KV_DTYPES.register(_name, _fn, prints=lambda v, _fn=_fn: v == _fn() and {})
 
 
 def storage(scheme, shape: tuple, dtype=jnp.float32) -> dict:
