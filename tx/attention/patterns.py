@@ -71,19 +71,17 @@ def build(expr: str, flags, *, causal: bool, flag: str = "attention"):
     return value
 
 
-def _or(tokens, flags, causal, flag, expr):
-    value, tokens = _and(tokens, flags, causal, flag, expr)
-    while tokens and tokens[0] == "|":
-        other, tokens = _and(tokens[1:], flags, causal, flag, expr)
-        value = _join(value, other, "|", flag, expr)
-    return value, tokens
+_OPERATORS = "|&"  # loosest first: '&' binds tighter than '|'
 
 
-def _and(tokens, flags, causal, flag, expr):
-    value, tokens = _atom(tokens, flags, causal, flag, expr)
-    while tokens and tokens[0] == "&":
-        other, tokens = _atom(tokens[1:], flags, causal, flag, expr)
-        value = _join(value, other, "&", flag, expr)
+def _or(tokens, flags, causal, flag, expr, level: int = 0):
+    """One precedence level: operands of the next level joined by ``_OPERATORS[level]``."""
+    if level == len(_OPERATORS):
+        return _atom(tokens, flags, causal, flag, expr)
+    value, tokens = _or(tokens, flags, causal, flag, expr, level + 1)
+    while tokens and tokens[0] == _OPERATORS[level]:
+        other, tokens = _or(tokens[1:], flags, causal, flag, expr, level + 1)
+        value = _join(value, other, _OPERATORS[level], flag, expr)
     return value, tokens
 
 
