@@ -86,17 +86,21 @@ def check(config: ml_collections.ConfigDict, *, fresh: bool = True) -> None:
 
 
 def _source_fields(init) -> dict[str, Any]:
-    """The source checkpoint's model flags."""
+    """The source checkpoint's model flags: those that differ from their defaults, and every
+    field that shapes the weights (``_merge`` names the checkpoint's value of each)."""
     if init.hf:
+        from tx import flags
         from tx.interop import hf
         try:
-            raw = hf._read_config(init.hf)
-            fields = hf._family(raw.get("model_type")).fields(raw, raw.get("model_type"))
+            fields = flags.to_flags(hf.config_from_hf(init.hf))
         except ValueError as e:
             raise ConfigError(f"config.init.hf={init.hf!r}: {e}") from None
         if fields.get("rope_scaling") is not None:
             raise ConfigError(f"config.init.hf={init.hf!r}: RoPE-scaled checkpoints cannot start "
                               "a training run yet (their scaling is not a config flag).")
+        every = ModelFlags(**fields)
+        fields.update((k, v) for k, v in every.to_dict().items() if k in SHAPE_FIELDS)
+        fields["num_kv_heads"] = every.kv_heads  # explicit, as the checkpoint fixes it
         return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
     saved = json.loads((pathlib.Path(init.workdir) / "config.json").read_text())
     return dict(saved["model"])

@@ -12,7 +12,8 @@ Families, one module each: ``decoders`` (``llama`` with RoPE scaling, ``mistral`
 alternating sliding-window layers), ``bert`` (masked LM, sequence classification), ``t5``
 (conditional generation). A config option tx cannot reproduce raises a ``ValueError`` naming the
 option, rather than loading a model that computes something else. Layouts are described in
-``common.py``.
+``common.py``, and so is a family: a module that maps ``config.json`` straight to a
+``ModelConfig`` and back, and registers its model types in :data:`FAMILIES` itself.
 
 A Phi-3 model is a LLaMA (or Mistral) model in tx: ``save`` writes it as one unless told
 ``model_type="phi3"``, which writes Phi-3's fused layout.
@@ -29,21 +30,34 @@ import numpy as np
 from flax import nnx
 
 from tx import flags, models
+from tx.attention import patterns
 from tx.config import ModelConfig
-from tx.interop.hf import bert, decoders, gemma2, phi3, qwen2, t5
-from tx.interop.hf.common import task_of, unsupported
+from tx.interop.hf.common import FAMILIES, unsupported
 
-# model_type_of picks the first family that claims a config: phi3 after decoders, so a
-# LLaMA-shaped config saves as LLaMA unless phi3 is asked for.
-_FAMILIES = (decoders, qwen2, phi3, gemma2, bert, t5)
-_BY_TYPE = {name: family for family in _FAMILIES for name in family.ARCHITECTURES}
-MODEL_TYPES = tuple(_BY_TYPE)
+# Each family registers its model types in FAMILIES when imported, in this order (a family
+# that imports another registers after it: phi3 after decoders). A new family is its own
+# file, named here or imported by research code (tx.interop.hf.common describes a family).
+# isort: off
+from tx.interop.hf import decoders, qwen2, phi3, gemma2, bert, t5  # noqa: F401
+# isort: on
+
+
+def __getattr__(name: str):
+    if name == "MODEL_TYPES":  # every registered model_type, research families included
+        return FAMILIES.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _family(model_type: str):
-    if model_type not in _BY_TYPE:
-        unsupported("model_type", model_type, f"tx loads {MODEL_TYPES}.")
-    return _BY_TYPE[model_type]
+    if model_type not in FAMILIES:
+        unsupported("model_type", model_type, f"tx loads {FAMILIES.names()}; register another "
+                    f"family with {FAMILIES.register_hint}.")
+    return FAMILIES[model_type]
+
+
+def _families() -> list:
+    """The family modules, once each, in registration order."""
+    return list(dict.fromkeys(module for _, module in FAMILIES.items()))
 
 
 # -- config.json <-> ModelConfig ---------------------------------------------------------------
@@ -70,22 +84,51 @@ def _read_config(hf: dict | str | os.PathLike) -> dict:
     return _read_json(path, "checkpoint's config.json (e.g. with transformers' save_pretrained)")
 
 
+def _overridden(printed: dict, overrides: dict) -> dict:
+    """The checkpoint's flags (``printed``) with ``overrides`` on top. An override that names
+    the heads (``num_kv_heads``, or a preset in ``attention``) or the pattern (a pattern in
+    ``attention``, or ``layer_pattern``) replaces the checkpoint's, whichever flag spelled it;
+    an ``attention`` override without a pattern keeps the checkpoint's pattern."""
+    spelled = overrides.get("attention")
+    preset, pattern = patterns.split_attention(spelled) if isinstance(spelled, str) else \
+        (None, None)
+    out = dict(printed)
+    if preset is not None:
+        out.pop("num_kv_heads", None)
+    if pattern is not None or "layer_pattern" in overrides:
+        out.pop("attention", None)
+        out.pop("layer_pattern", None)
+    out.update(overrides)
+    if isinstance(spelled, str) and pattern is None and "layer_pattern" not in overrides:
+        _, kept = patterns.split_attention(printed.get("attention", ""))
+        out["attention"] = "+".join(p for p in (preset, kept) if p)
+    return out
+
+
+def _config(hf: dict, tensors: dict | None = None, **overrides) -> ModelConfig:
+    model_type = hf.get("model_type")
+    family = _family(model_type)
+    cfg = family.config(hf, model_type)
+    if tensors is not None and hasattr(family, "with_tensors"):  # T5's tying
+        cfg = family.with_tensors(cfg, tensors)
+    if not overrides:
+        return cfg
+    return flags.model_config(**_overridden(flags.to_flags(cfg), overrides))
+
+
 def config_from_hf(hf: dict | str | os.PathLike, **overrides) -> ModelConfig:
     """A ``ModelConfig`` from a ``config.json`` dict (or a checkpoint directory / file path).
 
-    ``config.json`` is read into model flags (``tx.flags.ModelFlags``), which ``overrides`` (flag
-    spellings, e.g. ``implementation=("pallas", "xla")``) change before they are parsed.
+    The family of its ``model_type`` maps ``config.json`` to values. ``overrides`` are model
+    flags (``tx.flags``, e.g. ``implementation=("pallas", "xla")``, ``attention="local"``):
+    they change the config's own flags (``tx.flags.to_flags``) before it is rebuilt.
     """
-    hf = _read_config(hf)
-    model_type = hf.get("model_type")
-    fields = _family(model_type).fields(hf, model_type)
-    fields.update(overrides)
-    return flags.model_config(**fields)
+    return _config(_read_config(hf), **overrides)
 
 
 def model_type_of(cfg: ModelConfig) -> str:
     """The HF ``model_type`` a tx config corresponds to; ValueError when none does."""
-    for family in _FAMILIES:
+    for family in _families():
         found = family.model_type(cfg)
         if found is not None:
             return found
@@ -121,8 +164,8 @@ def hf_config_from(cfg: ModelConfig, *, model_type: str | None = None) -> dict:
     ``model_type`` picks among families that hold the same config (``"phi3"`` over LLaMA)."""
     model_type = _resolve(cfg, model_type)
     family = _family(model_type)
-    archs = {task: arch for arch, task in family.ARCHITECTURES[model_type].items()}
-    hf = dict(model_type=model_type, architectures=[archs[task_of(cfg)]], dtype="float32")
+    archs = {head: arch for arch, head in family.ARCHITECTURES[model_type].items()}
+    hf = dict(model_type=model_type, architectures=[archs[type(cfg.head)]], dtype="float32")
     hf.update(family.hf_config(cfg, model_type))
     return hf
 
@@ -215,10 +258,7 @@ def load(path: str | os.PathLike, *, seed: int = 0, **overrides) -> nnx.Module:
     """A tx model with the weights of the HF checkpoint directory ``path``."""
     hf = _read_config(path)
     tensors = read_safetensors(path)
-    family = _family(hf.get("model_type"))
-    if hasattr(family, "tensor_overrides"):  # options only the weights reveal (T5's tying)
-        overrides = {**family.tensor_overrides(hf, tensors), **overrides}
-    model = models.build(config_from_hf(hf, **overrides), seed=seed)
+    model = models.build(_config(hf, tensors, **overrides), seed=seed)
     load_weights(model, tensors, source=", ".join(map(repr, safetensors_files(path))),
                  model_type=hf.get("model_type"))
     return model
@@ -250,6 +290,6 @@ def save(model, path: str | os.PathLike, *, extra_config: dict | None = None,
               metadata={"format": "pt"})
 
 
-__all__: Sequence[str] = ("MODEL_TYPES", "config_from_hf", "hf_config_from", "load",
-                          "load_weights", "model_type_of", "read_safetensors",
+__all__: Sequence[str] = ("FAMILIES", "MODEL_TYPES", "config_from_hf", "hf_config_from",
+                          "load", "load_weights", "model_type_of", "read_safetensors",
                           "safetensors_files", "save", "state_dict")

@@ -10,24 +10,39 @@ exact erf GELU (tx ``gelu_exact``), not GPT-2's tanh approximation.
 
 from __future__ import annotations
 
+import jax
+
 from kernels import masks
-from tx.config import ModelConfig
-from tx.interop.hf.common import (Entry, activation_of, attention, check_architecture, dense,
-                                  linear, no_gemma_options, norm, one, uniform_mask,
-                                  unsupported)
-from tx.layers import LayerNorm, Learned
+from tx.config import AttentionConfig, EmbedConfig, ModelConfig
+from tx.interop.hf.common import (Entry, attention, check_architecture, dense, hf_activation,
+                                  linear, no_gemma_options, norm, one, register_family,
+                                  uniform_mask, unsupported)
+from tx.layers import LayerNorm, Learned, MLPConfig
+from tx.layers.mlp import gelu_exact
 from tx.models import heads
 
-ARCHITECTURES = {"bert": {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "seq_cls",
-                          "BertForTokenClassification": "token_cls"}}
-_ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu",
-                "relu": "relu"}
+ARCHITECTURES = {"bert": {"BertForMaskedLM": heads.MLMHead,
+                          "BertForSequenceClassification": heads.Classifier,
+                          "BertForTokenClassification": heads.TokenClassifier}}
+# HF hidden_act -> (function, gated); a config saves as the first name of its activation.
+_ACTIVATIONS = {"gelu": (gelu_exact, False), "gelu_new": (jax.nn.gelu, False),
+                "gelu_pytorch_tanh": (jax.nn.gelu, False), "relu": (jax.nn.relu, False)}
 # Tied copies (the decoder bias is cls.predictions.bias) and buffers of older checkpoints.
 _IGNORED = ("cls.predictions.decoder.bias", "embeddings.position_ids")
 
 
-def fields(hf: dict, model_type: str) -> dict:
-    task = check_architecture(hf, model_type, ARCHITECTURES[model_type])
+def _head(head_cls: type, hf: dict):
+    if head_cls is heads.MLMHead:
+        return heads.MLMHead(tie=bool(hf.get("tie_word_embeddings", True)), bias=True,
+                             transform=True)
+    num_classes = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)
+    if head_cls is heads.Classifier:
+        return heads.Classifier(num_classes, heads.ClsPool(), bias=True)
+    return heads.TokenClassifier(num_classes, bias=True)
+
+
+def config(hf: dict, model_type: str) -> ModelConfig:
+    head_cls = check_architecture(hf, model_type, ARCHITECTURES[model_type])
     kind = hf.get("position_embedding_type", "absolute")
     if kind != "absolute":
         unsupported("position_embedding_type", kind, "tx maps BERT's learned absolute "
@@ -39,22 +54,20 @@ def fields(hf: dict, model_type: str) -> dict:
     act = hf.get("hidden_act", "gelu")
     if act not in _ACTIVATIONS:
         unsupported("hidden_act", act, f"tx maps {tuple(_ACTIVATIONS)}.")
-    if hf["hidden_size"] % hf["num_attention_heads"]:
-        unsupported("num_attention_heads", hf["num_attention_heads"], "must divide hidden_size.")
-    out = dict(task=task, vocab_size=hf["vocab_size"],
-               d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-               num_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
-               activation=_ACTIVATIONS[act], norm="layernorm", pre_norm=False,
-               positions="learned", max_len=hf.get("max_position_embeddings", 512),
-               tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-               norm_eps=float(hf.get("layer_norm_eps", 1e-12)), attention_bias=True,
-               mlp_bias=True, type_vocab_size=int(hf.get("type_vocab_size", 2)),
-               embed_norm=True, head_bias=True, head_transform=task == "mlm")
-    if task != "mlm":
-        out["num_classes"] = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)
-    if task == "seq_cls":
-        out["pooler"] = "cls"
-    return out
+    n = hf["num_attention_heads"]
+    if hf["hidden_size"] % n:
+        unsupported("num_attention_heads", n, "must divide hidden_size.")
+    fn, gated = _ACTIVATIONS[act]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        attention=AttentionConfig(num_heads=n, num_kv_heads=n, masks=(masks.Full(),),
+                                  bias=True),
+        positions=Learned(hf.get("max_position_embeddings", 512)),
+        mlp=MLPConfig(hf["intermediate_size"], fn, gated=gated, bias=True),
+        norm=LayerNorm(float(hf.get("layer_norm_eps", 1e-12)), pre=False),
+        head=_head(head_cls, hf),
+        embed=EmbedConfig(type_vocab_size=int(hf.get("type_vocab_size", 2)), norm=True))
 
 
 def model_type(cfg: ModelConfig) -> str | None:
@@ -63,7 +76,7 @@ def model_type(cfg: ModelConfig) -> str | None:
     body = (not cfg.norm.pre and isinstance(cfg.norm, LayerNorm) and
             isinstance(cfg.positions, Learned) and cfg.embed.norm and
             cfg.embed.type_vocab_size >= 1 and a.bias and cfg.mlp.bias and
-            getattr(head, "bias", False) and activation_of(cfg) in _TO_HF and
+            getattr(head, "bias", False) and hf_activation(_ACTIVATIONS, cfg.mlp) is not None and
             a.kv_heads == a.num_heads and cfg.head_dim * a.num_heads == cfg.d_model and
             uniform_mask(cfg) == masks.Full() and a.scale is None and
             getattr(head, "scale", 1.0) == 1.0 and no_gemma_options(cfg))
@@ -73,13 +86,10 @@ def model_type(cfg: ModelConfig) -> str | None:
     return "bert" if body and known.get(type(head), lambda: False)() else None
 
 
-_TO_HF = {tx: hf for hf, tx in _ACTIVATIONS.items() if hf != "gelu_pytorch_tanh"}
-
-
 def hf_config(cfg: ModelConfig, model_type: str) -> dict:
     out = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-               intermediate_size=cfg.mlp.d_ff, hidden_act=_TO_HF[activation_of(cfg)],
+               intermediate_size=cfg.mlp.d_ff, hidden_act=hf_activation(_ACTIVATIONS, cfg.mlp),
                max_position_embeddings=cfg.positions.max_len,
                type_vocab_size=cfg.embed.type_vocab_size, layer_norm_eps=cfg.norm.eps,
                tie_word_embeddings=getattr(cfg.head, "tie", True), hidden_dropout_prob=0.0,
@@ -140,3 +150,6 @@ def prepare(tensors: dict, model_type: str) -> dict:
         return {k if k.startswith(("cls.", "classifier.")) else f"bert.{k}": v
                 for k, v in tensors.items()}
     return tensors
+
+
+register_family(__name__)

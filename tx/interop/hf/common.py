@@ -9,6 +9,7 @@ the mapping is a transpose and a reshape.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -17,17 +18,52 @@ from flax import nnx
 from kernels import masks
 from tx import flags
 from tx.config import EmbedConfig
+from tx.registry import Registry
 
-def task_of(cfg) -> str | None:
-    """The task name of the config's head (HF architectures map to task names)."""
-    found = flags.TASKS.spell(cfg.head)
-    return found and found[0]
+# HF model_type -> the family module that maps it. A family module registers itself, at its
+# end, for each model type of its ``ARCHITECTURES`` (``register_family(__name__)``), and has:
+#   ARCHITECTURES  {model_type: {HF architecture: tx head class}}
+#   config(hf, model_type) -> ModelConfig        config.json straight to values
+#   model_type(cfg) -> str | None                 the model type that holds a tx config
+#   hf_config(cfg, model_type) -> dict            its config.json fields
+#   entries(model, model_type), ignored(cfg, model_type), prepare(tensors, model_type)
+#   with_tensors(cfg, tensors) -> ModelConfig     optional: options only the weights reveal
+# ``model_type_of`` asks the families in registration order: a family that imports another
+# (phi3 imports decoders) registers after it, so a LLaMA-shaped config saves as LLaMA.
+FAMILIES = Registry("Hugging Face family", "model_type",
+                    register_hint="tx.interop.hf.FAMILIES.register(model_type, module)")
+
+
+def register_family(module_name: str) -> None:
+    """Registers the module ``module_name`` for each model type of its ``ARCHITECTURES``."""
+    module = sys.modules[module_name]
+    for model_type in module.ARCHITECTURES:
+        FAMILIES.register(model_type, module)
 
 
 def activation_of(cfg) -> str | None:
     """The flag name of the config's MLP activation (None for a function of your own)."""
     found = flags.ACTIVATIONS.spell((cfg.mlp.activation, cfg.mlp.gated))
     return found and found[0]
+
+
+def hf_activation(table: dict[str, tuple[Callable, bool]], mlp) -> str | None:
+    """The first HF name in ``table`` (HF name -> ``(function, gated)``) of ``mlp``'s
+    activation; None when the family has no name for it."""
+    for name, (fn, gated) in table.items():
+        if fn == mlp.activation and gated == mlp.gated:
+            return name
+    return None
+
+
+def sliding(window: Any, option: str = "sliding_window") -> masks.Mask:
+    """HF's causal window of ``window`` keys (query i sees key j iff ``i - W < j <= i``):
+    tx ``Local(W - 1)``."""
+    if isinstance(window, float) and window.is_integer():
+        window = int(window)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        unsupported(option, window, "give a positive number of keys, or null for none.")
+    return masks.Local(window - 1)
 
 
 def plain_body(cfg) -> bool:
@@ -56,8 +92,8 @@ def unsupported(option: str, value: Any, why: str) -> None:
     raise ValueError(f"unsupported Hugging Face config option {option}={value!r}: {why}")
 
 
-def check_architecture(hf: dict, model_type: str, known: dict[str, str]) -> str:
-    """The tx task of ``hf['architectures'][0]`` (default: the first known one)."""
+def check_architecture(hf: dict, model_type: str, known: dict[str, type]) -> type:
+    """The tx head class of ``hf['architectures'][0]`` (default: the first known one)."""
     arch = (hf.get("architectures") or [next(iter(known))])[0]
     if arch not in known:
         unsupported("architectures", hf.get("architectures"),

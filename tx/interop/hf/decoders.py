@@ -12,14 +12,15 @@ import jax
 import numpy as np
 
 from kernels import masks
-from tx.config import ModelConfig
+from tx.config import AttentionConfig, ModelConfig
 from tx.interop.hf.common import (Entry, attention, check_architecture, linear, one,
-                                  plain_body, uniform_mask, unsupported)
-from tx.layers import LayerNorm, Learned, RMSNorm, RoPE, RopeScaling
+                                  plain_body, register_family, sliding, uniform_mask,
+                                  unsupported)
+from tx.layers import LayerNorm, Learned, MLPConfig, RMSNorm, RoPE, RopeScaling
 from tx.models.heads import LMHead
 
-ARCHITECTURES = {"llama": {"LlamaForCausalLM": "lm"}, "mistral": {"MistralForCausalLM": "lm"},
-                 "gpt2": {"GPT2LMHeadModel": "lm"}}
+ARCHITECTURES = {"llama": {"LlamaForCausalLM": LMHead}, "mistral": {"MistralForCausalLM": LMHead},
+                 "gpt2": {"GPT2LMHeadModel": LMHead}}
 # Tied copies and buffers that hold no learned state.
 IGNORED = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
 
@@ -99,7 +100,8 @@ def _rope_parameters(cfg: ModelConfig, max_len: int) -> dict:
 
 
 # -- config.json <-> ModelConfig ---------------------------------------------------------------
-def _llama_like(hf: dict, model_type: str) -> dict:
+def llama_like(hf: dict, model_type: str) -> ModelConfig:
+    """LLaMA's body (and Mistral's window): the base Qwen2, Phi-3 and Gemma 2 change."""
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         unsupported("hidden_act", act, "LLaMA-style MLPs are loaded as SwiGLU (silu only).")
@@ -108,28 +110,26 @@ def _llama_like(hf: dict, model_type: str) -> dict:
     if head_dim == hf["hidden_size"] // num_heads:
         head_dim = None  # implicit, as tx configs leave it
     theta, scaling = _rope(hf)
-    fields = dict(
-        task="lm", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads, head_dim=head_dim,
-        d_ff=hf["intermediate_size"], activation="swiglu", norm="rmsnorm", pre_norm=True,
-        positions="rope", max_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_base=theta, rope_scaling=scaling,
-        attention_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)))
-    if model_type == "mistral":
-        window = hf.get("sliding_window")
-        if window is not None:
-            # HF: key j visible to query i iff i - W < j <= i, i.e. W keys: tx Local(W - 1).
-            fields.update(attention="local", window=int(window))
+    mask = masks.Causal()
+    if model_type == "mistral" and hf.get("sliding_window") is not None:
+        mask = sliding(hf["sliding_window"])  # W keys: Local(W - 1)
     if hf.get("layer_types") and any(t != hf["layer_types"][0] for t in hf["layer_types"]):
         unsupported("layer_types", hf["layer_types"], "per-layer attention types are not "
                     "mapped yet; use a uniform config.")
-    return fields
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        attention=AttentionConfig(num_heads=num_heads, head_dim=head_dim, masks=(mask,),
+                                  num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                                  bias=bool(hf.get("attention_bias", False))),
+        positions=RoPE(theta, scaling, hf.get("max_position_embeddings", 2048)),
+        mlp=MLPConfig(hf["intermediate_size"], jax.nn.silu, gated=True,
+                      bias=bool(hf.get("mlp_bias", False))),
+        norm=RMSNorm(float(hf.get("rms_norm_eps", 1e-6))),
+        head=LMHead(tie=bool(hf.get("tie_word_embeddings", False))))
 
 
-def _gpt2(hf: dict) -> dict:
+def _gpt2(hf: dict) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         unsupported("activation_function", act, "tx's 'gelu' is the tanh approximation "
@@ -138,19 +138,20 @@ def _gpt2(hf: dict) -> dict:
                        ("add_cross_attention", False)):
         if option in hf and bool(hf[option]) != ok:
             unsupported(option, hf[option], f"tx's GPT-2 mapping needs {option}={ok}.")
-    d = hf["n_embd"]
-    return dict(task="lm", vocab_size=hf["vocab_size"], d_model=d,
-                num_layers=hf["n_layer"], num_heads=hf["n_head"],
-                d_ff=hf.get("n_inner") or 4 * d, activation="gelu", norm="layernorm",
-                pre_norm=True, positions="learned", max_len=hf["n_positions"],
-                tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-                norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), attention_bias=True,
-                mlp_bias=True)
+    d, n = hf["n_embd"], hf["n_head"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["n_layer"],
+        attention=AttentionConfig(num_heads=n, num_kv_heads=n, masks=(masks.Causal(),),
+                                  bias=True),
+        positions=Learned(hf["n_positions"]),
+        mlp=MLPConfig(hf.get("n_inner") or 4 * d, jax.nn.gelu, gated=False, bias=True),
+        norm=LayerNorm(float(hf.get("layer_norm_epsilon", 1e-5))),
+        head=LMHead(tie=bool(hf.get("tie_word_embeddings", True))))
 
 
-def fields(hf: dict, model_type: str) -> dict:
+def config(hf: dict, model_type: str) -> ModelConfig:
     check_architecture(hf, model_type, ARCHITECTURES[model_type])
-    return _gpt2(hf) if model_type == "gpt2" else _llama_like(hf, model_type)
+    return _gpt2(hf) if model_type == "gpt2" else llama_like(hf, model_type)
 
 
 def _plain_lm(cfg: ModelConfig) -> bool:
@@ -288,3 +289,6 @@ def prepare(tensors: dict, model_type: str) -> dict:
     if model_type == "gpt2" and "wte.weight" in tensors:
         return {f"transformer.{k}": v for k, v in tensors.items()}
     return tensors
+
+
+register_family(__name__)

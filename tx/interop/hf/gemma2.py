@@ -21,18 +21,19 @@ values.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import jax
 
-from kernels import score_mods
-from tx.config import ModelConfig
+from kernels import masks, score_mods
+from tx.config import EmbedConfig, ModelConfig
 from tx.interop.hf import decoders
 from tx.interop.hf.common import (FULL, SLIDING, Entry, check_architecture, layer_kinds,
-                                   one, unsupported)
-from tx.layers import RMSNorm, RoPE
+                                   one, register_family, sliding, unsupported)
+from tx.layers import MLPConfig, RMSNorm, RoPE
 from tx.models.heads import LMHead
 
-ARCHITECTURES = {"gemma2": {"Gemma2ForCausalLM": "lm"}}
+ARCHITECTURES = {"gemma2": {"Gemma2ForCausalLM": LMHead}}
 _FULL, _SLIDING = FULL, SLIDING
 # Gemma2Config's defaults, for files that leave a Gemma option out (sizes have none).
 _DEFAULTS = dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
@@ -40,7 +41,7 @@ _DEFAULTS = dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_e
                  query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
                  attn_logit_softcapping=50.0)
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new")  # both 0.5x(1 + tanh(...)): jax.nn.gelu
-# Options _llama_like would misread: LLaMA's activation key (Gemma reads hidden_activation),
+# Options llama_like would misread: LLaMA's activation key (Gemma reads hidden_activation),
 # and the attention pattern, mapped here.
 _NOT_LLAMA = ("hidden_act", "layer_types", "sliding_window")
 
@@ -81,32 +82,32 @@ def _check_options(hf: dict) -> None:
             unsupported(option, cap, "give a cap > 0, or null for none.")
 
 
-def _softcaps(hf: dict) -> dict:
-    caps = {}
-    for flag, option in (("attention_softcap", "attn_logit_softcapping"),
-                         ("final_softcap", "final_logit_softcapping")):
-        caps[flag] = None if hf[option] is None else float(hf[option])
-    return caps
+def _cap(hf: dict, option: str) -> float | None:
+    return None if hf[option] is None else float(hf[option])
 
 
-def fields(hf: dict, model_type: str) -> dict:
+def config(hf: dict, model_type: str) -> ModelConfig:
     check_architecture(hf, model_type, ARCHITECTURES[model_type])
     hf = {**_DEFAULTS, **hf}  # a null that is there stays: no softcap
     _check_options(hf)
     kinds = _hf_layers(hf)
-    out = decoders._llama_like({k: v for k, v in hf.items() if k not in _NOT_LLAMA},
-                               model_type)
+    cfg = decoders.llama_like({k: v for k, v in hf.items() if k not in _NOT_LLAMA},
+                              model_type)
+    a = cfg.attention
     scalar = hf["query_pre_attn_scalar"]
-    head_dim = out["head_dim"] or hf["hidden_size"] // hf["num_attention_heads"]
-    out.update(activation="geglu", mlp_bias=False, sandwich_norm=True, norm_unit_offset=True,
-               tie_embeddings=bool(hf["tie_word_embeddings"]),
-               embed_scale=hf["hidden_size"] ** 0.5,
-               attention_scale=None if scalar == head_dim else float(scalar) ** -0.5,
-               layer_pattern=tuple("local" if k == _SLIDING else "causal"
-                                   for k in _period(kinds)), **_softcaps(hf))
-    if _SLIDING in kinds:
-        out["window"] = int(hf["sliding_window"])
-    return out
+    head_dim = a.head_dim or hf["hidden_size"] // hf["num_attention_heads"]
+    local = sliding(hf["sliding_window"]) if _SLIDING in kinds else None  # Local(W - 1)
+    cap = _cap(hf, "attn_logit_softcapping")
+    attention = replace(
+        a, scale=None if scalar == head_dim else float(scalar) ** -0.5,
+        score_mod=None if cap is None else score_mods.SoftCap(cap),
+        masks=tuple(local if k == _SLIDING else masks.Causal() for k in _period(kinds)))
+    return replace(cfg, attention=attention,
+                   mlp=MLPConfig(cfg.mlp.d_ff, jax.nn.gelu, gated=True, bias=False),
+                   norm=replace(cfg.norm, sandwich=True, unit_offset=True),
+                   head=LMHead(tie=bool(hf["tie_word_embeddings"]),
+                               softcap=_cap(hf, "final_logit_softcapping")),
+                   embed=EmbedConfig(scale=hf["hidden_size"] ** 0.5))
 
 
 def _gemma_shaped(cfg: ModelConfig) -> bool:
@@ -199,3 +200,6 @@ ignored = decoders.ignored
 
 def prepare(tensors: dict, model_type: str) -> dict:
     return tensors
+
+
+register_family(__name__)

@@ -16,15 +16,18 @@ when given ``model_type="phi3"``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from kernels import masks
 from tx.config import ModelConfig
 from tx.interop.hf import decoders
-from tx.interop.hf.common import (Entry, check_architecture, heads_in, linear, uniform_mask,
-                                  unsupported)
+from tx.interop.hf.common import (Entry, check_architecture, heads_in, linear,
+                                  register_family, sliding, uniform_mask, unsupported)
+from tx.models.heads import LMHead
 
-ARCHITECTURES = {"phi3": {"Phi3ForCausalLM": "lm"}}
+ARCHITECTURES = {"phi3": {"Phi3ForCausalLM": LMHead}}
 # LLaMA's separate projections that Phi-3 stores fused.
 _FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
@@ -49,15 +52,14 @@ def _check_rope(hf: dict) -> None:
                         "tx rotates every dimension of a head; only 1.0 loads.")
 
 
-def fields(hf: dict, model_type: str) -> dict:
+def config(hf: dict, model_type: str) -> ModelConfig:
     check_architecture(hf, model_type, ARCHITECTURES[model_type])
     _check_rope(hf)
-    out = decoders._llama_like(hf, model_type)
-    out.update(attention_bias=False, mlp_bias=False)  # Phi-3 has no projection biases
+    cfg = decoders.llama_like(hf, model_type)
     window = hf.get("sliding_window")
-    if window is not None:  # W keys: Local(W - 1)
-        out.update(attention="local", window=int(window))
-    return out
+    mask = masks.Causal() if window is None else sliding(window)  # W keys: Local(W - 1)
+    return replace(cfg, attention=replace(cfg.attention, bias=False, masks=(mask,)),
+                   mlp=replace(cfg.mlp, bias=False))  # Phi-3 has no projection biases
 
 
 def model_type(cfg: ModelConfig) -> str | None:
@@ -119,3 +121,6 @@ ignored = decoders.ignored
 
 def prepare(tensors: dict, model_type: str) -> dict:
     return tensors
+
+
+register_family(__name__)

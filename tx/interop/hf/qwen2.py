@@ -9,12 +9,16 @@ is tx ``Local(W - 1)`` (as for Mistral), every other layer is causal; a mix beco
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from kernels import masks
 from tx.config import ModelConfig
 from tx.interop.hf import decoders
 from tx.interop.hf.common import (FULL, SLIDING, Entry, check_architecture, layer_kinds,
-                                   unsupported)
+                                   register_family, sliding, unsupported)
+from tx.models.heads import LMHead
 
-ARCHITECTURES = {"qwen2": {"Qwen2ForCausalLM": "lm"}}
+ARCHITECTURES = {"qwen2": {"Qwen2ForCausalLM": LMHead}}
 _FULL, _SLIDING = FULL, SLIDING
 _MAX_WINDOW_LAYERS = 28  # HF's default when a file leaves max_window_layers out
 
@@ -39,24 +43,25 @@ def _hf_layers(hf: dict) -> tuple[list[str], int | None]:
     return kinds, window
 
 
-def _pattern_fields(kinds: list[str], window: int | None) -> dict:
+def _masks(kinds: list[str], window: int | None) -> tuple:
+    """One mask per layer; a single one when every layer has the same."""
     if _SLIDING not in kinds:
-        return {}  # causal, as _llama_like sets
+        return (masks.Causal(),)
+    local = sliding(window)  # W keys: Local(W - 1)
     if _FULL not in kinds:
-        return dict(attention="local", window=int(window))
-    return dict(layer_pattern=tuple("local" if k == _SLIDING else "causal" for k in kinds),
-                window=int(window))
+        return (local,)
+    return tuple(local if k == _SLIDING else masks.Causal() for k in kinds)
 
 
-def fields(hf: dict, model_type: str) -> dict:
+def config(hf: dict, model_type: str) -> ModelConfig:
     check_architecture(hf, model_type, ARCHITECTURES[model_type])
     kinds, window = _hf_layers(hf)
-    # _llama_like refuses mixed layer_types; here they are mapped above instead.
-    out = decoders._llama_like({k: v for k, v in hf.items() if k != "layer_types"}, model_type)
+    # llama_like refuses mixed layer_types; here they are mapped above instead.
+    cfg = decoders.llama_like({k: v for k, v in hf.items() if k != "layer_types"}, model_type)
     # Qwen2's projection biases are fixed by the architecture, whatever the file says.
-    out.update(attention_bias=True, attention_out_bias=False, mlp_bias=False)
-    out.update(_pattern_fields(kinds, window))
-    return out
+    return replace(cfg, attention=replace(cfg.attention, bias=True, out_bias=False,
+                                          masks=_masks(kinds, window)),
+                   mlp=replace(cfg.mlp, bias=False))
 
 
 def model_type(cfg: ModelConfig) -> str | None:
@@ -91,3 +96,6 @@ ignored = decoders.ignored
 
 def prepare(tensors: dict, model_type: str) -> dict:
     return tensors
+
+
+register_family(__name__)

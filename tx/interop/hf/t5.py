@@ -13,20 +13,24 @@ untied head shows only in the weights: a distinct ``lm_head.weight``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import jax
 import numpy as np
 
 from kernels import masks
-from tx.config import ModelConfig
-from tx.interop.hf.common import (Entry, activation_of, attention, check_architecture, linear,
-                                  one, plain_body, uniform_mask, unsupported)
-from tx.layers import RMSNorm, T5Bias
+from tx.config import AttentionConfig, ModelConfig
+from tx.interop.hf.common import (Entry, attention, check_architecture, hf_activation, linear,
+                                  one, plain_body, register_family, uniform_mask, unsupported)
+from tx.layers import MLPConfig, RMSNorm, T5Bias
+from tx.layers.mlp import gelu_exact
 from tx.models.heads import Seq2SeqLM
 
-ARCHITECTURES = {"t5": {"T5ForConditionalGeneration": "seq2seq"}}
-_FEED_FORWARD = {"relu": "relu", "gated-gelu": "geglu", "gated-gelu_new": "geglu",
-                 "gated-silu": "swiglu", "gelu": "gelu_exact", "gelu_new": "gelu"}
-_TO_HF = {"relu": "relu", "geglu": "gated-gelu", "swiglu": "gated-silu", "gelu_exact": "gelu",
-          "gelu": "gelu_new"}
+ARCHITECTURES = {"t5": {"T5ForConditionalGeneration": Seq2SeqLM}}
+# HF feed_forward_proj -> (function, gated); a config saves as the first name of its activation.
+_FEED_FORWARD = {"relu": (jax.nn.relu, False), "gated-gelu": (jax.nn.gelu, True),
+                 "gated-gelu_new": (jax.nn.gelu, True), "gated-silu": (jax.nn.silu, True),
+                 "gelu": (gelu_exact, False), "gelu_new": (jax.nn.gelu, False)}
 _IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
             "EncDecAttention.relative_attention_bias.weight")
 
@@ -36,7 +40,7 @@ def _scaled(hf: dict) -> bool:
     return bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False))
 
 
-def fields(hf: dict, model_type: str) -> dict:
+def config(hf: dict, model_type: str) -> ModelConfig:
     check_architecture(hf, model_type, ARCHITECTURES[model_type])
     ff = hf.get("feed_forward_proj", "relu")
     if ff not in _FEED_FORWARD:
@@ -47,24 +51,26 @@ def fields(hf: dict, model_type: str) -> dict:
     d, n = hf["d_model"], hf["num_heads"]
     layers = hf["num_layers"]
     decoder_layers = hf.get("num_decoder_layers") or layers
-    return dict(task="seq2seq", vocab_size=hf["vocab_size"],
-                d_model=d, num_layers=layers,
-                num_decoder_layers=None if decoder_layers == layers else decoder_layers,
-                num_heads=n, head_dim=None if hf["d_kv"] * n == d else hf["d_kv"],
-                d_ff=hf["d_ff"], activation=_FEED_FORWARD[ff], norm="rmsnorm", pre_norm=True,
-                positions="t5", max_len=hf.get("n_positions", 512),
-                t5_buckets=int(hf.get("relative_attention_num_buckets", 32)),
-                t5_max_distance=int(hf.get("relative_attention_max_distance", 128)),
-                tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
-                norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)), attention_scale=1.0,
-                head_scale=d ** -0.5 if _scaled(hf) else 1.0)
+    fn, gated = _FEED_FORWARD[ff]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=d, num_layers=layers,
+        attention=AttentionConfig(num_heads=n, num_kv_heads=n, masks=(masks.Full(),),
+                                  head_dim=None if hf["d_kv"] * n == d else hf["d_kv"],
+                                  scale=1.0),
+        positions=T5Bias(int(hf.get("relative_attention_num_buckets", 32)),
+                         int(hf.get("relative_attention_max_distance", 128))),
+        mlp=MLPConfig(hf["d_ff"], fn, gated=gated),
+        norm=RMSNorm(float(hf.get("layer_norm_epsilon", 1e-6))),
+        head=Seq2SeqLM(tie=hf.get("tie_word_embeddings", True) is not False,
+                       scale=d ** -0.5 if _scaled(hf) else 1.0, masks=(masks.Causal(),),
+                       num_layers=None if decoder_layers == layers else decoder_layers))
 
 
-def tensor_overrides(hf: dict, tensors: dict) -> dict:
+def with_tensors(cfg: ModelConfig, tensors: dict) -> ModelConfig:
     """Untied exactly when the checkpoint carries its own, different ``lm_head.weight``."""
     head, shared = tensors.get("lm_head.weight"), tensors.get("shared.weight")
     untied = head is not None and (shared is None or not np.array_equal(head, shared))
-    return {"tie_embeddings": not untied}
+    return replace(cfg, head=replace(cfg.head, tie=not untied))
 
 
 def model_type(cfg: ModelConfig) -> str | None:
@@ -72,8 +78,8 @@ def model_type(cfg: ModelConfig) -> str | None:
     a, head = cfg.attention, cfg.head
     ok = (isinstance(head, Seq2SeqLM) and plain_body(cfg) and cfg.norm.pre and
           isinstance(cfg.norm, RMSNorm) and isinstance(cfg.positions, T5Bias) and
-          activation_of(cfg) in _TO_HF and a.scale == 1.0 and not (a.bias or cfg.mlp.bias)
-          and not head.bias and a.kv_heads == a.num_heads and
+          hf_activation(_FEED_FORWARD, cfg.mlp) is not None and a.scale == 1.0 and
+          not (a.bias or cfg.mlp.bias) and not head.bias and a.kv_heads == a.num_heads and
           uniform_mask(cfg) == masks.Full() and set(head.masks) <= {masks.Causal()})
     return "t5" if ok else None
 
@@ -86,7 +92,7 @@ def hf_config(cfg: ModelConfig, model_type: str) -> dict:
     return dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim,
                 d_ff=cfg.mlp.d_ff, num_layers=cfg.num_layers,
                 num_decoder_layers=head.num_layers or cfg.num_layers,
-                num_heads=cfg.num_heads, feed_forward_proj=_TO_HF[activation_of(cfg)],
+                num_heads=cfg.num_heads, feed_forward_proj=hf_activation(_FEED_FORWARD, cfg.mlp),
                 relative_attention_num_buckets=cfg.positions.num_buckets,
                 relative_attention_max_distance=cfg.positions.max_distance, n_positions=512,
                 layer_norm_epsilon=cfg.norm.eps, dropout_rate=0.0,
@@ -142,3 +148,6 @@ def prepare(tensors: dict, model_type: str) -> dict:
     if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
         tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
     return tensors
+
+
+register_family(__name__)
