@@ -10,9 +10,9 @@ Face dataset).
   python experiments/train.py --config=configs/decoder_lm.py:hf --workdir=/tmp/tx/hf \
       --config.data.options.path=/data/my_saved_dataset --config.data.options.column=text
 
-Records hold UTF-8 text by default; for token ids from your own tokenizer set
-``--config.data.options.record_format=int32`` and ``--config.model.vocab_size`` and
-``--config.data.options.vocab_size`` to its size.
+Records hold UTF-8 text by default; token ids from your own tokenizer (of 32,000 tokens, say)
+take ``--config.data.options.record_format=int32 --config.data.options.vocab_size=32000
+--config.model.vocab_size=32000``.
 """
 
 from ml_collections import config_dict

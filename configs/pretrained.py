@@ -4,16 +4,14 @@ field at its default; swaps and non-shape overrides (pattern, window, dtype, dro
 
   python experiments/train.py --config=configs/pretrained.py --workdir=/tmp/tx/ft \
       --config.init.workdir=/tmp/tx/lm --config.init.swap.num_kv_heads=1
-  python experiments/train.py --config=configs/pretrained.py --workdir=/tmp/tx/ft \
-      --config.init.hf=/models/tiny-llama --config.init.swap.layer_pattern=local,local,local,full \
-      --config.init.swap.window=128
 
 The default trains on the built-in byte corpus, for byte-level models (tx runs). A checkpoint
 with its own ``tokenizer.json`` trains on your text tokenised with it (``:text``, dataset
 ``text_files``; the tokenizer defaults to the checkpoint's):
 
   python experiments/train.py --config=configs/pretrained.py:text --workdir=/tmp/tx/ft \
-      --config.init.hf=/models/tiny-llama --config.data.options.paths=notes/,docs/
+      --config.init.hf=/models/tiny-llama --config.data.options.paths=notes/,docs/ \
+      --config.init.swap.layer_pattern=local,local,local,full --config.init.swap.window=128
 """
 
 from ml_collections import config_dict

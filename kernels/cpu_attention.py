@@ -15,20 +15,32 @@ keys, the pages read in place through the block table.
 
 The library is compiled on first use with the machine's C++ compiler (``$CXX`` or ``g++``,
 ``-O3 -march=native``) into ``$TX_KERNEL_CACHE`` (default ``~/.cache/tx/kernels``), named by
-a hash of the sources, the compiler, the flags and the JAX version, and reused after that.
+a hash of the sources, the compiler and its version, the flags, the instruction set
+``-march=native`` resolves to on this host (hosts sharing a home never load each other's
+builds) and the JAX version, and reused after that; it is written under a temporary name and
+renamed, so concurrent builders never corrupt it. Without a compiler, or when the compile
+fails, every call declines (xla serves) and one warning per process says so.
+``TX_CPU_KERNEL=off`` turns the kernel off (every cpu path declines, nothing is compiled);
+``available()`` says whether it can serve here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
+import logging
 import math
 import os
 import pathlib
+import platform
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -70,12 +82,82 @@ def _compiler() -> str:
     return cxx
 
 
+@functools.cache
+def _probe(cxx: str) -> tuple[str, str]:
+    """``cxx``'s version and what ``-march=native`` resolves to on this host, from one call
+    (``cxx -march=native -E -v -``: the driver prints its version and the cc1 line it runs,
+    which spells the target out). Empty strings where the call or the parse fails, and no
+    call for a compiler that is not on PATH."""
+    if shutil.which(cxx) is None:
+        return "", ""
+    try:
+        done = subprocess.run([cxx, "-march=native", "-E", "-v", "-x", "c++", "-"],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "", ""
+    text = done.stdout + "\n" + done.stderr
+    version = re.search(r"^.*\b(?:gcc|clang) version \S+.*$", text, re.MULTILINE)
+    target = []
+    for line in text.splitlines():
+        words = line.split()
+        if not any(w.endswith(("cc1", "cc1plus")) or w == "-cc1" for w in words):
+            continue
+        for i, w in enumerate(words):  # g++: -march=znver3 -mavx2 -mno-xop ...
+            if w.startswith("-m") and not w.startswith("-mllvm"):
+                target.append(w)
+            elif w in ("-target-cpu", "-target-feature") and i + 1 < len(words):  # clang
+                target.append(f"{w}={words[i + 1]}")
+        break
+    return (version.group(0).strip() if version else ""), " ".join(target)
+
+
+def _compiler_version(cxx: str) -> str:
+    """``cxx``'s version line (``gcc version 12.2.0 ...``), or its ``--version``'s first line;
+    ``"unknown"`` where neither answers."""
+    version = _probe(cxx)[0]
+    if version or shutil.which(cxx) is None:
+        return version or "unknown"
+    try:
+        done = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60,
+                              check=False)
+        return (done.stdout.strip().splitlines() or ["unknown"])[0]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _native_target(cxx: str) -> str:
+    """What ``-march=native`` means to ``cxx`` on this host (``-march=znver3 -mavx2 ...``), or
+    this CPU's feature flags (``/proc/cpuinfo``) where the compiler does not say: a library
+    built for one CPU is never loaded on another that may lack its instructions."""
+    target = _probe(cxx)[1]
+    if target:
+        return target
+    return _cpu_features()
+
+
+@functools.cache
+def _cpu_features() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("flags", "Features"):
+                return "cpu: " + " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return f"cpu: {platform.machine()} {platform.processor()}"
+
+
 def library_path(cxx: str) -> pathlib.Path:
     """Where the library built from today's source by ``cxx`` lives in the kernel cache: its
-    name hashes the source, the header, the compiler, the flags and the JAX version."""
+    name hashes the sources, the compiler and its version, the flags, the target
+    ``-march=native`` resolves to on this host, and the JAX version."""
     key = hashlib.sha256(_SOURCE.read_bytes() + b"".join(x.read_bytes() for x in _HEADERS)
-                         + " ".join((cxx, *_FLAGS, jax.__version__)).encode())
+                         + "\0".join((cxx, _compiler_version(cxx), *_FLAGS,
+                                      _native_target(cxx), jax.__version__)).encode())
     return _cache_dir() / f"cpu_attention_{key.hexdigest()[:16]}.so"
+
+
+_STALE_TEMP_S = 3600  # a temporary library this old is a killed builder's: removed
 
 
 def build() -> pathlib.Path:
@@ -86,21 +168,48 @@ def build() -> pathlib.Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile beside the target and rename: concurrent builders (test workers) each write
-    # their own file, and a reader never sees a half-written library.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = pathlib.Path(tmp) / target.name
+    for stale in target.parent.glob("*.so.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > _STALE_TEMP_S:
+                stale.unlink()
+    # Compile to a temporary name beside the target and rename (atomic on one file system):
+    # concurrent builders (test workers, a cluster's jobs sharing a home) each write their
+    # own file, and a reader never sees a half-written library.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".so.tmp")
+    os.close(fd)
+    try:
         cmd = [cxx, *_FLAGS, "-iquote", str(_HEADERS[0].parent), "-isystem", jax.ffi.include_dir(),
-               str(_SOURCE), "-o", str(out)]
+               str(_SOURCE), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise BuildError(f"compiling {_SOURCE.name} failed (exit {done.returncode}): "
                              f"{' '.join(cmd)}\n{done.stderr[-4000:]}")
-        os.replace(out, target)
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from a shared cache's other users
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return target
 
 
 _failure: BuildError | None = None  # a failed build is not retried at every trace
+_lock = threading.Lock()  # one thread builds; the others wait for its library
+_logger = logging.getLogger(__name__)
+_SETTING = "TX_CPU_KERNEL"
+_COST = ("attention falls back to the xla reference, about 1.3-1.7x slower on CPU. To fix: "
+         "install g++ or set $CXX to a C++ compiler; or set TX_CPU_KERNEL=off to choose xla "
+         "and silence this warning.")
+
+
+def _enabled() -> bool:
+    """``$TX_CPU_KERNEL``: unset or ``on`` uses the kernel, ``off`` declines every cpu path
+    (xla serves). Anything else is a ValueError naming the variable and its choices."""
+    value = os.environ.get(_SETTING, "").strip().lower()
+    if value not in ("", "on", "off"):
+        raise ValueError(f"{_SETTING}={os.environ[_SETTING]!r}: choose 'on' (the default: "
+                         "compile and use the cpu attention kernel) or 'off' (leave attention "
+                         "on the CPU to xla).")
+    return value != "off"
 
 
 @functools.cache
@@ -113,14 +222,35 @@ def _load() -> None:
 
 
 def _register() -> None:
+    """Loads the library (building it once) or declines (``NotImplementedError``): when
+    ``$TX_CPU_KERNEL`` is ``off``, or when the build fails, which logs one warning per process
+    with its cost and fix."""
     global _failure
-    if _failure is not None:
-        raise _failure
+    if not _enabled():
+        raise NotImplementedError(f"the cpu attention kernel is off ({_SETTING}=off; unset it "
+                                  "or set it to 'on' to use it)")
+    with _lock:
+        if _failure is not None:
+            raise _failure
+        try:
+            _load()
+        except BuildError as e:
+            _failure = e
+            _logger.warning("tx: the cpu attention kernel is unavailable (%s); %s",
+                            str(e).splitlines()[0].rstrip("."), _COST)
+            raise
+
+
+def available() -> tuple[bool, str]:
+    """Whether the cpu kernel can serve on this host, and if not why: ``(True, "")`` once its
+    library is loaded (built on the first call), else ``(False, reason)`` (``$TX_CPU_KERNEL=off``,
+    no compiler, a failed compile; the build failure logs its one warning). A value of
+    ``$TX_CPU_KERNEL`` other than on/off raises ValueError."""
     try:
-        _load()
-    except BuildError as e:
-        _failure = e
-        raise
+        _register()
+    except NotImplementedError as e:
+        return False, str(e)
+    return True, ""
 
 
 @functools.lru_cache(maxsize=256)

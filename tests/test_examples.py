@@ -49,7 +49,7 @@ def isolated_registries(monkeypatch):
     """Examples register names in process-wide tables; each test gets copies, so no name it
     registers outlives it (tests elsewhere enumerate every registered dataset)."""
     for module, table in ((tx_flags.PATTERNS, "_entries"), (tx_flags.POSITIONS, "_entries"),
-                          (tx_flags.TASKS, "_entries"), (registry, "_REGISTRY"),
+                          (tx_flags.TASKS, "_entries"), (registry, "_BACKENDS"),
                           (data, "REGISTRY")):
         monkeypatch.setattr(module, table, dict(getattr(module, table)))
 
@@ -292,7 +292,7 @@ def test_my_attention_trains_when_named_by_the_flag(tmp_path):
                    "--config.model.num_layers=1")
     assert tuple(config.model.implementation) == ("mine",)
     calls = []
-    registered = registry._REGISTRY["mine"]  # the function the config file registered
+    registered = registry._BACKENDS["mine"].fn  # the function the config file registered
 
     def counting(q, k, v, **kwargs):
         calls.append(q.shape)

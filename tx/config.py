@@ -59,10 +59,9 @@ def cycle(schedule: tuple, num_layers: int, default) -> tuple:
     return tuple(schedule[i % len(schedule)] for i in range(num_layers))
 
 
-# The attention implementations tried, in order, when a config names none: the fused CPU
-# kernel (kernels/cpu_attention.cc) where it serves the call, which is fp32 compute on the
-# CPU backend at default positions with no bias; the XLA reference everywhere else.
-DEFAULT_IMPLEMENTATION = ("cpu", "xla")
+# A config that names no implementation runs the device's order
+# (tx.attention.registry.defaults: Pallas first on a GPU, the fused cpu kernel on a CPU).
+DEFAULT_IMPLEMENTATION = ()
 # The activation dtypes a config may name (``--config.model.dtype``).
 DTYPES = Registry("dtype", "dtype")
 for _name, _dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16),
@@ -76,8 +75,8 @@ class AttentionConfig:
 
     ``masks`` is one mask per layer, or a shorter schedule cycled over the layers; empty means
     every key (``Full`` in an encoder, ``Causal`` in a decoder: the head decides).
-    ``implementation`` is an ordered tuple of registry names (``tx.attention.registry``) or
-    callables with the signature of ``kernels.reference.attention``.
+    ``implementation`` is an ordered tuple of registered backend names
+    (``tx.attention.registry``), backends or functions; empty: the device's order.
     """
 
     num_heads: int
@@ -114,9 +113,6 @@ class AttentionConfig:
                 _fail("attention.masks", self.masks, f"{mask!r} is not a mask; give "
                       "kernels.masks values (Causal(), Local(63), ...) or layer values "
                       "(tx.attention.favor.Favor(...)).")
-        if not self.implementation:
-            _fail("attention.implementation", self.implementation, "name at least one, e.g. "
-                  "('xla',).")
         for impl in self.implementation:
             if not (isinstance(impl, str) or callable(impl)):
                 _fail("attention.implementation", self.implementation, f"{impl!r} is neither a "

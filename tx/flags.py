@@ -97,8 +97,9 @@ CORE = (
           "(local|global)&strided; empty: MHA, full"),
     Field("layer_pattern", (), "per-layer patterns cycled over the layers: "
           "local,local,local,full", check=_names),
-    Field("implementation", DEFAULT_IMPLEMENTATION, "attention implementations tried in "
-          "order: xla,cpu (pallas, cudnn, or registered)", check=_names),
+    Field("implementation", DEFAULT_IMPLEMENTATION, "attention backends tried in order, "
+          "e.g. pallas,xla; empty: the device's (GPU: pallas,cudnn,xla; CPU: cpu,xla)",
+          type=tuple, check=_names),
     Field("dtype", "float32", "activation dtype (parameters and softmax stay fp32)",
           check=_one_of(DTYPES)),
     Field("dropout_rate", 0.0, "dropout after attention and MLP, in [0, 1)",

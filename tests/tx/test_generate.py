@@ -230,13 +230,14 @@ def test_paged_generation_reads_pages_with_the_pallas_kernel(monkeypatch):
     Pallas paged kernel (in interpret mode here) and give the contiguous cache's tokens."""
     from tx.attention import registry
     calls = []
-    kernel = registry.paged_kernel("pallas")
+    backend = registry._BACKENDS["pallas"]
+    kernel = backend.paged
 
-    def counting(q, *args, **kwargs):
-        calls.append(q.shape)
-        return kernel(q, *args, **kwargs)
+    def counting(call):
+        calls.append(call.q.shape)
+        return kernel(call)
 
-    monkeypatch.setitem(registry._PAGED, "pallas", counting)
+    monkeypatch.setattr(backend, "paged", counting)
     model = models.build(model_config(attention="gqa+local", window=6, vocab_size=V, d_model=24,
                                      num_layers=2, d_ff=48, implementation=("pallas", "xla")))
     prompt = _prompt(b=2, t=7)
@@ -261,18 +262,19 @@ def test_contiguous_generation_reads_the_cache_with_the_cpu_kernel(monkeypatch, 
     the kernel decline, and the registry's next implementation serves."""
     from tx.attention import registry
     calls = []
-    kernel = registry.cached_kernel("cpu")
+    backend = registry._BACKENDS["cpu"]
+    kernel = backend.cached
 
-    def counting(q, *args, **kwargs):
+    def counting(call):
         try:
-            out = kernel(q, *args, **kwargs)
+            out = kernel(call)
         except NotImplementedError:
             calls.append("declined")
             raise
-        calls.append(q.shape[:2])
+        calls.append(call.q.shape[:2])
         return out
 
-    monkeypatch.setitem(registry._CACHED, "cpu", counting)
+    monkeypatch.setattr(backend, "cached", counting)
     config = dict(attention="gqa", positions=positions, vocab_size=V, d_model=24, num_layers=2,
                   d_ff=48)
     model = models.build(model_config(**config))
@@ -293,13 +295,14 @@ def test_paged_generation_stores_and_attends_through_the_cpu_writer(monkeypatch)
     beams on shared pages score as a fresh forward pass does."""
     from tx.attention import registry
     calls = []
-    writer = registry.paged_writer("cpu")
+    backend = registry._BACKENDS["cpu"]
+    writer = backend.paged_write
 
-    def counting(q, *args, **kwargs):
-        calls.append(q.shape[:2])
-        return writer(q, *args, **kwargs)
+    def counting(call):
+        calls.append(call.q.shape[:2])
+        return writer(call)
 
-    monkeypatch.setitem(registry._PAGED_WRITERS, "cpu", counting)
+    monkeypatch.setattr(backend, "paged_write", counting)
     model = models.build(model_config(attention="gqa", vocab_size=V, d_model=24, num_layers=2,
                                       d_ff=48))
     prompt = _prompt(b=2, t=7)
@@ -318,5 +321,6 @@ def test_the_paged_writer_declines_under_a_mesh(monkeypatch):
     from tx.attention import registry
     from tx.parallel import shard
     monkeypatch.setattr(shard, "active", lambda: object())
+    from tx.attention import calls
     with pytest.raises(NotImplementedError, match="does not run per shard"):
-        registry.paged_writer("cpu")(None, None, None, None, None, None, None, mask=None)
+        registry._BACKENDS["cpu"].paged_write(calls.PagedWrite(*[None] * 7))

@@ -302,13 +302,14 @@ def test_int8_pages_go_through_the_pallas_paged_kernel(monkeypatch):
     dequantises in the kernel, and gives the tokens of the xla path over the same int8 pages."""
     from tx.attention import registry
     calls = []
-    kernel = registry.paged_kernel("pallas")
+    backend = registry._BACKENDS["pallas"]
+    kernel = backend.paged
 
-    def counting(q, k_pages, *args, **kwargs):
-        calls.append((k_pages.dtype, kwargs.get("k_scales") is not None))
-        return kernel(q, k_pages, *args, **kwargs)
+    def counting(call):
+        calls.append((call.k_pages.dtype, call.k_scales is not None))
+        return kernel(call)
 
-    monkeypatch.setitem(registry._PAGED, "pallas", counting)
+    monkeypatch.setattr(backend, "paged", counting)
     kw = dict(attention="gqa", vocab_size=V, d_model=32, num_layers=2, d_ff=48)
     pallas = models.build(model_config(implementation=("pallas", "xla"), **kw), seed=1)
     xla = models.build(model_config(**kw), seed=1)

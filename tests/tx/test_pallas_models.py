@@ -74,15 +74,16 @@ def kernel_calls(monkeypatch):
     from tx.attention import registry
     calls = {"flash": [], "paged": []}
 
+    backend = registry._BACKENDS["pallas"]
+
     def counting(kind, fn):
-        def call(*args, **kwargs):
-            calls[kind].append(type(kwargs.get("score_mod")).__name__)
-            return fn(*args, **kwargs)
+        def call(record):
+            calls[kind].append(type(record.score_mod).__name__)
+            return fn(record)
         return call
 
-    monkeypatch.setitem(registry._REGISTRY, "pallas",
-                        counting("flash", registry._REGISTRY["pallas"]))
-    monkeypatch.setitem(registry._PAGED, "pallas", counting("paged", registry._PAGED["pallas"]))
+    monkeypatch.setattr(backend, "dense", counting("flash", backend.dense))
+    monkeypatch.setattr(backend, "paged", counting("paged", backend.paged))
     return calls
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import masks as masks_lib
-from tx.attention import quant, registry
+from tx.attention import calls, quant, registry
 
 # Logical names of a cache's K/V ``[B, S, K, H]``: under a mesh (``tx.parallel``) the rows split
 # like the batch and the K/V heads like the attention heads.
@@ -81,9 +81,9 @@ class _NoCache:
         bias = None if cross else positions.bias(positions_bt, positions_bt)
         # The score modifier sees the default (aligned) positions: relative distances within
         # a packed document equal those of its restarted positions.
-        return registry.attend(q_btnh, k_bskh, v_bskh, mask=mask, segment_ids=segment_ids,
-                               kv_lengths=kv_lengths, bias=bias, scale=scale,
-                               implementation=implementation, score_mod=score_mod)
+        return registry.serve("dense", calls.Dense(
+            q_btnh, k_bskh, v_bskh, mask=mask, segment_ids=segment_ids, kv_lengths=kv_lengths,
+            bias=bias, scale=scale, score_mod=score_mod), implementation)
 
 
 NO_CACHE = _NoCache()
@@ -118,19 +118,17 @@ class _RowCache(nnx.Module):
         # The mask, the position bias and the score modifier are taken at the positions the
         # cache reports.
         bias = positions.bias(q_pos, kv_pos)
+        dense = calls.Dense(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
+                            kv_lengths=kv_lengths, bias=bias, scale=scale, q_positions=q_pos,
+                            kv_positions=kv_pos, score_mod=score_mod)
         filled = self.filled(q_btnh.shape[0])
         if filled is not None and segment_ids is None and kv_lengths is None and bias is None:
-            # A cache kernel (registry.register_cached) knows these positions without them.
-            out, implementation = registry.first_kernel(
-                implementation, registry.cached_kernel,
-                lambda kernel: kernel(q_btnh, k, v, filled, mask=mask, scale=scale,
-                                      score_mod=score_mod))
-            if out is not None:
-                return out
-        return registry.attend(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
-                               kv_lengths=kv_lengths, bias=bias, scale=scale,
-                               implementation=implementation, q_positions=q_pos,
-                               kv_positions=kv_pos, score_mod=score_mod)
+            # A backend's cached path knows these positions without them; one without it
+            # (or declining) attends densely at the positions.
+            return registry.serve("cached", calls.Cached(q_btnh, k, v, filled, mask=mask,
+                                                         scale=scale, score_mod=score_mod),
+                                  implementation, fallback=("dense", lambda: dense))
+        return registry.serve("dense", dense, implementation)
 
     def filled(self, batch: int) -> jax.Array | None:
         """``[B]`` slots written per row when they are a prefix that ends at the new tokens

@@ -27,7 +27,7 @@ from flax import nnx
 from kernels import masks as masks_lib
 from kernels.paged_attention import check_block_tables
 from tx.attention import cache as cache_lib
-from tx.attention import quant, registry
+from tx.attention import calls, quant, registry
 from tx.config import DEFAULT_IMPLEMENTATION
 
 
@@ -243,8 +243,8 @@ class PagedKVCache(nnx.Module):
 
     def _store_and_attend(self, q_btnh, k_new, v_new, *, mask, scale, implementation,
                           positions, score_mod):
-        """The leading implementations' paged writers, tried in order (``registry.
-        first_kernel``), store the step's tokens in the pools and attend, in one call; None
+        """The leading backends' ``paged_write`` paths, tried in order, store the step's
+        tokens in the pools and attend, in one call; None
         (nothing stored) when none has one or every one declines, when the pages are
         quantised, or when a position bias needs the general path."""
         if not isinstance(self.kv.key, quant.Float) or not isinstance(self.kv.value, quant.Float):
@@ -253,15 +253,17 @@ class PagedKVCache(nnx.Module):
         end = self.index[...] + t
         if positions.bias(*self._positions(t, end)) is not None:
             return None
-        lengths = jnp.full((q_btnh.shape[0],), end, jnp.int32)
-        stored, _ = registry.first_kernel(
-            implementation, registry.paged_writer,
-            lambda writer: writer(q_btnh, k_new, v_new, cache_lib.read(self.k_pages)["x"],
-                                  cache_lib.read(self.v_pages)["x"], self.block_tables[...],
-                                  lengths, mask=mask, scale=scale, score_mod=score_mod))
-        if stored is None:
+        writers = registry.leading(implementation, "paged_write")
+        if not writers:
             return None
-        out, k, v = stored
+        lengths = jnp.full((q_btnh.shape[0],), end, jnp.int32)
+        call = calls.PagedWrite(q_btnh, k_new, v_new, cache_lib.read(self.k_pages)["x"],
+                                cache_lib.read(self.v_pages)["x"], self.block_tables[...],
+                                lengths, mask=mask, scale=scale, score_mod=score_mod)
+        try:
+            out, k, v = registry.serve("paged_write", call, writers)
+        except registry.Unserved:
+            return None
         cache_lib.assign(self.k_pages, {"x": k})
         cache_lib.assign(self.v_pages, {"x": v})
         self.index[...] = end
@@ -290,13 +292,11 @@ class PagedKVCache(nnx.Module):
     def attend(self, q_btnh, k_new, v_new, positions_bt=None, *, mask: masks_lib.Mask,
                scale=None, implementation: Sequence = DEFAULT_IMPLEMENTATION, positions,
                segment_ids=None, kv_lengths=None, cross=False, score_mod=None):
-        """Writes the new tokens, then attends: implementations are tried in order, one with a
-        paged kernel (``registry.register_paged``, e.g. ``pallas``) reads the pages in place
-        (int8 pages dequantised in the kernel); from the first without one (or once every
-        kernel declined, or when segment ids, key lengths, a position bias or int4 pages
-        need the general path) the gathered, dequantised pages go through
-        ``registry.attend``. Leading implementations with a paged writer
-        (``registry.register_paged_writer``: ``cpu``) store and attend in one call."""
+        """Writes the new tokens, then attends: each backend of the order either reads the
+        pages in place (its ``paged`` path; int8 pages dequantised in the kernel) or attends
+        densely over the gathered, dequantised pages; segment ids, key lengths, a position
+        bias or int4 pages take the dense path. Leading backends with a ``paged_write`` path
+        (``cpu``) store and attend in one call."""
         if segment_ids is None and kv_lengths is None:
             out = self._store_and_attend(q_btnh, k_new, v_new, mask=mask, scale=scale,
                                          implementation=implementation, positions=positions,
@@ -306,22 +306,21 @@ class PagedKVCache(nnx.Module):
         self._write(k_new, v_new)
         t = q_btnh.shape[1]
         q_pos, kv_pos = self._positions(t)
-        implementation = tuple(implementation)
         bias = positions.bias(q_pos, kv_pos)
+
+        def gathered():
+            k, v = self._gather()
+            return calls.Dense(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
+                               kv_lengths=kv_lengths, bias=bias, scale=scale,
+                               q_positions=q_pos, kv_positions=kv_pos, score_mod=score_mod)
+
         in_place = self._kernel_pages()
         if segment_ids is None and kv_lengths is None and bias is None and \
                 in_place is not None:
             k_pages, v_pages, extra = in_place
             lengths = jnp.full((q_btnh.shape[0],), self.index[...], jnp.int32)
-            out, implementation = registry.first_kernel(
-                implementation, registry.paged_kernel,
-                lambda kernel: kernel(q_btnh, k_pages, v_pages, self.block_tables[...],
-                                      lengths, mask=mask, scale=scale, score_mod=score_mod,
-                                      **extra))
-            if out is not None:
-                return out
-        k, v = self._gather()
-        return registry.attend(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
-                               kv_lengths=kv_lengths, bias=bias, scale=scale,
-                               implementation=implementation, q_positions=q_pos,
-                               kv_positions=kv_pos, score_mod=score_mod)
+            return registry.serve("paged", calls.Paged(
+                q_btnh, k_pages, v_pages, self.block_tables[...], lengths, mask=mask,
+                scale=scale, score_mod=score_mod, **extra), implementation,
+                fallback=("dense", gathered))
+        return registry.serve("dense", gathered(), implementation)

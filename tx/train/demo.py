@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import jax
-import numpy as np
 import optax
 
 from tx import data, models
@@ -21,8 +20,9 @@ def run(*, steps: int = 60, batch_size: int = 16, seq_len: int = 128, seed: int 
                                 split="eval")
     cfg = ModelFlags(vocab_size=train_ds.vocab_size, d_model=128, num_heads=4, num_layers=2,
                       d_ff=512, attention=attention, max_len=seq_len)
-    optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 10, steps), 
-                            weight_decay=0.01)
+    # A short run warms up for a tenth of it (at most 10 steps).
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, min(10, steps // 10), steps)
+    optimizer = optax.adamw(schedule, weight_decay=0.01)
     state = init_state(models.build(parse(cfg), seed=seed), optimizer)
     train_step, eval_step = make_train_step(state.graphdef, optimizer), make_eval_step(state.graphdef)
     params, rest, opt_state = state.params, state.rest, state.opt_state
