@@ -23,7 +23,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kernels import masks as M
-from kernels import reference, tiles
+from kernels import reference, score_mods, tiles
 from kernels.block_sizes import BlockSizes
 from kernels.flash_attention import flash_attention
 from tx import data
@@ -292,15 +292,40 @@ def test_my_attention_trains_when_named_by_the_flag(tmp_path):
                    "--config.model.num_layers=1")
     assert tuple(config.model.implementation) == ("mine",)
     calls = []
-    registered = registry._BACKENDS["mine"].fn  # the function the config file registered
+    backend = registry._BACKENDS["mine"]  # the backend the config file registered
+    registered = backend.dense
 
-    def counting(q, k, v, **kwargs):
-        calls.append(q.shape)
-        return registered(q, k, v, **kwargs)
+    def counting(call):
+        calls.append(call.q.shape)
+        return registered(call)
 
-    registry.register("mine", counting)
+    backend.dense = counting
     run(config, tmp_path)
     assert calls and all(shape[1:] == (48, 4, 8) for shape in calls), calls
     model = models.build(configs.resolve(config).model)
     assert [a.implementation for _, a in nnx.iter_graph(model)
             if isinstance(a, Attention)] == [("mine",)]
+
+
+def test_my_attention_declines_score_modifiers_to_the_next_backend(tmp_path):
+    """Under ALiBi the backend declines (it takes no score modifier) and xla serves: the run
+    trains, and the registry says why mine passed."""
+    config = parse("my_attention", "--config.model.implementation=mine,xla",
+                   "--config.model.positions=alibi", "--config.model.num_layers=1", steps=4)
+    backend, declined = registry._BACKENDS["mine"], []
+    registered = backend.dense
+
+    def counting(call):
+        try:
+            return registered(call)
+        except NotImplementedError as e:
+            declined.append(str(e))
+            raise
+
+    backend.dense = counting
+    summary = run(config, tmp_path)
+    assert declined and all("no score modifiers (ALiBi)" in d for d in declined), declined
+    assert np.isfinite(summary["loss"])
+    with pytest.raises(NotImplementedError, match=r"mine dense: no score modifiers \(ALiBi\)"):
+        registry.attend(*(jnp.zeros((1, 16, 2, 8)),) * 3, implementation=("mine",),
+                        score_mod=score_mods.ALiBi(jnp.ones((2,))))

@@ -1,13 +1,16 @@
-"""A new attention implementation in one file: query-chunked softmax attention in plain jnp.
+"""A new attention backend in one file: query-chunked softmax attention in plain jnp.
 
 ``chunked_attention`` computes softmax attention one chunk of ``CHUNK`` queries at a time
 (``lax.map``), so the logits never exceed ``[B, N, CHUNK, S]`` (Rabe & Staats, 2021, without
-their key chunking). It takes the arguments of ``kernels.reference.attention``; for a case it
-does not serve it raises ``NotImplementedError`` and the registry tries the next name. It is
-registered as ``mine``, a name the ``implementation`` flag then accepts:
+their key chunking). ``Chunked`` is the backend: its one method, ``dense``, takes the typed
+call record (``tx.attention.calls.Dense``) and declines (``Decline``) what it does not serve:
+a length that is no multiple of ``CHUNK``, or a score modifier (ALiBi, T5 buckets), which
+the next backend of the order (``xla``) then serves. It is registered as ``mine``, a name the
+``implementation`` flag then accepts:
 
   python experiments/train.py --config=examples/extending/my_attention.py \
-      --workdir=/tmp/tx/mine --config.model.implementation=mine
+      --workdir=/tmp/tx/mine --config.model.implementation=mine,xla \
+      --config.model.positions=alibi
 """
 
 import jax
@@ -25,7 +28,7 @@ def chunked_attention(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, 
                       scale=None, q_positions=None, kv_positions=None):
     b, t, s, n, kh, h = checks.check_qkv(q, k, v)
     if t % CHUNK:
-        raise NotImplementedError(f"{t} queries are not a multiple of CHUNK={CHUNK}")
+        raise attention.Decline(f"{t} queries are not a multiple of CHUNK={CHUNK}")
     mask = checks.check_mask(mask)
     scale = h ** -0.5 if scale is None else scale
     if q_positions is None:  # bottom-right aligned, as every implementation
@@ -52,7 +55,17 @@ def chunked_attention(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, 
     return out.transpose(1, 0, 2, 3, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
-attention.register("mine", chunked_attention)
+class Chunked(attention.Backend):
+    name = "mine"
+
+    def dense(self, call: attention.calls.Dense):
+        if call.score_mod is not None:
+            raise attention.Decline(f"no score modifiers ({type(call.score_mod).__name__})")
+        kwargs = {k: v for k, v in call.kwargs().items() if k != "score_mod"}
+        return chunked_attention(call.q, call.k, call.v, **kwargs)
+
+
+attention.register(Chunked())
 
 
 def get_config():

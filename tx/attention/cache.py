@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import masks as masks_lib
+from kernels import score_mods
 from tx.attention import calls, quant, registry
 
 # Logical names of a cache's K/V ``[B, S, K, H]``: under a mesh (``tx.parallel``) the rows split
@@ -121,18 +122,20 @@ class _RowCache(nnx.Module):
         dense = calls.Dense(q_btnh, k, v, mask=mask, segment_ids=segment_ids,
                             kv_lengths=kv_lengths, bias=bias, scale=scale, q_positions=q_pos,
                             kv_positions=kv_pos, score_mod=score_mod)
-        filled = self.filled(q_btnh.shape[0])
-        if filled is not None and segment_ids is None and kv_lengths is None and bias is None:
+        view = None
+        if segment_ids is None and kv_lengths is None and bias is None:
+            view = self.prefix_view(k, v, kv_pos, score_mod)
+        if view is not None:
             # A backend's cached path knows these positions without them; one without it
             # (or declining) attends densely at the positions.
-            return registry.serve("cached", calls.Cached(q_btnh, k, v, filled, mask=mask,
-                                                         scale=scale, score_mod=score_mod),
+            return registry.serve("cached", calls.Cached(q_btnh, *view, mask=mask, scale=scale,
+                                                         score_mod=score_mod),
                                   implementation, fallback=("dense", lambda: dense))
         return registry.serve("dense", dense, implementation)
 
-    def filled(self, batch: int) -> jax.Array | None:
-        """``[B]`` slots written per row when they are a prefix that ends at the new tokens
-        (the positions a cache kernel assumes), else None."""
+    def prefix_view(self, k, v, kv_pos, score_mod):
+        """``(k, v, lengths [B])`` laid out as a cached path assumes (the written slots a
+        prefix ending at the new tokens), or None when this cache cannot give one."""
         return None
 
     def _map(self, fn, *, reshape: bool = False) -> None:
@@ -157,8 +160,8 @@ class KVCache(_RowCache):
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))  # tokens written so far
         self.max_len = max_len
 
-    def filled(self, batch):
-        return jnp.full((batch,), self.index[...], jnp.int32)
+    def prefix_view(self, k, v, kv_pos, score_mod):
+        return k, v, jnp.full((k.shape[0],), self.index[...], jnp.int32)
 
     def update(self, k_new, v_new):
         b, t = k_new.shape[:2]
@@ -207,6 +210,27 @@ class RollingKVCache(_RowCache):
         self.index[...] = start + t
         return (*out, jnp.broadcast_to(new_pos, (b, t)),
                 jnp.broadcast_to(kv_pos, (b, self.window + t)))
+
+    def prefix_view(self, k, v, kv_pos, score_mod):
+        """The ring in time order, then the new tokens, then the empty slots: positions
+        shifted to start at 0, exact for the causal window this cache holds (a band reads
+        distances only) when the score modifier reads distances only too."""
+        if not _relative(score_mod):
+            return None
+        key = jnp.where(kv_pos[0] < 0, jnp.iinfo(jnp.int32).max, kv_pos[0])
+        order = jnp.argsort(key)  # valid slots ascending (a contiguous range), empties last
+        lengths = jnp.full((k.shape[0],), jnp.sum(kv_pos[0] >= 0), jnp.int32)
+        return jnp.take(k, order, axis=1), jnp.take(v, order, axis=1), lengths
+
+
+# Modifiers that read only the distance between a query and a key (or nothing): a rolling
+# cache's keys shifted to start at position 0 give them the same logits.
+_RELATIVE_MODS = (score_mods.ALiBi, score_mods.T5Bias, score_mods.SoftCap, score_mods.Sinks)
+
+
+def _relative(score_mod) -> bool:
+    parts = score_mod.mods if isinstance(score_mod, score_mods.Chain) else (score_mod,)
+    return all(m is None or type(m) in _RELATIVE_MODS for m in parts)
 
 
 def rolling_window(mask: masks_lib.Mask) -> int | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 from typing import Callable, Sequence
 
 import jax
@@ -165,6 +166,27 @@ def summary(records) -> str:
     return "; ".join(f"{what}: " + ", ".join(f"{b} ({n} call{'s' * (n != 1)})"
                                               for b, n in c.items())
                      for what, c in counts.items()) or "no attention calls"
+
+
+_SAID: set[str] = set()
+_LOG = logging.getLogger("tx.attention")
+
+
+def announced(fn: Callable, say: Callable[[str], None] | None = None) -> Callable:
+    """``fn`` (a jitted step) whose calls that trace say which backend served each path,
+    through ``say`` (default: the ``tx.attention`` logger at INFO), each line once per
+    process: ``attention: pallas (12 calls); paged decode: pallas (12 calls)``."""
+    say = say or _LOG.info
+
+    def call(*args, **kwargs):
+        with recording() as records:
+            out = fn(*args, **kwargs)
+        line = summary(records) if records else None
+        if line and line not in _SAID:
+            _SAID.add(line)
+            say(line)
+        return out
+    return call
 
 
 def explain(model, batch) -> dict[str, dict[str, int]]:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tx.attention import registry
 from tx.inference.generation import (PAD, Contiguous, Generation, _check, _context,
                                      _last_logits, caches)
 
@@ -42,9 +43,10 @@ def beam_search(model: nnx.Module, prompt_bt, *, max_new_tokens: int, num_beams:
     model.drop_cache()
     source = None if source_bs is None else jnp.asarray(source_bs, jnp.int32)
     lengths = None if source_lengths_b is None else jnp.asarray(source_lengths_b, jnp.int32)
-    tokens, gen_len, scores = _beam(graphdef, state, prompt, source, lengths, num_beams=num_beams,
-                            max_new_tokens=max_new_tokens, length_penalty=float(length_penalty),
-                            stop_tokens=tuple(int(t) for t in stop_tokens))
+    tokens, gen_len, scores = registry.announced(_beam)(
+        graphdef, state, prompt, source, lengths, num_beams=num_beams,
+        max_new_tokens=max_new_tokens, length_penalty=float(length_penalty),
+        stop_tokens=tuple(int(t) for t in stop_tokens))
     return Generation(np.asarray(tokens), np.asarray(gen_len), np.asarray(scores))
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from tx.attention.paged import ForkPlan, PagedKVCache
+from tx.attention import registry
 from tx.attention.quant import KV_DTYPES, KVQuant
 from tx.inference.paged_cache import PagePool
 from tx.inference.sampling import Greedy
@@ -256,7 +257,8 @@ def generate(model: nnx.Module, prompt_bt, *, max_new_tokens: int, strategy=Gree
     cache.install(model, prompt, max_new_tokens)
     graphdef, state = nnx.split(model)
     model.drop_cache()
-    run = _decode_cached if cache.cached else _decode_recompute
+    # Says once which backend serves each attention path (when the step is traced).
+    run = registry.announced(_decode_cached if cache.cached else _decode_recompute)
     source = None if source_bs is None else jnp.asarray(source_bs, jnp.int32)
     lengths = None if source_lengths_b is None else jnp.asarray(source_lengths_b, jnp.int32)
     tokens, done_at = run(graphdef, state, prompt, source, lengths, jax.random.key(seed),
