@@ -187,3 +187,18 @@ def test_correct_metric_is_argmax_equals_label_ties_and_bad_labels_included(voca
     assert float(metrics["correct"]) == float((hits * np.asarray(weights)).sum())
     _, metrics = heads_lib.class_loss(logits[:, 0], jnp.clip(labels[:, 0], 0, vocab - 1))
     assert float(metrics["correct"]) == float(hits[:, 0].sum())
+
+
+@pytest.mark.parametrize("attention, positions", [("local", "alibi"), ("gqa", "t5"),
+                                                  ("gqa+local", "rope")])
+def test_pallas_alone_decodes_a_contiguous_or_rolling_cache(attention, positions):
+    """('pallas',) alone: the flash kernel for the full forward, the paged kernel over the
+    cache (a rolling one for the window, read in time order) for the steps; both match xla."""
+    kw = dict(attention=attention, positions=positions, window=3)
+    pallas = models.build(_config("decoder", implementation=("pallas",), **kw))
+    toks = _tokens(0)
+    want = models.build(_config("decoder", implementation=("xla",), **kw))(toks)
+    np.testing.assert_allclose(pallas(toks), want, atol=2e-5, rtol=2e-5)
+    pallas.init_cache(B, T)
+    steps = [pallas(toks[:, :5])] + [pallas(toks[:, i:i + 1]) for i in range(5, T)]
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), want, atol=2e-5, rtol=2e-5)
