@@ -18,21 +18,33 @@ modifier only changes the logits of visible pairs, so tile skipping stays exact.
 
 Parameters. A modifier's arrays are pytree leaves (``jax.grad`` reaches them); the rest
 (caps, bucket counts, functions) is static and hashable, so a kernel specialises on the
-tree structure. Kernels see the parameters as one ``[N, width]`` fp32 table
-(``head_params``), one row per query head, and read a column with ``Context.param`` or a
-data-dependent column with ``Context.lookup``; in a kernel those are masked reductions (no
-gathers, no slices), so their transposes lower through Triton too and the gradient of the table
-comes out of the backward kernel per head and column.
+tree structure. Every subclass is a pytree on definition (no registration by hand): the
+fields its ``data_fields`` names are leaves, or, when it names none, every field holding an
+array or a modifier (or a tuple of modifiers); the other fields are static.
+
+Learned modifiers. A modifier may declare per-head parameters that an attention layer creates
+and owns: ``learned(num_heads) -> {name: ParamSpec(shape, init, axes)}`` (empty once bound),
+and ``bind(params, num_heads)`` returns the modifier holding the layer's arrays (by default
+the fields of the declared names). ``Sinks()`` is one: unbound, it asks for ``sink_n``. An
+unbound modifier is refused by the kernels and the reference, naming what it lacks.
+
+Kernels see the parameters as one ``[N, width]`` fp32 table (``head_params``), one row per
+query head, and read a column with ``Context.param`` or a data-dependent column with
+``Context.lookup``; in a kernel those are masked reductions (no gathers, no slices), so their
+transposes lower through Triton too and the gradient of the table comes out of the backward
+kernel per head and column.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 # --- where a modifier runs ---------------------------------------------------------------------
@@ -77,12 +89,53 @@ class Context:
         return self.params[self.head, self.offset + index]
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """A learned parameter a modifier declares: its shape, ``init(key, shape, dtype)`` and
+    logical axis names (default ``("heads", None, ...)``: per-head parameters lead with heads)."""
+
+    shape: tuple
+    init: Callable = jax.nn.initializers.zeros
+    axes: tuple | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(self.shape))
+        if self.axes is None:
+            object.__setattr__(self, "axes", ("heads",) + (None,) * (len(self.shape) - 1))
+        if len(self.axes) != len(self.shape):
+            _fail("ParamSpec.axes", self.axes, f"must name each of the {len(self.shape)} axes "
+                  f"of shape {self.shape} (None for an unsharded axis).")
+
+
 class ScoreMod:
     """Base class. Subclasses set ``width`` (parameter columns per head) and implement
     ``modify``; those with parameters implement ``head_params``; ``check`` validates shapes
-    on the host before anything is traced."""
+    on the host before anything is traced. Subclasses are pytrees (``data_fields``, or the
+    fields holding arrays, are the leaves); ``learned``/``bind`` declare and take parameters
+    an attention layer owns."""
 
     width = 0
+    # True when the logits depend on positions only through ``q_pos - kv_pos`` (or not at
+    # all): a cache may then shift every position by the same amount (a rolling cache read in
+    # time order from 0) and the logits stay exact.
+    relative = False
+    data_fields = None  # the names of the leaf fields; None: the fields holding arrays
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_with_keys(
+            cls, _flatten_with_keys, functools.partial(_unflatten, cls), flatten_func=_flatten)
+
+    def learned(self, num_heads: int) -> dict[str, ParamSpec]:
+        """The parameters this modifier asks its attention layer to create and own, by the
+        name they take on the layer; empty when it holds its arrays (bound)."""
+        return {}
+
+    def bind(self, params, num_heads: int) -> "ScoreMod":
+        """This modifier holding the layer's arrays ``params`` (a mapping with at least the
+        names ``learned`` declares); by default each name is a field of this dataclass."""
+        names = self.learned(num_heads)
+        return dataclasses.replace(self, **{k: params[k] for k in names}) if names else self
 
     def modify(self, s, ctx: Context):
         raise NotImplementedError
@@ -114,9 +167,46 @@ def _per_head(name: str, x: Any, num_heads: int, ndim: int = 1, axis: int = 0) -
               "one entry per query head.")
 
 
-def _leaf(cls, data: tuple[str, ...], meta: tuple[str, ...]):
-    return jax.tree_util.register_dataclass(cls, data_fields=list(data),
-                                            meta_fields=list(meta))
+# --- every subclass is a pytree ----------------------------------------------------------------
+
+def _is_data(value) -> bool:
+    if isinstance(value, (jax.Array, np.ndarray, ScoreMod)):
+        return True
+    return isinstance(value, tuple) and bool(value) and all(isinstance(v, ScoreMod)
+                                                             for v in value)
+
+
+def _fields(obj) -> tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]:
+    """``(leaf field names, ((static name, value), ...))`` of a modifier."""
+    names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) \
+        else sorted(n for n in vars(obj) if n != "_data_fields")
+    data = type(obj).data_fields
+    if data is None:  # the split a rebuilt value came with, else by value
+        data = obj.__dict__.get("_data_fields") if hasattr(obj, "__dict__") else None
+    if data is None:
+        data = tuple(n for n in names if _is_data(getattr(obj, n)))
+    return tuple(data), tuple((n, getattr(obj, n)) for n in names if n not in data)
+
+
+def _flatten(obj):
+    data, static = _fields(obj)
+    return [getattr(obj, n) for n in data], (data, static)
+
+
+def _flatten_with_keys(obj):
+    data, static = _fields(obj)
+    return [(jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in data], (data, static)
+
+
+def _unflatten(cls, aux, children):
+    """The modifier without running ``__init__`` (its leaves may be None or tracers)."""
+    data, static = aux
+    obj = object.__new__(cls)
+    for name, value in (*zip(data, children), *static):
+        object.__setattr__(obj, name, value)
+    if cls.data_fields is None and hasattr(obj, "__dict__"):
+        object.__setattr__(obj, "_data_fields", data)
+    return obj
 
 
 # --- the modifiers -----------------------------------------------------------------------------
@@ -125,8 +215,11 @@ def _leaf(cls, data: tuple[str, ...], meta: tuple[str, ...]):
 class ALiBi(ScoreMod):
     """Linear distance penalty ``-slopes[n] * |q_pos - kv_pos|`` (Press et al., 2022)."""
 
+    relative = True
+
     slopes: Any  # [N]
     width = 1
+    data_fields = ("slopes",)
 
     def modify(self, s, ctx):
         distance = jnp.abs(ctx.q_pos - ctx.kv_pos).astype(jnp.float32)
@@ -180,10 +273,13 @@ def t5_bucket(relative_position, *, num_buckets: int, max_distance: int, bidirec
 class T5Bias(ScoreMod):
     """T5's learned per-head bias over relative-distance buckets: ``table [buckets, N]``."""
 
+    relative = True
+
     table: Any
     num_buckets: int = 32
     max_distance: int = 128
     bidirectional: bool = True
+    data_fields = ("table",)
 
     @property
     def width(self):
@@ -216,7 +312,10 @@ class T5Bias(ScoreMod):
 class SoftCap(ScoreMod):
     """``cap * tanh(s / cap)``: logits bounded to ``(-cap, cap)`` (Gemma 2)."""
 
+    relative = True
+
     cap: float
+    data_fields = ()
 
     def __post_init__(self):
         if isinstance(self.cap, bool) or not isinstance(self.cap, (int, float)) or \
@@ -230,12 +329,22 @@ class SoftCap(ScoreMod):
 @dataclasses.dataclass(frozen=True, eq=False)
 class Sinks(ScoreMod):
     """A learned per-head logit ``logits [N]`` in every row's softmax, with no value: the row's
-    weights are ``softmax([s, sink])`` without the sink's column (StreamingLLM, gpt-oss)."""
+    weights are ``softmax([s, sink])`` without the sink's column (StreamingLLM, gpt-oss).
+    ``Sinks()`` is unbound: an attention layer creates ``sink_n`` (zeros) and binds it."""
 
-    logits: Any
+    relative = True
+
+    logits: Any = None
+    data_fields = ("logits",)
 
     def modify(self, s, ctx):
         return s
+
+    def learned(self, num_heads):
+        return {} if self.logits is not None else {"sink_n": ParamSpec((num_heads,))}
+
+    def bind(self, params, num_heads):
+        return self if self.logits is not None else Sinks(params["sink_n"])
 
     def sink(self):
         return jnp.asarray(self.logits).astype(jnp.float32)
@@ -251,6 +360,7 @@ class ScoreFn(ScoreMod):
     of the logits' shape. Differentiated by JAX inside the kernels."""
 
     fn: Callable
+    data_fields = ()
 
     def __post_init__(self):
         if not callable(self.fn):
@@ -273,7 +383,12 @@ class ScoreFn(ScoreMod):
 class Chain(ScoreMod):
     """``mods`` applied in order; their parameter columns laid side by side."""
 
+    @property
+    def relative(self):
+        return all(m.relative for m in self.mods)
+
     mods: tuple
+    data_fields = ("mods",)
 
     @property
     def width(self):
@@ -289,6 +404,19 @@ class Chain(ScoreMod):
     def head_params(self, num_heads):
         return jnp.concatenate([m.head_params(num_heads) for m in self.mods], axis=1)
 
+    def learned(self, num_heads):
+        out = {}
+        for m in self.mods:
+            for name, spec in m.learned(num_heads).items():
+                if name in out:
+                    _fail("chain", self.mods, f"declares the learned parameter {name!r} twice; "
+                          "give each modifier's parameters their own names.")
+                out[name] = spec
+        return out
+
+    def bind(self, params, num_heads):
+        return Chain(tuple(m.bind(params, num_heads) for m in self.mods))
+
     def sink(self):
         sinks = [m.sink() for m in self.mods if m.sink() is not None]
         return sinks[0] if sinks else None
@@ -298,14 +426,6 @@ class Chain(ScoreMod):
             _fail("chain", self.mods, "holds more than one Sinks; give one sink per head.")
         for m in self.mods:
             m.check(num_heads)
-
-
-for _cls, _data, _meta in ((ALiBi, ("slopes",), ()),
-                           (T5Bias, ("table",), ("num_buckets", "max_distance",
-                                                 "bidirectional")),
-                           (SoftCap, (), ("cap",)), (Sinks, ("logits",), ()),
-                           (ScoreFn, (), ("fn",)), (Chain, ("mods",), ())):
-    _leaf(_cls, _data, _meta)
 
 
 def chain(*mods: ScoreMod | None) -> ScoreMod | None:
@@ -332,6 +452,12 @@ def check(score_mod: Any, num_heads: int) -> ScoreMod | None:
     if not isinstance(score_mod, ScoreMod):
         raise ValueError(f"score_mod={score_mod!r} must be a kernels.score_mods value (ALiBi, "
                          "T5Bias, SoftCap, Sinks, ScoreFn, chain(...)) or None.")
+    missing = score_mod.learned(num_heads)
+    if missing:
+        raise ValueError(f"score_mod={score_mod!r} is unbound: it declares the learned "
+                         f"parameters {sorted(missing)}, which an attention layer creates and "
+                         "binds (tx.attention.Attention); to call a kernel directly, bind it: "
+                         "score_mod.bind({name: array}, num_heads).")
     score_mod.check(num_heads)
     return score_mod
 

@@ -188,24 +188,32 @@ def test_dilated_mask_trains_in_the_flash_kernel_which_skips_its_empty_tiles(tmp
 
 
 def test_kerple_positions_train_their_own_parameters(tmp_path):
+    """A learned score modifier: each layer owns its r1, r2, and the Pallas kernels alone
+    (interpret mode here) train them: forward, and their gradients from the backward."""
     config = parse("kerple_positions", "--config.model.positions=kerple",
-                   "--config.model.num_layers=1")
+                   "--config.model.implementation=pallas", steps=4)
+    assert tuple(config.model.implementation) == ("pallas",)
     run(config, tmp_path)
     resolved = configs.resolve(config)
     trained, step = loop.load_model(resolved, tmp_path)
     fresh = loop.build_model(resolved)
     assert step == config.train.steps
-    module, initial = trained.tower.positions, fresh.tower.positions
-    assert type(module).__name__ == "KerpleLog"
-    assert [a.positions for a in trained.tower.self_attentions()] == [module]  # shared
-    # Its parameters moved: the bias was in the loss.
-    assert not np.allclose(module.r1_raw[...], initial.r1_raw[...])
-    assert not np.allclose(module.r2_raw[...], initial.r2_raw[...])
-    pos = jnp.arange(6, dtype=jnp.int32)[None]
-    bias = np.asarray(module.bias(pos, pos))
-    assert bias.shape == (1, 4, 6, 6) and (np.diagonal(bias, axis1=2, axis2=3) == 0).all()
-    assert (np.diff(bias[0, :, 5, ::-1], axis=-1) < 0).all()  # decays with the distance
-    np.testing.assert_allclose(bias, bias.transpose(0, 1, 3, 2))
+    module = trained.tower.positions
+    assert type(module).__name__ == "KerplePositions" and not nnx.state(module, nnx.Param)
+    layers, initial = trained.tower.self_attentions(), fresh.tower.self_attentions()
+    assert len(layers) == 2 and all(a.positions is module for a in layers)  # shared
+    for layer, init in zip(layers, initial):
+        assert layer.learned_names == ("r1_raw", "r2_raw")  # each layer's own
+        # They moved: the modifier was in the loss, and its gradients came back.
+        assert not np.allclose(layer.r1_raw[...], init.r1_raw[...])
+        assert not np.allclose(layer.r2_raw[...], init.r2_raw[...])
+    pos = jnp.arange(6, dtype=jnp.int32)
+    bias = np.asarray(score_mods.reference_logits(
+        layers[0].logits_mod(), jnp.zeros((4, 6, 6)), head=jnp.arange(4)[:, None, None],
+        batch=0, q_pos=pos[None, :, None], kv_pos=pos[None, None, :], num_heads=4))
+    assert (np.diagonal(bias, axis1=1, axis2=2) == 0).all()
+    assert (np.diff(bias[:, 5, ::-1], axis=-1) < 0).all()  # decays with the distance
+    np.testing.assert_allclose(bias, bias.transpose(0, 2, 1))
 
 
 # ---------------------------------------------------------------------------- span head

@@ -4,54 +4,70 @@
 Each head ``n`` adds ``-r1_n * log(1 + r2_n * |i - j|)`` to its attention logits, with
 ``r1_n, r2_n > 0`` learned (kept positive by a softplus). Like ALiBi it has no table of absolute
 positions, so it runs at any length; unlike ALiBi the penalty grows logarithmically and its
-shape is learned per head. It uses one hook of ``tx.layers.positions.Positions``, ``bias``
-(``embed`` and ``rotate`` stay the identity), and is registered as ``kerple``:
+shape is learned per head. It is a learned score modifier (``kernels.score_mods``): it declares
+its raw ``r1, r2``, each attention layer creates and owns its own, and every implementation
+(the ``xla`` reference, the Pallas flash and paged kernels, gradients included) applies it at
+the positions it sees. Registered as ``kerple``:
 
   python experiments/train.py --config=examples/extending/kerple_positions.py \
-      --workdir=/tmp/tx/kerple  # add --config.model.positions=alibi for the baseline
+      --workdir=/tmp/tx/kerple  # --config.model.implementation=pallas: our kernels alone
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels import score_mods
 from tx import flags
 from tx.layers.positions import Positions
 from tx.train.configs import experiment
 
 
-class KerpleLog(Positions):
-    """The module: per-head ``r1, r2`` as raw parameters, positive through a softplus."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class KerpleLog(score_mods.ScoreMod):
+    """The modifier; unbound it declares per-head raw ``r1_raw, r2_raw [N]`` (layer params)."""
 
-    def __init__(self, num_heads: int, *, rngs: nnx.Rngs):
+    r1_raw: Any = None
+    r2_raw: Any = None
+    width = 2  # parameter columns per head: softplus(r1_raw), softplus(r2_raw)
+    relative = True  # reads |q_pos - kv_pos| only
+
+    def learned(self, num_heads):
         # softplus(raw): r1 starts in [0.31, 0.69), r2 in [0.69, 1.31), a mild decay.
-        init = nnx.initializers.uniform(scale=1.0)
-        self.r1_raw = nnx.Param(init(rngs.params(), (num_heads,)) - 1.0)
-        self.r2_raw = nnx.Param(init(rngs.params(), (num_heads,)))
+        return {} if self.r1_raw is not None else {
+            name: score_mods.ParamSpec((num_heads,), lambda key, shape, dtype, low=low:
+                                       jax.random.uniform(key, shape, dtype, low, low + 1.0))
+            for name, low in (("r1_raw", -1.0), ("r2_raw", 0.0))}
 
-    def bias(self, q_pos_bt: jax.Array, kv_pos_bs: jax.Array) -> jax.Array:
-        r1 = jax.nn.softplus(self.r1_raw[...]).astype(jnp.float32)[None, :, None, None]
-        r2 = jax.nn.softplus(self.r2_raw[...]).astype(jnp.float32)[None, :, None, None]
-        distance = jnp.abs(q_pos_bt[:, :, None] - kv_pos_bs[:, None, :]).astype(jnp.float32)
-        return -r1 * jnp.log1p(r2 * distance[:, None])  # [B, N, T, S]
+    def head_params(self, num_heads):
+        return jax.nn.softplus(jnp.stack([self.r1_raw, self.r2_raw], 1).astype(jnp.float32))
+
+    def modify(self, s, ctx):
+        distance = jnp.abs(ctx.q_pos - ctx.kv_pos).astype(jnp.float32)
+        return s - ctx.param(0) * jnp.log1p(ctx.param(1) * distance)
+
+
+class KerplePositions(Positions):
+    def score_mod(self):  # no parameters here: the modifier each layer binds to its own
+        return KerpleLog()
 
 
 @dataclasses.dataclass(frozen=True)
 class Kerple:
-    """The config's value: builds one ``KerpleLog`` per tower (shared by its layers)."""
+    """The config's value: builds the tower's ``KerplePositions``."""
 
     def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
-        return KerpleLog(cfg.num_heads, rngs=rngs)
+        return KerplePositions()
 
 
-flags.register_positions("kerple", lambda f: Kerple())
+flags.register_positions("kerple", lambda f: Kerple(), prints=lambda v: type(v) is Kerple and {})
 
 
 def get_config():
-    # MQAR recall needs no absolute positions; the learned decay lets each head choose how
-    # local it is. The bias is an additive term, so the XLA implementation serves it.
+    # MQAR needs no absolute positions; the learned decay lets each head choose how local it is.
     model = flags.ModelFlags(task="lm", vocab_size=40, d_model=64, num_layers=2, num_heads=4,
                              d_ff=128, positions="kerple")
     return experiment(model, dataset="mqar", seq_len=48, extensions=[__file__],

@@ -379,6 +379,77 @@ def test_chain_flattens_and_refuses_two_sinks():
         sm.chain(a, 3)
 
 
+
+# --- a user's subclass: a pytree without registration by hand -----------------------------------
+
+import dataclasses  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class _Gain(sm.ScoreMod):
+    """Written the natural way: a frozen dataclass, an array field, ``head_params``; no
+    ``data_fields`` and no pytree registration (the array field is found by its value)."""
+
+    gain: jax.Array
+    offset: float = 0.0
+    width = 1
+
+    def modify(self, s, ctx):
+        return s * ctx.param(0) + self.offset
+
+    def head_params(self, num_heads):
+        return jnp.asarray(self.gain, jnp.float32).reshape(num_heads, 1)
+
+
+def test_a_users_subclass_is_a_pytree_and_runs_in_the_flash_kernel():
+    n, kh = HEADS["gqa4"]
+    mod = _Gain(jnp.linspace(0.5, 1.5, n), offset=0.25)
+    leaves, treedef = jax.tree.flatten(mod)
+    assert len(leaves) == 1 and leaves[0] is mod.gain  # the array; offset is static
+    rebuilt = sm.rebuild(sm.Structure(treedef))  # what a kernel holds: None leaves
+    assert type(rebuilt) is _Gain and rebuilt.gain is None and rebuilt.offset == 0.25
+    q, k, v, do = _inputs(n, kh, 16, "float32")
+    out, grads = _kernel_value_and_grads(M.Causal(), q, k, v, do, mod, {})
+    want_out, want_grads = _reference_value_and_grads(M.Causal(), q, k, v, do, mod, {})
+    _assert_close("out", out, want_out, TOL["float32"]["fwd"])
+    assert np.abs(np.asarray(want_grads[3].gain)).max() > 0
+    _assert_close("dgain", grads[3].gain, want_grads[3].gain, TOL["float32"]["grad"])
+    pq, pk, pv, table, lengths = _pool([5, 33], n, kh, 16, 8, 1, "float32")
+    _assert_close("paged", paged_attention(pq, pk, pv, table, lengths, score_mod=mod,
+                                           interpret=True),
+                  reference.paged_attention(pq, pk, pv, table, lengths, score_mod=mod),
+                  TOL["float32"]["fwd"])
+
+
+def test_declared_data_fields_and_static_fields():
+    """``data_fields`` names the leaves (even a tuple of floats); the rest is static, in the
+    structure a kernel specialises on."""
+    alibi = sm.ALiBi((0.5, 0.25))
+    assert jax.tree.leaves(alibi) == [0.5, 0.25]
+    t5 = make_mod("t5", 4)
+    assert jax.tree.structure(t5) != jax.tree.structure(
+        sm.T5Bias(t5.table, num_buckets=8, max_distance=30))
+    assert jax.tree.leaves(sm.chain(t5, sm.SoftCap(2.0), sm.Sinks(jnp.ones(4))))[1].shape == (4,)
+
+
+def test_learned_modifiers_declare_bind_and_are_refused_unbound():
+    n = 4
+    mod = sm.chain(sm.SoftCap(3.0), sm.Sinks())
+    declared = mod.learned(n)
+    assert list(declared) == ["sink_n"] and declared["sink_n"].shape == (n,)
+    assert declared["sink_n"].axes == ("heads",)
+    q, k, v, _ = _inputs(n, 2, 16, "float32")
+    with pytest.raises(ValueError, match=r"unbound.*sink_n"):
+        reference.attention(q, k, v, score_mod=mod)
+    bound = mod.bind({"sink_n": jnp.ones(n), "other": None}, n)
+    assert not bound.learned(n) and bound.mods[1].logits.shape == (n,)
+    want = reference.attention(q, k, v, score_mod=sm.chain(sm.SoftCap(3.0),
+                                                           sm.Sinks(jnp.ones(n))))
+    _assert_close("bound", reference.attention(q, k, v, score_mod=bound), want,
+                  TOL["float32"]["fwd"])
+    with pytest.raises(ValueError, match="'sink_n' twice"):
+        sm.chain(sm.Sinks(), sm.Sinks()).learned(n)
+
 if __name__ == "__main__":
     # The worst kernel-vs-reference errors of the matrix, per dtype and quantity (absolute,
     # max over cells): python -m tests.kernels.test_score_mods

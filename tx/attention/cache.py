@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import masks as masks_lib
-from kernels import score_mods
 from tx.attention import calls, quant, registry
 
 # Logical names of a cache's K/V ``[B, S, K, H]``: under a mesh (``tx.parallel``) the rows split
@@ -223,14 +222,9 @@ class RollingKVCache(_RowCache):
         return jnp.take(k, order, axis=1), jnp.take(v, order, axis=1), lengths
 
 
-# Modifiers that read only the distance between a query and a key (or nothing): a rolling
-# cache's keys shifted to start at position 0 give them the same logits.
-_RELATIVE_MODS = (score_mods.ALiBi, score_mods.T5Bias, score_mods.SoftCap, score_mods.Sinks)
-
-
 def _relative(score_mod) -> bool:
-    parts = score_mod.mods if isinstance(score_mod, score_mods.Chain) else (score_mod,)
-    return all(m is None or type(m) in _RELATIVE_MODS for m in parts)
+    """Whether a rolling cache's keys shifted to start at position 0 give the same logits."""
+    return score_mod is None or bool(getattr(score_mod, "relative", False))
 
 
 def rolling_window(mask: masks_lib.Mask) -> int | None:

@@ -85,15 +85,24 @@ class Attention(nnx.Module):
         self.v_bias_kh = bias_param((k, h), ("kv_heads", "head_dim"))
         self.o_bias_d = bias_param((d,), ("embed",),
                                    use_bias if out_bias is None else out_bias)
-        # Learned sink logits (one per query head), zeros at first: a sink then takes the
-        # mass of one key whose logit is 0.
-        self.sink_n = nnx.Param(nnx.with_partitioning(
-            nnx.initializers.zeros_init(), ("heads",), eager_sharding=False)(
-                rngs.params(), (n,), param_dtype)) if sinks else None
-        self.score_mod = score_mods.check(score_mod, n)
         self.mask = masks_lib.Full() if mask is None else mask
         self.implementation = tuple(implementation)
         self.positions = Positions() if positions is None else positions
+        # Learned score modifiers: the parameters the modifiers declare (the positions', the
+        # configured one, the sinks': ``sink_n``, zeros, so a sink first takes the mass of one
+        # key of logit 0) are this layer's, by their declared names; bound in ``logits_mod``.
+        self.score_mod = score_mods.chain(score_mod, score_mods.Sinks() if sinks else None)
+        mods = score_mods.chain(self.positions.score_mod(), self.score_mod)
+        declared = {} if mods is None else mods.learned(n)
+        for name, spec in declared.items():
+            if not name.isidentifier() or hasattr(self, name):
+                raise ValueError(f"score_mod={mods!r} declares a learned parameter {name!r}, "
+                                 "which is no free attribute name of the attention layer; "
+                                 "rename it.")
+            init = nnx.with_partitioning(spec.init, spec.axes, eager_sharding=False)
+            setattr(self, name, nnx.Param(init(rngs.params(), spec.shape, param_dtype)))
+        self.learned_names = tuple(declared)
+        score_mods.check(self.logits_mod(), n)  # shapes, once bound, before any tracing
         self.scale = scale
         self.dtype = dtype
         self.cache: nnx.Module | None = nnx.data(None)  # set by init_cache for incremental decoding
@@ -155,10 +164,13 @@ class Attention(nnx.Module):
 
     def logits_mod(self, *, cross: bool = False) -> score_mods.ScoreMod | None:
         """This layer's score modifier: the position scheme's (self-attention only), then the
-        configured one, then the learned sinks."""
-        sinks = None if self.sink_n is None else score_mods.Sinks(self.sink_n[...])
-        return score_mods.chain(None if cross else self.positions.score_mod(),
-                                self.score_mod, sinks)
+        configured one (the sinks last), bound to this layer's learned parameters: arrays,
+        so the kernels take them as leaves and return their gradients."""
+        mod = score_mods.chain(None if cross else self.positions.score_mod(), self.score_mod)
+        if mod is None or not self.learned_names:
+            return mod
+        params = {name: getattr(self, name)[...] for name in self.learned_names}
+        return mod.bind(params, self.q_dnh[...].shape[1])
 
     def _project_out(self, out_btnh: jax.Array) -> jax.Array:
         out = rows_dot(out_btnh, self.o_nhd[...].astype(self.dtype), 2)  # [B, T, D]
