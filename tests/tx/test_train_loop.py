@@ -124,6 +124,15 @@ def test_ablation_writes_results_table_csv_and_plot(tmp_path):
             "kv_bytes_per_token"} <= set(table[0])
     assert "| mha |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+    # Rerunning the finished ablation reports the figures each variant saved, not a resume's
+    # (no tokens/s, the resume's wall time), and trains nothing.
+    first = {name: (tmp_path / name).read_bytes() for name in ("results.md", "results.csv")}
+    assert all((tmp_path / v / ablation.FIGURES).is_file() for v in ("mha", "local"))
+    lines = []
+    assert ablation.ablate(config, tmp_path, print_fn=lines.append) == rows
+    assert {name: (tmp_path / name).read_bytes() for name in first} == first
+    assert not any(b"nan" in text for text in first.values())
+    assert not any(line.startswith("step ") for line in lines)
 
 
 def test_sweep_values_are_typed_like_the_field():

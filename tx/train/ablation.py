@@ -2,8 +2,9 @@
 (``config.sweep``) or named variants that each change several fields (``config.variants``).
 
 Every variant trains from the same seed on the same data order (both come from the base config),
-in its own sub-directory of the workdir (so a rerun resumes or skips finished variants). The
-runner writes ``results.csv``, ``results.md`` and ``loss_curves.png`` to the workdir.
+in its own sub-directory of the workdir (so a rerun resumes unfinished variants, and reports the
+figures a finished one saved in its ``figures.json``, rather than a resume's). The runner
+writes ``results.csv``, ``results.md`` and ``loss_curves.png`` to the workdir.
 
 With ``config.pretrain`` (an experiment config) and no ``init`` source of its own, the runner
 first trains that model in ``workdir/pretrain`` and starts every variant from its weights
@@ -27,6 +28,7 @@ import re
 from typing import Any, Callable
 
 import ml_collections
+import numpy as np
 
 from tx.train import configs as configs_lib
 from tx.train import init as init_lib
@@ -168,6 +170,44 @@ def _pretrained(config, workdir: pathlib.Path, print_fn) -> ml_collections.Confi
     return config
 
 
+FIGURES = "figures.json"  # a finished variant's summary, in its directory
+
+
+def _plain(summary: dict[str, Any]) -> dict[str, Any]:
+    """NumPy scalars as Python numbers: the figures read back from JSON format alike."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in summary.items()}
+
+
+def save_figures(summary: dict[str, Any], variant, workdir: pathlib.Path) -> None:
+    """Keeps a variant's figures (``loop.run``'s summary) with the config that made them, so a
+    rerun of the ablation reports them instead of a resume's (which trains no step: no
+    tokens/s, and its own wall time). Only a run that trained steps is kept; written whole
+    (a temporary file renamed) by the main process."""
+    if not loop.is_main_process() or not np.isfinite(summary.get("tokens_per_second", np.nan)):
+        return
+    tmp = workdir / f".{FIGURES}.tmp"
+    tmp.write_text(json.dumps({"summary": summary, "config": variant.to_dict()},
+                              default=str) + "\n")
+    tmp.replace(workdir / FIGURES)
+
+
+def finished_figures(variant, workdir: pathlib.Path) -> dict[str, Any] | None:
+    """The saved figures of a variant that already finished ``train.steps`` with this config
+    (fields that do not change the trajectory may differ) and still has that checkpoint;
+    ``None`` when it must (re)run."""
+    try:
+        saved = json.loads((workdir / FIGURES).read_text())
+        summary, config = saved["summary"], saved["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    steps = variant.train.steps
+    if summary.get("steps") != steps or not (workdir / "checkpoints" / str(steps)).is_dir():
+        return None
+    if configs_lib.diff(config, variant.to_dict()):
+        return None
+    return summary
+
+
 def _cell(fmt: str, value) -> str:
     try:
         return fmt.format(value)
@@ -257,7 +297,13 @@ def _ablate_one(config, workdir: pathlib.Path, print_fn, variants=None, title: s
     for name, variant in (variants or variant_configs(config)).items():
         if print_fn:
             print_fn(f"== {title}{field}={name}")
-        summary = loop.run(variant, workdir / name, print_fn=print_fn)
+        summary = finished_figures(variant, workdir / name)
+        if summary is None:
+            summary = _plain(loop.run(variant, workdir / name, print_fn=print_fn))
+            save_figures(summary, variant, workdir / name)
+        elif print_fn:
+            print_fn(f"finished at step {summary['steps']} in {workdir / name}: its saved "
+                     f"figures ({FIGURES}) are reported")
         rows.append({"variant": name, **summary})
         write_results(rows, workdir, field)
     if print_fn:

@@ -22,6 +22,7 @@ holding NaN or Inf is never saved.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import pathlib
 import re
@@ -39,6 +40,28 @@ from tx.train import integrity
 
 class CheckpointError(RuntimeError):
     """A checkpoint that fails verification, cannot be read, or cannot be written."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or an error it was raised from) says the disk is full: ``ENOSPC`` (or
+    ``EDQUOT``, a full quota), "No space left", or TensorStore's ``RESOURCE_EXHAUSTED: Error
+    writing ...`` as Orbax passes it on (not XLA's ``RESOURCE_EXHAUSTED``: out of memory)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).lower()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "no space left" in text or ("resource_exhausted" in text and "writing" in text):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def disk_full(path: str | pathlib.Path) -> CheckpointError:
+    """The one-line error of a write to ``path`` that found the disk full."""
+    return CheckpointError(f"disk full while writing {path}: free space or pick another "
+                           "--workdir")
 
 
 def _to_savable(tree):
@@ -183,6 +206,8 @@ class Checkpointer:
         except CheckpointError:
             raise
         except Exception as e:
+            if is_disk_full(e):
+                raise disk_full(self.directory) from e
             raise CheckpointError(f"saving a checkpoint in {self.directory} failed: "
                                   f"{_first_line(e)}; free space or fix permissions there, "
                                   "then rerun to resume from the last good checkpoint "
@@ -232,8 +257,11 @@ class background_errors_to(contextlib.ContextDecorator):
         self.path = pathlib.Path(path)
 
     def _write(self, text: str) -> None:
-        with open(self.path, "a") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(text if text.endswith("\n") else text + "\n")
+        except OSError:  # a full disk: the run still reports the failure in one line
+            pass
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR or "orbax" not in record.pathname:

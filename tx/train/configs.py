@@ -39,7 +39,7 @@ TRAIN = dict(
     grad_accum=1,
     learning_rate=3e-3,
     min_learning_rate_ratio=0.1,  # cosine decay ends at learning_rate * this
-    warmup_steps=20,
+    warmup_steps=-1,  # linear warm-up updates; -1: min(20, schedule length // 10)
     weight_decay=0.01,
     b1=0.9,
     b2=0.98,
@@ -249,7 +249,11 @@ def _check_train(train) -> None:
             raise ConfigError(f"config.train.{name}={value!r}: must be a positive integer.")
     for name in ("warmup_steps", "keep_best", "seed", "schedule_steps"):
         if isinstance(train[name], bool) or not isinstance(train[name], int) or train[name] < 0:
-            raise ConfigError(f"config.train.{name}={train[name]!r}: must be an integer >= 0.")
+            if name == "warmup_steps" and train[name] == -1:
+                continue  # the default: resolved by tx.train.optim.warmup_steps
+            raise ConfigError(f"config.train.{name}={train[name]!r}: must be an integer >= 0"
+                              + (" (or -1: min(20, schedule length // 10))."
+                                 if name == "warmup_steps" else "."))
     if train.batch_size % train.grad_accum:
         raise ConfigError(f"config.train.grad_accum={train.grad_accum}: must divide "
                           f"train.batch_size={train.batch_size}; pick a divisor.")
@@ -257,7 +261,7 @@ def _check_train(train) -> None:
         raise ConfigError(f"config.train.learning_rate={train.learning_rate}: must be finite, "
                           f"> 0 and <= {MAX_LEARNING_RATE:g}; typical values are 1e-4 to 1e-2.")
     length = train.schedule_steps or train.steps
-    if train.warmup_steps >= length:
+    if train.warmup_steps >= length:  # -1 (auto) never fails
         raise ConfigError(f"config.train.warmup_steps={train.warmup_steps}: must be < the "
                           f"schedule length (train.schedule_steps or train.steps) = {length}.")
     if train.clip_norm < 0:
@@ -334,13 +338,21 @@ def kv_dtype(config: ml_collections.ConfigDict) -> str:
 
 def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
     """Creates ``workdir`` and checks it is writable (fails with the path and the fix)."""
+    import errno
+    import tempfile
     path = pathlib.Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".tx_write_probe{jax.process_index()}"  # one per host: no races
-        probe.write_text("")
-        probe.unlink()
+        # A name of its own per process (host index, pid, random suffix): two runs started
+        # at once on one workdir must both get past this probe to meet at the workdir lock.
+        fd, probe = tempfile.mkstemp(prefix=f".tx_write_probe{jax.process_index()}."
+                                     f"{os.getpid()}.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ConfigError(f"disk full while writing workdir={str(path)!r}: free space or "
+                              "pick another --workdir.") from None
         raise ConfigError(f"workdir={str(path)!r}: not writable ({e.strerror}); pick a "
                           "directory you can write to.") from None
     return path

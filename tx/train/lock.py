@@ -13,6 +13,7 @@ import fcntl
 import os
 import pathlib
 import socket
+import time
 
 from tx.train.configs import ConfigError
 
@@ -30,12 +31,12 @@ class WorkdirLock:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = _holder(f)
             f.close()
             raise ConfigError(
-                f"workdir={str(self.path.parent)!r} is in use by {holder}; wait for that run "
-                "to finish (or stop it), or pass another --workdir.") from None
+                f"workdir={str(self.path.parent)!r} is in use by {holder}, which holds its "
+                f"lock {str(self.path)!r}; wait for that run to finish (or stop it), or pass "
+                "another --workdir.") from None
         f.seek(0)
         f.truncate()
         started = datetime.datetime.now().isoformat(timespec="seconds")
@@ -49,3 +50,15 @@ class WorkdirLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+
+def _holder(f, wait_seconds: float = 2.0) -> str:
+    """What the holder wrote into the lock file (``pid N on host H (started T)``). A holder
+    that took the lock an instant ago may not have written yet: wait a little for it."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        f.seek(0)
+        text = f.read().strip()
+        if text.endswith(")") or time.monotonic() > deadline:
+            return text or "another process"
+        time.sleep(0.02)

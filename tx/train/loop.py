@@ -22,18 +22,20 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from tx.attention import registry
 from tx import models
 from tx.inference import memory
 from tx.layers.block import Block
 from tx import parallel as parallel_lib
 from tx.train import configs as configs_lib
-from tx.train.checkpoint import CheckpointError, Checkpointer, background_errors_to
+from tx.train.checkpoint import (CheckpointError, Checkpointer, background_errors_to,
+                                 disk_full, is_disk_full)
 from tx.train import init as init_lib
 from tx.train.lock import WorkdirLock
 from tx.train.preemption import Preempted, StopSignals, agree
 from tx.train.configs import ConfigError, Resolved
 from tx.train.metrics import MetricsLog, Progress
-from tx.train.optim import make_optimizer, schedule
+from tx.train.optim import make_optimizer, schedule, warmup_steps
 from tx.train.step import create_state, make_eval_step, make_train_step, state_shardings
 
 
@@ -110,6 +112,9 @@ def _check_compatible(saved: dict, current: ml_collections.ConfigDict, workdir, 
             saved.setdefault("model", {}).setdefault(key, defaults[key])
     if not current.get("train", {}).get("schedule_steps"):  # unset: the saved run's holds
         current.setdefault("train", {})["schedule_steps"] = train["schedule_steps"]
+    for section in (train, current["train"]):  # the warm-up each resolves to (-1: auto)
+        if "warmup_steps" in section:
+            section["warmup_steps"] = warmup_steps(ml_collections.ConfigDict(section))
     lines = configs_lib.diff(saved, current)
     if lines:
         raise ConfigError(
@@ -216,7 +221,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
     Holds ``workdir``'s lock for the whole run (a second run there fails at once). SIGTERM or
     SIGINT ends the run after the current step with a saved checkpoint and :class:`Preempted`;
-    a failed background save raises :class:`CheckpointError` at the next step."""
+    a failed background save raises :class:`CheckpointError` at the next step, and a full disk
+    (checkpoints, logs, plots) a :class:`CheckpointError` naming the path it was writing."""
     wall_start = time.perf_counter()
     config = init_lib.with_source_model(config, _saved_model(workdir))
     resolved = configs_lib.resolve(config)
@@ -231,6 +237,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             try:
                 resolved = _with_schedule(resolved, ckpt, print_fn)
                 return _train(resolved, workdir, ckpt, print_fn, wall_start, stop)
+            except OSError as e:  # metrics, config.json, plots (checkpoints: Checkpointer)
+                if is_disk_full(e):
+                    raise disk_full(e.filename or workdir) from e
+                raise
             finally:
                 ckpt.close()
 
@@ -300,6 +310,7 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
     train_ds, eval_ds = configs_lib.make_datasets(resolved)
     train_step = make_train_step(state.graphdef, optimizer, parallel=parallel,
                                  shardings=shardings)
+    train_step = registry.announced(train_step, report)  # which backend serves attention
     eval_step = make_eval_step(state.graphdef, parallel=parallel, shardings=shardings)
     log = MetricsLog(workdir, start_step=start, tensorboard=main, write=main)
     run = _Run(resolved, log, Progress(train.steps, print_fn), start)

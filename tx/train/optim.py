@@ -16,12 +16,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
+AUTO_WARMUP = -1  # ``train.warmup_steps``'s default
+MAX_AUTO_WARMUP = 20
+
+
+def warmup_steps(train) -> int:
+    """``train.warmup_steps``, or for :data:`AUTO_WARMUP` ``min(20, length // 10)`` of the
+    schedule's length (``train.schedule_steps``, the saved run's on resume, so a resumed or
+    extended run warms up as it started; else ``train.steps``)."""
+    if train.warmup_steps != AUTO_WARMUP:
+        return train.warmup_steps
+    return min(MAX_AUTO_WARMUP, (train.schedule_steps or train.steps) // 10)
+
 
 def schedule(train) -> optax.Schedule:
     """Learning rate per optimizer update, over ``train.schedule_steps`` (set from
     ``train.steps`` when a run starts, and kept when a resumed run is extended)."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
+        init_value=0.0, peak_value=train.learning_rate, warmup_steps=warmup_steps(train),
         decay_steps=train.schedule_steps or train.steps,
         end_value=train.learning_rate * train.min_learning_rate_ratio)
 

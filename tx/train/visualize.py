@@ -41,9 +41,27 @@ def capture_attention(model: nnx.Module):
             layer.implementation = impl
 
 
+def complete_batch(head, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``batch`` with the keys ``head.batch_keys`` names that it lacks (a ``--text`` input has
+    ``inputs`` only): ``source`` is the inputs, targets and labels are zeros, weights ones.
+    The head's loss reads them, but the attention weights depend on the inputs alone."""
+    inputs = np.asarray(batch["inputs"] if "inputs" in batch else batch["source"])
+    fill = {"inputs": lambda: inputs, "source": lambda: inputs,
+            "targets": lambda: np.zeros_like(inputs),
+            "weights": lambda: np.ones(inputs.shape, np.float32),
+            "labels": lambda: np.zeros(inputs.shape[:1], np.int32)}
+    out = dict(batch)
+    for key in getattr(head, "batch_keys", ()):
+        if key not in out and key in fill:
+            out[key] = fill[key]()
+    return out
+
+
 def attention_maps(model: nnx.Module, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """``[N, T, S]`` weights of the first example, one per attention call in call order."""
+    """``[N, T, S]`` weights of the first example, one per attention call in call order;
+    ``batch`` may hold the inputs only (see :func:`complete_batch`)."""
     model.eval()
+    batch = complete_batch(model.config.head, batch)
     first = {key: value[:1] for key, value in batch.items()}
     with capture_attention(model) as captured:
         model.config.head.loss(model, first)  # the head knows how its model reads a batch
