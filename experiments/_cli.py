@@ -191,6 +191,9 @@ def unknown_field(config, path: str) -> str | None:
             near = nearest(part, node.keys())
             if near:
                 return f"--config.{path}: no such field; did you mean: {', '.join(near)}?"
+            if not node.keys():
+                return (f"--config.{path}: no such field; {where} has no fields in this "
+                        "config (a dataset option must be one its dataset takes).")
             return (f"--config.{path}: no such field; the fields of {where} are: "
                     f"{', '.join(sorted(node.keys()))}.")
         node = node[part]

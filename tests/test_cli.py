@@ -125,6 +125,10 @@ def test_unknown_field_messages():
     whole = _cli.unknown_field(config, "mesh.zzz")
     assert whole == "--config.mesh.zzz: no such field; the fields of config.mesh are: data, " \
         "fsdp, tensor."
+    empty = configs_lib.load_file(ROOT / "configs" / "decoder_lm.py")  # built-in text: none
+    assert _cli.unknown_field(empty, "data.options.nope") == (
+        "--config.data.options.nope: no such field; config.data.options has no fields in this "
+        "config (a dataset option must be one its dataset takes).")
 
 
 def test_every_train_mesh_init_and_inference_field_has_a_doc():
