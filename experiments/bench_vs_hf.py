@@ -27,6 +27,7 @@ per row.
 
 from __future__ import annotations
 
+import experiments  # noqa: F401  (keeps freed host memory for XLA: experiments/__init__.py)
 import json
 import os
 import platform

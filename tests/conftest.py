@@ -23,6 +23,10 @@ import tempfile
 import jax
 import pytest
 
+from tx import host_memory
+
+# A program's choice, as tx's scripts make it (experiments/__init__.py): before JAX runs.
+host_memory.keep_freed_memory()
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 

@@ -4,12 +4,11 @@ The registries research code extends from its own files are reachable here
 (``tx.register_pattern``, ``tx.register_positions``, ``tx.register_head``,
 ``tx.register_attention``); they load on first use, so ``import tx.config`` stays light.
 
-Importing tx first keeps XLA's CPU scratch memory mapped between executions
-(``tx.host_memory``; ``TX_HOST_MALLOC=system`` leaves malloc alone).
+Importing tx changes nothing process-wide. On a CPU, a script of yours that trains a large
+model may call ``tx.host_memory.keep_freed_memory()`` first thing, before JAX runs anything,
+as tx's own scripts do (``experiments/``): XLA's CPU scratch memory then stays mapped between
+steps (see the README's "Host memory" note; ``GLIBC_TUNABLES`` does the same from outside).
 """
-from tx import host_memory as _host_memory
-
-_host_memory.keep_freed_memory()
 
 _LAZY = {"register_pattern": ("tx.flags", "register_pattern"),
          "register_positions": ("tx.flags", "register_positions"),

@@ -12,8 +12,11 @@ below 2 GiB of free heap, so the scratch space of one step is reused by the next
 0 faults, 340 -> 280 ms). The cost: freed memory stays with the process (up to 2 GiB of it
 is kept for reuse), and threads share one arena's lock.
 
-``import tx`` calls it, because the arena choice of a thread is fixed by its first allocation:
-called after JAX has run anything, it no longer reaches XLA's threads. It does nothing
+A program calls it first thing (tx's scripts do, through ``experiments/__init__.py``; ``import
+tx`` changes nothing), because the arena choice of a thread is fixed by its first allocation:
+called after JAX has run anything, it no longer reaches XLA's threads. From outside a program,
+``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=
+2147483647`` sets the same. It does nothing
 where it does not apply: off glibc, when an accelerator plugin is installed (JAX would run
 there, and host scratch is small), or when ``JAX_PLATFORMS`` names another platform first.
 ``TX_HOST_MALLOC=system`` keeps the system's settings.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,8 @@ from tx import host_memory
 # faults after warm-up (under a loaded CI machine one call in a few may still map afresh).
 _FAULTS = textwrap.dedent("""
     import json, resource
-    import tx, tx.host_memory
+    import tx.host_memory
+    status = tx.host_memory.keep_freed_memory()  # first thing, as the scripts do
     import jax, jax.numpy as jnp
     x = jnp.ones((4096, 8), jnp.float32)
     f = jax.jit(lambda x: (x @ x.T) @ x)
@@ -29,7 +31,7 @@ _FAULTS = textwrap.dedent("""
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x).block_until_ready()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"status": tx.host_memory.keep_freed_memory(),
+    print(json.dumps({"status": status,
                       "faults_per_call": sorted(faults)[4], "faults": faults}))
 """)
 _SCRATCH_PAGES = 4096 * 4096 * 4 // 4096
@@ -80,3 +82,26 @@ def test_import_applied_the_settings_once_and_reports_them():
     assert status == host_memory.keep_freed_memory()  # decided once per process
     assert status == "kept" or host_memory.skip_reason(os.environ, host_memory.
                                                        accelerator_plugins(), sys.platform)
+
+
+def test_importing_tx_changes_nothing_process_wide():
+    """The library leaves malloc alone; the scripts (experiments/__init__.py) set it."""
+    code = ("import sys, tx, tx.flags, tx.models, tx.train.loop, tx.inference; "
+            "m = sys.modules.get('tx.host_memory'); print(m is None or m._applied is None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
+    script = ("import sys, experiments, tx.host_memory; "
+              "print(tx.host_memory._applied is not None)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=300)
+    assert out.stdout.strip() == "True"
+
+
+def test_constraints_resolve_from_the_default_index():
+    """No local version label (``torch==2.13.0+cpu``): the default index serves none, and
+    PEP 440 lets a local build satisfy the plain pin where one is present."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    pins = [line.split("#")[0].strip() for line in (root / "constraints.txt").read_text()
+            .splitlines()]
+    assert [p for p in pins if "+" in p] == []
