@@ -291,8 +291,10 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         v = dequantise_pages(v, v_scales[:, tables].reshape(kh, b, s))
         q_btnh = q_btnh.astype(jnp.float32)
     real_bs = jnp.repeat(real, page, axis=1)                              # [B, S]
-    # Zeroed values keep an empty page's contents (even NaN) out of the weighted sum.
-    v = jnp.where(real_bs[None, :, :, None], v, 0)
+    # Zeroed values keep an empty page's contents, and a named page's slots past the row's
+    # length (another sequence's page, stale or NaN), out of the weighted sum.
+    written = jnp.arange(s, dtype=jnp.int32)[None, :] < lengths.astype(jnp.int32)[:, None]
+    v = jnp.where((real_bs & written)[None, :, :, None], v, 0)
     kv_positions = jnp.where(real_bs, jnp.arange(s, dtype=jnp.int32)[None, :], -1)  # -1: empty
     lengths = lengths.astype(jnp.int32)
     q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]

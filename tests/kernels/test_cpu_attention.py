@@ -1,10 +1,13 @@
 """kernels.cpu_attention (the fused C++ kernel) beyond the conformance suite: sizes past one
 group of rows and one vector of keys, every GQA ratio the kernel groups differently, rows
-that see nothing, vmap, and what happens when it cannot be built.
+that see nothing, vmap, caches of those sizes, shared and missing pages, and what happens
+when it cannot be built.
 
 Its outputs and q/k/v gradients are held to ``kernels.reference.attention`` at fp32
-tolerance; the conformance suite (``test_conformance.py::TestCpu``) covers every mask kind,
-segment ids, key lengths and bf16 on small shapes.
+tolerance; the conformance suite (``tx.testing``, run by ``test_conformance.py::TestCpu``)
+covers every mask kind, segment ids, key lengths and bf16 on small shapes, and its cached,
+paged (random block tables, every page no row may read poisoned with NaN) and paged-write
+paths, with what it declines (score modifiers, int8 pages, masks that are no band).
 """
 
 from __future__ import annotations
@@ -161,39 +164,12 @@ def test_the_library_is_cached_by_source(monkeypatch, tmp_path):
 from tests.kernels import test_paged_attention as paged_cases  # noqa: E402
 
 
-@pytest.mark.parametrize("case", paged_cases.CASES, ids=list(paged_cases.CASES))
-def test_paged_matches_reference_reading_only_its_pages(case):
-    # The Pallas kernel's cases: every page no row may read is NaN, so one stray read shows.
-    lengths, n, kh, h, page, t, mask, _, _, dtype = paged_cases.CASES[case]
-    q, k, v, table, lens = paged_cases._pool(lengths, n=n, kh=kh, h=h, page=page, t=t,
-                                             dtype=dtype, max_pages=-(-max(lengths) // page) + 1)
-    if mask is not None and mask.band() is None:
-        with pytest.raises(NotImplementedError, match="not a band"):
-            cpu_attention.paged_attention(q, k, v, table, lens, mask=mask)
-        return
-    want = paged_cases._reference(q, k, v, table, lens, mask=mask)
-    k_bad, v_bad = paged_cases._poison(k, v, table, lens, mask, t, page)
-    got = jax.jit(lambda *a: cpu_attention.paged_attention(*a, mask=mask))(
-        q, k_bad, v_bad, table, lens)
-    assert got.dtype == q.dtype
-    paged_cases._assert_close(got, want, dtype)
-
-
 def test_paged_page_ids_outside_the_pool_read_as_empty():
     q, k, v, table, lens = paged_cases._pool([9, 20], n=4, kh=2, h=16, page=4, t=2)
     table = table.at[0, 0].set(-1).at[1, 2].set(k.shape[1] + 5)
     got = cpu_attention.paged_attention(q, k, v, table, lens, mask=M.Causal())
     want = reference.paged_attention(q, k, v, table, lens, mask=M.Causal())
     _close("out", got, want)
-
-
-def test_paged_declines_int8_pages_and_score_mods():
-    q, k, v, table, lens = paged_cases._pool([5], n=4, kh=2, h=16, page=4)
-    with pytest.raises(NotImplementedError, match="k_scales"):
-        cpu_attention.paged_attention(q, k, v, table, lens, k_scales=jnp.ones(k.shape[:3]),
-                                      v_scales=jnp.ones(k.shape[:3]))
-    with pytest.raises(NotImplementedError, match="score_mod"):
-        cpu_attention.paged_attention(q, k, v, table, lens, score_mod=object())
 
 
 # ------------------------------------------------------------- over a contiguous KV cache
@@ -241,15 +217,6 @@ def test_cached_rows_that_see_no_key_are_zero():
     q_pos, kv_pos = _cache_positions([0, 8], 3, 16)
     want = reference.attention(q, k, v, mask=M.Causal(), q_positions=q_pos, kv_positions=kv_pos)
     _close("out", got[1], want[1])
-
-
-def test_cached_declines_score_mods_and_masks_that_are_not_bands():
-    q, k, v, _ = _inputs(1, 1, 8, 4, 2, 16)
-    lengths = jnp.asarray([4], jnp.int32)
-    with pytest.raises(NotImplementedError, match="score_mod"):
-        cpu_attention.cached_attention(q, k, v, lengths, score_mod=object())
-    with pytest.raises(NotImplementedError, match="not a band"):
-        cpu_attention.cached_attention(q, k, v, lengths, mask=M.Strided(3))
 
 
 @pytest.mark.parametrize("t", [1, 3])

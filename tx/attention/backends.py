@@ -99,6 +99,7 @@ def _bidirectional(q_f, k_f, v, kv_lengths):
     """``phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1)``: linear in the sequence length."""
     b, t, n, f = q_f.shape
     s, k = k_f.shape[1], k_f.shape[2]
+    q_f, k_f = q_f.astype(jnp.float32), k_f.astype(jnp.float32)  # sums in fp32, as v's
     if kv_lengths is not None:
         keep = (jnp.arange(s)[None, :] < kv_lengths[:, None])[:, :, None, None]
         k_f = jnp.where(keep, k_f, 0.0)
@@ -107,7 +108,7 @@ def _bidirectional(q_f, k_f, v, kv_lengths):
     num = jnp.einsum("BTKGF,BKFH->BTKGH", q, state)
     den = jnp.einsum("BTKGF,BKF->BTKG", q, k_f.sum(axis=1))
     out = num / jnp.where(den > 0, den, 1.0)[..., None]
-    return out.reshape(b, t, n, -1)
+    return out.reshape(b, t, n, -1).astype(v.dtype)
 
 
 def _paged_kwargs(call: calls.Paged) -> dict:
