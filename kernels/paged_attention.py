@@ -241,6 +241,9 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config,
         m_prev, l_prev, acc = carry
         first = start + i * ppb
         k, v, k_scale, real_key = load(first)
+        # A partly written page's tail (stale, even NaN) stays out of p @ v.
+        written = first * page + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0) < length
+        v = jnp.where(written, v, 0)
         # A NaN logit from an empty page's scale is replaced by -inf below.
         kv_pos = first * page + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         if cfg.mod is None:

@@ -428,10 +428,10 @@ class CachedCase(Case):
         return (q, *poisoned, jnp.asarray(lengths), self.score_mod), (k, v)
 
 
-# Unwritten slots of a cache (and of a row's last page): keys NaN, which a kernel must mask
-# out of its logits, values a finite value that any weight on them shows (a kernel may
-# multiply a tile's zero weights into its values: 0 * NaN would be NaN).
-GARBAGE = 1e4
+# Unwritten slots of a cache (and of a row's last page) hold NaN keys and values: a backend
+# must keep them out of its logits and out of its weighted sum (0 * NaN is NaN), as a reused
+# page's stale contents may be anything.
+GARBAGE = float("nan")
 
 
 def _cache_lengths(name: str, t: int, cap: int = 32) -> np.ndarray:
