@@ -18,7 +18,7 @@ freshly initialised K/V projections, MQA by mean-pooling, and a sliding-window s
 ``:linear`` compares softmax and FAVOR+ linear attention (``tx.attention.favor``): four 4-layer
 variants (full softmax, local softmax window, all FAVOR+, and the hybrid of three local layers
 to one FAVOR+ layer) each train on MQAR recall and on the byte LM, then a small untrained
-model of each is timed against sequence length (``tx.train.crossover``): training and decode
+model of each is timed against sequence length (``tx.research.crossover``): training and decode
 tokens/s, KV-cache or state bytes per token, and the length where FAVOR+ overtakes softmax.
 
   python experiments/ablate.py --config=configs/ablation.py:linear --workdir=/tmp/tx/linear
@@ -27,7 +27,7 @@ tokens/s, KV-cache or state bytes per token, and the length where FAVOR+ overtak
 import ml_collections
 
 from tx.flags import ModelFlags
-from tx.train import crossover
+from tx.research import crossover
 from tx.train.configs import sibling
 
 

@@ -18,7 +18,8 @@ from tx.data import vocab
 from tx.data.packing import packed_batches
 from tx.models.heads import LMHead
 from tx.train import configs as configs_lib
-from tx.train import loop
+from tx.train import evaluation
+from tx.train import workdir as workdir_lib
 from tx.train.configs import ConfigError
 
 
@@ -64,9 +65,10 @@ def load_source(hf: str | None, workdir: str | None, *, step: int | None = None)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"--hf={hf!r}: {e}") from None
         return Source(model, f"--hf={hf!r}", hf)
-    config = loop.saved_config(workdir)
+    config = workdir_lib.saved_config(workdir)
     resolved = configs_lib.resolve(config)
-    model, step = loop.load_model(resolved, workdir, **({} if step is None else {"step": step}))
+    model, step = workdir_lib.load_model(  # parameters only, no optimizer state
+        resolved, workdir, **({} if step is None else {"step": step}))
     if step is None:
         raise ConfigError(f"workdir={workdir!r} holds no complete checkpoint.")
     return Source(model, f"--workdir={workdir!r}", workdir, step, config)
@@ -123,8 +125,8 @@ def perplexity(source: Source, tokenizer, paths, *, seq_len: int, batch_size: in
         raise ConfigError(f"--text={paths!r}: {e}; give text files or directories, "
                           "comma-separated.") from None
     docs = tokenizer.documents([corpus.text(i) for i in range(len(corpus))])
-    out = loop.evaluate_batches(source.model, packed_batches(docs, seq_len, batch_size,
-                                                             eos_id=tokenizer.eos_id))
+    out = evaluation.evaluate_batches(source.model, packed_batches(
+        docs, seq_len, batch_size, eos_id=tokenizer.eos_id))
     return {"model": source.directory, "step": source.step,
             "tokenizer": tokenizer.name, "text": list(corpus.names), "documents": len(docs),
             "seq_len": seq_len, **out}
@@ -158,7 +160,7 @@ def export(workdir: str, out: str, *, step: int | None = None) -> dict:
     if os.path.realpath(out) == os.path.realpath(workdir):
         raise ConfigError(f"--out={out!r} is the workdir, whose config.json is the run's own; "
                           "export to another directory.")
-    config = loop.saved_config(workdir)
+    config = workdir_lib.saved_config(workdir)
     resolved = configs_lib.resolve(config)
     try:
         hf_config = hf.hf_config_from(resolved.model)
@@ -169,7 +171,8 @@ def export(workdir: str, out: str, *, step: int | None = None) -> dict:
     file = run_tokenizer(workdir, config)
     tokenizer = tokenizer_lib.model_tokenizer(None, resolved.model.vocab_size, where=where,
                                               path=file)
-    model, step = loop.load_model(resolved, workdir, **({} if step is None else {"step": step}))
+    model, step = workdir_lib.load_model(  # parameters only, no optimizer state
+        resolved, workdir, **({} if step is None else {"step": step}))
     if step is None:
         raise ConfigError(f"workdir={workdir!r} holds no complete checkpoint.")
     extra = {} if tokenizer is None else {  # generate() in transformers stops at eos_token_id

@@ -13,7 +13,7 @@ from experiments import _cli
 from absl import flags
 from ml_collections import config_flags
 
-from tx.train import ablation
+from tx.research import ablation
 
 _DEFAULT = "tx:ablation"  # configs/ablation.py, installed with tx
 _CONFIG = config_flags.DEFINE_config_file(

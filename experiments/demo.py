@@ -6,7 +6,7 @@
 import experiments  # noqa: F401  (keeps freed host memory for XLA: experiments/__init__.py)
 from absl import app, flags
 
-from tx.train import demo
+from tx.research import demo
 
 _STEPS = flags.DEFINE_integer("steps", 60, "Training steps.")
 _ATTENTION = flags.DEFINE_string("attention", "gqa", "Attention preset, e.g. mha, gqa+local.")

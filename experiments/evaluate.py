@@ -20,7 +20,8 @@ from ml_collections import config_flags
 
 from tx.models.heads import LMHead
 from tx.train import configs as configs_lib
-from tx.train import loop
+from tx.train import evaluation
+from tx.train import workdir as workdir_lib
 from tx.train.configs import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file or tx:NAME "
@@ -69,7 +70,7 @@ def _print_config() -> None:
             _cli.refuse("--print_config needs --config=<a configs/*.py file or tx:NAME> or "
                         "--workdir=<a tx run's directory>.")
         with _cli.one_line_errors():
-            config = loop.saved_config(_WORKDIR.value)
+            config = workdir_lib.saved_config(_WORKDIR.value)
     _cli.print_config(config)
 
 
@@ -85,11 +86,11 @@ def main(argv):
             if not _WORKDIR.value:
                 raise ConfigError("give --workdir=<a tx run's directory> (its eval split), or "
                                   "--text=<files> with --workdir or --hf.")
-            out = loop.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
-                                batches=_BATCHES.value)
+            out = evaluation.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
+                                      batches=_BATCHES.value)
             line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in out.items())
-            config = _CONFIG.value or loop.saved_config(_WORKDIR.value)
+            config = _CONFIG.value or workdir_lib.saved_config(_WORKDIR.value)
             head = configs_lib.model_config(config.model).head
             if isinstance(head, LMHead):  # a token loss: perplexity means something
                 out = {**out, "eval_perplexity": math.exp(min(out["eval_loss"], 700.0))}

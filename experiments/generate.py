@@ -16,7 +16,7 @@ from absl import flags
 from tx import flags as tx_flags
 from tx.inference import Greedy, Sample, beam_search, generate
 # Reached through this module by tests that run main() in-process with a stand-in model.
-from tx.train import configs as configs_lib, loop  # noqa: F401
+from tx.train import configs as configs_lib, workdir as workdir_lib  # noqa: F401
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _HF = flags.DEFINE_string("hf", None, "A Hugging Face checkpoint directory (config.json, "

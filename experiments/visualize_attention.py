@@ -15,7 +15,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from tx import data
-from tx.train import configs, loop, plots, visualize
+from tx.research import plots, visualize
+from tx.train import configs, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
                                           lock_config=True)

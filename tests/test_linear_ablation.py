@@ -4,7 +4,7 @@ sweep runs, and the table, the JSON line and the crossover plot are written. No 
 import json
 import pathlib
 
-from tx.train import ablation, crossover
+from tx.research import ablation, crossover
 from tx.train.configs import load_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -1,12 +1,12 @@
 """Model configuration: a small tree of frozen dataclasses whose leaves are the variants.
 
-A ``ModelConfig`` holds values, not names (DESIGN.md, "variants are values"):
+A ``ModelConfig`` holds values, not names (a variant is a value, not a string to look up):
 
 * ``attention``: an :class:`AttentionConfig` (the heads axis ``num_kv_heads``, the pattern axis
   as one ``Mask`` per layer or a short schedule cycled over the layers, the implementation axis
   as registry names or callables);
-* ``positions``: a value such as ``RoPE(base)``, ``T5Bias(num_buckets, max_distance)``,
-  ``ALiBi()`` (``tx.layers.positions``) that builds the tower's position module;
+* ``positions``: a value such as ``RoPE(base)``, ``T5Buckets(num_buckets, max_distance)``,
+  ``ALiBiSlopes()`` (``tx.layers.positions``) that builds the tower's position module;
 * ``mlp`` and ``norm``: ``tx.layers.MLPConfig``, ``tx.layers.RMSNorm`` / ``LayerNorm``;
 * ``head``: ``LMHead``, ``MLMHead``, ``Classifier``, ``TokenClassifier``, ``Seq2SeqLM``
   (``tx.models.heads``); the head builds the model, owns its loss and says what its batch
@@ -181,7 +181,7 @@ class ModelConfig:
                   f"{self.attention.num_heads} when head_dim is implicit; set head_dim or "
                   "change num_heads.")
         _needs("positions", self.positions, "build", what="a positions value (RoPE(), "
-               "Learned(max_len), T5Bias(), ALiBi(), NoPositions()...)")
+               "Learned(max_len), T5Buckets(), ALiBiSlopes(), NoPositions()...)")
         _needs("mlp", self.mlp, "build", what="an MLP value (tx.layers.MLPConfig)")
         _needs("norm", self.norm, "build", what="a norm value (tx.layers.RMSNorm())")
         _needs("head", self.head, "build", "loss", what="a head value (LMHead(), "

@@ -5,9 +5,9 @@ module), and each entry declares the flag fields it reads (:class:`Field`: name,
 line of doc, a check) and how a value prints back to flags (``prints``). The value's own file
 registers it, so a new variant adds no line anywhere else:
 
-    POSITIONS.register("t5", lambda f: T5Bias(f.t5_buckets, f.t5_max_distance),
+    POSITIONS.register("t5", lambda f: T5Buckets(f.t5_buckets, f.t5_max_distance),
                        fields=(Field("t5_buckets", 32, "relative-position buckets"), ...),
-                       prints=lambda v: isinstance(v, T5Bias) and dict(t5_buckets=...))
+                       prints=lambda v: isinstance(v, T5Buckets) and dict(t5_buckets=...))
 
 ``tx.flags`` collects every registry's fields into the ``--config.model.*`` flags, so a
 registered field is listed by ``--print_config`` and type-checked like the built-in ones.

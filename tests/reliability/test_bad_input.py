@@ -74,9 +74,9 @@ def test_generate_script_turns_bad_prompt_ids_into_one_error_line(decoder, monke
     from absl import flags
     from experiments import generate as script
     resolved = types.SimpleNamespace(model=types.SimpleNamespace(vocab_size=V))
-    monkeypatch.setattr(script.loop, "saved_config", lambda workdir: None)
+    monkeypatch.setattr(script.workdir_lib, "saved_config", lambda workdir: None)
     monkeypatch.setattr(script.configs_lib, "resolve", lambda config: resolved)
-    monkeypatch.setattr(script.loop, "load_model", lambda r, workdir: (decoder, 1))
+    monkeypatch.setattr(script.workdir_lib, "load_model", lambda r, workdir: (decoder, 1))
     # The script leaves through os._exit (see experiments/_cli.py); keep pytest alive.
     monkeypatch.setattr(os, "_exit", _raise_system_exit)
     flags.FLAGS(["generate", "--workdir=unused", "--prompt=9 99999", "--max_new_tokens=2"])

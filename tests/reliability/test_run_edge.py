@@ -16,6 +16,7 @@ import pytest
 from tests.test_experiments import ROOT, run, script
 from tx.train import configs as configs_lib
 from tx.train import loop, optim
+from tx.train import workdir as workdir_lib
 from tx.train.checkpoint import Checkpointer, CheckpointError
 from tx.train.configs import ConfigError
 from tx.train.lock import WorkdirLock
@@ -79,10 +80,10 @@ def test_a_run_saved_with_the_warmup_its_default_resolves_to_resumes(tmp_path):
     config = configs_lib.load_file(ROOT / "configs" / "decoder_lm.py")
     saved = config.to_dict()
     saved["train"].update(warmup_steps=20, schedule_steps=300)
-    loop._check_compatible(saved, config, tmp_path, 100)
+    workdir_lib.check_compatible(saved, config, tmp_path, 100)
     saved["train"]["warmup_steps"] = 30
     with pytest.raises(ConfigError, match="train.warmup_steps: 30 -> 20"):
-        loop._check_compatible(saved, config, tmp_path, 100)
+        workdir_lib.check_compatible(saved, config, tmp_path, 100)
 
 
 # ------------------------------------------------------------------------- attention maps

@@ -132,13 +132,13 @@ def _largest_array_file(workdir, step) -> pathlib.Path:
 
 
 def _reader_falls_back_past_40(workdir, capsys):
-    """Loads ``workdir``'s model as evaluate.py and generate.py do (``loop.load_model``):
-    checkpoint 40 must be reported in one line and step 20 loaded. -> (resolved config, the
-    line)."""
+    """Loads ``workdir``'s model as evaluate.py and generate.py do (``workdir.load_model``,
+    parameters only): checkpoint 40 must be reported in one line and step 20 loaded.
+    -> (resolved config, the line)."""
     from tx.train import configs as configs_lib
-    from tx.train import loop
-    resolved = configs_lib.resolve(loop.saved_config(workdir))
-    _, step = loop.load_model(resolved, workdir)
+    from tx.train import workdir as workdir_lib
+    resolved = configs_lib.resolve(workdir_lib.saved_config(workdir))
+    _, step = workdir_lib.load_model(resolved, workdir)
     assert step == 20
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("checkpoint 40 in "), lines

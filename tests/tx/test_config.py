@@ -9,7 +9,7 @@ from kernels import masks
 from tx import flags
 from tx.config import AttentionConfig, ModelConfig
 from tx.flags import ModelFlags, model_config
-from tx.layers import MLPConfig, RMSNorm, RoPE, RopeScaling, T5Bias
+from tx.layers import MLPConfig, RMSNorm, RoPE, RopeScaling, T5Buckets
 from tx.models import heads
 
 
@@ -45,7 +45,7 @@ def test_bad_flags_name_field(changes, field):
     (lambda: AttentionConfig(num_heads=4, num_kv_heads=3), "attention.num_kv_heads"),
     (lambda: AttentionConfig(num_heads=4, masks=("local",)), "attention.masks"),
     (lambda: AttentionConfig(num_heads=4, implementation=(3,)), "attention.implementation"),
-    (lambda: T5Bias(num_buckets=7), "positions.num_buckets"),
+    (lambda: T5Buckets(num_buckets=7), "positions.num_buckets"),
     (lambda: MLPConfig(0), "mlp.d_ff"),
     (lambda: RMSNorm(eps=0.0), "norm.eps"),
     (lambda: heads.Classifier(num_classes=1), "head.num_classes"),
@@ -89,7 +89,7 @@ def test_layer_schedule_cycles():
 def test_flags_become_values():
     cfg = model_config(positions="t5", t5_buckets=8, t5_max_distance=20, activation="swiglu",
                        d_ff=48, task="seq_cls", pooler="cls", num_classes=3)
-    assert cfg.positions == T5Bias(8, 20)
+    assert cfg.positions == T5Buckets(8, 20)
     assert cfg.mlp == MLPConfig(48, jax.nn.silu, gated=True)
     assert cfg.head == heads.Classifier(3, heads.ClsPool())
     assert isinstance(cfg.norm, RMSNorm) and cfg.norm.pre

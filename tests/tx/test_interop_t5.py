@@ -21,7 +21,7 @@ from tx import models  # noqa: E402
 from tx.flags import model_config  # noqa: E402
 from tx.inference import generate  # noqa: E402
 from tx.interop import hf  # noqa: E402
-from tx.layers import T5Bias  # noqa: E402
+from tx.layers import T5Buckets  # noqa: E402
 
 VOCAB, PAD, EOS = 97, 0, 1  # T5: decoder start = pad = 0, eos = 1
 BASE = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -64,7 +64,7 @@ def test_logits_match_with_padded_source(pair):
     cfg = model.config
     assert cfg.head.tie == (name == "v1_0")
     assert cfg.head.scale == (32 ** -0.5 if name == "v1_0" else 1.0)
-    assert cfg.positions == (T5Bias(8, 20) if name == "v1_1" else T5Bias(32, 128))
+    assert cfg.positions == (T5Buckets(8, 20) if name == "v1_1" else T5Buckets(32, 128))
 
 
 def test_greedy_generation_matches(pair):

@@ -17,8 +17,8 @@ from tests.tx.hf_util import TOL, hf_model, padded_batch  # noqa: E402
 from tx.data.vocab import BYTE_VOCAB_SIZE  # noqa: E402
 from tx.interop import hf, swap  # noqa: E402
 from tx.train import configs as configs_lib  # noqa: E402
-from tx.train import init as init_lib  # noqa: E402
 from tx.train import loop  # noqa: E402
+from tx.train import pretrained as pretrained_lib  # noqa: E402
 from tx.train.configs import ConfigError  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -57,12 +57,12 @@ def test_hf_start_swapped_to_gqa_fine_tuned_and_saved_back_matches_transformers(
     config = _config(hf=str(llama_dir), **{"swap.num_kv_heads": 2})
     # The weights a run starts from are the checkpoint's, K/V mean-pooled into 2 groups.
     source = hf.load(llama_dir)
-    swap.pool_kv_heads(source, 2)
-    merged = init_lib.with_source_model(config, None)
+    assert swap.pool_kv_heads(source, 2) is source  # in place, and returned
+    merged = pretrained_lib.with_source_model(config, None)
     resolved = configs_lib.resolve(merged)
     fresh = loop.build_model(resolved)
     from flax import nnx
-    start = init_lib.initial_params(merged, nnx.state(fresh, nnx.Param), seed=0)
+    start = pretrained_lib.initial_params(merged, nnx.state(fresh, nnx.Param), seed=0)
     for (path, want), (_, got) in zip(nnx.to_flat_state(nnx.state(source, nnx.Param)),
                                       nnx.to_flat_state(start)):
         np.testing.assert_array_equal(np.asarray(got[...]), np.asarray(want[...]), str(path))
@@ -102,7 +102,8 @@ def test_hf_start_swapped_to_gqa_fine_tuned_and_saved_back_matches_transformers(
         loop.run(config, tmp_path / "run", print_fn=lines.append)
     finally:
         moved.rename(llama_dir)
-    assert lines[0].startswith("train.steps=3") and "resuming from step 2" in lines[1]
+    assert lines[0].startswith("train.steps=3") and lines[1].startswith("model: ")
+    assert "resuming from step 2" in lines[2]
     assert not any("starting from the weights" in line for line in lines)
 
 
@@ -134,7 +135,7 @@ def test_bad_init_fails_before_training_naming_the_option(llama_dir, tmp_path, i
 
 def test_uptrain_ablation_pretrains_once_and_starts_each_variant_from_it(tmp_path):
     from tests.tx.test_train_loop import tiny
-    from tx.train import ablation
+    from tx.research import ablation
     import ml_collections
     config = tiny(steps=2)
     config.pretrain = tiny(steps=2)
@@ -153,3 +154,18 @@ def test_uptrain_ablation_pretrains_once_and_starts_each_variant_from_it(tmp_pat
     assert (tmp_path / "pretrain" / "metrics.jsonl").read_text() == log
     assert not any(line.startswith(("step ", "starting from")) for line in lines)
     assert again[0]["loss"] == rows[0]["loss"]
+
+
+def test_fine_tuning_on_one_text_file_names_the_eval_files_option(tmp_path):
+    """One file cannot be split into train and eval documents: the refusal names the flag
+    that gives the eval split its own files."""
+    from tx import data
+    (tmp_path / "notes.txt").write_text("alpha beta gamma " * 40)
+    kwargs = dict(batch_size=2, seq_len=16, seed=0, paths=str(tmp_path / "notes.txt"))
+    with pytest.raises(ValueError, match=r"--config\.data\.options\.eval_paths="):
+        for split in ("train", "eval"):  # the one file hashes into one of the two
+            data.make_dataset("text_files", split=split, **kwargs)
+    (tmp_path / "held_out.txt").write_text("delta epsilon " * 40)
+    for split in ("train", "eval"):  # with the option both splits build
+        data.make_dataset("text_files", split=split, eval_paths=str(tmp_path / "held_out.txt"),
+                          **kwargs)

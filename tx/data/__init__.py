@@ -93,8 +93,12 @@ def _text_files(*, batch_size, seq_len, seed, split, paths=None, eval_paths=None
                                    max_bytes=max_bytes)
     else:
         split_kwargs = {} if eval_fraction is None else {"eval_fraction": eval_fraction}
-        corpus = corpus_from_paths(_path_list(paths), max_bytes=max_bytes).split(
-            split, **split_kwargs)
+        corpus = corpus_from_paths(_path_list(paths), max_bytes=max_bytes)
+        try:
+            corpus = corpus.split(split, **split_kwargs)
+        except ValueError as e:  # e.g. fine-tuning on one file: nothing to hold out
+            raise ValueError(f"{e}, or give the eval split its own files with "
+                             "--config.data.options.eval_paths=<files or directories>.") from None
     return TextFiles(corpus, tokenizer=make_tokenizer(tokenizer), batch_size=batch_size,
                      seq_len=seq_len, seed=seed)
 

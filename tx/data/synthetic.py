@@ -154,6 +154,7 @@ class MQAR(SyntheticTask):
     """
 
     task = "lm"
+    accuracy_name = "recall"  # the accuracy on its weighted tokens: queried values recalled
 
     def __init__(self, *, batch_size: int, seq_len: int, seed: int = 0, split: str = "train",
                  num_kv_pairs: int = 8, num_queries: int | None = None, num_keys: int = 64,

@@ -5,7 +5,8 @@
 * ``pool_kv_heads``: fewer K/V heads by mean-pooling the K/V projections of each group of heads,
   the GQA paper's checkpoint conversion before uptraining (Ainslie et al., 2023).
 
-Both edit the model in place (NNX attribute assignment) and keep ``model.config`` truthful.
+Both edit the model in place (NNX attribute assignment), keep ``model.config`` truthful, and
+return the model: ``model = pool_kv_heads(hf.load(path), 2)``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ def _towers(model) -> list[Tower]:
     return found
 
 
-def set_masks(model: nnx.Module, mask: masks_lib.Mask | Sequence[masks_lib.Mask]) -> None:
-    """Gives every self-attention layer ``mask`` (or ``mask[i % len(mask)]`` for layer i).
+def set_masks(model: nnx.Module, mask: masks_lib.Mask | Sequence[masks_lib.Mask]
+              ) -> nnx.Module:
+    """Gives every self-attention layer ``mask`` (or ``mask[i % len(mask)]`` for layer i), in
+    place; returns ``model``.
 
     Drop any decoding cache first: a rolling cache is sized for the mask it was built for.
     """
@@ -44,11 +47,13 @@ def set_masks(model: nnx.Module, mask: masks_lib.Mask | Sequence[masks_lib.Mask]
     if hasattr(cfg.head, "masks"):  # an encoder-decoder's decoder schedule
         changes["head"] = config_lib.replace(cfg.head, masks=schedule)
     _set_config(model, config_lib.replace(cfg, **changes))
+    return model
 
 
-def pool_kv_heads(model: nnx.Module, num_kv_heads: int) -> None:
+def pool_kv_heads(model: nnx.Module, num_kv_heads: int) -> nnx.Module:
     """Mean-pools each self-attention layer's K/V heads down to ``num_kv_heads`` groups of
-    consecutive heads (query head n keeps using K/V group ``n // (N / K')``)."""
+    consecutive heads (query head n keeps using K/V group ``n // (N / K')``), in place;
+    returns ``model``."""
     current = model.config.kv_heads
     if num_kv_heads < 1 or current % num_kv_heads:
         raise ValueError(f"num_kv_heads={num_kv_heads}: must divide the current number of "
@@ -70,6 +75,7 @@ def pool_kv_heads(model: nnx.Module, num_kv_heads: int) -> None:
     cfg = model.config
     _set_config(model, config_lib.replace(
         cfg, attention=config_lib.replace(cfg.attention, num_kv_heads=num_kv_heads)))
+    return model
 
 
 def _set_config(model, cfg) -> None:

@@ -8,7 +8,8 @@ Two halves:
   `bias` a dense `[B, N, T, S]` logits bias that only the `xla` path takes), each the
   identity by default, so a scheme overrides only what it changes;
 * values, the config's leaves (`RoPE(base)`, `Learned(max_len)`, `Sinusoidal()`,
-  `T5Bias(num_buckets, max_distance)`, `ALiBi()`, `NoPositions()`), each building its module.
+  `T5Buckets(num_buckets, max_distance)`, `ALiBiSlopes()`, `NoPositions()`), each building its
+  module. (Their logits modifiers are `kernels.score_mods.T5Bias` and `.ALiBi`.)
   A new scheme is one file: a value with `build` and a `Positions` module (see
   `examples/extending/`), registered for flags with `tx.flags.register_positions`.
 
@@ -254,7 +255,7 @@ class RoPE:
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Bias:
+class T5Buckets:
     """T5's learned per-head bias over `num_buckets` relative-distance buckets."""
 
     num_buckets: int = 32
@@ -276,7 +277,7 @@ class T5Bias:
 
 
 @dataclasses.dataclass(frozen=True)
-class ALiBi:
+class ALiBiSlopes:
     """Linear distance penalties with per-head geometric slopes (Press et al., 2022)."""
 
     def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
@@ -318,8 +319,8 @@ SCHEMES.register("rope", lambda f: RoPE(f.rope_base, f.rope_scaling, f.max_len),
 SCHEMES.register("sinusoidal", lambda f: Sinusoidal(), prints=_prints(Sinusoidal))
 SCHEMES.register("learned", lambda f: Learned(f.max_len), fields=(MAX_LEN,),
                  prints=_prints(Learned, max_len="max_len"))
-SCHEMES.register("t5", lambda f: T5Bias(f.t5_buckets, f.t5_max_distance), fields=T5_FIELDS,
-                 prints=_prints(T5Bias, t5_buckets="num_buckets",
+SCHEMES.register("t5", lambda f: T5Buckets(f.t5_buckets, f.t5_max_distance), fields=T5_FIELDS,
+                 prints=_prints(T5Buckets, t5_buckets="num_buckets",
                                 t5_max_distance="max_distance"))
-SCHEMES.register("alibi", lambda f: ALiBi(), prints=_prints(ALiBi))
+SCHEMES.register("alibi", lambda f: ALiBiSlopes(), prints=_prints(ALiBiSlopes))
 SCHEMES.register("none", lambda f: NoPositions(), prints=_prints(NoPositions))

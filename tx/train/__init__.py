@@ -1,5 +1,12 @@
 """Training: losses per task, the jitted train/eval steps, the loop with checkpoints and
-resume (``run``), evaluation, and the ablation runner (``ablate``)."""
+resume (``run``), evaluation, and reading run directories (``tx.train.workdir``).
+
+The training core: ``step``, ``optim``, ``loop``, ``checkpoint``, ``integrity``,
+``preemption``, ``lock``, ``metrics``, ``losses``, ``configs``; ``workdir`` reads a run
+directory (its config, its parameters without optimizer state), ``evaluation`` scores
+checkpoints, ``pretrained`` starts runs from pretrained weights. The research tools built on
+it (ablations, crossover timing, plots, attention maps, the demo) live in :mod:`tx.research`.
+"""
 
 from tx.train.losses import loss_fn
 from tx.train.step import (TrainState, create_state, init_state, make_eval_step,
@@ -13,9 +20,22 @@ def run(config, workdir, **kwargs):
 
 
 def ablate(config, workdir, **kwargs):
-    """Runs ``config.sweep``; see :func:`tx.train.ablation.ablate`."""
-    from tx.train import ablation
+    """Runs ``config.sweep``; see :func:`tx.research.ablation.ablate`."""
+    from tx.research import ablation
     return ablation.ablate(config, workdir, **kwargs)
+
+
+# Modules that moved: ``from tx.train import ablation`` (etc.) still finds them.
+_MOVED = {"ablation": "tx.research.ablation", "crossover": "tx.research.crossover",
+          "plots": "tx.research.plots", "visualize": "tx.research.visualize",
+          "demo": "tx.research.demo", "init": "tx.train.pretrained"}
+
+
+def __getattr__(name):
+    if name not in _MOVED:
+        raise AttributeError(f"module 'tx.train' has no attribute {name!r}")
+    import importlib
+    return importlib.import_module(_MOVED[name])
 
 
 __all__ = ["loss_fn", "TrainState", "init_state", "create_state", "state_shardings",

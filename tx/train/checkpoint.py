@@ -64,26 +64,43 @@ def disk_full(path: str | pathlib.Path) -> CheckpointError:
                            "--workdir")
 
 
+def _is_key(x) -> bool:
+    """A typed PRNG key: an array, or the ``ShapeDtypeStruct`` of one (an abstract target)."""
+    return is_prng_key(x) or (isinstance(x, jax.ShapeDtypeStruct) and
+                              jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+
+
 def _to_savable(tree):
     """Typed PRNG keys -> their uint32 key data (Orbax stores plain arrays)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, tree)
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct) and _is_key(x):
+            data = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+        return jax.random.key_data(x) if is_prng_key(x) else x
+    return jax.tree.map(one, tree)
 
 
 def _from_savable(restored, template):
     def back(r, t):
+        if isinstance(t, jax.ShapeDtypeStruct):
+            return jax.random.wrap_key_data(r, dtype=t.dtype) if _is_key(t) else r
         return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if is_prng_key(t) else r
     return jax.tree.map(back, restored, template)
 
 
 def _abstract(tree):
     """Restore targets in the template's own shardings: a checkpoint written under one mesh
-    restores under another (or on one device); Orbax reads each device's slices only."""
+    restores under another (or on one device); Orbax reads each device's slices only. The
+    template holds arrays, or ``ShapeDtypeStruct``s (with or without a sharding)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
     def spec(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device)
         if isinstance(x, jax.Array):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         x = np.asarray(x)
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
     return jax.tree.map(spec, _to_savable(tree))
 
 
@@ -106,6 +123,7 @@ class Checkpointer:
                     keep_checkpoints_without_metrics=False, **opts))
 
         self.directory = workdir / "checkpoints"
+        self._reader = None  # a manager that reads parts of a save (restore(partial=True))
         self.quarantine_dir = workdir / "corrupt"
         self.error_log = workdir / "checkpoint_errors.log"
 
@@ -131,39 +149,67 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.latest.all_steps())
 
-    def restore(self, step: int, template: dict[str, Any], manager=None):
+    def restore(self, step: int, template: dict[str, Any], manager=None, *,
+                partial: bool = False):
         """-> (state shaped like ``template``, meta dict), verified against the checksums
-        saved with it; a :class:`CheckpointError` names the step and the array otherwise."""
-        manager = manager or self.latest
-        where = f"checkpoint {step} in {manager.directory}"
+        saved with it; a :class:`CheckpointError` names the step and the array otherwise.
+        ``partial``: ``template`` names some of the saved items (e.g. ``params`` and
+        ``rest``, not ``opt_state``), and only those are read."""
+        where = f"checkpoint {step} in {(manager or self.latest).directory}"
+        target = _abstract(template)
         try:
-            out = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(template)),
-                meta=ocp.args.JsonRestore()))
+            if partial:
+                out = self._partial_reader().restore(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=target, partial_restore=True,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+                    meta=ocp.args.JsonRestore()))
+            else:
+                out = (manager or self.latest).restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:  # TensorStore and Orbax errors run to many lines
             raise CheckpointError(f"{where} cannot be read{_array_named(e)}: "
                                   f"{_first_line(e)}") from e
         saved = out["meta"].get("checksums")
         if saved is not None:  # checkpoints written before checksums verify nothing
             read, _ = integrity.summarise(out["state"])
+            if partial:  # the arrays read, each of which the save must hold
+                saved = {name: saved[name] for name in read if name in saved}
             bad = integrity.first_mismatch(saved, read)
             if bad is not None:
                 raise CheckpointError(f"{where} is corrupt: array {bad} does not match the "
                                       "checksum saved with it")
         return _from_savable(out["state"], template), out["meta"]
 
+    def _partial_reader(self):
+        """A reading manager of ``checkpoints/`` whose state item is read as a plain
+        PyTree, so that a restore may name only some of its items (the saves are the same
+        on disk: ``StandardSave`` writes a PyTree)."""
+        if self._reader is None:
+            self._reader = ocp.CheckpointManager(
+                self.directory,
+                item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                               "meta": ocp.JsonCheckpointHandler()},
+                options=ocp.CheckpointManagerOptions(create=False,
+                                                     enable_async_checkpointing=False))
+        else:
+            self._reader.reload()
+        return self._reader
+
     def restore_good(self, template: dict[str, Any], *, report, quarantine: bool,
-                     check=lambda meta, step: None) -> tuple[int, Any, dict] | None:
+                     check=lambda meta, step: None, partial: bool = False
+                     ) -> tuple[int, Any, dict] | None:
         """The newest checkpoint that reads and verifies: -> (step, state, meta), or ``None``
         when there is no checkpoint. Each bad one is reported in one line through ``report``
         and, with ``quarantine`` (the training run, which holds the workdir lock), moved to
         ``workdir/corrupt/``; readers (evaluation, generation) leave it in place.
-        ``check(meta, step)`` vets a checkpoint's metadata before its arrays are read."""
+        ``check(meta, step)`` vets a checkpoint's metadata before its arrays are read;
+        ``partial`` as in :meth:`restore`."""
         steps, bad = self.all_steps(), []
         for step in reversed(steps):
             try:
                 check(self.read_meta(step), step)
-                state, meta = self.restore(step, template)
+                state, meta = self.restore(step, template, partial=partial)
                 return step, state, meta
             except CheckpointError as e:
                 bad.append(step)
@@ -233,7 +279,7 @@ class Checkpointer:
             self.wait()
         except CheckpointError as e:
             error = e
-        for m in (self.latest, self.best):
+        for m in (self.latest, self.best, self._reader):
             if m is not None:
                 try:
                     m.close()

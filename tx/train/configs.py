@@ -56,7 +56,7 @@ TRAIN = dict(
     async_checkpoints=True,
 )
 MESH = dict(data=1, fsdp=1, tensor=1)
-# Pretrained starts (tx.train.init): a source of weights and the swaps applied to them.
+# Pretrained starts (tx.train.pretrained): a source of weights and the swaps applied to them.
 INIT = dict(hf="", workdir="", swap=dict(num_kv_heads=0, kv_init="mean", layer_pattern="",
                                          window=0))
 # Decoding options of the run's model (generate.py, bench_decode.py): how the KV cache stores

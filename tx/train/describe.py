@@ -75,7 +75,7 @@ DOCS = {
     "data.options.num_symbols": "seq2seq tasks: distinct symbols",
     "data.options.min_len": "seq2seq tasks: shortest source sequence",
     "data.options.max_len": "seq2seq tasks: longest source sequence",
-    # init (tx.train.init): pretrained starts
+    # init (tx.train.pretrained): pretrained starts
     "init.hf": "a Hugging Face checkpoint directory whose weights the run starts from",
     "init.workdir": "a tx run's workdir whose latest weights the run starts from",
     "init.swap.num_kv_heads": "fewer K/V heads for the loaded weights (0: no swap)",
@@ -84,7 +84,7 @@ DOCS = {
     "init.swap.window": "the local window of the swapped pattern (0: no swap)",
     # inference
     "inference.kv_dtype": "KV-cache storage when decoding: auto, int8, int4, int4_per_token",
-    # ablations (tx.train.ablation)
+    # ablations (tx.research.ablation)
     "sweep.field": "the dotted config field an ablation sweeps",
     "sweep.choices": "the swept values, comma-separated (';' when values hold commas)",
     "crossover.lengths": "sequence lengths the speed comparison times",
@@ -207,23 +207,23 @@ def _changes(model, base, prefix: str = "") -> list[str]:
 
 
 def _resolved_model(config: ml_collections.ConfigDict):
-    from tx.train import init as init_lib
+    from tx.train import pretrained as pretrained_lib
     if "init" in config:  # a pretrained start's model comes from its source
-        config = init_lib.with_source_model(config, None)
+        config = pretrained_lib.with_source_model(config, None)
     return configs_lib.resolve(config).model
 
 
 def models(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """``{title: value tree}``: the model of ``config``; for an ablation (``sweep`` or
     ``variants``, per task of ``tasks``) the base's and every variant's, in run order."""
-    from tx.train import ablation  # only ablation configs need the runner
-    from tx.train import init as init_lib
+    from tx.research import ablation  # only ablation configs need the runner
+    from tx.train import pretrained as pretrained_lib
     ablating = "sweep" in config or "variants" in config
     tasks = dict(config.tasks.items()) if "tasks" in config else {"": config}
     out = {}
     for name, task in tasks.items():
         where = f"tasks.{name}." if name else ""
-        if "pretrain" in task and not init_lib.requested(task):
+        if "pretrain" in task and not pretrained_lib.requested(task):
             # The variants start from the weights of a run the runner trains first.
             out[f"{where}pretrain.model"] = _resolved_model(task.pretrain)
             continue

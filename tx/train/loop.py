@@ -4,15 +4,18 @@ Rerunning the same config on the same workdir resumes from the latest complete c
 (params, optimizer state, RNG, step = data position) and reproduces the uninterrupted run's
 per-step losses exactly. A config that differs from the checkpoint's in a field that changes
 the trajectory fails with a diff of those fields.
+
+Through ``print_fn`` a run says, in order: the model in one line (:func:`model_summary`),
+where it starts from (a resume or pretrained weights), ``compiling the train step``, which
+backend serves attention (at the first step), a progress line every ``train.log_every`` steps,
+and the eval loss and accuracy (``recall`` on MQAR) whenever they are computed.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import pathlib
-import sys
 import time
 from typing import Any, Callable
 
@@ -20,57 +23,31 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from tx.attention import registry
-from tx import models
 from tx.inference import memory
-from tx.layers.block import Block
-from tx import parallel as parallel_lib
 from tx.train import configs as configs_lib
+from tx.train import pretrained as pretrained_lib
 from tx.train.checkpoint import (CheckpointError, Checkpointer, background_errors_to,
                                  disk_full, is_disk_full)
-from tx.train import init as init_lib
+from tx.train.configs import Resolved
+from tx.train.evaluation import (accuracy_name, evaluate, evaluate_batches,  # noqa: F401
+                                 evaluate_params)
 from tx.train.lock import WorkdirLock
-from tx.train.preemption import Preempted, StopSignals, agree
-from tx.train.configs import ConfigError, Resolved
 from tx.train.metrics import MetricsLog, Progress
-from tx.train.optim import make_optimizer, schedule, warmup_steps
+from tx.train.optim import make_optimizer, schedule
+from tx.train.preemption import Preempted, StopSignals, agree
 from tx.train.step import create_state, make_eval_step, make_train_step, state_shardings
+# Reading a run directory lives in tx.train.workdir; these names stay reachable here.
+from tx.train.workdir import (Remat, build_model, load_model, make_parallel,  # noqa: F401
+                              remat_blocks, restore, saved_config, saved_model_section)
 
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite updates in a row."""
 
 
-# -------------------------------------------------------------------------------- the model
-
-
-class Remat(nnx.Module):
-    """Wraps a block so its activations are recomputed in the backward pass."""
-
-    def __init__(self, inner: nnx.Module):
-        self.inner = inner
-
-    def __call__(self, *args, **kwargs):
-        return nnx.remat(lambda block, a, k: block(*a, **k))(self.inner, args, kwargs)
-
-
-def _remat_blocks(model: nnx.Module) -> None:
-    """Wraps every ``Block`` in place; the model is walked with ``nnx.iter_graph``, and
-    towers find their attention layers the same way, through the wrapper."""
-    for _, towers in list(nnx.iter_graph(model)):
-        if isinstance(towers, models.Tower):
-            for i, block in enumerate(towers.blocks):
-                if isinstance(block, Block):
-                    towers.blocks[i] = Remat(block)
-
-
-def build_model(resolved: Resolved) -> nnx.Module:
-    model = models.build(resolved.model, seed=resolved.train.seed)
-    if resolved.train.remat:
-        _remat_blocks(model)
-    return model
+# ------------------------------------------------------------------ what a run says about itself
 
 
 def param_count(params) -> int:
@@ -87,62 +64,45 @@ def kv_bytes_per_token(cfg) -> int:
     return 2 * len(softmax) * cfg.kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
-# ----------------------------------------------------------------------------- evaluation
+def model_summary(resolved: Resolved, params) -> str:
+    """The run's model in one line: parameters, KV-cache bytes per decoded token, shape, e.g.
+    ``model: 103,040 parameters | KV cache 1,024 bytes/token | 2 layers, d_model 64, 4 heads,
+    1 K/V head, attention mqa``."""
+    cfg = resolved.model
+    plural = lambda n, word: f"{n} {word}{'s' * (n != 1)}"
+    attention = resolved.config.model.get("attention")
+    shape = [plural(cfg.num_layers, "layer"), f"d_model {cfg.d_model}",
+             plural(cfg.attention.num_heads, "head"), plural(cfg.kv_heads, "K/V head")]
+    if attention:
+        shape.append(f"attention {attention}")
+    return (f"model: {param_count(params):,} parameters | KV cache "
+            f"{kv_bytes_per_token(cfg):,} bytes/token | {', '.join(shape)}")
 
 
-def evaluate_params(eval_step, params, rest, eval_ds, batches: int) -> dict[str, float]:
-    """Loss and accuracy summed over the first ``batches`` eval batches (a fixed set)."""
-    sums = [eval_step(params, rest, eval_ds.batch(i)) for i in range(batches)]
-    total = {k: float(sum(m[k] for m in sums)) for k in ("loss_sum", "correct", "count")}
-    count = max(total["count"], 1.0)
-    return {"eval_loss": total["loss_sum"] / count, "eval_accuracy": total["correct"] / count}
+def eval_line(step: int, evals: dict, metric: str = "accuracy") -> str:
+    """``eval at step 100: loss 1.1835, recall 0.523``."""
+    return (f"eval at step {step}: loss {evals['eval_loss']:.4f}, {metric} "
+            f"{evals['eval_accuracy']:.3f}")
+
+
+def _announced(step_fn: Callable, say: Callable[[str], None]) -> Callable:
+    """``step_fn`` whose calls that trace say which backend served attention, e.g.
+    ``attention: cpu (2 calls)``: each line once per run (every variant of an ablation says
+    its own)."""
+    said = set()
+
+    def call(*args):
+        with registry.recording() as records:
+            out = step_fn(*args)
+        line = registry.summary(records) if records else None
+        if line and line not in said:
+            said.add(line)
+            say(line)
+        return out
+    return call
 
 
 # -------------------------------------------------------------------------------- resuming
-
-
-def _check_compatible(saved: dict, current: ml_collections.ConfigDict, workdir, step) -> None:
-    saved, current = copy.deepcopy(saved), current.to_dict()
-    train = saved.setdefault("train", {})
-    train.setdefault("schedule_steps", train.get("steps"))  # runs saved before the field
-    saved.setdefault("init", copy.deepcopy(configs_lib.INIT))  # ... and before init
-    defaults = configs_lib.model_dict().to_dict()
-    for key in current.get("model", {}):  # ... and model flags newer than the run
-        if key in defaults:
-            saved.setdefault("model", {}).setdefault(key, defaults[key])
-    if not current.get("train", {}).get("schedule_steps"):  # unset: the saved run's holds
-        current.setdefault("train", {})["schedule_steps"] = train["schedule_steps"]
-    for section in (train, current["train"]):  # the warm-up each resolves to (-1: auto)
-        if "warmup_steps" in section:
-            section["warmup_steps"] = warmup_steps(ml_collections.ConfigDict(section))
-    lines = configs_lib.diff(saved, current)
-    if lines:
-        raise ConfigError(
-            f"workdir={str(workdir)!r} holds a checkpoint at step {step} made with a different "
-            "config (saved -> now):\n" + "\n".join(lines) +
-            "\nRevert these fields, or use a new --workdir to start a fresh run.")
-
-
-def _restore(ckpt: Checkpointer, state, config, workdir, *, report, quarantine: bool,
-             step: int | None = None):
-    """-> (step, arrays) of the newest checkpoint that verifies (or of ``step``), in the
-    shardings of ``state`` (the current mesh); ``(None, None)`` when there is none."""
-    template = {"params": state.params, "rest": state.rest, "opt_state": state.opt_state}
-    check = lambda meta, s: _check_compatible(meta["config"], config, workdir, s)
-    if step is not None:  # an explicit step: its own verdict, no fallback
-        check(ckpt.read_meta(step), step)
-        return step, ckpt.restore(step, template)[0]
-    found = ckpt.restore_good(template, report=report, quarantine=quarantine, check=check)
-    return (None, None) if found is None else found[:2]
-
-
-def _saved_model(workdir) -> dict | None:
-    """The model section a run in ``workdir`` saved, when it has checkpoints to resume."""
-    workdir = pathlib.Path(workdir)
-    if not (workdir / "config.json").is_file() or not any(
-            p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
-        return None
-    return json.loads((workdir / "config.json").read_text()).get("model")
 
 
 def _with_schedule(resolved: Resolved, ckpt: Checkpointer, print_fn) -> Resolved:
@@ -166,11 +126,6 @@ def _with_schedule(resolved: Resolved, ckpt: Checkpointer, print_fn) -> Resolved
     config = copy.deepcopy(resolved.config)
     config.train.schedule_steps = length
     return dataclasses.replace(resolved, config=config)
-
-
-def make_parallel(resolved: Resolved) -> parallel_lib.Parallel:
-    """The config's device mesh (one device by default)."""
-    return parallel_lib.Parallel(parallel_lib.make_mesh(resolved.mesh))
 
 
 def is_main_process() -> bool:
@@ -217,14 +172,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary:
     ``first_loss`` (step 1's: the starting model's), final ``loss``, ``eval_loss``,
     ``eval_accuracy``, ``tokens_per_second``, ``params``,
-    ``kv_bytes_per_token``, ``steps``, ``skipped``, ``wall_seconds``.
+    ``kv_bytes_per_token``, ``steps``, ``skipped``, ``wall_seconds`` and ``accuracy_name``
+    (what the eval accuracy measures: ``recall`` on MQAR).
 
     Holds ``workdir``'s lock for the whole run (a second run there fails at once). SIGTERM or
     SIGINT ends the run after the current step with a saved checkpoint and :class:`Preempted`;
     a failed background save raises :class:`CheckpointError` at the next step, and a full disk
     (checkpoints, logs, plots) a :class:`CheckpointError` naming the path it was writing."""
     wall_start = time.perf_counter()
-    config = init_lib.with_source_model(config, _saved_model(workdir))
+    config = pretrained_lib.with_source_model(config, saved_model_section(workdir))
     resolved = configs_lib.resolve(config)
     workdir = configs_lib.check_workdir(workdir)
     if not is_main_process():
@@ -291,27 +247,33 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
     state = create_state(lambda: build_model(resolved), optimizer, parallel)
     shardings = state_shardings(state, parallel)
     report = print_fn or (lambda line: None)
-    start, restored = _restore(ckpt, state, config, workdir, report=report, quarantine=True)
+    report(model_summary(resolved, state.params))
+    start, restored = restore(ckpt, {"params": state.params, "rest": state.rest,
+                                     "opt_state": state.opt_state}, config, workdir,
+                              report=report, quarantine=True)
     start = start or 0
     if start:
         state.params, state.rest, state.opt_state = (restored["params"], restored["rest"],
                                                      restored["opt_state"])
         report(f"resuming from step {start} in {workdir}")
-    elif init_lib.requested(config):
-        wrap = _remat_blocks if train.remat else (lambda model: None)
-        state.params = init_lib.initial_params(config, state.params, seed=train.seed,
-                                               wrap=wrap)
-        report(f"starting from the weights of {init_lib.describe(config)}")
+    elif pretrained_lib.requested(config):
+        wrap = remat_blocks if train.remat else (lambda model: None)
+        state.params = pretrained_lib.initial_params(config, state.params, seed=train.seed,
+                                                     wrap=wrap)
+        report(f"starting from the weights of {pretrained_lib.describe(config)}")
     main = is_main_process()
-    if main and init_lib.requested(config):
-        init_lib.copy_tokenizer(config, workdir)
+    if main and pretrained_lib.requested(config):
+        pretrained_lib.copy_tokenizer(config, workdir)
     if main:
         (workdir / "config.json").write_text(configs_lib.to_json(config))
     train_ds, eval_ds = configs_lib.make_datasets(resolved)
     train_step = make_train_step(state.graphdef, optimizer, parallel=parallel,
                                  shardings=shardings)
-    train_step = registry.announced(train_step, report)  # which backend serves attention
+    train_step = _announced(train_step, report)  # which backend serves attention
     eval_step = make_eval_step(state.graphdef, parallel=parallel, shardings=shardings)
+    metric = accuracy_name(eval_ds)
+    if start < train.steps:
+        report("compiling the train step")
     log = MetricsLog(workdir, start_step=start, tensorboard=main, write=main)
     run = _Run(resolved, log, Progress(train.steps, print_fn), start)
     params, rest, opt_state = state.params, state.rest, state.opt_state
@@ -327,6 +289,7 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
             evals = {}
             if step % train.eval_every == 0 or step == train.steps:
                 evals = evaluate_params(eval_step, params, rest, eval_ds, train.eval_batches)
+                report(eval_line(step, evals, metric))
             save = step % train.checkpoint_every == 0 or step == train.steps or stopping
             # Log before saving, so every checkpointed step is in metrics.jsonl.
             if step % train.log_every == 0 or step == train.steps or evals or save:
@@ -351,9 +314,11 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
     if start >= train.steps:  # nothing left to train: report the restored model
         last = dict(log.records[-1]) if log.records else {"loss": float("nan")}
         last.update(evaluate_params(eval_step, params, rest, eval_ds, train.eval_batches))
+        report(eval_line(start, last, metric))
     if main:
-        from tx.train import plots  # matplotlib is imported only when a run finishes
-        plots.loss_curves({"run": log.records}, workdir / "loss.png", title=str(workdir.name))
+        from tx.research import plots  # matplotlib is imported only when a run finishes
+        plots.loss_curves({workdir.name: log.records}, workdir / "loss.png",
+                          title=str(workdir.name), metric=metric)
     rates = run.rates
     steady = [r for s, r in rates if s > start] or [r for _, r in rates] or [float("nan")]
     first = log.records[0]["loss"] if log.records else float("nan")
@@ -362,74 +327,5 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
             "eval_loss": last.get("eval_loss"), "eval_accuracy": last.get("eval_accuracy"),
             "tokens_per_second": float(np.median(steady[1:] or steady)),
             "params": param_count(params), "kv_bytes_per_token": kv_bytes_per_token(resolved.model),
-            "skipped": run.skipped, "wall_seconds": time.perf_counter() - wall_start}
-
-
-def saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to ``workdir/config.json``, on one device when the
-    run's mesh does not fit the devices here (a checkpoint restores under any mesh)."""
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise ConfigError(f"workdir={str(workdir)!r} has no config.json; train there first or "
-                          "pass --config.")
-    return configs_lib.fit_mesh(ml_collections.ConfigDict(json.loads(path.read_text())))
-
-
-def load_model(resolved: Resolved, workdir: str | pathlib.Path, *,
-               step: int | None = None) -> tuple[nnx.Module, int | None]:
-    """The model of the latest (or ``step``) checkpoint in ``workdir``, or a freshly initialised
-    one (step ``None``) when there is none; its arrays are split over the config's mesh,
-    whatever mesh the checkpoint was written under."""
-    if not (pathlib.Path(workdir) / "checkpoints").is_dir():
-        return build_model(resolved), None
-    ckpt = Checkpointer(workdir, keep=resolved.train.keep, async_save=False)
-    try:
-        if not ckpt.all_steps():
-            return build_model(resolved), None
-        state = create_state(lambda: build_model(resolved), make_optimizer(resolved.train),
-                             make_parallel(resolved))
-        report = lambda line: print(line, file=sys.stderr)
-        step, restored = _restore(ckpt, state, resolved.config, workdir, report=report,
-                                  quarantine=False, step=step)
-    finally:
-        ckpt.close()
-    if step is None:
-        return build_model(resolved), None
-    return nnx.merge(state.graphdef, restored["params"], restored["rest"]), step
-
-
-def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Path, *,
-             step: int | None = None, batches: int | None = None) -> dict[str, float]:
-    """Evaluates the latest checkpoint (or ``step``) of ``workdir``; ``config=None`` uses the
-    config saved with the run (on one device when its mesh does not fit the devices here)."""
-    resolved = configs_lib.resolve(saved_config(workdir) if config is None else config)
-    model, step = load_model(resolved, workdir, step=step)
-    if step is None:
-        raise ConfigError(f"workdir={str(workdir)!r} holds no complete checkpoint.")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    parallel = make_parallel(resolved)
-    eval_step = make_eval_step(graphdef, parallel=parallel,
-                               shardings=parallel.shardings((params, rest)))
-    _, eval_ds = configs_lib.make_datasets(resolved)
-    out = evaluate_params(eval_step, params, rest, eval_ds,
-                          batches or resolved.train.eval_batches)
-    return {"step": step, **out}
-
-
-def evaluate_batches(model: nnx.Module, batches) -> dict[str, float]:
-    """Token loss of ``model`` over ``batches`` (an iterable of batch dicts, e.g. packed rows
-    from :func:`tx.data.packing.packed_batches`: segment ids keep documents apart and only
-    weighted tokens count): ``loss`` (per token), ``perplexity`` (``exp(loss)``), ``accuracy``
-    and ``tokens`` (the count scored)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    eval_step = make_eval_step(graphdef)
-    total = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in batches:
-        metrics = eval_step(params, rest, batch)
-        for key in total:
-            total[key] += float(metrics[key])
-    if not total["count"]:
-        raise ValueError("the batches hold no weighted tokens to score; give some text.")
-    loss = total["loss_sum"] / total["count"]
-    return {"loss": loss, "perplexity": float(np.exp(loss)),
-            "accuracy": total["correct"] / total["count"], "tokens": int(total["count"])}
+            "skipped": run.skipped, "wall_seconds": time.perf_counter() - wall_start,
+            "accuracy_name": metric}

@@ -77,7 +77,10 @@ def _placing(jitted: Callable, parallel: parallel_lib.Parallel | None) -> Callab
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
                     parallel: parallel_lib.Parallel | None = None,
                     shardings: tuple | None = None) -> Callable:
-    """``step(params, rest, opt_state, batch) -> (params, rest, opt_state, metrics)``.
+    """``step(params, rest, opt_state, batch) -> (params, rest, opt_state, metrics)``;
+    ``metrics``: the head's sums (``loss_sum``, ``correct``, ``count``), ``loss`` (their
+    mean: the loss the update descends), ``grad_norm``, and ``nonfinite`` with
+    :func:`tx.train.optim.skip_nonfinite`.
 
     With a ``parallel`` of several devices, ``shardings`` are the (params, rest, opt_state)
     shardings (:func:`state_shardings`); the step keeps the state in them and takes host
@@ -91,8 +94,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
                 value, metrics = loss_fn(model, batch)
                 return value, (metrics, nnx.split(model, nnx.Param, ...)[2])
 
-            (_, (metrics, new_rest)), grads = jax.value_and_grad(loss, has_aux=True)(params,
-                                                                                     rest)
+            (value, (metrics, new_rest)), grads = jax.value_and_grad(loss, has_aux=True)(
+                params, rest)
+            metrics["loss"] = value  # the mean loss the gradient is of (loss_sum / count)
             metrics["grad_norm"] = optax.tree.norm(grads)
             # Optax mixes Python floats with int32 step counts (bias correction); the model
             # above runs under whatever promotion the caller set (strict in the tests).
@@ -112,13 +116,15 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
 
 def make_eval_step(graphdef, *, parallel: parallel_lib.Parallel | None = None,
                    shardings: tuple | None = None) -> Callable:
-    """``eval_step(params, rest, batch) -> metrics`` with dropout off."""
+    """``eval_step(params, rest, batch) -> metrics`` (the head's sums and their mean
+    ``loss``) with dropout off."""
 
     def step(params, rest, batch):
         with parallel_lib.use(parallel):
             model = nnx.merge(graphdef, params, rest, copy=True)
             model.eval()
-            return loss_fn(model, batch)[1]
+            value, metrics = loss_fn(model, batch)
+            return {**metrics, "loss": value}
 
     if parallel is None or parallel.size == 1:
         return jax.jit(step)

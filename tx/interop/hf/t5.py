@@ -22,7 +22,7 @@ from kernels import masks
 from tx.config import AttentionConfig, ModelConfig
 from tx.interop.hf.common import (Entry, attention, check_architecture, hf_activation, linear,
                                   one, plain_body, register_family, uniform_mask, unsupported)
-from tx.layers import MLPConfig, RMSNorm, T5Bias
+from tx.layers import MLPConfig, RMSNorm, T5Buckets
 from tx.layers.mlp import gelu_exact
 from tx.models.heads import Seq2SeqLM
 
@@ -57,7 +57,7 @@ def config(hf: dict, model_type: str) -> ModelConfig:
         attention=AttentionConfig(num_heads=n, num_kv_heads=n, masks=(masks.Full(),),
                                   head_dim=None if hf["d_kv"] * n == d else hf["d_kv"],
                                   scale=1.0),
-        positions=T5Bias(int(hf.get("relative_attention_num_buckets", 32)),
+        positions=T5Buckets(int(hf.get("relative_attention_num_buckets", 32)),
                          int(hf.get("relative_attention_max_distance", 128))),
         mlp=MLPConfig(hf["d_ff"], fn, gated=gated),
         norm=RMSNorm(float(hf.get("layer_norm_epsilon", 1e-6))),
@@ -77,7 +77,7 @@ def model_type(cfg: ModelConfig) -> str | None:
     """``t5`` when ``cfg`` is a T5-shaped encoder-decoder, else None."""
     a, head = cfg.attention, cfg.head
     ok = (isinstance(head, Seq2SeqLM) and plain_body(cfg) and cfg.norm.pre and
-          isinstance(cfg.norm, RMSNorm) and isinstance(cfg.positions, T5Bias) and
+          isinstance(cfg.norm, RMSNorm) and isinstance(cfg.positions, T5Buckets) and
           hf_activation(_FEED_FORWARD, cfg.mlp) is not None and a.scale == 1.0 and
           not (a.bias or cfg.mlp.bias) and not head.bias and a.kv_heads == a.num_heads and
           uniform_mask(cfg) == masks.Full() and set(head.masks) <= {masks.Causal()})

@@ -32,7 +32,7 @@ def run(*, steps: int = 60, batch_size: int = 16, seq_len: int = 128, seed: int 
     for step in range(steps):
         params, rest, opt_state, metrics = train_step(params, rest, opt_state,
                                                       train_ds.batch(step))
-        losses.append(float(metrics["loss_sum"] / metrics["count"]))
+        losses.append(float(metrics["loss"]))
         if step % log_every == 0 or step == steps - 1:
             print_fn(f"step {step:4d}  train loss {losses[-1]:.4f}")
     elapsed = time.perf_counter() - start

@@ -32,6 +32,8 @@ from flax import nnx
 
 from tx.attention import patterns
 from tx.flags import ModelFlags
+from tx.train import configs as configs_lib
+from tx.train import workdir as workdir_lib
 from tx.train.configs import INIT, ConfigError
 
 KV_INITS = ("mean", "random")
@@ -191,10 +193,8 @@ def _source_model(init, seed: int) -> tuple[nnx.Module, dict]:
     if init.hf:
         from tx.interop import hf
         return hf.load(init.hf, seed=seed), _source_fields(init)
-    from tx.train import configs as configs_lib
-    from tx.train import loop
-    resolved = configs_lib.resolve(loop.saved_config(init.workdir))
-    model, step = loop.load_model(resolved, init.workdir)
+    resolved = configs_lib.resolve(workdir_lib.saved_config(init.workdir))
+    model, step = workdir_lib.load_model(resolved, init.workdir)  # parameters only
     if step is None:
         raise ConfigError(f"config.init.workdir={init.workdir!r} holds no complete checkpoint.")
     return model, _source_fields(init)
@@ -213,7 +213,7 @@ def initial_params(config: ml_collections.ConfigDict, template, *, seed: int,
         if model.config.kv_heads % target_kv:
             raise ConfigError(f"config.init.swap.num_kv_heads={target_kv}: must divide the "
                               f"checkpoint's {model.config.kv_heads} K/V heads.")
-        swap.pool_kv_heads(model, target_kv)  # 'random' then takes the fresh K/V below
+        model = swap.pool_kv_heads(model, target_kv)  # 'random' then takes the fresh K/V below
     wrap(model)
     source = nnx.state(model, nnx.Param)
     flat_src = dict(nnx.to_flat_state(source))

@@ -38,8 +38,8 @@ from tx import flags as flags_lib
 from tx import models
 from tx.flags import ModelFlags
 from tx.inference import generation, kv_cache_bytes
+from tx.research import plots
 from tx.train import configs as configs_lib
-from tx.train import plots
 from tx.train.losses import loss_fn
 
 # What a crossover section holds (configs/ablation.py:linear sets them).

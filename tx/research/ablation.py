@@ -4,7 +4,10 @@
 Every variant trains from the same seed on the same data order (both come from the base config),
 in its own sub-directory of the workdir (so a rerun resumes unfinished variants, and reports the
 figures a finished one saved in its ``figures.json``, rather than a resume's). The runner
-writes ``results.csv``, ``results.md`` and ``loss_curves.png`` to the workdir.
+writes ``results.csv``, ``results.md`` and ``loss_curves.png`` (train and eval loss, and the
+eval accuracy, ``recall`` on MQAR, per variant) to the workdir. It prints what it will train
+first, then ``variant k/n: NAME`` before each run's own lines (:func:`tx.train.loop.run`: the
+model in one line, the attention backend, progress, eval metrics when computed).
 
 With ``config.pretrain`` (an experiment config) and no ``init`` source of its own, the runner
 first trains that model in ``workdir/pretrain`` and starts every variant from its weights
@@ -13,8 +16,8 @@ first trains that model in ``workdir/pretrain`` and starts every variant from it
 With ``config.tasks`` (named experiment configs) every variant runs on every task, each task
 in ``workdir/<task>`` with its own results; the workdir gets ``results.md`` and one JSON line
 ``results.json`` comparing the variants across tasks. With ``config.crossover``
-(:func:`tx.train.crossover.section`) each variant's ``model`` changes also apply to that
-section's speed model, timed against sequence length (``tx.train.crossover``):
+(:func:`tx.research.crossover.section`) each variant's ``model`` changes also apply to that
+section's speed model, timed against sequence length (``tx.research.crossover``):
 ``configs/ablation.py:linear``.
 """
 
@@ -30,10 +33,11 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
+from tx.research import crossover as crossover_lib
+from tx.research import plots
 from tx.train import configs as configs_lib
-from tx.train import init as init_lib
-from tx.train import crossover as crossover_lib
-from tx.train import loop, plots
+from tx.train import loop
+from tx.train import pretrained as pretrained_lib
 from tx.train.configs import ConfigError
 from tx.train.metrics import read_jsonl
 
@@ -114,7 +118,7 @@ def variant_configs(config) -> dict[str, ml_collections.ConfigDict]:
     for value in sweep_values(config):
         variant = _bare(config)
         _set(variant, config.sweep.field, value)
-        configs_lib.resolve(init_lib.with_source_model(variant, None))
+        configs_lib.resolve(pretrained_lib.with_source_model(variant, None))
         out[_value_name(value)] = variant
     return out
 
@@ -149,8 +153,8 @@ def _named_variants(config) -> dict[str, ml_collections.ConfigDict]:
     for name, changes in config.variants.items():
         variant = _bare(config)
         _update(variant, changes, f"variants.{name}")
-        if init_lib.requested(variant):
-            configs_lib.resolve(init_lib.with_source_model(variant, None))
+        if pretrained_lib.requested(variant):
+            configs_lib.resolve(pretrained_lib.with_source_model(variant, None))
         out[name] = variant
     if not out:
         raise ConfigError("config.variants is empty; name at least one variant.")
@@ -160,10 +164,10 @@ def _named_variants(config) -> dict[str, ml_collections.ConfigDict]:
 def _pretrained(config, workdir: pathlib.Path, print_fn) -> ml_collections.ConfigDict:
     """Trains ``config.pretrain`` (once; a rerun resumes or skips it) when the config has no
     ``init`` source, and points every variant's ``init.workdir`` at it."""
-    if "pretrain" not in config or init_lib.requested(config):
+    if "pretrain" not in config or pretrained_lib.requested(config):
         return config
     if print_fn:
-        print_fn("== pretrain")
+        print_fn(f"pretraining the model every variant starts from, in {workdir / 'pretrain'}")
     loop.run(config.pretrain, workdir / "pretrain", print_fn=print_fn)
     config = copy.deepcopy(config)
     config.init.workdir = str(workdir / "pretrain")
@@ -230,8 +234,10 @@ def write_results(rows: list[dict[str, Any]], workdir: pathlib.Path, field: str)
         writer.writeheader()
         writer.writerows(rows)
     (workdir / "results.md").write_text(f"# Ablation over `{field}`\n\n{table(rows, field)}\n")
+    metric = next((r["accuracy_name"] for r in rows if r.get("accuracy_name")), "accuracy")
     plots.loss_curves({r["variant"]: read_jsonl(workdir / r["variant"] / "metrics.jsonl")
-                       for r in rows}, workdir / "loss_curves.png", title=f"sweep: {field}")
+                       for r in rows}, workdir / "loss_curves.png", title=f"sweep: {field}",
+                      metric=metric)
 
 
 def variant_models(config, model: ml_collections.ConfigDict
@@ -294,9 +300,11 @@ def _ablate_one(config, workdir: pathlib.Path, print_fn, variants=None, title: s
     workdir = configs_lib.check_workdir(workdir)
     config = _pretrained(config, workdir, print_fn)
     rows = []
-    for name, variant in (variants or variant_configs(config)).items():
+    variants = variants or variant_configs(config)
+    for k, (name, variant) in enumerate(variants.items(), 1):
         if print_fn:
-            print_fn(f"== {title}{field}={name}")
+            where = "" if field == "variant" else f" ({field}={name})"
+            print_fn(f"{title}variant {k}/{len(variants)}: {name}{where}")
         summary = finished_figures(variant, workdir / name)
         if summary is None:
             summary = _plain(loop.run(variant, workdir / name, print_fn=print_fn))
@@ -351,6 +359,27 @@ def _summary(rows, speed, workdir: pathlib.Path, field: str, print_fn) -> None:
         print_fn(line)
 
 
+def plan(config, tasks: dict, built: dict, workdir: pathlib.Path) -> str:
+    """The runner's first line: what it will train, where, and that each variant builds its
+    model and compiles its train step in turn."""
+    parts = []
+    for name, task in tasks.items():
+        if name in built:
+            names = list(built[name])
+        else:
+            names = list(task.variants) if "variants" in task else \
+                [_value_name(v) for v in sweep_values(task)]
+        what = f"{len(names)} variants" + (
+            "" if "variants" in task else f" of {task.sweep.field}")
+        first = (f" after {task.pretrain.train.steps} pretraining steps"
+                 if "pretrain" in task and not pretrained_lib.requested(task) else "")
+        parts.append(f"{name + ': ' if name else ''}{what} ({', '.join(names)}) on "
+                     f"{task.data.name}, {task.train.steps} steps each{first}")
+    speed = ", then the crossover speed sweep" if "crossover" in config else ""
+    return (f"ablation: {'; '.join(parts)}{speed}, in {workdir}; each variant builds its "
+            "model and compiles its train step first")
+
+
 def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
            print_fn: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
     """Runs every variant of ``config.sweep`` or ``config.variants`` (on every task of
@@ -363,10 +392,12 @@ def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     for name, task in tasks.items():  # everything fails before anything trains
         if "pretrain" not in task:
             built[name] = variant_configs(task)
-        elif not init_lib.requested(task):
+        elif not pretrained_lib.requested(task):
             configs_lib.resolve(task.pretrain)  # its variants are built after pretraining
     speed_models = _crossover_models(config) if "crossover" in config else None
     workdir = configs_lib.check_workdir(workdir)
+    if print_fn:
+        print_fn(plan(config, tasks, built, workdir))
     rows = []
     for name, task in tasks.items():
         rows += [{"task": name, **r} if name else r for r in
@@ -375,7 +406,7 @@ def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     speed = None
     if speed_models is not None:
         if print_fn:
-            print_fn("== crossover: speed against sequence length")
+            print_fn("crossover: timing each variant's speed against sequence length")
         speed = crossover_lib.run(speed_models, config.crossover, workdir, print_fn=print_fn)
     if "tasks" in config or speed is not None:
         _summary(rows, speed, workdir, _field(config), print_fn)
