@@ -299,8 +299,8 @@ def _dense_mask(seg):
 
 def flash_impl(name: str, cell: FlashCell, interpret: bool):
     """``fn(q, k, v, seg) -> out``, or raise NotImplementedError(why)."""
-    from kernels import flash_attention
-    from kernels import masks as masks_lib
+    from tx.kernels import flash_attention
+    from tx.kernels import masks as masks_lib
     causal = cell.kind in ("causal", "packed", "local")
     window = (cell.window - 1, 0) if cell.kind == "local" else None
     if name == "tx_pallas":
@@ -350,8 +350,8 @@ def flash_impl(name: str, cell: FlashCell, interpret: bool):
 
 def _flash_reference(cell: FlashCell, q, k, v, seg):
     """fp32 output, in query chunks of at most 1 GiB of logits."""
-    from kernels import masks as masks_lib
-    from kernels import reference
+    from tx.kernels import masks as masks_lib
+    from tx.kernels import reference
     b, t, n, _ = q.shape
     mask = {"full": masks_lib.Full(), "local": masks_lib.Local((cell.window or 1) - 1)
             }.get(cell.kind, masks_lib.Causal())
@@ -445,7 +445,7 @@ def flash(run: Run) -> None:
 
 # ------------------------------------------------------------------------------ paged
 def paged_shapes(dry_run: bool):
-    from experiments import _paged_bench
+    from tx.experiments import _paged_bench
     shape = _paged_bench.Shape
     if dry_run:
         return [shape(2, 256, 8, 2, 32, 16, "float32"), shape(2, 256, 8, 8, 32, 16, "float32")]
@@ -457,8 +457,8 @@ def paged_shapes(dry_run: bool):
 
 
 def paged(run: Run) -> None:
-    from experiments import _paged_bench
-    from kernels import reference
+    from tx.experiments import _paged_bench
+    from tx.kernels import reference
     calib = _calibration(run)
     copy_bw = calib.get("copy_gb_per_s_ref")
     if not copy_bw:
@@ -586,9 +586,9 @@ def e2e(run: Run) -> None:
 
 # ------------------------------------------------------------------------------ score mods
 def score_mods(run: Run) -> None:
-    from experiments import _score_mod_bench as smb
-    from experiments import bench_attention
-    from kernels import masks as masks_lib
+    from tx.experiments import _score_mod_bench as smb
+    from tx.experiments import bench_attention
+    from tx.kernels import masks as masks_lib
     if run.dry_run:
         cells, groups, iters = bench_attention.tiny_score_mod_cells(), [("alibi", "softcap50")], 1
     else:

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._timing import median_seconds
-from kernels import reference
-from kernels.paged_attention import paged_attention
+from tx.experiments._timing import median_seconds
+from tx.kernels import reference
+from tx.kernels.paged_attention import paged_attention
 
 
 @dataclasses.dataclass(frozen=True)

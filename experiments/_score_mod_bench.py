@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import score_mods as sm
+from tx.kernels import score_mods as sm
 
 # (atol, rtol) of the check before timing: max|out - ref| <= atol + rtol * max|ref|.
 TOL = {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 2e-2), "float16": (5e-3, 5e-3)}

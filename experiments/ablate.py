@@ -9,7 +9,7 @@ order) and writes results.md, results.csv and loss_curves.png to the workdir.
 
 import os
 
-from experiments import _cli
+from tx.experiments import _cli
 from absl import flags
 from ml_collections import config_flags
 

@@ -35,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import _score_mod_bench as smb
-from experiments._timing import median_seconds
-from kernels import masks as masks_lib
-from kernels import reference
-from kernels.flash_attention import flash_attention
+from tx.experiments import _score_mod_bench as smb
+from tx.experiments._timing import median_seconds
+from tx.kernels import masks as masks_lib
+from tx.kernels import reference
+from tx.kernels.flash_attention import flash_attention
 
 _TINY = flags.DEFINE_bool("tiny", None, "Tiny matrix in interpret mode (default: iff no GPU).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["512", "1024", "2048", "4096", "8192", "16384"],

@@ -19,8 +19,8 @@ import platform
 import jax
 from absl import app, flags
 
-from experiments import _paged_bench
-from experiments._timing import median_seconds
+from tx.experiments import _paged_bench
+from tx.experiments._timing import median_seconds
 from tx import models
 from tx import flags as tx_flags
 from tx.flags import ModelFlags

@@ -25,7 +25,7 @@ paging and under 4% waste with it).
 from __future__ import annotations
 
 import dataclasses
-import experiments  # noqa: F401  (keeps freed host memory for XLA: experiments/__init__.py)
+import tx.experiments  # noqa: F401  (keeps freed host memory for XLA: experiments/__init__.py)
 import json
 
 import numpy as np

@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from experiments._timing import median_seconds
+from tx.experiments._timing import median_seconds
 from tx import flags as tx_flags
 from tx.data import vocab
 from tx.data.text import stdlib_corpus
@@ -113,7 +113,7 @@ def train_byte_lm(steps: int, batch: int, seq_len: int, workdir: str) -> tuple[n
 
 
 def load_byte_lm(workdir: str) -> tuple[nnx.Module, dict]:
-    from experiments import _pretrained
+    from tx.experiments import _pretrained
     source = _pretrained.load_source(None, workdir)
     if source.model.config.vocab_size < vocab.BYTE_VOCAB_SIZE:
         raise ValueError(f"--workdir={workdir!r}: vocab_size={source.model.config.vocab_size} "

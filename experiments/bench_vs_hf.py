@@ -27,7 +27,7 @@ per row.
 
 from __future__ import annotations
 
-import experiments  # noqa: F401  (keeps freed host memory for XLA: experiments/__init__.py)
+import tx.experiments  # noqa: F401  (keeps freed host memory for XLA: experiments/__init__.py)
 import json
 import os
 import platform
@@ -42,7 +42,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from tx.config import DEFAULT_IMPLEMENTATION
+from tx.attention import registry as attention_registry
 from tx.inference import Contiguous, Paged, generate
 from tx.interop import hf
 from tx.train.step import init_state, make_train_step
@@ -189,7 +189,7 @@ def attention_row(name, model, ids, implementation, work):
     ``implementation``: the q/k/v gradients for a random cotangent are checked against
     PyTorch's before timing."""
     import torch
-    from kernels import masks
+    from tx.kernels import masks
     from tx.attention import registry
     b, t = ids.shape
     n, kh, h = (model.config.attention.num_heads, model.config.attention.kv_heads,
@@ -269,7 +269,7 @@ def run() -> list[dict]:
             found.append(train_row(name, ref, model, ids))
         if "attention" in _WORK.value:
             found += [attention_row(name, model, ids[:, :-1], implementation, work)
-                      for work, implementation in (("attention", DEFAULT_IMPLEMENTATION),
+                      for work, implementation in (("attention", attention_registry.defaults()),
                                                    ("attention_xla", ("xla",)))]
         if "decode" in _WORK.value:
             for batch in _DECODE_BATCHES.value:

@@ -3,7 +3,7 @@
   python experiments/demo.py --steps=60
 """
 
-import experiments  # noqa: F401  (keeps freed host memory for XLA: experiments/__init__.py)
+import tx.experiments  # noqa: F401  (keeps freed host memory for XLA: experiments/__init__.py)
 from absl import app, flags
 
 from tx.research import demo

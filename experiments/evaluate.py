@@ -14,7 +14,7 @@ line. ``--output`` also writes the result as JSON.
 import json
 import math
 
-from experiments import _cli, _pretrained
+from tx.experiments import _cli, _pretrained
 from absl import flags
 from ml_collections import config_flags
 

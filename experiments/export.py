@@ -11,7 +11,7 @@ no Hugging Face equivalent (e.g. a GPT-2 swapped to local attention) is refused,
 before any weights are read.
 """
 
-from experiments import _cli, _pretrained
+from tx.experiments import _cli, _pretrained
 from absl import flags
 
 from tx.train.configs import ConfigError

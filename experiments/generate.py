@@ -10,7 +10,7 @@ The prompt is text when the model has a tokenizer: the checkpoint's or run's tok
 token ids. The prompt starts with the tokenizer's BOS, and generation stops at its EOS.
 """
 
-from experiments import _cli, _pretrained
+from tx.experiments import _cli, _pretrained
 from absl import flags
 
 from tx import flags as tx_flags

@@ -16,7 +16,7 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import _cli
+from tx.experiments import _cli
 from tx.inference import memory
 from tx.train import configs as configs_lib
 

@@ -17,7 +17,7 @@ be a shared directory, and only process 0 writes logs and prints.
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import _cli
+from tx.experiments import _cli
 from tx import parallel
 from tx.train import loop
 

@@ -10,7 +10,7 @@ not given); without one, a freshly initialised model. Without --text the first e
 import os
 
 import numpy as np
-from experiments import _cli
+from tx.experiments import _cli
 from absl import flags
 from ml_collections import config_flags
 

@@ -3,13 +3,13 @@
 Imports nothing from ``tx``: kernels know nothing about models.
 """
 
-from kernels import masks, reference
+from tx.kernels import masks, reference
 # The op is exported under its module's name, as the kernels issue asks:
 # ``kernels.flash_attention(q, k, v, ...)``; the module stays importable by its full path.
-from kernels.flash_attention import flash_attention
-from kernels.paged_attention import paged_attention
-from kernels.linear_attention import linear_attention
-from kernels.masks import (EMPTY, FULL, PARTIAL, And, BigBird, Causal, Full, GlobalTokens,
+from tx.kernels.flash_attention import flash_attention
+from tx.kernels.paged_attention import paged_attention
+from tx.kernels.linear_attention import linear_attention
+from tx.kernels.masks import (EMPTY, FULL, PARTIAL, And, BigBird, Causal, Full, GlobalTokens,
                            Local, Mask, Or, Strided)
 
 __all__ = ["masks", "reference", "flash_attention", "paged_attention", "linear_attention", "Mask", "Full", "Causal", "Local", "Strided", "BigBird",

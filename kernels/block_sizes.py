@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from kernels.common import is_int, next_pow2
+from tx.kernels.common import is_int, next_pow2
 
 MIN_BLOCK = 16     # Triton's dot needs >= 16 along every dimension
 MAX_BLOCK = 512    # beyond this a tile no longer fits in registers/shared memory

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from kernels import masks as masks_lib
-from kernels.block_sizes import MAX_HEAD_DIM
-from kernels.common import SUPPORTED_DTYPES
+from tx.kernels import masks as masks_lib
+from tx.kernels.block_sizes import MAX_HEAD_DIM
+from tx.kernels.common import SUPPORTED_DTYPES
 
 
 def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int, int]:

@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import checks
-from kernels import masks as masks_lib
+from tx.kernels import checks
+from tx.kernels import masks as masks_lib
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 # Vectors, exp and the pool's loop; shapes, visibility and a group of rows' loops.

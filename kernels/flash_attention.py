@@ -41,16 +41,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import block_sizes as block_sizes_lib
-from kernels import checks, tiles
-from kernels import masks as masks_lib
-from kernels import online_softmax
-from kernels import flash_layout, score_mods, tile_logits
-from kernels.common import SUPPORTED_DTYPES, compiler_params, next_pow2, round_up
-from kernels.online_softmax import LOG2E
-from kernels.online_softmax import dot as _dot
-from kernels.online_softmax import precision as _precision
-from kernels.block_sizes import BlockSizes, check_block_sizes
+from tx.kernels import block_sizes as block_sizes_lib
+from tx.kernels import checks, tiles
+from tx.kernels import masks as masks_lib
+from tx.kernels import online_softmax
+from tx.kernels import flash_layout, score_mods, tile_logits
+from tx.kernels.common import SUPPORTED_DTYPES, compiler_params, next_pow2, round_up
+from tx.kernels.online_softmax import LOG2E
+from tx.kernels.online_softmax import dot as _dot
+from tx.kernels.online_softmax import precision as _precision
+from tx.kernels.block_sizes import BlockSizes, check_block_sizes
 
 __all__ = ["flash_attention", "registry_attention", "BlockSizes", "check_block_sizes"]
 

@@ -67,12 +67,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.common import compiler_params, next_pow2, round_up
-from kernels.linear_checks import (DEFAULT_CHUNK, MAX_FEATURES, MAX_HEAD_DIM,  # noqa: F401
+from tx.kernels.common import compiler_params, next_pow2, round_up
+from tx.kernels.linear_checks import (DEFAULT_CHUNK, MAX_FEATURES, MAX_HEAD_DIM,  # noqa: F401
                                     check_arguments)
-from kernels.linear_chunked import linear_attention_chunked  # noqa: F401 (re-exported)
-from kernels.online_softmax import dot as _dot
-from kernels.online_softmax import precision as _precision
+from tx.kernels.linear_chunked import linear_attention_chunked  # noqa: F401 (re-exported)
+from tx.kernels.online_softmax import dot as _dot
+from tx.kernels.online_softmax import precision as _precision
 
 __all__ = ["linear_attention", "linear_attention_chunked", "check_arguments", "DEFAULT_CHUNK",
            "MAX_FEATURES", "MAX_HEAD_DIM"]

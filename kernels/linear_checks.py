@@ -9,7 +9,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kernels.common import SUPPORTED_DTYPES, is_int
+from tx.kernels.common import SUPPORTED_DTYPES, is_int
 
 __all__ = ["check_arguments", "DEFAULT_CHUNK", "MAX_FEATURES", "MAX_HEAD_DIM"]
 

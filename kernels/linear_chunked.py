@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.common import round_up
-from kernels.linear_checks import DEFAULT_CHUNK, check_arguments
+from tx.kernels.common import round_up
+from tx.kernels.linear_checks import DEFAULT_CHUNK, check_arguments
 
 __all__ = ["linear_attention_chunked"]
 

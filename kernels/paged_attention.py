@@ -57,17 +57,17 @@ from jax import lax
 from jax.experimental import checkify
 from jax.experimental import pallas as pl
 
-from kernels import block_sizes as block_sizes_lib
-from kernels import checks
-from kernels import masks as masks_lib
-from kernels import online_softmax
-from kernels import score_mods
-from kernels.common import compiler_params, is_int, next_pow2
-from kernels.online_softmax import LOG2E
-from kernels.online_softmax import dot as _dot
-from kernels.online_softmax import precision as _precision
+from tx.kernels import block_sizes as block_sizes_lib
+from tx.kernels import checks
+from tx.kernels import masks as masks_lib
+from tx.kernels import online_softmax
+from tx.kernels import score_mods
+from tx.kernels.common import compiler_params, is_int, next_pow2
+from tx.kernels.online_softmax import LOG2E
+from tx.kernels.online_softmax import dot as _dot
+from tx.kernels.online_softmax import precision as _precision
 # Re-exported: callers import the validation from here.
-from kernels.paged_checks import (check_block_tables, check_shapes, check_values,
+from tx.kernels.paged_checks import (check_block_tables, check_shapes, check_values,
                                   choose_pages_per_block, device_checks)
 
 __all__ = ["paged_attention", "checked_paged_attention", "check_block_tables", "page_bounds",

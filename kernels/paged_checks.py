@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from kernels import block_sizes as block_sizes_lib
-from kernels.common import SUPPORTED_DTYPES, is_int, next_pow2
+from tx.kernels import block_sizes as block_sizes_lib
+from tx.kernels.common import SUPPORTED_DTYPES, is_int, next_pow2
 
 # Codes of quantised pages, and the dtypes their per-token scales may have.
 CODE_DTYPE = jnp.dtype(jnp.int8)

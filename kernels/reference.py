@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import checks
-from kernels import masks as masks_lib
-from kernels import score_mods
+from tx.kernels import checks
+from tx.kernels import masks as masks_lib
+from tx.kernels import score_mods
 
 
 # The xla path attends one block of queries at a time, so that a block's fp32 logits
@@ -328,7 +328,7 @@ def linear_attention(q_f: jax.Array, k_f: jax.Array, v: jax.Array, *,
         ``False`` is bidirectional (encoders).
       eps: added to the denominator.
     """
-    from kernels.linear_attention import check_arguments  # the op's own argument checks
+    from tx.kernels.linear_attention import check_arguments  # the op's own argument checks
     pair = isinstance(segment_ids, (tuple, list))
     b, t, s, n, kh, f, h = check_arguments(
         q_f, k_f, v, segment_ids=None if pair else segment_ids, kv_lengths=kv_lengths,

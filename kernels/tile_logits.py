@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import score_mods
-from kernels.online_softmax import LOG2E, dot
+from tx.kernels import score_mods
+from tx.kernels.online_softmax import LOG2E, dot
 
 
 def program_ids():

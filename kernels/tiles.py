@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kernels import masks as masks_lib
-from kernels.common import next_pow2
+from tx.kernels import masks as masks_lib
+from tx.kernels.common import next_pow2
 
 NUM_FULL, NUM_TOTAL, KV_LEN = 0, 1, 2
 HEADER = 4  # header columns before the block ids

@@ -14,7 +14,7 @@ import sys
 import jax
 import pytest
 
-from experiments import _score_mod_bench
+from tx.experiments import _score_mod_bench
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_attention.py"
 

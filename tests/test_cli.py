@@ -13,7 +13,7 @@ import tomllib
 import pytest
 import setuptools
 
-from experiments import _cli
+from tx.experiments import _cli
 from tx.train import configs as configs_lib
 from tx.train import describe
 
@@ -145,6 +145,22 @@ def test_builtin_configs_are_the_config_files_and_every_package_is_installed():
     with pytest.raises(ValueError, match="built-in: tx:ablation, tx:decoder_lm"):
         _cli.config_file("tx:nope")
     settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    found = setuptools.find_packages(str(ROOT), include=["tx", "tx.*", "kernels", "experiments"])
-    assert sorted(settings["packages"]) == sorted(found + ["tx.configs"])
-    assert settings["package-dir"] == {"tx.configs": "configs"}
+    found = setuptools.find_packages(str(ROOT), include=["tx", "tx.*"])
+    mapped = {"tx.configs": "configs", "tx.kernels": "kernels", "tx.experiments": "experiments"}
+    assert sorted(settings["packages"]) == sorted(found + list(mapped))
+    assert settings["package-dir"] == mapped  # one top-level package: tx
+
+
+def test_the_wheel_installs_one_top_level_package(tmp_path):
+    """``pip install .`` adds ``tx`` and nothing else: kernels, experiments and configs live
+    under it, the cpu kernel's C++ sources included."""
+    import subprocess
+    import zipfile
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", str(ROOT), "-w", str(tmp_path)], check=True,
+                   capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("tx-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"tx", wheel.name.split("-py")[0] + ".dist-info"}
+    assert {"tx/kernels/cpu_attention.cc", "tx/experiments/train.py",
+            "tx/configs/decoder_lm.py"} <= set(names)

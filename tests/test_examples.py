@@ -22,10 +22,10 @@ from absl import flags as absl_flags
 from flax import nnx
 from ml_collections import config_flags
 
-from kernels import masks as M
-from kernels import reference, score_mods, tiles
-from kernels.block_sizes import BlockSizes
-from kernels.flash_attention import flash_attention
+from tx.kernels import masks as M
+from tx.kernels import reference, score_mods, tiles
+from tx.kernels.block_sizes import BlockSizes
+from tx.kernels.flash_attention import flash_attention
 from tx import data
 from tx import flags as tx_flags
 from tx import models

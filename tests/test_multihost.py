@@ -7,7 +7,6 @@ import os
 import pathlib
 import socket
 import subprocess
-import sys
 
 import numpy as np
 

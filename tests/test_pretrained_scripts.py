@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 torch.set_num_threads(1)  # the CPU is shared with JAX
 
-from experiments import _pretrained  # noqa: E402
+from tx.experiments import _pretrained  # noqa: E402
 from tests.tx import hf_util  # noqa: E402
 from tests.tx.tokenizer_util import build_bpe, training_text  # noqa: E402
 from tx import models  # noqa: E402

@@ -58,9 +58,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import masks
-from kernels import reference
-from kernels import score_mods
+from tx.kernels import masks
+from tx.kernels import reference
+from tx.kernels import score_mods
 from tx.attention import calls
 
 # --- the mask catalogue --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from kernels import masks
+from tx.kernels import masks
 from tx import flags
 from tx.train.configs import experiment
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import score_mods
+from tx.kernels import score_mods
 from tx import flags
 from tx.layers.positions import Positions
 from tx.train.configs import experiment

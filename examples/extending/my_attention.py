@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import checks, reference
+from tx.kernels import checks, reference
 from tx import attention, flags
 from tx.train.configs import experiment
 

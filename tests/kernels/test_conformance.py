@@ -8,7 +8,7 @@ import pytest
 
 pytest.register_assert_rewrite("tx.testing")  # detailed messages from its asserts
 
-from kernels import masks, reference  # noqa: E402
+from tx.kernels import masks, reference  # noqa: E402
 from tx import testing  # noqa: E402
 from tx.attention import Backend, Decline  # noqa: E402
 

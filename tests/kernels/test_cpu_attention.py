@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import cpu_attention
-from kernels import masks as M
-from kernels import reference
+from tx.kernels import cpu_attention
+from tx.kernels import masks as M
+from tx.kernels import reference
 from tx.attention import registry
 
 ATOL = RTOL = 1e-5

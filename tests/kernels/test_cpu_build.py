@@ -13,7 +13,7 @@ import types
 import jax.numpy as jnp
 import pytest
 
-from kernels import cpu_attention
+from tx.kernels import cpu_attention
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -162,7 +162,7 @@ def test_another_value_of_the_variable_is_refused(monkeypatch):
 _NO_COMPILER = """
 import jax, numpy as np
 import tx.attention as A
-from kernels import cpu_attention, reference
+from tx.kernels import cpu_attention, reference
 q, k, v = (jax.random.normal(jax.random.key(i), s) for i, s in
            enumerate([(1, 5, 2, 8), (1, 5, 1, 8), (1, 5, 1, 8)]))
 for _ in range(2):

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import masks as M
-from kernels import reference, tiles
-from kernels.block_sizes import BlockSizes, default_block_sizes
-from kernels.flash_attention import flash_attention
+from tx.kernels import masks as M
+from tx.kernels import reference, tiles
+from tx.kernels.block_sizes import BlockSizes, default_block_sizes
+from tx.kernels.flash_attention import flash_attention
 
 # Different tiles per kernel, so each of the three lists (fwd, dq, dk/dv) is exercised.
 SMALL = BlockSizes(block_q=16, block_k=32, block_q_dq=32, block_k_dq=16, block_q_dkv=16,

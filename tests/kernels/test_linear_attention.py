@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import reference
-from kernels.linear_attention import linear_attention, linear_attention_chunked
+from tx.kernels import reference
+from tx.kernels.linear_attention import linear_attention, linear_attention_chunked
 
 # (atol, rtol) per dtype; an error must satisfy max|x - ref| <= atol + rtol * max|ref|.
 TOL = {"float32": (1e-5, 1e-5), "bfloat16": (1e-2, 1e-2), "float16": (2e-3, 2e-3)}

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import masks as M
-from kernels import reference
-from kernels.paged_attention import page_bounds, paged_attention, visited_pages
+from tx.kernels import masks as M
+from tx.kernels import reference
+from tx.kernels.paged_attention import page_bounds, paged_attention, visited_pages
 
 _reference = jax.jit(reference.paged_attention, static_argnames=("mask", "scale"))
 # (atol, rtol) per dtype; an error must satisfy max|x - ref| <= atol + rtol * max|ref|.

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import masks as M
-from kernels import reference
-from kernels.paged_attention import paged_attention
+from tx.kernels import masks as M
+from tx.kernels import reference
+from tx.kernels.paged_attention import paged_attention
 from tests.kernels.test_paged_attention import _assert_close, _poison, _pool, _quantise
 
 _reference = jax.jit(reference.paged_attention, static_argnames=("mask", "scale"))

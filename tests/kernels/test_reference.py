@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import checks, reference
-from kernels.masks import BigBird, Causal, Full, GlobalTokens, Local, Strided
+from tx.kernels import checks, reference
+from tx.kernels.masks import BigBird, Causal, Full, GlobalTokens, Local, Strided
 
 # One compiled call per shape is much cheaper than op-by-op dispatch on a small CPU box.
 attention = jax.jit(reference.attention, static_argnames=("mask", "scale"))

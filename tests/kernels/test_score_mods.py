@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import masks as M
-from kernels import reference
-from kernels import score_mods as sm
-from kernels.flash_attention import flash_attention
-from kernels.paged_attention import paged_attention
+from tx.kernels import masks as M
+from tx.kernels import reference
+from tx.kernels import score_mods as sm
+from tx.kernels.flash_attention import flash_attention
+from tx.kernels.paged_attention import paged_attention
 # The flash tests' tiles and per-dtype (atol, rtol); _assert_close returns the max error.
 from tests.kernels.test_flash_attention import SMALL, TOL, _assert_close
 

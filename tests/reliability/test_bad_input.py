@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
-import kernels
+from tx import kernels
 from tests.kernels.test_paged_attention import _assert_close, _pool, _reference
 from tx import models
 from tx.attention.paged import ForkPlan, PagedKVCache
@@ -72,7 +72,7 @@ def test_generate_script_turns_bad_prompt_ids_into_one_error_line(decoder, monke
     """experiments/generate.py in-process (no subprocess, no checkpoint): the library's
     ValueError becomes its one-line ``error: ...`` exit."""
     from absl import flags
-    from experiments import generate as script
+    from tx.experiments import generate as script
     resolved = types.SimpleNamespace(model=types.SimpleNamespace(vocab_size=V))
     monkeypatch.setattr(script.workdir_lib, "saved_config", lambda workdir: None)
     monkeypatch.setattr(script.configs_lib, "resolve", lambda config: resolved)

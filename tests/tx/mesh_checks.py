@@ -9,7 +9,6 @@ Compiled steps are shared between checks of one process (most of the time is com
 """
 
 import json
-import os
 import pathlib
 import sys
 import tempfile
@@ -155,9 +154,9 @@ def _relative_error(expected, actual) -> float:
 def check_kernels():
     """Flash and the fused CPU kernel (forward and gradients) and paged attention per shard on
     (1,2,4) vs unsharded."""
-    from kernels import cpu_attention, masks
-    from kernels.flash_attention import registry_attention
-    from kernels.paged_attention import paged_attention
+    from tx.kernels import cpu_attention, masks
+    from tx.kernels.flash_attention import registry_attention
+    from tx.kernels.paged_attention import paged_attention
     from tx import parallel as parallel_lib
     from tx.parallel import per_shard
 

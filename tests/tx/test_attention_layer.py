@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels import masks
+from tx.kernels import masks
 from tx.attention import Attention, KVCache, RollingKVCache, attend, register
 from tx.attention import registry
 

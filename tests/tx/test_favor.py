@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels import masks as M
+from tx.kernels import masks as M
 from tx import models
 from tx.attention import favor
 from tx.flags import model_config

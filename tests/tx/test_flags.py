@@ -8,9 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ml_collections import config_flags
 
-from kernels import masks
+from tx.kernels import masks
 from tx import flags
-from tx.attention import Favor
 from tx.registry import Field, positive_int
 from tx.train import configs
 

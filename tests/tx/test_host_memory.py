@@ -91,7 +91,7 @@ def test_importing_tx_changes_nothing_process_wide():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=300)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
-    script = ("import sys, experiments, tx.host_memory; "
+    script = ("import sys, tx.experiments, tx.host_memory; "
               "print(tx.host_memory._applied is not None)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, timeout=300)

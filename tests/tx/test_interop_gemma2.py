@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels import masks, score_mods
+from tx.kernels import masks, score_mods
 from tests.tx.hf_util import TOL, hf_greedy, hf_model, padded_batch
 from tx import models
 from tx.config import EmbedConfig

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 torch.set_num_threads(1)  # the CPU is shared with JAX and pytest-xdist workers
 
-from kernels import masks  # noqa: E402
+from tx.kernels import masks  # noqa: E402
 from tx import models  # noqa: E402
 from tx.flags import model_config  # noqa: E402
 from tx.layers import LayerNorm, Learned  # noqa: E402

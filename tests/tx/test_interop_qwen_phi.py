@@ -19,7 +19,7 @@ pytest.importorskip("safetensors")
 torch.set_num_threads(1)  # the CPU is shared with JAX and pytest-xdist workers
 
 from tests.tx.hf_util import TOL, hf_greedy, hf_model, padded_batch, save  # noqa: E402
-from kernels import masks  # noqa: E402
+from tx.kernels import masks  # noqa: E402
 from tx.inference import Contiguous, Paged, generate  # noqa: E402
 from tx.config import replace  # noqa: E402
 from tx.interop import hf  # noqa: E402

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels import masks as M
-from kernels import reference
-from kernels import score_mods as sm
-from kernels.flash_attention import flash_attention
-from kernels.paged_attention import paged_attention
+from tx.kernels import masks as M
+from tx.kernels import reference
+from tx.kernels import score_mods as sm
+from tx.kernels.flash_attention import flash_attention
+from tx.kernels.paged_attention import paged_attention
 from tests.kernels.test_flash_attention import SMALL, TOL, _assert_close
 from tests.kernels.test_score_mods import _pool
 from tx import flags as tx_flags

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant,
                                  multiple, rule)
 
-from kernels import masks as M
-from kernels import reference
+from tx.kernels import masks as M
+from tx.kernels import reference
 from tx.inference.paged_cache import OutOfPages, PagePool, copy_pages, write_kv
 
 NUM_PAGES, PAGE = 12, 4

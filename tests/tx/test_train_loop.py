@@ -1,7 +1,6 @@
 """The training loop: resume, config diffs, the non-finite guard, accumulation, ablation."""
 
 import csv
-import json
 import pathlib
 
 import jax

@@ -7,7 +7,7 @@ linear attention) and ``LocalGlobal`` (local softmax plus a gated FAVOR+ path). 
 be quantised (``int8_kv()``, ``int4_per_token_kv()``, ``kivi_kv()``; ``tx.attention.quant``).
 """
 
-from kernels.masks import (EMPTY, FULL, PARTIAL, And, BigBird, Causal, Full, GlobalTokens,
+from tx.kernels.masks import (EMPTY, FULL, PARTIAL, And, BigBird, Causal, Full, GlobalTokens,
                            Local, Mask, Or, Strided)
 from tx.attention.cache import KVCache, RollingKVCache, make_cache
 from tx.attention.favor import Favor, LocalGlobal

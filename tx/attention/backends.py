@@ -26,12 +26,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels import cpu_attention, reference
-from kernels import masks as masks_lib
-from kernels.flash_attention import registry_attention as _flash
-from kernels.linear_attention import linear_attention as _linear_kernel
-from kernels.linear_attention import linear_attention_chunked as _linear_chunked
-from kernels.paged_attention import paged_attention as _paged_kernel
+from tx.kernels import cpu_attention, reference
+from tx.kernels import masks as masks_lib
+from tx.kernels.flash_attention import registry_attention as _flash
+from tx.kernels.linear_attention import linear_attention as _linear_kernel
+from tx.kernels.linear_attention import linear_attention_chunked as _linear_chunked
+from tx.kernels.paged_attention import paged_attention as _paged_kernel
 from tx.attention import calls
 from tx.parallel import per_shard
 from tx.parallel import shard as shard_lib

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import masks as masks_lib
+from tx.kernels import masks as masks_lib
 from tx.attention import calls, quant, registry
 
 # Logical names of a cache's K/V ``[B, S, K, H]``: under a mesh (``tx.parallel``) the rows split

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import masks as masks_lib
+from tx.kernels import masks as masks_lib
 from tx.attention import patterns
 from tx.registry import Field, non_negative_int, positive_int
 from tx.attention import registry

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import masks as masks_lib
-from kernels import score_mods
+from tx.kernels import masks as masks_lib
+from tx.kernels import score_mods
 from tx import parallel
 from tx.attention import cache as cache_lib
 from tx.attention import registry

@@ -8,7 +8,7 @@ prints=...)``; its field then works from ``--config.model.*`` and prints back.
 
 from __future__ import annotations
 
-from kernels import score_mods
+from tx.kernels import score_mods
 from tx.registry import Field, Registry, optional, positive_float
 
 MODIFIERS = Registry("score modifier", "attention_softcap",

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import masks as masks_lib
-from kernels.paged_attention import check_block_tables
+from tx.kernels import masks as masks_lib
+from tx.kernels.paged_attention import check_block_tables
 from tx.attention import cache as cache_lib
 from tx.attention import calls, quant, registry
 from tx.config import DEFAULT_IMPLEMENTATION

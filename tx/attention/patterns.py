@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kernels import masks
+from tx.kernels import masks
 from tx.registry import Field, Registry, positive_int
 
 PATTERNS = Registry("pattern", "attention/layer_pattern",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels import masks as masks_lib
+from tx.kernels import masks as masks_lib
 from tx.attention import cache as cache_lib
 from tx.attention import quant
 

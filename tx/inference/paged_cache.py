@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.paged_attention import check_block_tables
+from tx.kernels.paged_attention import check_block_tables
 from tx.attention.paged import copy_page_pairs
 
 __all__ = ["PagePool", "Update", "OutOfPages", "copy_pages", "write_kv"]

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from flax import nnx
 
-from kernels import masks as masks_lib
+from tx.kernels import masks as masks_lib
 from tx import config as config_lib
 from tx.models import Tower
 

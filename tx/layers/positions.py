@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import score_mods
-from kernels.score_mods import alibi_slopes, t5_bucket  # noqa: F401  (re-exported)
+from tx.kernels import score_mods
+from tx.kernels.score_mods import alibi_slopes, t5_bucket  # noqa: F401  (re-exported)
 from tx.layers.rope_scaling import RopeScaling, dynamic_inv_freq, static_inv_freq
 from tx.registry import Field, Registry, positive_int
 

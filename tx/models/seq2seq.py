@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from kernels.masks import Causal
+from tx.kernels.masks import Causal
 from tx.config import ModelConfig
 from tx.layers import Embed
 from tx.models.encoder import Encoder

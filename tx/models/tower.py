@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import masks as masks_lib
+from tx.kernels import masks as masks_lib
 from tx.attention import Attention
 from tx.config import ModelConfig
 from tx.layers import Embed

@@ -13,7 +13,7 @@ import contextlib
 import numpy as np
 from flax import nnx
 
-from kernels import reference
+from tx.kernels import reference
 from tx.attention import Attention
 from tx.attention import registry
 

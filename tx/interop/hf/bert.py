@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import jax
 
-from kernels import masks
+from tx.kernels import masks
 from tx.config import AttentionConfig, EmbedConfig, ModelConfig
 from tx.interop.hf.common import (Entry, attention, check_architecture, dense, hf_activation,
                                   linear, no_gemma_options, norm, one, register_family,

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 from flax import nnx
 
-from kernels import masks
+from tx.kernels import masks
 from tx import flags
 from tx.config import EmbedConfig
 from tx.registry import Registry

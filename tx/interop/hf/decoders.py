@@ -11,7 +11,7 @@ import math
 import jax
 import numpy as np
 
-from kernels import masks
+from tx.kernels import masks
 from tx.config import AttentionConfig, ModelConfig
 from tx.interop.hf.common import (Entry, attention, check_architecture, linear, one,
                                   plain_body, register_family, sliding, uniform_mask,

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import jax
 
-from kernels import masks, score_mods
+from tx.kernels import masks, score_mods
 from tx.config import EmbedConfig, ModelConfig
 from tx.interop.hf import decoders
 from tx.interop.hf.common import (FULL, SLIDING, Entry, check_architecture, layer_kinds,

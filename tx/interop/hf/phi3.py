@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from kernels import masks
+from tx.kernels import masks
 from tx.config import ModelConfig
 from tx.interop.hf import decoders
 from tx.interop.hf.common import (Entry, check_architecture, heads_in, linear,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kernels import masks
+from tx.kernels import masks
 from tx.config import ModelConfig
 from tx.interop.hf import decoders
 from tx.interop.hf.common import (FULL, SLIDING, Entry, check_architecture, layer_kinds,

@@ -18,7 +18,7 @@ from dataclasses import replace
 import jax
 import numpy as np
 
-from kernels import masks
+from tx.kernels import masks
 from tx.config import AttentionConfig, ModelConfig
 from tx.interop.hf.common import (Entry, attention, check_architecture, hf_activation, linear,
                                   one, plain_body, register_family, uniform_mask, unsupported)
