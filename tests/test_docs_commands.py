@@ -597,11 +597,14 @@ def test_every_script_and_source_is_covered():
 
 
 def test_readme_model_config_calls_parse():
-    """``model_config(...)`` in the README's Python spells a config the way flags do."""
+    """``model_config(...)`` in the README (its Python blocks, which test_readme also runs,
+    and its prose) spells a config the way flags do."""
     from tx.flags import model_config
     readme = (ROOT / "README.md").read_text()
     calls = 0
-    for block in re.findall(r"```python\n(.*?)```", readme, re.DOTALL):
+    spans = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    spans += re.findall(r"`(?:tx\.flags\.)?(model_config\([^`]*\))`", readme)
+    for block in spans:
         for node in ast.walk(ast.parse(block)):
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "model_config":
                 model_config(**{k.arg: ast.literal_eval(k.value) for k in node.keywords})

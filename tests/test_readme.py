@@ -18,3 +18,17 @@ def test_readme_has_exactly_two_setup_commands():
 
 def test_ci_runs_the_readme_test_command():
     assert _commands()[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_python_blocks_run(tmp_path):
+    """Every ```python block of the README runs as shown (each in a fresh namespace, all in
+    one process: they compile the same tiny models)."""
+    import subprocess
+    import sys
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks
+    runner = ("import sys\nfor i, block in enumerate(sys.argv[1:]):\n"
+              "    exec(compile(block, f'<README python block {i + 1}>', 'exec'), {})\n")
+    done = subprocess.run([sys.executable, "-c", runner, *blocks], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
