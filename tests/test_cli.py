@@ -37,6 +37,7 @@ def test_print_config_from_any_directory_shows_the_values_and_every_field(tmp_pa
     assert list(tmp_path.iterdir()) == []  # no workdir, nothing written
     text = out.stdout
     assert text.startswith("model resolves to:") and "attention = AttentionConfig(" in text
+    assert "  attention backends here: cpu, xla (the device's order" in text  # a CPU here
     config = configs_lib.load_file(ROOT / "configs" / "decoder_lm.py")
     lines = {line.split("=", 1)[0].strip(): line for line in text.splitlines()
              if line.startswith("  --config.")}

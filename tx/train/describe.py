@@ -243,6 +243,15 @@ def models(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
+def _backends(model) -> str:
+    """The backend order attention tries here (an empty implementation: the device's)."""
+    from tx.attention import registry  # noqa: PLC0415  (jax only when printing)
+    order = model.attention.implementation
+    names = [getattr(b, "name", b) for b in registry.resolve(order)]
+    where = "" if order else " (the device's order, tx.attention.defaults())"
+    return f"  attention backends here: {', '.join(names)}{where}"
+
+
 def render(config: ml_collections.ConfigDict, resolved: dict[str, Any] | None = None,
            width: int = 100) -> str:
     """The text of ``--print_config``: the value trees (``resolved``, default
@@ -255,7 +264,7 @@ def render(config: ml_collections.ConfigDict, resolved: dict[str, Any] | None = 
             lines += [f"{title} (changes from the base model):", *(changes or ["  nothing"]),
                       ""]
             continue
-        lines += [f"{title} resolves to:", *value_tree(model, width), ""]
+        lines += [f"{title} resolves to:", *value_tree(model, width), _backends(model), ""]
         base = model
     table = docs()
     rows = [(f"--config.{path}={value!r}", doc(path, table)) for path, value in fields(config)]
