@@ -190,7 +190,7 @@ def test_correct_metric_is_argmax_equals_label_ties_and_bad_labels_included(voca
 
 
 @pytest.mark.parametrize("attention, positions", [("local", "alibi"), ("gqa", "t5"),
-                                                  ("gqa+local", "rope")])
+                                                  ("gqa+local", "rope"), ("", "alibi")])
 def test_pallas_alone_decodes_a_contiguous_or_rolling_cache(attention, positions):
     """('pallas',) alone: the flash kernel for the full forward, the paged kernel over the
     cache (a rolling one for the window, read in time order) for the steps; both match xla."""
