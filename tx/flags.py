@@ -25,6 +25,7 @@ import difflib
 from typing import Any, Callable
 
 from tx.attention import favor as _favor  # noqa: F401  (registers 'favor', 'local_favor')
+from tx.attention import fnet as _fnet  # noqa: F401  (registers 'fnet')
 from tx.attention import modifiers
 from tx.attention import patterns as pattern_lib
 from tx.attention import registry

@@ -38,7 +38,7 @@ from tx.interop.hf.common import FAMILIES, unsupported
 # that imports another registers after it: phi3 after decoders). A new family is its own
 # file, named here or imported by research code (tx.interop.hf.common describes a family).
 # isort: off
-from tx.interop.hf import decoders, qwen2, phi3, gemma2, bert, t5  # noqa: F401
+from tx.interop.hf import decoders, qwen2, phi3, gemma2, bert, t5, fnet  # noqa: F401
 # isort: on
 
 
