@@ -91,6 +91,9 @@ class AttentionConfig:
     # Gemma 2), composed after the position scheme's own (T5 buckets, ALiBi).
     score_mod: Any = None
     sinks: bool = False  # a learned per-head sink logit in every layer (takes mass, no value)
+    # Per-head q/k norms: q and k each pass through the model's norm (``ModelConfig.norm``)
+    # over head_dim, after the projections and before RoPE (Qwen3, Gemma 3, OLMo 2-style).
+    qk_norm: bool = False
 
     def __post_init__(self):
         if not isinstance(self.masks, tuple):
@@ -119,6 +122,9 @@ class AttentionConfig:
                       "registry name nor a callable.")
         if self.scale is not None and not self.scale > 0:
             _fail("attention.scale", self.scale, "must be > 0, or None for head_dim ** -0.5.")
+        if not isinstance(self.qk_norm, bool):
+            _fail("attention.qk_norm", self.qk_norm, "must be True (per-head q/k norms) or "
+                  "False.")
         if self.score_mod is not None and not callable(getattr(self.score_mod, "modify", None)):
             _fail("attention.score_mod", self.score_mod, "give a kernels.score_mods value "
                   "(SoftCap(50.0), ALiBi(slopes), ScoreFn(fn), ...) or None.")

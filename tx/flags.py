@@ -113,6 +113,8 @@ CORE = (
     Field("attention_scale", None, "logits scale; None: head_dim ** -0.5 (T5: 1.0)",
           type=float, check=optional(positive_float)),
     Field("attention_sinks", False, "a learned per-head sink logit in every attention layer"),
+    Field("attention_qk_norm", False, "per-head q/k norms (the model's norm over head_dim, "
+          "before RoPE: Qwen3, Gemma 3)"),
     Field("type_vocab_size", 0, "token-type embeddings added to the input (BERT: 2)",
           check=non_negative_int),
     Field("embed_norm", False, "a norm right after the summed input embeddings (BERT)"),
@@ -147,7 +149,7 @@ def _normalise(field: Field, value: Any) -> Any:
         items = (value,) if isinstance(value, str) else tuple(value) \
             if isinstance(value, (list, tuple)) else value
         if isinstance(items, tuple):
-            return tuple(p.strip() for item in items
+            return tuple(p.strip() if isinstance(p, str) else p for item in items
                          for p in (item.split(",") if isinstance(item, str) else (item,))
                          if not isinstance(p, str) or p.strip())
     if field.type is float and isinstance(value, int) and not isinstance(value, bool):
@@ -271,7 +273,8 @@ def parse(f: ModelFlags) -> ModelConfig:
         num_heads=f.num_heads, num_kv_heads=f.kv_heads, head_dim=f.head_dim,
         masks=f.layer_masks(causal=head.causal), implementation=f.implementation,
         scale=f.attention_scale, bias=f.attention_bias, out_bias=f.attention_out_bias,
-        score_mod=modifiers.build(f), sinks=f.attention_sinks)
+        score_mod=modifiers.build(f), sinks=f.attention_sinks,
+        qk_norm=f.attention_qk_norm)
     return ModelConfig(
         vocab_size=f.vocab_size, d_model=f.d_model, num_layers=f.num_layers,
         attention=attention, positions=POSITIONS[f.positions](f),
@@ -352,6 +355,7 @@ def to_flags(config: ModelConfig) -> dict[str, Any]:
         activation=_spelled(ACTIVATIONS, (mlp.activation, mlp.gated), "mlp.activation")[0],
         implementation=tuple(a.implementation), attention_scale=a.scale,
         attention_bias=a.bias, attention_out_bias=a.out_bias, attention_sinks=a.sinks,
+        attention_qk_norm=a.qk_norm,
         **modifiers.spell(a.score_mod),
         type_vocab_size=config.embed.type_vocab_size, embed_norm=config.embed.norm,
         embed_scale=config.embed.scale, dropout_rate=config.dropout_rate,

@@ -59,7 +59,7 @@ class Attention(nnx.Module):
                  positions: Positions | None = None, use_bias: bool = False,
                  out_bias: bool | None = None, scale: float | None = None,
                  score_mod: score_mods.ScoreMod | None = None, sinks: bool = False,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 qk_norm=None, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be divisible by "
                              f"num_kv_heads={num_kv_heads}.")
@@ -85,6 +85,10 @@ class Attention(nnx.Module):
         self.v_bias_kh = bias_param((k, h), ("kv_heads", "head_dim"))
         self.o_bias_d = bias_param((d,), ("embed",),
                                    use_bias if out_bias is None else out_bias)
+        # Per-head q/k norms over H (Qwen3, Gemma 3): ``qk_norm`` is a norm value
+        # (``tx.layers.RMSNorm``...) built twice at width H; None: no state entries.
+        self.q_norm = None if qk_norm is None else qk_norm.build(h, dtype=dtype, rngs=rngs)
+        self.k_norm = None if qk_norm is None else qk_norm.build(h, dtype=dtype, rngs=rngs)
         self.mask = masks_lib.Full() if mask is None else mask
         self.implementation = tuple(implementation)
         self.positions = Positions() if positions is None else positions
@@ -139,6 +143,8 @@ class Attention(nnx.Module):
             q = q + self.q_bias_nh[...].astype(self.dtype)[None, None]
             k = k + self.k_bias_kh[...].astype(self.dtype)[None, None]
             v = v + self.v_bias_kh[...].astype(self.dtype)[None, None]
+        if self.q_norm is not None:  # per head, before positions rotate them
+            q, k = self.q_norm(q), self.k_norm(k)
         # Under a mesh: rows over (data, fsdp), heads over tensor (a no-op on one device).
         q = parallel.constrain(q, ("batch", None, "heads", None))
         k = parallel.constrain(k, ("batch", None, "kv_heads", None))

@@ -154,6 +154,18 @@ class Rotary(Positions):
         return self.rotate_with(q_btnh, *tables), self.rotate_with(k_btkh, *tables)
 
 
+class LayerRotaries(Positions):
+    """One ``Rotary`` per entry of a schedule, cycled over the layers (``LayerRoPE``): a
+    tower hands layer ``i`` its own (``layer(i)``), so local and global layers turn at
+    different bases (Gemma 3). Adds nothing itself."""
+
+    def __init__(self, rotaries: tuple[Rotary, ...]):
+        self.rotaries = nnx.List(list(rotaries))
+
+    def layer(self, i: int) -> Rotary:
+        return self.rotaries[i % len(self.rotaries)]
+
+
 class T5RelativeBias(Positions):
     """Learned per-head scalar bias indexed by the T5 bucket of `kv_pos - q_pos`."""
 
@@ -255,6 +267,29 @@ class RoPE:
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerRoPE:
+    """A ``RoPE`` per layer: ``schedule`` (``RoPE`` values) cycled over the layers as
+    ``attention.masks`` is, so local and global layers may differ in base and scaling
+    (Gemma 3: sliding layers ``RoPE(10_000)``, global ones ``RoPE(1_000_000, scaling)``)."""
+
+    schedule: tuple
+
+    def __post_init__(self):
+        if not isinstance(self.schedule, tuple):
+            object.__setattr__(self, "schedule", tuple(self.schedule))
+        if not self.schedule or not all(isinstance(r, RoPE) for r in self.schedule):
+            raise ValueError(f"positions.schedule={self.schedule!r}: give one or more RoPE "
+                             "values, cycled over the layers.")
+
+    def layer(self, i: int) -> RoPE:
+        return self.schedule[i % len(self.schedule)]
+
+    def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
+        return LayerRotaries(tuple(r.build(cfg, causal=causal, rngs=rngs)
+                                   for r in self.schedule))
+
+
+@dataclasses.dataclass(frozen=True)
 class T5Buckets:
     """T5's learned per-head bias over `num_buckets` relative-distance buckets."""
 
@@ -290,6 +325,39 @@ def _check_flags(f) -> None:
                                        not isinstance(f.rope_scaling, RopeScaling)):
         raise ValueError(f"rope_scaling={f.rope_scaling!r}: give a tx.layers.RopeScaling, with "
                          "positions='rope'.")
+    if (f.rope_bases or f.rope_scalings) and f.positions != "layer_rope":
+        raise ValueError(f"rope_bases={f.rope_bases!r}, rope_scalings={f.rope_scalings!r}: "
+                         "set with positions='layer_rope' (else use rope_base).")
+    if f.positions == "layer_rope":
+        if not f.rope_bases:
+            raise ValueError("rope_bases=(): positions='layer_rope' needs one base per "
+                             "schedule entry, e.g. 10000,1000000.")
+        if f.rope_scalings and (len(f.rope_scalings) != len(f.rope_bases) or not all(
+                s is None or isinstance(s, RopeScaling) for s in f.rope_scalings)):
+            raise ValueError(f"rope_scalings={f.rope_scalings!r}: give a tx.layers.RopeScaling "
+                             f"or None per entry of rope_bases={f.rope_bases!r}, or ().")
+
+
+def _bases(name, value) -> str | None:
+    try:
+        ok = all(float(b) > 1 for b in value)
+    except (TypeError, ValueError):
+        ok = False
+    return None if ok else "give RoPE bases > 1, e.g. 10000,1000000."
+
+
+def _layer_rope(f) -> LayerRoPE:
+    scalings = f.rope_scalings or (None,) * len(f.rope_bases)
+    return LayerRoPE(tuple(RoPE(float(b), s, f.max_len) for b, s in zip(f.rope_bases, scalings)))
+
+
+def _prints_layer_rope(v):
+    if type(v) is not LayerRoPE or len({r.trained_len for r in v.schedule}) != 1:
+        return False
+    scalings = tuple(r.scaling for r in v.schedule)
+    return dict(rope_bases=tuple(r.base for r in v.schedule),
+                rope_scalings=scalings if any(scalings) else (),
+                max_len=v.schedule[0].trained_len)
 
 
 SCHEMES = Registry("position scheme", "positions", check=_check_flags,
@@ -302,6 +370,11 @@ ROPE_FIELDS = (Field("rope_base", 10000.0, "RoPE's theta: pair i turns at p * ba
                Field("rope_scaling", None, "long-context RoPE frequencies: a "
                      "tx.layers.RopeScaling (linear, dynamic, llama3, yarn) or None",
                      type=RopeScaling), MAX_LEN)
+LAYER_ROPE_FIELDS = (
+    Field("rope_bases", (), "layer_rope: RoPE's base per schedule entry, cycled over the layers "
+          "as layer_pattern is (Gemma 3: five 10000s, then 1000000)", check=_bases),
+    Field("rope_scalings", (), "layer_rope: a tx.layers.RopeScaling or None per entry of "
+          "rope_bases; empty: none"), MAX_LEN)
 T5_FIELDS = (Field("t5_buckets", 32, "T5 relative-position buckets", check=positive_int),
              Field("t5_max_distance", 128, "T5: distances beyond share the last bucket",
                    check=positive_int))
@@ -316,6 +389,8 @@ SCHEMES.register("rope", lambda f: RoPE(f.rope_base, f.rope_scaling, f.max_len),
                  fields=ROPE_FIELDS,
                  prints=_prints(RoPE, rope_base="base", rope_scaling="scaling",
                                 max_len="trained_len"))
+SCHEMES.register("layer_rope", _layer_rope, fields=LAYER_ROPE_FIELDS,
+                 prints=_prints_layer_rope)
 SCHEMES.register("sinusoidal", lambda f: Sinusoidal(), prints=_prints(Sinusoidal))
 SCHEMES.register("learned", lambda f: Learned(f.max_len), fields=(MAX_LEN,),
                  prints=_prints(Learned, max_len="max_len"))

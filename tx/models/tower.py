@@ -32,7 +32,8 @@ def make_attention(cfg: ModelConfig, mask: masks_lib.Mask, *, positions=None,
     return Attention(cfg.d_model, a.num_heads, a.kv_heads, cfg.head_dim, mask=mask,
                      implementation=a.implementation, positions=positions, use_bias=a.bias,
                      out_bias=a.out_bias, scale=a.scale, score_mod=a.score_mod,
-                     sinks=a.sinks, dtype=cfg.dtype, rngs=rngs)
+                     sinks=a.sinks, qk_norm=cfg.norm if a.qk_norm else None, dtype=cfg.dtype,
+                     rngs=rngs)
 
 
 class Tower(nnx.Module):
@@ -52,7 +53,8 @@ class Tower(nnx.Module):
             cross_attn = make_attention(cfg, masks_lib.Full(), rngs=rngs) if cross else None
             mlp = cfg.mlp.build(cfg.d_model, dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
                                 rngs=rngs)
-            attn = make_attention(cfg, mask, positions=self.positions, rngs=rngs, layer=i)
+            attn = make_attention(cfg, mask, positions=self._layer_positions(i), rngs=rngs,
+                                  layer=i)
             blocks.append(Block(attn, mlp, d_model=cfg.d_model, cross_attn=cross_attn,
                                 norm=cfg.norm, dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
                                 rngs=rngs))
@@ -62,6 +64,12 @@ class Tower(nnx.Module):
             if cfg.norm.pre else None
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
         self.dtype = cfg.dtype
+
+    def _layer_positions(self, i: int):
+        """Layer ``i``'s position module: the tower's, or its per-layer one when the scheme
+        has some (``layer(i)``: e.g. ``tx.layers.positions.LayerRoPE``, Gemma 3)."""
+        layer = getattr(self.positions, "layer", None)
+        return self.positions if layer is None else layer(i)
 
     def self_attentions(self) -> list[Attention]:
         """The self-attention layers, in layer order (found by walking the graph, so wrapped

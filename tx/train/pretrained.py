@@ -44,7 +44,7 @@ SHAPE_FIELDS = ("task", "vocab_size", "d_model", "num_layers", "num_decoder_laye
                 "positions", "max_len", "tie_embeddings", "t5_buckets", "attention_bias",
                 "attention_out_bias", "mlp_bias", "type_vocab_size", "embed_norm",
                 "head_transform", "head_bias", "pooler", "num_classes", "sandwich_norm",
-                "norm_unit_offset", "attention_sinks")
+                "norm_unit_offset", "attention_sinks", "attention_qk_norm")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

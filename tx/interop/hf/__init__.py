@@ -10,7 +10,8 @@ Families, one module each: ``decoders`` (``llama`` with RoPE scaling, ``mistral`
 ``qwen2`` (LLaMA with q/k/v biases, optional sliding-window layers), ``phi3`` (LLaMA with fused
 ``qkv_proj`` and ``gate_up_proj``), ``gemma2`` (soft-capped logits, sandwich norms,
 alternating sliding-window layers), ``bert`` (masked LM, sequence classification), ``t5``
-(conditional generation). A config option tx cannot reproduce raises a ``ValueError`` naming the
+(conditional generation), ``qwen3`` (Qwen2 with per-head q/k norms), ``gemma3`` (Gemma 2 with
+q/k norms and a RoPE base per layer type), ``fnet`` (Fourier token mixing, masked LM). A config option tx cannot reproduce raises a ``ValueError`` naming the
 option, rather than loading a model that computes something else. Layouts are described in
 ``common.py``, and so is a family: a module that maps ``config.json`` straight to a
 ``ModelConfig`` and back, and registers its model types in :data:`FAMILIES` itself.
@@ -38,7 +39,7 @@ from tx.interop.hf.common import FAMILIES, unsupported
 # that imports another registers after it: phi3 after decoders). A new family is its own
 # file, named here or imported by research code (tx.interop.hf.common describes a family).
 # isort: off
-from tx.interop.hf import decoders, qwen2, phi3, gemma2, bert, t5, fnet  # noqa: F401
+from tx.interop.hf import decoders, qwen2, phi3, gemma2, bert, t5, qwen3, gemma3, fnet  # noqa: F401
 # isort: on
 
 

@@ -77,7 +77,7 @@ def no_gemma_options(cfg) -> bool:
     """None of the options only Gemma 2 maps (``gemma2.py``): scaled embeddings, sandwich or
     unit-offset norms, soft-capped attention or vocabulary logits."""
     norm = cfg.norm
-    return (cfg.embed.scale == 1.0 and not getattr(norm, "sandwich", False) and
+    return (cfg.embed.scale == 1.0 and not cfg.attention.qk_norm and not getattr(norm, "sandwich", False) and
             not getattr(norm, "unit_offset", False) and cfg.attention.score_mod is None and
             getattr(cfg.head, "softcap", None) is None)
 

@@ -114,7 +114,7 @@ def _gemma_shaped(cfg: ModelConfig) -> bool:
     """A decoder LM with Gemma's norms: the config means Gemma 2 (and nothing else saves it)."""
     n = cfg.norm
     return (isinstance(cfg.head, LMHead) and isinstance(n, RMSNorm) and n.sandwich and
-            n.unit_offset)
+            n.unit_offset and not cfg.attention.qk_norm)  # q/k norms: Gemma 3
 
 
 def _query_pre_attn_scalar(cfg: ModelConfig) -> int:
