@@ -338,7 +338,7 @@ def test_every_pattern_and_head_layout_exports_for_cuda(pattern, heads):
 ])
 def test_bad_modifier_is_a_value_error_before_tracing(mod, match, monkeypatch):
     traced = []
-    monkeypatch.setattr(sys.modules["kernels.flash_attention"], "_flash_jit",
+    monkeypatch.setattr(sys.modules["tx.kernels.flash_attention"], "_flash_jit",
                         lambda *a: traced.append(a))
     q, k, v, _ = _inputs(4, 2, 16, "float32")
     with pytest.raises(ValueError, match=match):
