@@ -11,8 +11,9 @@ Families, one module each: ``decoders`` (``llama`` with RoPE scaling, ``mistral`
 ``qkv_proj`` and ``gate_up_proj``), ``gemma2`` (soft-capped logits, sandwich norms,
 alternating sliding-window layers), ``bert`` (masked LM, sequence classification), ``t5``
 (conditional generation), ``qwen3`` (Qwen2 with per-head q/k norms), ``gemma3`` (Gemma 2 with
-q/k norms and a RoPE base per layer type), ``fnet`` (Fourier token mixing, masked LM). A config option tx cannot reproduce raises a ``ValueError`` naming the
-option, rather than loading a model that computes something else. Layouts are described in
+q/k norms and a RoPE base per layer type), ``fnet`` (Fourier token mixing, masked LM). A
+config option tx cannot reproduce raises a ``ValueError`` naming the option, rather than
+loading a model that computes something else. Layouts are described in
 ``common.py``, and so is a family: a module that maps ``config.json`` straight to a
 ``ModelConfig`` and back, and registers its model types in :data:`FAMILIES` itself.
 

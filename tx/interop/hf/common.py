@@ -74,11 +74,12 @@ def plain_body(cfg) -> bool:
 
 
 def no_gemma_options(cfg) -> bool:
-    """None of the options only Gemma 2 maps (``gemma2.py``): scaled embeddings, sandwich or
-    unit-offset norms, soft-capped attention or vocabulary logits."""
+    """None of the options only the Gemma families (and Qwen3's q/k norms) map: scaled
+    embeddings, sandwich or unit-offset norms, q/k norms, soft-capped attention or vocabulary
+    logits."""
     norm = cfg.norm
-    return (cfg.embed.scale == 1.0 and not cfg.attention.qk_norm and not getattr(norm, "sandwich", False) and
-            not getattr(norm, "unit_offset", False) and cfg.attention.score_mod is None and
+    return (cfg.embed.scale == 1.0 and not cfg.attention.qk_norm and
+            not getattr(norm, "sandwich", False) and not getattr(norm, "unit_offset", False) and cfg.attention.score_mod is None and
             getattr(cfg.head, "softcap", None) is None)
 
 
@@ -113,6 +114,18 @@ class Entry:
 
 def one(key, param, to_tx=lambda w: w, to_hf=lambda w: w) -> Entry:
     return Entry(key, (param,), lambda w: (to_tx(w),), to_hf)
+
+
+def qk_norm_entries(model) -> list[Entry]:
+    """Every self-attention layer's per-head q/k norm scales (Qwen3, Gemma 3)."""
+    return [one(f"model.layers.{i}.self_attn.{name}_norm.weight",
+                getattr(block.self_attn, f"{name}_norm").scale)
+            for i, block in enumerate(model.tower.blocks) for name in ("q", "k")]
+
+
+def unchanged(tensors: dict, model_type: str) -> dict:
+    """``prepare`` of a family whose checkpoints need no rewriting."""
+    return tensors
 
 
 def linear(key, param) -> Entry:

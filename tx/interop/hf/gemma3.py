@@ -26,7 +26,8 @@ from dataclasses import replace
 from tx.config import ModelConfig
 from tx.interop.hf import decoders, gemma2
 from tx.interop.hf.common import (FULL, SLIDING, Entry, check_architecture, layer_kinds,
-                                   one, register_family, unsupported)
+                                   qk_norm_entries, register_family, unchanged,
+                                   unsupported)
 from tx.layers import RoPE
 from tx.layers.positions import LayerRoPE
 from tx.models.heads import LMHead
@@ -152,19 +153,10 @@ def hf_config(cfg: ModelConfig, model_type: str) -> dict:
 
 # -- weights -----------------------------------------------------------------------------------
 def entries(model, model_type: str) -> list[Entry]:
-    out = gemma2.entries(model, "gemma2")
-    for i, block in enumerate(model.tower.blocks):
-        p, attn = f"model.layers.{i}.self_attn.", block.self_attn
-        out += [one(p + "q_norm.weight", attn.q_norm.scale),
-                one(p + "k_norm.weight", attn.k_norm.scale)]
-    return out
+    return gemma2.entries(model, "gemma2") + qk_norm_entries(model)
 
 
-ignored = decoders.ignored
-
-
-def prepare(tensors: dict, model_type: str) -> dict:
-    return tensors
+ignored, prepare = decoders.ignored, unchanged
 
 
 register_family(__name__)
