@@ -5,7 +5,7 @@ The registries research code extends from its own files are reachable here
 ``tx.register_attention``); they load on first use, so ``import tx.config`` stays light.
 
 Importing tx changes nothing process-wide. On a CPU, a script of yours that trains a large
-model may call ``tx.host_memory.keep_freed_memory()`` first thing, before JAX runs anything,
+model may call ``tx.host_memory.keep_freed_memory`` first thing, before JAX runs anything,
 as tx's own scripts do (``experiments/``): XLA's CPU scratch memory then stays mapped between
 steps (see the README's "Host memory" note; ``GLIBC_TUNABLES`` does the same from outside).
 """

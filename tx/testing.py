@@ -129,29 +129,29 @@ if isinstance(jax.tree_util.tree_leaves(HeadScale(np.zeros((1, 2))))[0], HeadSca
     jax.tree_util.register_dataclass(HeadScale, data_fields=["params"], meta_fields=[])
 
 
+# The suite's modifiers by case name: ``(num_heads, normal) -> ScoreMod | None``, ``normal``
+# drawing fp32 parameters from the case's seed.
+_MODIFIERS: dict[str, Callable] = {
+    "none": lambda n, normal: None,
+    "alibi": lambda n, normal: score_mods.ALiBi(
+        jnp.asarray(score_mods.alibi_slopes(n), jnp.float32)),
+    "t5": lambda n, normal: score_mods.T5Bias(normal(8, n), num_buckets=8, max_distance=20,
+                                              bidirectional=True),
+    # small enough to bend the logits of unit-normal q . k
+    "softcap": lambda n, normal: score_mods.SoftCap(2.0),
+    "sinks": lambda n, normal: score_mods.Sinks(normal(n)),
+    "head_scale": lambda n, normal: HeadScale(1.0 + normal(n, 2, scale=0.3)),
+}
+MODIFIERS = tuple(_MODIFIERS)
+
+
 def _modifier(name: str, n: int, seed: int) -> score_mods.ScoreMod | None:
     rng = np.random.default_rng(seed)
 
     def normal(*shape, scale=1.0):
         return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
 
-    if name == "none":
-        return None
-    if name == "alibi":
-        return score_mods.ALiBi(jnp.asarray(score_mods.alibi_slopes(n), jnp.float32))
-    if name == "t5":
-        return score_mods.T5Bias(normal(8, n), num_buckets=8, max_distance=20,
-                                 bidirectional=True)
-    if name == "softcap":
-        return score_mods.SoftCap(2.0)  # small enough to bend logits of unit-normal q . k
-    if name == "sinks":
-        return score_mods.Sinks(normal(n))
-    if name == "head_scale":
-        return HeadScale(1.0 + normal(n, 2, scale=0.3))
-    raise KeyError(name)
-
-
-MODIFIERS = ("none", "alibi", "t5", "softcap", "sinks", "head_scale")
+    return _MODIFIERS[name](n, normal)
 
 
 # --- pairwise coverage ---------------------------------------------------------------------------
