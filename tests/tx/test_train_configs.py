@@ -76,3 +76,17 @@ def test_model_dict_round_trips_every_field():
     assert implementation == ()  # the device's order (tx.attention.defaults)
     config.model.num_kv_heads = 2  # a placeholder field takes an int
     assert configs_lib.model_config(config.model).kv_heads == 2
+
+
+def test_eval_rows_may_be_longer_than_training_rows():
+    """``data.eval_seq_len`` gives the eval split its own row length (length extrapolation);
+    a learned position table shorter than it is refused before anything is built."""
+    config = configs_lib.load_file(ROOT / "configs" / "decoder_lm.py")
+    config.data.eval_seq_len = 2 * config.data.seq_len
+    train_ds, eval_ds = configs_lib.make_datasets(configs_lib.resolve(config))
+    assert train_ds.batch(0)["inputs"].shape[1] == config.data.seq_len
+    assert eval_ds.batch(0)["inputs"].shape[1] == 2 * config.data.seq_len
+    mlm = configs_lib.load_file(ROOT / "configs" / "encoder_mlm.py")
+    mlm.data.eval_seq_len = mlm.model.max_len + 1
+    with pytest.raises(configs_lib.ConfigError, match="data.eval_seq_len=129"):
+        configs_lib.resolve(mlm)

@@ -103,8 +103,9 @@ def experiment(model: ModelFlags, *, dataset: str, seq_len: int, options: dict |
         raise ConfigError(f"train fields {unknown} do not exist; known: {sorted(TRAIN)}")
     config = ml_collections.ConfigDict()
     config.model = model_dict(model)
-    config.data = ml_collections.ConfigDict(dict(name=dataset, seq_len=seq_len,
-                                                 options=dict(options or {})))
+    config.data = ml_collections.ConfigDict(dict(
+        name=dataset, seq_len=seq_len, eval_seq_len=config_dict.placeholder(int),
+        options=dict(options or {})))
     config.train = ml_collections.ConfigDict({**TRAIN, **train})
     config.mesh = ml_collections.ConfigDict(MESH)
     config.init = ml_collections.ConfigDict(INIT)
@@ -277,13 +278,21 @@ def make_datasets(resolved: Resolved):
     """(train, eval) datasets of the config at ``train.batch_size`` (the loop splits a batch
     into micro-batches, so the data order does not depend on ``grad_accum``)."""
     d = resolved.data
+    lengths = {"train": d.seq_len, "eval": eval_seq_len(d)}
     try:
         return tuple(data_lib.make_dataset(d.name, batch_size=resolved.train.batch_size,
-                                           seq_len=d.seq_len, seed=resolved.train.seed,
+                                           seq_len=lengths[split], seed=resolved.train.seed,
                                            split=split, **_set_options(d.options))
                      for split in ("train", "eval"))
     except ValueError as e:
         raise ConfigError(f"config.data (name={d.name!r}): {e}") from None
+
+
+def eval_seq_len(data) -> int:
+    """The eval rows' length: ``data.eval_seq_len`` (e.g. twice ``seq_len``, to measure how a
+    position scheme extrapolates), or ``data.seq_len`` when unset (configs saved before the
+    field existed lack it)."""
+    return data.get("eval_seq_len", None) or data.seq_len
 
 
 def _check_data(resolved: Resolved):
@@ -295,10 +304,16 @@ def _check_data(resolved: Resolved):
     if train_ds.vocab_size > m.vocab_size:
         raise ConfigError(f"config.model.vocab_size={m.vocab_size}: dataset "
                           f"{resolved.data.name!r} needs >= {train_ds.vocab_size}.")
+    d = resolved.data
+    if eval_seq_len(d) < 1:
+        raise ConfigError(f"config.data.eval_seq_len={d.eval_seq_len}: must be >= 1 (or unset: "
+                          "data.seq_len).")
     max_len = getattr(m.positions, "max_len", None)  # absolute positions' table size
-    if max_len is not None and resolved.data.seq_len > max_len:
+    longest = max(d.seq_len, eval_seq_len(d))
+    if max_len is not None and longest > max_len:
+        name = "seq_len" if longest == d.seq_len else "eval_seq_len"
         raise ConfigError(f"config.model.max_len={max_len}: {f.positions} positions need >= "
-                          f"data.seq_len={resolved.data.seq_len}.")
+                          f"data.{name}={longest}; raise model.max_len or shorten the rows.")
     num_classes = getattr(train_ds, "num_classes", None)
     head_classes = getattr(m.head, "num_classes", None)
     if num_classes is not None and head_classes is not None and head_classes < num_classes:

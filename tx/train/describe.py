@@ -55,6 +55,7 @@ DOCS = {
     # data (tx.data.make_dataset)
     "data.name": "the tx.data dataset (built-in or registered with register_dataset)",
     "data.seq_len": "tokens per example row",
+    "data.eval_seq_len": "tokens per eval row (unset: seq_len); 2x seq_len measures extrapolation",
     "data.options.paths": "your text or record files (comma-separated; globs and directories)",
     "data.options.eval_paths": "files of the eval split (default: held out from paths)",
     "data.options.path": "a local Hugging Face dataset directory (datasets.save_to_disk)",
