@@ -38,16 +38,19 @@ def _losses(cfg, steps=3):
     return out
 
 
-@pytest.mark.parametrize("task, attention", [
-    ("lm", "gqa+local"),
-    ("lm", "mqa+sparse"),
-    ("mlm", "gqa+bigbird"),
-    ("seq2seq", "gqa"),
+@pytest.mark.parametrize("task, attention, extra", [
+    ("lm", "gqa+local", {}),
+    ("lm", "mqa+sparse", {}),
+    ("mlm", "gqa+bigbird", {}),
+    ("seq2seq", "gqa", {}),
+    # FNet beside attention: the Fourier layer needs no backend, the attention layer pallas.
+    ("mlm", "gqa", dict(layer_pattern=("fnet", "full"), num_layers=2)),
 ])
-def test_pallas_trains_like_xla(task, attention):
+def test_pallas_trains_like_xla(task, attention, extra):
     base = dict(task=task, vocab_size=V, d_model=32, num_heads=4, num_layers=1,
                 d_ff=64, window=6, stride=4, sparse_block=4, attention=attention,
                 positions="rope")
+    base.update(extra)
     pallas = _losses(model_config(**base, implementation=("pallas",)))
     xla = _losses(model_config(**base, implementation=("xla",)))
     assert pallas[-1] < pallas[0]  # it trains
@@ -64,6 +67,10 @@ SCORE_MOD_MODELS = {
                    num_layers=2, positions="rope", attention_softcap=2.0, final_softcap=3.0,
                    sandwich_norm=True, norm_unit_offset=True, embed_scale=32 ** 0.5,
                    activation="geglu", attention_sinks=True),
+    # Gemma 3's shape: q/k RMSNorm per head, a RoPE base per layer (local 10k, global 1M).
+    "gemma3": dict(task="lm", attention="gqa", layer_pattern=("local", "causal"),
+                   num_layers=2, positions="layer_rope", rope_bases=(1e4, 1e6),
+                   attention_qk_norm=True),
 }
 
 
@@ -99,7 +106,8 @@ def test_score_mod_models_train_and_decode_on_pallas_alone(name, kernel_calls):
     pallas_cfg, xla_cfg = (_model_config(name, impl) for impl in (("pallas",), ("xla",)))
     pallas = _losses(pallas_cfg)
     assert pallas[-1] < pallas[0]
-    wanted = {"t5": {"T5Bias"}, "alibi": {"ALiBi"}, "gemma2": {"Chain"}}[name]
+    wanted = {"t5": {"T5Bias"}, "alibi": {"ALiBi"}, "gemma2": {"Chain"},
+              "gemma3": {"NoneType"}}[name]
     assert wanted <= set(kernel_calls["flash"]), kernel_calls
     kernel_calls["flash"].clear()
     xla = _losses(xla_cfg)

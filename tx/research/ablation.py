@@ -13,7 +13,8 @@ With ``config.pretrain`` (an experiment config) and no ``init`` source of its ow
 first trains that model in ``workdir/pretrain`` and starts every variant from its weights
 (``init.workdir``): the uptraining comparisons of ``configs/ablation.py:uptrain``.
 
-With ``config.tasks`` (named experiment configs) every variant runs on every task, each task
+With ``config.tasks`` (named experiment configs) every variant runs on every task (or each
+task runs its own ``variants``: ``configs/ablation.py:classics``), each task
 in ``workdir/<task>`` with its own results; the workdir gets ``results.md`` and one JSON line
 ``results.json`` comparing the variants across tasks. With ``config.crossover``
 (:func:`tx.research.crossover.section`) each variant's ``model`` changes also apply to that
@@ -221,7 +222,8 @@ def _cell(fmt: str, value) -> str:
 
 def table(rows: list[dict[str, Any]], field: str) -> str:
     """A Markdown table of the results."""
-    heads = [f"{title} ({field})" if key == "variant" else title for key, title, _ in COLUMNS]
+    heads = [f"{title} ({field})" if key == "variant" and field != "variant" else title
+             for key, title, _ in COLUMNS]
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
     lines += ["| " + " | ".join(_cell(fmt, r.get(key)) for key, _, fmt in COLUMNS) + " |"
               for r in rows]
@@ -271,10 +273,14 @@ def _task_configs(config) -> dict[str, ml_collections.ConfigDict]:
     out = {}
     for name, task in config.tasks.items():
         task = copy.deepcopy(task)
+        own = "variants" in task or "sweep" in task  # a task may bring its own variants
         with task.unlocked():
             for section in ("sweep", "variants", "pretrain"):
-                if section in config:
+                if section in config and not (own and section != "pretrain"):
                     task[section] = copy.deepcopy(config[section])
+        if "variants" not in task and "sweep" not in task:
+            raise ConfigError(f"config.tasks.{name} has no variants: give config.variants "
+                              f"(every task runs them) or config.tasks.{name}.variants.")
         out[name] = task
     return out
 
@@ -337,11 +343,24 @@ def task_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _shared_variants(rows) -> bool:
+    """Whether every task ran the same variants (then one table sets them side by side)."""
+    names = {}
+    for r in rows:
+        names.setdefault(r["task"], set()).add(r["variant"])
+    return len({frozenset(v) for v in names.values()}) == 1
+
+
 def _summary(rows, speed, workdir: pathlib.Path, field: str, print_fn) -> None:
     """``results.md`` and the one-line ``results.json`` of a multi-task or crossover run."""
     text = "# Ablation\n\n"
-    if rows and "task" in rows[0]:
+    if rows and "task" in rows[0] and _shared_variants(rows):
         text += "## Tasks\n\n" + task_table(rows) + "\n\n"
+    elif rows and "task" in rows[0]:  # each task its own variants: a table per task
+        for task in dict.fromkeys(r["task"] for r in rows):
+            own = [r for r in rows if r["task"] == task]
+            text += f"## {task}\n\n" + table(own, field) + \
+                f"\n\n![{task}]({task}/loss_curves.png)\n\n"
     elif rows:
         text += f"## Over `{field}`\n\n" + table(rows, field) + "\n\n"
     if speed is not None:
@@ -385,7 +404,7 @@ def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     """Runs every variant of ``config.sweep`` or ``config.variants`` (on every task of
     ``config.tasks``), then the ``config.crossover`` speed sweep; returns one result row per
     variant (and task)."""
-    if "sweep" not in config and "variants" not in config:
+    if "sweep" not in config and "variants" not in config and "tasks" not in config:
         raise ConfigError("config.sweep is missing; give sweep.field and sweep.choices "
                           "(see configs/ablation.py), or named config.variants.")
     tasks, built = _task_configs(config), {}
