@@ -110,8 +110,12 @@ class Checkpointer:
     def __init__(self, workdir: str | pathlib.Path, *, keep: int, keep_best: int = 0,
                  async_save: bool = True):
         workdir = pathlib.Path(workdir).absolute()
+        # Directories are created before save() returns: created in the background, a failure
+        # there (the directory turned unwritable) left Orbax's signal threads waiting out their
+        # timeout, which kept the interpreter alive for minutes after the error was reported.
         opts = dict(enable_async_checkpointing=async_save, create=True,
-                    cleanup_tmp_directories=True)
+                    cleanup_tmp_directories=True,
+                    async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self.latest = ocp.CheckpointManager(
             workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
