@@ -22,6 +22,23 @@ model of each is timed against sequence length (``tx.research.crossover``): trai
 tokens/s, KV-cache or state bytes per token, and the length where FAVOR+ overtakes softmax.
 
   python experiments/ablate.py --config=configs/ablation.py:linear --workdir=/tmp/tx/linear
+
+``:classics`` compares the classic alternatives to BERT's and GPT's attention at (about) equal
+parameters, each task with its own variants. On byte MLM: BERT-style attention, FNet (Fourier
+mixing; its MLP widened by the attention's parameters), the FNet/attention hybrid (two Fourier
+layers, then two attention layers), the Funnel Transformer and DeBERTa's disentangled
+attention. On the byte LM: RoPE, ALiBi and Transformer-XL with a memory of one segment, each
+evaluated on rows twice the training length.
+
+  python experiments/ablate.py --config=configs/ablation.py:classics --workdir=/tmp/tx/classics
+
+``:recurrent`` compares the gated linear recurrences (``tx.attention.recurrent``) with softmax
+and FAVOR+: seven 4-layer variants (full softmax, FAVOR+, RetNet, GLA, Mamba-2, Gated DeltaNet
+and the 3:1 Gated DeltaNet : full hybrid), each trained on MQAR recall and on the byte LM,
+then timed against sequence length as ``:linear`` is, with the state or KV-cache bytes per
+sequence, and the length where Gated DeltaNet overtakes softmax.
+
+  python experiments/ablate.py --config=configs/ablation.py:recurrent --workdir=/tmp/tx/recurrent
 """
 
 import ml_collections
@@ -36,9 +53,13 @@ def get_config(arg=None):
         return _uptrain()
     if arg == "linear":
         return _linear()
+    if arg == "classics":
+        return _classics()
+    if arg == "recurrent":
+        return _recurrent()
     if arg is not None:
-        raise ValueError(f"ablation.py:{arg}: choose 'uptrain', 'linear' or none (the MQAR "
-                         "sweep).")
+        raise ValueError(f"ablation.py:{arg}: choose 'uptrain', 'linear', 'classics', "
+                         "'recurrent' or none (the MQAR sweep).")
     config = sibling(__file__, "mqar")
     config.sweep = ml_collections.ConfigDict(dict(
         field="model.attention",  # any dotted field of this config
@@ -100,3 +121,84 @@ def _linear():
         lengths=(256, 512, 1024, 2048, 4096, 8192), train_tokens=2048, decode_tokens=64,
         repeats=5, max_seconds=1.5, versus=("favor", "full"))
     return config
+
+
+def _classics():
+    mlm = sibling(__file__, "encoder_mlm")  # 128-byte rows, learned positions
+    lm = sibling(__file__, "decoder_lm")  # 128-byte rows
+    for task, steps in ((mlm, 400), (lm, 400)):
+        task.model.update(d_model=64, d_ff=256, num_layers=4)
+        t = task.train
+        t.update(steps=steps, batch_size=16, warmup_steps=steps // 10)
+        t.eval_every = t.checkpoint_every = t.steps
+        t.log_every, t.eval_batches = 25, 4
+    # FNet has no attention projections (4 d^2 per layer): its MLP takes them (d_ff + 2 d; the
+    # hybrid's two FNet layers spread theirs over four MLPs: d_ff + d).
+    mlm.variants = ml_collections.ConfigDict(dict(
+        bert={},
+        fnet={"model": dict(layer_pattern=("fnet",), d_ff=256 + 2 * 64)},
+        fnet_hybrid={"model": dict(layer_pattern=("fnet", "fnet", "full", "full"),
+                                   d_ff=256 + 64)},
+        # Funnel: 2 layers at full length, 1 at half (mean-pooled queries), 1 upsampling
+        # decoder layer: 4 layers, in HF's layout (post-norm, biases, relative attention).
+        funnel={"model": dict(funnel_blocks=(2, 1), funnel_decoder_layers=1, num_layers=3,
+                              positions="none", pre_norm=False, embed_norm=True,
+                              attention_bias=True, mlp_bias=True, head_bias=True)},
+        # DeBERTa: no absolute positions; c2p and p2c terms over 32 log buckets of distance.
+        deberta={"model": dict(positions="deberta", deberta_buckets=32,
+                               deberta_max_relative=128)},
+    ))
+    lm.data.eval_seq_len = 2 * lm.data.seq_len  # extrapolation: eval rows twice as long
+    lm.data.options.contiguous = False  # XL's rows continue the previous step's
+    lm.variants = ml_collections.ConfigDict(dict(
+        rope={},
+        alibi={"model": dict(positions="alibi")},
+        # XL: relative attention with u, v and a memory of one segment, carried across steps
+        # (rows continue the previous step's rows).
+        xl={"model": dict(positions="xl", memory_length=128),
+            "data": {"options": dict(contiguous=True)}},
+    ))
+    config = ml_collections.ConfigDict()
+    config.tasks = ml_collections.ConfigDict(dict(mlm=mlm, lm=lm))
+    return config
+
+
+# Layer patterns cycled over 4 layers. Mamba-2 with expand 1 (inner width d_model): its default
+# expand 2 doubles its projections, 35% more parameters than a softmax layer at d = 64.
+RECURRENT_VARIANTS = {"full": dict(layer_pattern=("full",)),
+                      "favor": dict(layer_pattern=("favor",)),
+                      "retnet": dict(layer_pattern=("retnet",)),
+                      "gla": dict(layer_pattern=("gla",)),
+                      "mamba2": dict(layer_pattern=("mamba2",), ssm_expand=1),
+                      "gdn": dict(layer_pattern=("gdn",)),
+                      "hybrid": dict(layer_pattern=("gdn", "gdn", "gdn", "full"))}
+
+
+def _recurrent():
+    mqar = sibling(__file__, "mqar")
+    mqar.train.update(steps=RECURRENT_STEPS["mqar"], batch_size=32)
+    lm = sibling(__file__, "decoder_lm")  # 128-byte rows
+    lm.model.update(d_model=64, d_ff=256)
+    lm.train.update(steps=RECURRENT_STEPS["lm"], batch_size=8)
+    for task in (mqar, lm):
+        task.model.num_layers = 4  # the hybrid's 3:1 needs 4 layers; every variant gets them
+        t = task.train
+        t.warmup_steps = min(t.warmup_steps, t.steps // 10)
+        t.eval_every = t.checkpoint_every = t.steps
+        t.log_every, t.eval_batches = 10, 4
+    config = ml_collections.ConfigDict()
+    config.tasks = ml_collections.ConfigDict(dict(mqar=mqar, lm=lm))
+    config.variants = ml_collections.ConfigDict(
+        {name: {"model": changes} for name, changes in RECURRENT_VARIANTS.items()})
+    # Speed: an untrained model the size of the LM task's; recurrences in chunks of 64.
+    config.crossover = crossover.section(
+        ModelFlags(vocab_size=256, d_model=64, num_layers=4, num_heads=4, d_ff=256),
+        lengths=RECURRENT_LENGTHS, train_tokens=2048, decode_tokens=32, repeats=3,
+        max_seconds=1.0, versus=("gdn", "full"))
+    return config
+
+
+# Budgets that keep the whole ablation within 10 minutes on 2 CPU cores (seven variants, two
+# tasks, each compiling its own train step).
+RECURRENT_STEPS = {"mqar": 150, "lm": 80}
+RECURRENT_LENGTHS = (256, 1024, 4096)

@@ -1,8 +1,9 @@
 """tx against Hugging Face ``transformers`` (PyTorch, eager) on the same weights, one process.
 
-For a GPT-2 and a LLaMA (GQA, SwiGLU, RoPE) shape it builds a random ``transformers`` model,
-moves its weights into tx with ``tx.interop.hf`` and times, alternating tx and PyTorch
-repetition by repetition (so a loaded machine slows both alike; medians reported):
+For a GPT-2, a LLaMA (GQA, SwiGLU, RoPE) and a Mamba-2 (SSD recurrence, no attention) shape
+it builds a random ``transformers`` model, moves its weights into tx with ``tx.interop.hf`` and
+times, alternating tx and PyTorch repetition by repetition (so a loaded machine slows both
+alike; medians reported):
 
   * forward: logits ``[B, T, V]`` of a ``B x T`` batch;
   * train: one AdamW step (forward, token cross-entropy, backward, update). tx runs
@@ -17,12 +18,20 @@ repetition by repetition (so a loaded machine slows both alike; medians reported
     ``--decode_batches`` size (tx ``generate`` with the contiguous cache, HF ``generate``),
     and tx's paged cache against its contiguous one.
 
+Mamba-2 has no attention or paged rows (its cache is a constant-size state). Without the CUDA
+package ``mamba_ssm`` (any CPU user) ``transformers`` runs its PyTorch reference path
+(``torch_forward``: chunked SSD in torch ops, one recurrence step per decoded token); its rows
+say which path was timed (``torch_path``). On a loaded 2-core machine PyTorch's default two
+threads can spin against each other in decode (measured: 30 s instead of 0.4 s for 128 tokens):
+compare with ``--torch_threads=1`` there.
+
 Before timing it checks that the two agree: max abs logit difference <= 1e-4 (fp32) and
 identical greedy tokens (tx contiguous, tx paged and HF). Prints a table and one JSON line
 per row.
 
   python experiments/bench_vs_hf.py                       # the README table
   python experiments/bench_vs_hf.py --models=llama --work=forward,train
+  python experiments/bench_vs_hf.py --models=mamba2 --decode_batches=1 --torch_threads=1
 """
 
 from __future__ import annotations
@@ -47,7 +56,8 @@ from tx.inference import Contiguous, Paged, generate
 from tx.interop import hf
 from tx.train.step import init_state, make_train_step
 
-_MODELS = flags.DEFINE_list("models", ["gpt2", "llama"], "Model shapes: gpt2, llama.")
+_MODELS = flags.DEFINE_list("models", ["gpt2", "llama", "mamba2"],
+                            "Model shapes: gpt2, llama, mamba2.")
 _WORK = flags.DEFINE_list("work", ["forward", "train", "attention", "decode"], "What to time.")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width D.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Layers.")
@@ -85,7 +95,15 @@ def _shapes(name: str, d: int, layers: int, vocab: int, max_len: int) -> tuple[s
             num_key_value_heads=heads // 4, intermediate_size=(d * 8 // 3 + 15) // 16 * 16,
             max_position_embeddings=max_len, rms_norm_eps=1e-5, tie_word_embeddings=False,
             **common)
-    raise ValueError(f"--models: {name!r} is not one of gpt2, llama.")
+    if name == "mamba2":
+        # SSD mixer, no attention: heads of 64 channels over the 2x inner width. Without the
+        # CUDA package ``mamba_ssm`` (any CPU user), transformers runs its reference
+        # ``torch_forward``: chunked SSD in PyTorch ops, one recurrence step per decoded token.
+        return "Mamba2ForCausalLM", "Mamba2Config", dict(
+            hidden_size=d, num_hidden_layers=layers, num_heads=2 * d // 64, head_dim=64,
+            state_size=64, n_groups=1, expand=2, conv_kernel=4, chunk_size=64,
+            layer_norm_epsilon=1e-5, tie_word_embeddings=False, **common)
+    raise ValueError(f"--models: {name!r} is not one of gpt2, llama, mamba2.")
 
 
 def build_pair(name: str):
@@ -239,17 +257,26 @@ def decode_rows(name, ref, model, batch):
     def tx_generate(cache):
         return lambda: generate(model, prompt, max_new_tokens=new, cache=cache).tokens
 
+    # A recurrent model's cache is its state (tx.attention.recurrent): no pages to compare.
+    pageable = _pageable(model)
     contiguous, paged = tx_generate(Contiguous()), tx_generate(Paged(_PAGE.value))
     want = hf_generate()
-    for label, fn in (("contiguous", contiguous), ("paged", paged)):
+    for label, fn in (("contiguous", contiguous), ("paged", paged))[:1 + pageable]:
         got = fn()
         assert np.array_equal(got, want), f"{name} B={batch}: tx {label} greedy tokens differ"
     tx_s, torch_s = interleaved(contiguous, hf_generate, _REPEATS.value)
-    paged_s, contiguous_s = interleaved(paged, contiguous, _REPEATS.value)
     common = dict(batch=batch, tokens=batch * new, greedy_identical=True)
-    return [dict(work="decode", tx_s=tx_s, torch_s=torch_s, **common),
-            dict(work="paged_vs_contiguous", tx_s=paged_s, torch_s=None,
-                 contiguous_s=contiguous_s, **common)]
+    rows = [dict(work="decode", tx_s=tx_s, torch_s=torch_s, **common)]
+    if pageable:
+        paged_s, contiguous_s = interleaved(paged, contiguous, _REPEATS.value)
+        rows.append(dict(work="paged_vs_contiguous", tx_s=paged_s, torch_s=None,
+                         contiguous_s=contiguous_s, **common))
+    return rows
+
+
+def _pageable(model) -> bool:
+    """Every layer's cache holds K/V pages (softmax attention), none a recurrent state."""
+    return all(getattr(block.self_attn, "pageable", True) for block in model.tower.blocks)
 
 
 def run() -> list[dict]:
@@ -267,7 +294,7 @@ def run() -> list[dict]:
             found.append(forward_row(name, ref, model, ids[:, :-1]))
         if "train" in _WORK.value:
             found.append(train_row(name, ref, model, ids))
-        if "attention" in _WORK.value:
+        if "attention" in _WORK.value and _pageable(model):  # Mamba-2 has no softmax layer
             found += [attention_row(name, model, ids[:, :-1], implementation, work)
                       for work, implementation in (("attention", attention_registry.defaults()),
                                                    ("attention_xla", ("xla",)))]
@@ -275,6 +302,8 @@ def run() -> list[dict]:
             for batch in _DECODE_BATCHES.value:
                 found += decode_rows(name, ref, model, int(batch))
         for row in found:
+            if name == "mamba2":
+                row.update(torch_path=_mamba2_torch_path())
             row.update(bench="vs_hf", model=name, d_model=_D_MODEL.value, layers=_LAYERS.value,
                        vocab=_VOCAB.value, **_ratios(row))
             row.update(torch_threads=torch.get_num_threads(), **_versions(torch))
@@ -282,6 +311,13 @@ def run() -> list[dict]:
     for row in rows:  # the 1-minute load average around the run (2 cores: 2.0 is busy)
         row.update(load_before=round(load_before, 2), load_after=round(os.getloadavg()[0], 2))
     return rows
+
+
+def _mamba2_torch_path() -> str:
+    """Which Mamba-2 forward transformers runs: its CUDA kernels need ``mamba_ssm`` (and a GPU);
+    otherwise its PyTorch reference ``torch_forward``, what a CPU user gets."""
+    import importlib.util
+    return "cuda_kernels" if importlib.util.find_spec("mamba_ssm") else "torch_forward"
 
 
 def _ratios(row) -> dict:
@@ -314,6 +350,10 @@ def print_table(rows: list[dict]) -> None:
         print("ratio: tx / PyTorch tokens/s (paged_vs_contiguous: tx paged / tx contiguous); "
               f"torch threads {rows[0]['torch_threads']}; load average "
               f"{rows[0]['load_before']} -> {rows[0]['load_after']}")
+    paths = {r["torch_path"] for r in rows if "torch_path" in r}
+    if paths:
+        print(f"mamba2: transformers ran its {'/'.join(sorted(paths))} path ('torch_forward': "
+              "the PyTorch reference, used without mamba_ssm, as on any CPU)")
 
 
 def main(argv):

@@ -6,7 +6,13 @@ largest batch that fits a memory budget (``tx.inference.kv_cache_bytes``).
   python experiments/kv_memory.py --config=configs/decoder_lm.py --config.model.attention=gqa
 
 The model comes from a config file (its ``model`` section, flags included) or a Hugging Face
-checkpoint's ``config.json`` (no weights are read). Prints the table, then one JSON line.
+checkpoint's ``config.json`` (no weights are read). Prints the table, then one JSON line. An
+encoder that shortens its rows (Funnel) has no cache; its per-block lengths are printed instead:
+
+  tx-kv-memory --config=configs/encoder_mlm.py --context=128 --config.model.funnel_blocks=2,2 \
+      --config.model.num_layers=4 --config.model.positions=none --config.model.pre_norm=false \
+      --config.model.embed_norm=true --config.model.attention_bias=true \
+      --config.model.mlp_bias=true --config.model.head_bias=true
 """
 
 from __future__ import annotations
@@ -66,6 +72,13 @@ def print_table(table: list[dict], *, batch: int, context: int, memory_gb: float
               f"{r['bytes_per_token']:>12,.1f}{r['gib']:>11.4f}{r['max_batch']:>11,}")
 
 
+def print_shapes(shapes: dict[str, int], *, context: int) -> None:
+    """An encoder that shortens its rows keeps no KV cache: its per-block lengths instead."""
+    print(f"no KV cache (an encoder); attention per block at context={context}:")
+    for shape, layers in shapes.items():
+        print(f"  {shape} ({layers} layer{'s' * (layers != 1)})")
+
+
 def main(argv):
     _cli.start(argv)
     with _cli.one_line_errors(ValueError, FileNotFoundError):
@@ -76,6 +89,12 @@ def main(argv):
         if not _MEMORY.value > 0:
             raise ValueError(f"--memory_gb={_MEMORY.value} must be > 0.")
         config = model_config()
+        shapes = memory.attention_shapes(config, _CONTEXT.value)
+        if shapes is not None and not getattr(config.head, "generates", False):
+            print_shapes(shapes, context=_CONTEXT.value)
+            print(json.dumps({"context": _CONTEXT.value, "kv_cache_bytes": 0,
+                              "attention_shapes": shapes}))
+            return
         table = rows(config, _BATCH.value, _CONTEXT.value, _MEMORY.value, _PAGE.value)
     print_table(table, batch=_BATCH.value, context=_CONTEXT.value, memory_gb=_MEMORY.value)
     print(json.dumps({"batch": _BATCH.value, "context": _CONTEXT.value,

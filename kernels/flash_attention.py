@@ -21,6 +21,8 @@ sliced off. Fully masked rows return zeros and zero gradients (their lse is stor
 
 Score modifiers (``kernels.score_mods``: ALiBi, T5 buckets, soft-capping, sinks, user functions)
 change each visible logit inside the tile (``kernels.tile_logits``), at the pair's positions.
+Row/column tables (DeBERTa's c2p/p2c, ``kernels.row_tables``) enter as blocks beside the q and
+key tiles; the dq kernel returns the row table's gradient, the dk/dv kernel the column one's.
 Their per-head parameters enter as one table laid out per tile row; the dq kernel, which sees
 every (row, key) pair once, pulls the tile's cotangent back through the modifier with
 ``jax.vjp`` and sums the parameters' share per row, so the table's gradient needs no ``T x S``
@@ -32,199 +34,28 @@ Reference: ``kernels.reference.attention``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from tx.kernels import block_sizes as block_sizes_lib
 from tx.kernels import checks, tiles
 from tx.kernels import masks as masks_lib
-from tx.kernels import online_softmax
-from tx.kernels import flash_layout, score_mods, tile_logits
-from tx.kernels.common import SUPPORTED_DTYPES, compiler_params, next_pow2, round_up
+from tx.kernels import flash_layout, row_tables, score_mods
+from tx.kernels.common import SUPPORTED_DTYPES, compiler_params, next_pow2
 from tx.kernels.online_softmax import LOG2E
-from tx.kernels.online_softmax import dot as _dot
 from tx.kernels.online_softmax import precision as _precision
 from tx.kernels.block_sizes import BlockSizes, check_block_sizes
+# The kernels and the static config of a call (one file each: this one wires them up).
+from tx.kernels.flash_kernels import Config as _Config
+from tx.kernels.flash_kernels import dkv_kernel as _dkv_kernel
+from tx.kernels.flash_kernels import dq_kernel as _dq_kernel
+from tx.kernels.flash_kernels import forward_kernel as _forward_kernel
+from tx.kernels.flash_kernels import group_fold as _group_fold
 
 __all__ = ["flash_attention", "registry_attention", "BlockSizes", "check_block_sizes"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """Everything static about one call (hashable: it keys jit and custom_vjp)."""
-
-    mask: masks_lib.Mask
-    scale: float
-    q_len: int          # T
-    kv_len: int         # S
-    head_dim: int       # H as given
-    head_dim_pad: int   # H padded to a power of two >= 16
-    group: int          # G = N / K
-    fold: int           # query heads per program (power of two dividing G)
-    blocks: BlockSizes  # effective (clamped) block sizes
-    has_segments: bool
-    has_lengths: bool
-    interpret: bool
-    mod: Any = None     # tree structure of the score modifier (kernels.score_mods), or None
-    mod_width: int = 0  # its parameter columns per head, padded to a power of two
-    has_sinks: bool = False
-
-    @property
-    def q_pad(self) -> int:
-        b = self.blocks
-        return round_up(self.q_len, max(b.block_q, b.block_q_dq, b.block_q_dkv))
-
-    @property
-    def kv_pad(self) -> int:
-        b = self.blocks
-        return round_up(self.kv_len, max(b.block_k, b.block_k_dq, b.block_k_dkv))
-
-
-# --- host-side validation ----------------------------------------------------------------------
-
-def _group_fold(group: int) -> int:
-    """The largest power of two dividing ``group``."""
-    return group & -group
-
-
-# --- the kernels -------------------------------------------------------------------------------
-
-def _visible(cfg: _Config, q_block, kv_start, rows, cols, kv_len, q_seg, kv_seg):
-    """``[rows, cols]`` bool for a PARTIAL tile: the mask, bounds, key length, segments.
-
-    ``q_block`` is the query block index (row ``r`` is position ``q_block * block_q + r //
-    fold``), ``kv_start`` the first key of the tile.
-    """
-    t_idx = q_block * (rows // cfg.fold) + \
-        lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // cfg.fold          # [rows, 1]
-    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)      # [1, cols]
-    q_pos = t_idx + (cfg.kv_len - cfg.q_len)                               # bottom-right
-    visible = cfg.mask.predicate(q_pos, kv_pos, cfg.kv_len)
-    visible = visible & (t_idx < cfg.q_len) & (kv_pos < kv_len)
-    if q_seg is not None:
-        visible = visible & (q_seg[:, None] == kv_seg[None, :])
-    return visible
-
-
-def _split_refs(cfg: _Config, refs):
-    """``(q_seg, kv_seg, params, sinks, outputs)`` from the trailing refs of a kernel; absent
-    inputs are None."""
-    refs = list(refs)
-    q_seg, kv_seg = (refs.pop(0), refs.pop(0)) if cfg.has_segments else (None, None)
-    params = refs.pop(0) if cfg.mod_width else None
-    sinks = refs.pop(0) if cfg.has_sinks else None
-    return q_seg, kv_seg, params, sinks, refs
-
-
-def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precision):
-    q_seg_ref, kv_seg_ref, params_ref, sinks_ref, (o_ref, lse_ref) = _split_refs(cfg, refs)
-    rows, block_k = q_ref.shape[0], cfg.blocks.block_k
-    q_block = pl.program_id(2)
-    q = q_ref[...]                                                         # [rows, Hp]
-    q_seg = q_seg_ref[...] if cfg.has_segments else None                   # [rows]
-    params = params_ref[...] if cfg.mod_width else None                    # [rows, W]
-    ids = tile_logits.program_ids()
-    kv_len = table_ref[tiles.KV_LEN]
-
-    def visit(kv_block, carry, masked):
-        m_prev, l_prev, acc = carry
-        kv_start = pl.multiple_of(kv_block * block_k, block_k)
-        k = k_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
-        s = tile_logits.logits(cfg, q, k, params, ids, q_block, kv_start, precision)  # [rows, block_k]
-        if masked:
-            kv_seg = kv_seg_ref[pl.ds(kv_start, block_k)] if cfg.has_segments else None
-            keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
-            s = jnp.where(keep, s, -jnp.inf)
-        v = v_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
-        return online_softmax.update(m_prev, l_prev, acc, s, v, precision)
-
-    carry = (*tile_logits.initial_max(cfg, sinks_ref, rows), jnp.zeros(q.shape, jnp.float32))
-    m, l, acc = tiles.visit_tiles(table_ref, visit, carry)
-    seen = l > 0.0
-    l_safe = jnp.where(seen, l, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)  # acc is 0 where nothing seen
-    # Base-2 lse of the scaled logits; +inf makes every recomputed probability of a fully
-    # masked row exactly 0 in the backward pass.
-    lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), jnp.inf)
-
-
-def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               cfg: _Config, precision):
-    q_seg_ref, kv_seg_ref, params_ref, _, outs = _split_refs(cfg, refs)
-    dq_ref = outs[0]
-    rows, block_k = q_ref.shape[0], cfg.blocks.block_k_dq
-    q_block = pl.program_id(2)
-    q, do = q_ref[...], do_ref[...]                                        # [rows, Hp]
-    lse, delta = lse_ref[...], delta_ref[...]                              # [rows]
-    q_seg = q_seg_ref[...] if cfg.has_segments else None
-    params = params_ref[...] if cfg.mod_width else None                    # [rows, W]
-    ids = tile_logits.program_ids()
-    kv_len = table_ref[tiles.KV_LEN]
-
-    def visit(kv_block, carry, masked):
-        dq, dparams = carry
-        kv_start = pl.multiple_of(kv_block * block_k, block_k)
-        k = k_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
-        v = v_ref[pl.ds(kv_start, block_k), :]
-        s, pull = tile_logits.logits_vjp(cfg, q, k, params, ids, q_block, kv_start, precision)
-        p = jnp.exp2(s - lse[:, None])                                     # [rows, block_k]
-        if masked:
-            kv_seg = kv_seg_ref[pl.ds(kv_start, block_k)] if cfg.has_segments else None
-            keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
-            p = jnp.where(keep, p, 0.0)
-        dp = _dot(do, v, (1, 1), precision)                                # [rows, block_k]
-        ds, d_params = pull(p * (dp - delta[:, None]))  # through the modifier
-        if d_params is not None:  # the parameters' share of this tile, per row
-            dparams = dparams + d_params
-        return dq + _dot(ds.astype(k.dtype), k, (1, 0), precision), dparams  # [rows, Hp]
-
-    carry = (jnp.zeros(q.shape, jnp.float32),
-             jnp.zeros((rows, cfg.mod_width), jnp.float32) if cfg.mod_width else None)
-    dq, dparams = tiles.visit_tiles(table_ref, visit, carry)
-    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
-    if cfg.mod_width:
-        outs[1][...] = dparams
-
-
-def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                cfg: _Config, precision):
-    q_seg_ref, kv_seg_ref, params_ref, _, (dk_ref, dv_ref) = _split_refs(cfg, refs)
-    block_k = k_ref.shape[0]
-    rows = cfg.blocks.block_q_dkv * cfg.fold
-    kv_start = pl.program_id(2) * block_k
-    k, v = k_ref[...], v_ref[...]                                          # [block_k, Hp]
-    kv_seg = kv_seg_ref[...] if cfg.has_segments else None                 # [block_k]
-    params = params_ref[...] if cfg.mod_width else None                    # [rows, W]
-    ids = tile_logits.program_ids()
-    kv_len = table_ref[tiles.KV_LEN]
-
-    def visit(q_block, carry, masked):
-        dk, dv = carry
-        rows_slice = pl.ds(pl.multiple_of(q_block * rows, rows), rows)
-        q, do = q_ref[rows_slice, :], do_ref[rows_slice, :]                # [rows, Hp]
-        lse, delta = lse_ref[rows_slice], delta_ref[rows_slice]            # [rows]
-        s, pull = tile_logits.logits_vjp(cfg, q, k, params, ids, q_block, kv_start, precision)
-        p = jnp.exp2(s - lse[:, None])                                     # [rows, block_k]
-        if masked:
-            q_seg = q_seg_ref[rows_slice] if cfg.has_segments else None
-            keep = _visible(cfg, q_block, kv_start, rows, block_k, kv_len, q_seg, kv_seg)
-            p = jnp.where(keep, p, 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do, (0, 0), precision)         # [block_k, Hp]
-        dp = _dot(do, v, (1, 1), precision)                                # [rows, block_k]
-        ds = pull(p * (dp - delta[:, None]))[0]  # through the modifier
-        dk = dk + _dot(ds.astype(q.dtype), q, (0, 0), precision)          # [block_k, Hp]
-        return dk, dv
-
-    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dk, dv = tiles.visit_tiles(table_ref, visit, carry)
-    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # --- pallas_call wiring ------------------------------------------------------------------------
@@ -271,7 +102,7 @@ def _head_group(b, h, i):
     return h
 
 
-def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg, row_params):
+def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg, row_params, folded):
     b, hg, rows_total, hp = q_f.shape
     rows = cfg.blocks.block_q * cfg.fold
     nq = -(-cfg.q_len // cfg.blocks.block_q)
@@ -289,6 +120,9 @@ def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg, row_params)
                                 pl.BlockSpec((None, s_pad), lambda b, h, i: (b, 0))),
                                row_params, _head_group)
     in_specs, args = in_specs + specs, args + extra
+    specs, extra = row_tables.inputs(cfg, folded, rows, lambda b, h, i: (b, h, i, 0),
+                                     s_pad, lambda b, h, i: (b, h, 0, 0))
+    in_specs, args = in_specs + specs, args + extra
     kernel = functools.partial(_forward_kernel, cfg=cfg, precision=_precision(q_f.dtype))
     return pl.pallas_call(
         kernel, grid=(b, hg, nq), in_specs=in_specs,
@@ -301,7 +135,8 @@ def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg, row_params)
     )(*args)
 
 
-def _dq_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg, row_params):
+def _dq_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg, row_params,
+             folded):
     b, hg, _, hp = q_f.shape
     rows = cfg.blocks.block_q_dq * cfg.fold
     nq = -(-cfg.q_len // cfg.blocks.block_q_dq)
@@ -323,6 +158,14 @@ def _dq_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg
         w = cfg.mod_width
         out_specs.append(pl.BlockSpec((None, None, rows, w), lambda b, h, i: (b, h, i, 0)))
         out_shape.append(jax.ShapeDtypeStruct((b, hg, q_f.shape[2], w), jnp.float32))
+    specs, extra = row_tables.inputs(cfg, folded, rows, lambda b, h, i: (b, h, i, 0),
+                                     s_pad, lambda b, h, i: (b, h, 0, 0))
+    in_specs, args = in_specs + specs, args + extra
+    if cfg.row_width:  # the row table's gradient, summed over the keys
+        out_specs.append(pl.BlockSpec((None, None, rows, cfg.row_width),
+                                      lambda b, h, i: (b, h, i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, hg, q_f.shape[2], cfg.row_width),
+                                              jnp.float32))
     kernel = functools.partial(_dq_kernel, cfg=cfg, precision=_precision(q_f.dtype))
     return pl.pallas_call(
         kernel, grid=(b, hg, nq), in_specs=in_specs, out_specs=out_specs,
@@ -333,7 +176,7 @@ def _dq_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg
 
 
 def _dkv_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg,
-              row_params):
+              row_params, folded):
     b, hg, rows_total, hp = q_f.shape
     block_k = cfg.blocks.block_k_dkv
     nk = -(-cfg.kv_len // block_k)
@@ -354,10 +197,18 @@ def _dkv_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_se
     out_dtype = k_p.dtype if cfg.group == cfg.fold else jnp.float32
     out_tile = pl.BlockSpec((None, block_k, None, hp), lambda b, h, j: (b, j, h, 0))
     out_shape = jax.ShapeDtypeStruct((b, s_pad, hg, hp), out_dtype)
+    out_specs, out_shapes = [out_tile, out_tile], [out_shape, out_shape]
+    specs, extra = row_tables.inputs(cfg, folded, rows_total, lambda b, h, j: (b, h, 0, 0),
+                                     block_k, lambda b, h, j: (b, h, j, 0))
+    in_specs, args = in_specs + specs, args + extra
+    if cfg.col_width:  # the column table's gradient, summed over the queries
+        out_specs.append(pl.BlockSpec((None, None, block_k, cfg.col_width),
+                                      lambda b, h, j: (b, h, j, 0)))
+        out_shapes.append(jax.ShapeDtypeStruct((b, hg, s_pad, cfg.col_width), jnp.float32))
     kernel = functools.partial(_dkv_kernel, cfg=cfg, precision=_precision(q_f.dtype))
     return pl.pallas_call(
-        kernel, grid=(b, hg, nk), in_specs=in_specs, out_specs=[out_tile, out_tile],
-        out_shape=[out_shape, out_shape],
+        kernel, grid=(b, hg, nk), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shapes,
         compiler_params=compiler_params(cfg.interpret, cfg.blocks), interpret=cfg.interpret,
         name="flash_attention_dkv",
     )(*args)
@@ -374,23 +225,24 @@ def _tables(cfg: _Config, segment_ids, kv_lengths):
 
 # --- custom_vjp --------------------------------------------------------------------------------
 
-def _forward(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks):
+def _forward(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks, tables):
     table, _, _ = _tables(cfg, segment_ids, kv_lengths)
     q_seg, kv_seg = flash_layout.segments(cfg, segment_ids)
     q_f, k_p, v_p = flash_layout.fold_rows(cfg, q), flash_layout.pad_kv(cfg, k), flash_layout.pad_kv(cfg, v)
-    o_f, lse = _forward_call(cfg, table, q_f, k_p, v_p, q_seg, kv_seg, (params, sinks))
+    o_f, lse = _forward_call(cfg, table, q_f, k_p, v_p, q_seg, kv_seg, (params, sinks),
+                             row_tables.layout(cfg, tables))
     return flash_layout.unfold_rows(cfg, o_f, q.dtype), (q_f, k_p, v_p, o_f, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks):
-    return _forward(cfg, q, k, v, segment_ids, kv_lengths, params, sinks)[0]
+def _flash(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks, tables):
+    return _forward(cfg, q, k, v, segment_ids, kv_lengths, params, sinks, tables)[0]
 
 
-def _flash_fwd(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks):
+def _flash_fwd(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks, tables):
     out, (q_f, k_p, v_p, o_f, lse) = _forward(cfg, q, k, v, segment_ids, kv_lengths, params,
-                                              sinks)
-    return out, (q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths, params, sinks)
+                                              sinks, tables)
+    return out, (q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths, params, sinks, tables)
 
 
 def _per_head(cfg: _Config, rows_bhr):
@@ -412,7 +264,8 @@ def _sinks_grad(cfg: _Config, sinks, lse, delta):
 
 
 def _flash_bwd(cfg: _Config, residuals, do):
-    q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths, params, sinks = residuals
+    q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths, params, sinks, tables = residuals
+    folded = row_tables.layout(cfg, tables)
     _, dq_table, dkv_table = _tables(cfg, segment_ids, kv_lengths)
     q_seg, kv_seg = flash_layout.segments(cfg, segment_ids)
     do_f = flash_layout.fold_rows(cfg, do.astype(q_f.dtype))
@@ -423,9 +276,10 @@ def _flash_bwd(cfg: _Config, residuals, do):
     delta = jnp.where(real, delta, 0.0)
     lse = jnp.where(real, lse, jnp.inf)
     row_params = (params, sinks)
-    dq_out = _dq_call(cfg, dq_table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg, row_params)
-    dk_p, dv_p = _dkv_call(cfg, dkv_table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg,
-                           row_params)
+    dq_out = _dq_call(cfg, dq_table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg,
+                      row_params, folded)
+    dk_p, dv_p, *d_cols = _dkv_call(cfg, dkv_table, q_f, k_p, v_p, do_f, lse, delta, q_seg,
+                                    kv_seg, row_params, folded)
     b, s_pad, hg, hp = dk_p.shape
     kh = hg * cfg.fold // cfg.group
     if cfg.group != cfg.fold:  # head groups sharing a K/V head: sum their contributions
@@ -437,15 +291,17 @@ def _flash_bwd(cfg: _Config, residuals, do):
     d_params = None if params is None else \
         _per_head(cfg, dq_out[1])[:, :params.shape[1]].astype(params.dtype)
     d_sinks = None if sinks is None else _sinks_grad(cfg, sinks, lse, delta).astype(sinks.dtype)
-    return dq, dk, dv, None, None, d_params, d_sinks
+    d_tables = row_tables.unlayout(cfg, tables, dq_out[-1] if cfg.row_width else None,
+                                   d_cols[0] if cfg.col_width else None)
+    return dq, dk, dv, None, None, d_params, d_sinks, d_tables
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _flash_jit(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks):
-    return _flash(cfg, q, k, v, segment_ids, kv_lengths, params, sinks)
+def _flash_jit(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks, tables):
+    return _flash(cfg, q, k, v, segment_ids, kv_lengths, params, sinks, tables)
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -480,9 +336,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     checks.check_kv_lengths(kv_lengths, b)
     checks.check_dtype_and_head_dim(q)
     scale = checks.check_scale(scale, h)
-    structure, params, sinks = score_mods.split(score_mods.check(score_mod, n), n)
+    structure, params, sinks = score_mods.split(score_mods.check(score_mod, n), n, tables=True)
+    row_tables.check_call(score_mod, b, t, s)
+    row_width, col_width = row_tables.width(score_mod)
     group = n // kh
-    fold = _group_fold(group)
+    fold = 1 if col_width else _group_fold(group)  # a column table is per query head
     if block_sizes is None:
         device_kind = "cpu" if interpret else None  # interpret mode uses the CPU entries
         block_sizes = block_sizes_lib.default_block_sizes(h, fold, device_kind)
@@ -495,10 +353,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                   has_segments=segment_ids is not None, has_lengths=kv_lengths is not None,
                   interpret=bool(interpret), mod=structure,
                   mod_width=0 if params is None else score_mods.pad_width(params.shape[1]),
-                  has_sinks=sinks is not None)
+                  has_sinks=sinks is not None, row_width=row_width, col_width=col_width)
     if segment_ids is not None:
         segment_ids = (jnp.asarray(segment_ids[0]), jnp.asarray(segment_ids[1]))
-    return _flash_jit(cfg, q, k, v, segment_ids, kv_lengths, params, sinks)
+    return _flash_jit(cfg, q, k, v, segment_ids, kv_lengths, params, sinks,
+                      score_mods.tables(score_mod))
 
 
 def registry_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None,

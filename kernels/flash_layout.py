@@ -1,5 +1,5 @@
 """Flash attention's memory layouts: query heads folded into tile rows, zero padding to tile
-multiples, segment ids per folded row. ``cfg`` is ``kernels.flash_attention._Config``."""
+multiples, segment ids per folded row. ``cfg`` is ``kernels.flash_kernels.Config``."""
 
 import jax.numpy as jnp
 

@@ -60,6 +60,20 @@ def check_arguments(q_f: Any, k_f: Any, v: Any, *, segment_ids: Any = None,
     if limits and not 1 <= h <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim={h} (v.shape[3]) must be in [1, {MAX_HEAD_DIM}]; split "
                          "larger heads.")
+    check_rows(segment_ids, kv_lengths, b, t)
+    if chunk is not None and (not is_int(chunk) or chunk < 1):
+        raise ValueError(f"chunk={chunk!r} must be >= 1 (an int, positions per chunk); use "
+                         f"e.g. chunk={DEFAULT_CHUNK}, or None for the default.")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) \
+            or eps < 0:
+        raise ValueError(f"eps={eps!r} must be a finite Python float >= 0 (added to the "
+                         "denominator); use e.g. eps=1e-6, or 0.0.")
+    return b, t, s, n, kh, f, h
+
+
+def check_rows(segment_ids, kv_lengths, b: int, t: int) -> None:
+    """Packing ids ``[B, T]`` and key lengths ``[B]`` of a linear or recurrent call: integer
+    arrays of those shapes (or None)."""
     if segment_ids is not None:
         if not hasattr(segment_ids, "shape") or tuple(segment_ids.shape) != (b, t):
             raise ValueError(f"segment_ids.shape={getattr(segment_ids, 'shape', None)} must be "
@@ -74,11 +88,3 @@ def check_arguments(q_f: Any, k_f: Any, v: Any, *, segment_ids: Any = None,
         if not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
             raise ValueError(f"kv_lengths.dtype={kv_lengths.dtype} must be an integer dtype; "
                              "pass int32 lengths.")
-    if chunk is not None and (not is_int(chunk) or chunk < 1):
-        raise ValueError(f"chunk={chunk!r} must be >= 1 (an int, positions per chunk); use "
-                         f"e.g. chunk={DEFAULT_CHUNK}, or None for the default.")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) \
-            or eps < 0:
-        raise ValueError(f"eps={eps!r} must be a finite Python float >= 0 (added to the "
-                         "denominator); use e.g. eps=1e-6, or 0.0.")
-    return b, t, s, n, kh, f, h

@@ -212,6 +212,26 @@ class BigBird(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
+class SegmentMemory(Mask):
+    """Transformer-XL's training view as one pass (Dai et al., 2019): the sequence is cut into
+    segments of ``segment`` positions; query ``i`` sees its own segment causally plus the
+    ``memory`` positions before its segment's start, ``start(i) - memory <= j <= i`` with
+    ``start(i) = (i // segment) * segment``. A recurrent pass that carries the last
+    ``memory`` hidden states of each layer computes exactly this, segment by segment."""
+
+    segment: int
+    memory: int = 0
+
+    def __post_init__(self):
+        _check_int("segment", self.segment, 1)
+        _check_int("memory", self.memory, 0)
+
+    def predicate(self, q_pos, kv_pos, kv_len):
+        start = (q_pos // self.segment) * self.segment
+        return (kv_pos <= q_pos) & (kv_pos >= start - self.memory)
+
+
+@dataclasses.dataclass(frozen=True)
 class And(Mask):
     """Visible in both (e.g. ``Causal() & Strided(8)``)."""
 

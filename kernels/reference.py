@@ -17,7 +17,7 @@ import numpy as np
 
 from tx.kernels import checks
 from tx.kernels import masks as masks_lib
-from tx.kernels import score_mods
+from tx.kernels import row_tables, score_mods
 
 
 # The xla path attends one block of queries at a time, so that a block's fp32 logits
@@ -71,6 +71,8 @@ def _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions,
     checks.check_positions("q_positions", q_positions, b, t)
     checks.check_positions("kv_positions", kv_positions, b, s)
     checks.check_bias(bias, b, t, s, n)
+    row_tables.check_call(score_mod, b, t, s,
+                          positions=q_positions is not None or kv_positions is not None)
     return mask
 
 
@@ -280,6 +282,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     kh, p, page, h = k_pages.shape
     mask = checks.check_mask(mask)
     score_mods.check(score_mod, n)
+    score_mods.split(score_mod, n)  # refuses row/column tables: a pool has no rows of them
     s = block_tables.shape[1] * page
     tables = block_tables.astype(jnp.int32)
     real = (tables >= 0) & (tables < p)                                   # [B, max_pages]

@@ -38,176 +38,16 @@ kernel per head and column.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-
-# --- where a modifier runs ---------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Context:
-    """What a modifier may read, broadcastable against the logits ``s``.
-
-    ``batch``, ``head`` (query head), ``q_pos`` and ``kv_pos`` are int32 arrays. ``params`` is
-    the parameter table: ``[N, width]`` in the reference (``head`` indexes it), ``[rows,
-    width]`` in a kernel (one row per tile row, already that row's head). ``offset`` is the
-    first column of the current modifier (``chain`` shifts it).
-    """
-
-    batch: Any
-    head: Any
-    q_pos: Any
-    kv_pos: Any
-    params: Any
-    in_kernel: bool
-    offset: int = 0
-
-    def shifted(self, offset: int) -> "Context":
-        return dataclasses.replace(self, offset=self.offset + offset)
-
-    def param(self, j: int):
-        """Column ``j`` of this modifier's parameters, per head, broadcastable to ``s``."""
-        j += self.offset
-        if self.in_kernel:
-            cols = jax.lax.broadcasted_iota(jnp.int32, self.params.shape, 1)
-            return jnp.sum(jnp.where(cols == j, self.params, 0.0), axis=1, keepdims=True)
-        return self.params[self.head, j]
-
-    def lookup(self, index, count: int):
-        """``params[head, offset + index]`` for an int array ``index`` in ``[0, count)``."""
-        if self.in_kernel:
-            out = jnp.zeros(jnp.broadcast_shapes(index.shape, (self.params.shape[0], 1)),
-                            jnp.float32)
-            for j in range(count):  # count compares beat a gather Triton cannot lower
-                out = out + jnp.where(index == j, self.param(j), 0.0)
-            return out
-        return self.params[self.head, self.offset + index]
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-    """A learned parameter a modifier declares: its shape, ``init(key, shape, dtype)`` and
-    logical axis names (default ``("heads", None, ...)``: per-head parameters lead with heads)."""
-
-    shape: tuple
-    init: Callable = jax.nn.initializers.zeros
-    axes: tuple | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", tuple(self.shape))
-        if self.axes is None:
-            object.__setattr__(self, "axes", ("heads",) + (None,) * (len(self.shape) - 1))
-        if len(self.axes) != len(self.shape):
-            _fail("ParamSpec.axes", self.axes, f"must name each of the {len(self.shape)} axes "
-                  f"of shape {self.shape} (None for an unsharded axis).")
-
-
-class ScoreMod:
-    """Base class. Subclasses set ``width`` (parameter columns per head) and implement
-    ``modify``; those with parameters implement ``head_params``; ``check`` validates shapes
-    on the host before anything is traced. Subclasses are pytrees (``data_fields``, or the
-    fields holding arrays, are the leaves); ``learned``/``bind`` declare and take parameters
-    an attention layer owns."""
-
-    width = 0
-    # True when the logits depend on positions only through ``q_pos - kv_pos`` (or not at
-    # all): a cache may then shift every position by the same amount (a rolling cache read in
-    # time order from 0) and the logits stay exact.
-    relative = False
-    data_fields = None  # the names of the leaf fields; None: the fields holding arrays
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        jax.tree_util.register_pytree_with_keys(
-            cls, _flatten_with_keys, functools.partial(_unflatten, cls), flatten_func=_flatten)
-
-    def learned(self, num_heads: int) -> dict[str, ParamSpec]:
-        """The parameters this modifier asks its attention layer to create and own, by the
-        name they take on the layer; empty when it holds its arrays (bound)."""
-        return {}
-
-    def bind(self, params, num_heads: int) -> "ScoreMod":
-        """This modifier holding the layer's arrays ``params`` (a mapping with at least the
-        names ``learned`` declares); by default each name is a field of this dataclass."""
-        names = self.learned(num_heads)
-        return dataclasses.replace(self, **{k: params[k] for k in names}) if names else self
-
-    def modify(self, s, ctx: Context):
-        raise NotImplementedError
-
-    def head_params(self, num_heads: int) -> jax.Array:
-        """``[num_heads, width]`` fp32 (differentiable in the leaves)."""
-        return jnp.zeros((num_heads, 0), jnp.float32)
-
-    def sink(self) -> jax.Array | None:
-        """``[N]`` sink logits, or None."""
-        return None
-
-    def check(self, num_heads: int) -> None:
-        pass
-
-    def __rshift__(self, other: "ScoreMod") -> "ScoreMod":
-        return chain(self, other)
-
-
-def _fail(name: str, value: Any, fix: str):
-    raise ValueError(f"{name}={value!r} {fix}")
-
-
-def _per_head(name: str, x: Any, num_heads: int, ndim: int = 1, axis: int = 0) -> None:
-    shape = tuple(getattr(x, "shape", ()))
-    if len(shape) != ndim or shape[axis] != num_heads:
-        want = "[N]" if ndim == 1 else "[num_buckets, N]"
-        _fail(f"{name}.shape", shape, f"must be {want} with N = num_heads = {num_heads}; give "
-              "one entry per query head.")
-
-
-# --- every subclass is a pytree ----------------------------------------------------------------
-
-def _is_data(value) -> bool:
-    if isinstance(value, (jax.Array, np.ndarray, ScoreMod)):
-        return True
-    return isinstance(value, tuple) and bool(value) and all(isinstance(v, ScoreMod)
-                                                             for v in value)
-
-
-def _fields(obj) -> tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]:
-    """``(leaf field names, ((static name, value), ...))`` of a modifier."""
-    names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) \
-        else sorted(n for n in vars(obj) if n != "_data_fields")
-    data = type(obj).data_fields
-    if data is None:  # the split a rebuilt value came with, else by value
-        data = obj.__dict__.get("_data_fields") if hasattr(obj, "__dict__") else None
-    if data is None:
-        data = tuple(n for n in names if _is_data(getattr(obj, n)))
-    return tuple(data), tuple((n, getattr(obj, n)) for n in names if n not in data)
-
-
-def _flatten(obj):
-    data, static = _fields(obj)
-    return [getattr(obj, n) for n in data], (data, static)
-
-
-def _flatten_with_keys(obj):
-    data, static = _fields(obj)
-    return [(jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in data], (data, static)
-
-
-def _unflatten(cls, aux, children):
-    """The modifier without running ``__init__`` (its leaves may be None or tracers)."""
-    data, static = aux
-    obj = object.__new__(cls)
-    for name, value in (*zip(data, children), *static):
-        object.__setattr__(obj, name, value)
-    if cls.data_fields is None and hasattr(obj, "__dict__"):
-        object.__setattr__(obj, "_data_fields", data)
-    return obj
-
+# The base type, its context and the pytree machinery live in ``score_mod_base``; they are
+# this module's names too (``score_mods.ScoreMod``, ``score_mods.Context``...).
+from tx.kernels.score_mod_base import (  # noqa: F401  (re-exported)
+    Context, ParamSpec, ScoreMod, _fail, _per_head)
 
 # --- the modifiers -----------------------------------------------------------------------------
 
@@ -421,6 +261,14 @@ class Chain(ScoreMod):
         sinks = [m.sink() for m in self.mods if m.sink() is not None]
         return sinks[0] if sinks else None
 
+    def tables(self):
+        found = [m.tables() for m in self.mods
+                 if any(x is not None for x in m.tables())]
+        if len(found) > 1:
+            _fail("chain", self.mods, "holds more than one modifier with row/column tables; "
+                  "give one (e.g. one row_tables.Disentangled with both terms).")
+        return found[0] if found else (None, None)
+
     def check(self, num_heads):
         if sum(isinstance(m, Sinks) for m in self.mods) > 1:
             _fail("chain", self.mods, "holds more than one Sinks; give one sink per head.")
@@ -476,11 +324,16 @@ class Structure:
         return hash(self.treedef)
 
 
-def split(score_mod: ScoreMod | None, num_heads: int):
+def split(score_mod: ScoreMod | None, num_heads: int, *, tables: bool = False):
     """``(structure, params [N, width] | None, sinks [N] | None)``: the static part a kernel
-    specialises on and the arrays it reads (both differentiable)."""
+    specialises on and the arrays it reads (both differentiable). A kernel that reads no
+    row/column tables (``tables=False``) refuses a modifier holding them: it would drop them."""
     if score_mod is None:
         return None, None, None
+    if not tables and any(x is not None for x in score_mod.tables()):
+        raise ValueError(f"score_mod={type(score_mod).__name__} holds row/column tables "
+                         "(kernels.row_tables), which only dense self-attention takes "
+                         "(reference.attention, flash_attention); this kernel would drop them.")
     structure = Structure(jax.tree_util.tree_structure(score_mod))
     params = score_mod.head_params(num_heads) if score_mod.width else None
     return structure, params, score_mod.sink()
@@ -497,9 +350,15 @@ def reference_logits(score_mod: ScoreMod, logits, *, head, batch, q_pos, kv_pos,
                      num_heads: int):
     """``logits`` of any layout modified in the reference (``head`` etc. broadcastable)."""
     params = score_mod.head_params(num_heads) if score_mod.width else None
+    rows, cols = score_mod.tables()
     ctx = Context(batch=batch, head=head, q_pos=q_pos, kv_pos=kv_pos, params=params,
-                  in_kernel=False)
+                  in_kernel=False, rows=rows, cols=cols)
     return score_mod.modify(logits, ctx)
+
+
+def tables(score_mod: ScoreMod | None) -> tuple[Any, Any]:
+    """``score_mod``'s row and column tables (``(None, None)`` when it has none)."""
+    return (None, None) if score_mod is None else score_mod.tables()
 
 
 def pad_width(width: int) -> int:

@@ -1,7 +1,9 @@
 """experiments/bench_vs_hf.py runs at a smoke size: tx and ``transformers`` on the same LLaMA
-weights agree (logits within 1e-4, identical greedy tokens from the contiguous and paged
-caches) and every row of the table comes out as a JSON line. Timings are never asserted."""
+and Mamba-2 weights agree (logits within 1e-4, identical greedy tokens from the contiguous and
+paged caches, Mamba-2 from its state) and every row of the table comes out as a JSON line.
+Timings are never asserted."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -16,18 +18,24 @@ _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_v
 
 
 def test_bench_vs_hf_smoke():
-    # LLaMA only (GQA, RoPE, SwiGLU): GPT-2's parity is held by tests/tx/test_interop_hf.py and
-    # a second model would double the run time.
-    out = subprocess.run([sys.executable, str(_SCRIPT), "--models=llama", "--d_model=32",
+    # LLaMA (GQA, RoPE, SwiGLU) and Mamba-2 (the recurrent row, no attention or paged rows):
+    # GPT-2's parity is held by tests/tx/test_interop_hf.py. One process for both (start-up
+    # is most of the cost).
+    out = subprocess.run([sys.executable, str(_SCRIPT), "--models=llama,mamba2", "--d_model=32",
                           "--layers=1", "--vocab=97", "--batch=2", "--seq=8", "--prompt=3",
                           "--new_tokens=3", "--decode_batches=2", "--repeats=1",
                           "--torch_threads=1", "--pause=0"],
                          capture_output=True, text=True, check=True, timeout=300).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    mamba2_path = "cuda_kernels" if importlib.util.find_spec("mamba_ssm") else "torch_forward"
     assert {(r["model"], r["work"]) for r in rows} == {
         ("llama", w) for w in ("forward", "train", "attention", "attention_xla", "decode",
-                               "paged_vs_contiguous")}
+                               "paged_vs_contiguous")} | {
+        ("mamba2", w) for w in ("forward", "train", "decode")}
     for r in rows:
+        # Without mamba_ssm (any CPU) transformers runs its PyTorch reference path; the row says
+        # which one it timed.
+        assert r.get("torch_path") == (mamba2_path if r["model"] == "mamba2" else None)
         assert r["bench"] == "vs_hf" and r["tx_tokens_per_s"] > 0 and r["torch_threads"] == 1
         if r["work"] == "forward":
             assert r["max_abs_logit_diff"] <= 1e-4
@@ -38,4 +46,4 @@ def test_bench_vs_hf_smoke():
             assert r["implementation"] == ("cpu,xla" if r["work"] == "attention" else "xla")
         if r["work"] in ("decode", "paged_vs_contiguous"):
             assert r["greedy_identical"] and r["batch"] == 2 and r["tokens"] == 6
-    assert "tx / PyTorch" in out
+    assert "tx / PyTorch" in out and "mamba2: transformers ran its" in out

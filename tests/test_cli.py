@@ -124,8 +124,8 @@ def test_unknown_field_messages():
     assert _cli.unknown_field(config, "model.task.x") == \
         "--config.model.task.x: no such field; config.model.task is a str value, not a section."
     whole = _cli.unknown_field(config, "mesh.zzz")
-    assert whole == "--config.mesh.zzz: no such field; the fields of config.mesh are: data, " \
-        "fsdp, tensor."
+    assert whole == "--config.mesh.zzz: no such field; the fields of config.mesh are: " \
+        "context, context_attention, data, fsdp, tensor."
     empty = configs_lib.load_file(ROOT / "configs" / "decoder_lm.py")  # built-in text: none
     assert _cli.unknown_field(empty, "data.options.nope") == (
         "--config.data.options.nope: no such field; config.data.options has no fields in this "

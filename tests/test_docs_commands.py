@@ -424,7 +424,7 @@ def _devices(args) -> dict[str, str]:
     devices: --print_config checks the mesh against the device count."""
     count = 1
     for a in args:
-        if re.match(r"--config\.mesh\.(data|fsdp|tensor)=\d+$", a):
+        if re.match(r"--config\.mesh\.(data|fsdp|tensor|context)=\d+$", a):
             count *= int(a.split("=")[1])
     if count == 1:
         return {}
@@ -505,7 +505,7 @@ def _plan(doc: Doc, p: Paths, fields) -> list[dict] | str:
             script = "ablate" if host.startswith("ablation") else "train"
             jobs.append(_job(f"{doc.key} [tx:{host}, {hf.name}]", script,
                              [f"--config=tx:{host}", *extra, *args, "--print_config"], "run", p,
-                             unless=[j["key"] for j in jobs]))
+                             env=_devices(args), unless=[j["key"] for j in jobs]))
     return jobs
 
 

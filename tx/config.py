@@ -176,6 +176,9 @@ class ModelConfig:
     embed: EmbedConfig = EmbedConfig()
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32  # activations; parameters and softmax stay fp32
+    # Transformer-XL recurrence: every self-attention layer also sees the last
+    # ``memory_length`` hidden states of the previous segments (tx.attention.memory); 0: off.
+    memory_length: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers"):
@@ -203,6 +206,19 @@ class ModelConfig:
         if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                          jnp.dtype(jnp.float16)):
             _fail("dtype", self.dtype, "use jnp.float32, jnp.bfloat16 or jnp.float16.")
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        m = self.memory_length
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            _fail("memory_length", m, "must be an integer >= 0 (0: no memory).")
+        if m and getattr(self.positions, "absolute", False):
+            _fail("memory_length", m, f"positions={self.positions!r} embeds absolute "
+                  "positions, which a memory of earlier segments would repeat; use relative "
+                  "positions (xl, rope, alibi, t5 or none) or memory_length=0.")
+        if m and not getattr(self.head, "causal", False):
+            _fail("memory_length", m, f"head={type(self.head).__name__} is not causal; a "
+                  "memory carries a decoder LM's earlier segments (task=lm).")
 
     @property
     def head_dim(self) -> int:

@@ -26,6 +26,9 @@ from typing import Any, Callable
 
 from tx.attention import favor as _favor  # noqa: F401  (registers 'favor', 'local_favor')
 from tx.attention import fnet as _fnet  # noqa: F401  (registers 'fnet')
+from tx.attention import recurrent_ssd as _ssd  # noqa: F401  (registers 'gdn', 'mamba2'...)
+from tx.attention import deberta as _deberta  # noqa: F401  (registers positions 'deberta')
+from tx.attention import xl as _xl  # noqa: F401  (registers positions 'xl')
 from tx.attention import modifiers
 from tx.attention import patterns as pattern_lib
 from tx.attention import registry
@@ -120,6 +123,9 @@ CORE = (
     Field("embed_norm", False, "a norm right after the summed input embeddings (BERT)"),
     Field("embed_scale", 1.0, "multiplies the token embeddings (Gemma: d_model ** 0.5)",
           check=positive_float),
+    Field("memory_length", 0, "Transformer-XL recurrence: hidden states of earlier segments "
+          "each layer attends to (train data must be contiguous); 0: off",
+          check=non_negative_int),
 )
 
 
@@ -282,7 +288,7 @@ def parse(f: ModelFlags) -> ModelConfig:
         norm=NORMS[f.norm](f), head=head,
         embed=EmbedConfig(type_vocab_size=f.type_vocab_size, norm=f.embed_norm,
                           scale=f.embed_scale),
-        dropout_rate=f.dropout_rate, dtype=DTYPES[f.dtype])
+        dropout_rate=f.dropout_rate, dtype=DTYPES[f.dtype], memory_length=f.memory_length)
 
 
 def model_config(**flags) -> ModelConfig:
@@ -359,6 +365,7 @@ def to_flags(config: ModelConfig) -> dict[str, Any]:
         **modifiers.spell(a.score_mod),
         type_vocab_size=config.embed.type_vocab_size, embed_norm=config.embed.norm,
         embed_scale=config.embed.scale, dropout_rate=config.dropout_rate,
+        memory_length=config.memory_length,
         dtype=_spelled(DTYPES, config.dtype, "dtype")[0])
     for flag, reg, value in (("task", TASKS, config.head), ("positions", POSITIONS,
                                                              config.positions),

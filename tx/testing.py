@@ -18,7 +18,7 @@ promotion: a silent float32/bfloat16 mix inside a backend is an error here. The 
 * ``dense``: every mask of ``CATALOGUE`` (each kind in ``kernels.masks``, both compositions
   and :class:`Dilated`, a user's mask class), each modifier of ``MODIFIERS`` (ALiBi, T5
   buckets, soft-capping, sinks and :class:`HeadScale`, a user's modifier with per-head
-  parameters), G = N / K of 1, 2 and 4, fp32 and bf16, T = S, T < S, T > S and a length past
+  parameters; DeBERTa's row/column tables, ``kernels.row_tables``, in a case of its own), G = N / K of 1, 2 and 4, fp32 and bf16, T = S, T < S, T > S and a length past
   one kernel tile, packed documents and ragged key lengths. Rows that see no key give zeros
   (not NaN) and zero gradients; gradients of q, k, v and of the modifier's parameters.
 * ``cached``: 1 and 3 new queries at the end of each row's ``lengths`` of a contiguous cache,
@@ -29,6 +29,10 @@ promotion: a silent float32/bfloat16 mix inside a backend is an error here. The 
   changed; the output is the reference's over the written pools.
 * ``linear``: causal and bidirectional, packed documents, key lengths, gradients, against
   ``reference.linear_attention``.
+* ``gated``: decay-gated recurrences (a decay per head, per key channel, and the gated delta
+  rule), GQA, packed documents, key lengths with an empty row, chunks that do or do not divide
+  T, decays near 0 and 1; gradients of q, k, v, the log decay and beta, against the step-by-step
+  recurrences of ``kernels.gated_reference``.
 
 Caches are poisoned: pages no row owns hold NaN (the table entries past a row's pages name
 them), and slots past a row's length hold NaN keys and ``GARBAGE`` values, so a stray read
@@ -58,9 +62,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tx.kernels import gated_reference
 from tx.kernels import masks
 from tx.kernels import reference
-from tx.kernels import score_mods
+from tx.kernels import row_tables, score_mods
 from tx.attention import calls
 
 # --- the mask catalogue --------------------------------------------------------------------------
@@ -91,6 +96,7 @@ CATALOGUE: dict[str, masks.Mask] = {
     "local_or_global": masks.Local(2, 2) | masks.GlobalTokens((0,)),
     "strided_and_local": masks.Strided(3) & masks.Local(7),    # no band: exact tile maps
     "dilated": Dilated(2, 6),                                  # a user's mask class
+    "segment_memory": masks.SegmentMemory(5, 3),               # Transformer-XL, no band
 }
 # The masks a cache decodes with (positions from the cache; BigBird's blocks depend on a key
 # length a cache does not fix, and global tokens are a prefill pattern).
@@ -143,14 +149,23 @@ _MODIFIERS: dict[str, Callable] = {
     "head_scale": lambda n, normal: HeadScale(1.0 + normal(n, 2, scale=0.3)),
 }
 MODIFIERS = tuple(_MODIFIERS)
+# Modifiers with data per query row and key column, sized by the case ``(n, normal, b, t, s)``:
+# dense self-attention only (T == S), so they join hand-written dense cases, not the pairs.
+_TABLE_MODIFIERS: dict[str, Callable] = {
+    "disentangled": lambda n, normal, b, t, s: row_tables.Disentangled(
+        normal(b, t, n, 16, scale=0.5), normal(b, s, n, 16, scale=0.5), position_buckets=8,
+        max_relative_positions=20, content_scale=3 ** -0.5),
+}
 
 
-def _modifier(name: str, n: int, seed: int) -> score_mods.ScoreMod | None:
+def _modifier(name: str, n: int, seed: int, case=None) -> score_mods.ScoreMod | None:
     rng = np.random.default_rng(seed)
 
     def normal(*shape, scale=1.0):
         return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
 
+    if name in _TABLE_MODIFIERS:
+        return _TABLE_MODIFIERS[name](n, normal, B, case.t, case.s)
     return _MODIFIERS[name](n, normal)
 
 
@@ -202,7 +217,8 @@ def uncovered_pairs(factors: dict[str, Sequence], rows: Sequence[Any]) -> list[t
 # path and dtype of the inputs ("int8": int8 pages with fp32 scales and fp32 queries; kernel
 # and reference dequantise the same codes, so fp32 rounding is the whole error). No path needs
 # more than fp32 rounding: the worst error over the suite's cases, in units of 1 + max|want|,
-# is 7e-7 for fp32 (pallas dense gradients) and 1e-2 for bf16 (pallas dense gradients).
+# is 7e-7 for fp32 (pallas dense gradients) and 1e-2 for bf16 (pallas dense gradients); the
+# gated recurrences reach 1.7e-6 (fp32, per-channel decay) and 3.3e-3 (bf16).
 _F32 = {"out": (1e-5, 1e-5), "grad": (1e-5, 1e-5)}
 _BF16 = {"out": (2e-2, 2e-2), "grad": (2e-2, 2e-2)}
 TOLERANCE: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
@@ -211,6 +227,7 @@ TOLERANCE: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
     "paged": {"float32": _F32, "bfloat16": _BF16, "int8": _F32},
     "paged_write": {"float32": _F32},
     "linear": {"float32": _F32, "bfloat16": _BF16},
+    "gated": {"float32": _F32, "bfloat16": _BF16},
 }
 
 # Optional features: a case using one is core only for a backend that lists it in
@@ -272,7 +289,7 @@ class Case:
 
     @property
     def score_mod(self):
-        return _modifier(self.mod, N, seed=3)
+        return _modifier(self.mod, N, seed=3, case=self)
 
     def extras(self) -> frozenset[str]:
         """The optional features (``OPTIONAL``) this case uses."""
@@ -303,7 +320,8 @@ class Case:
         return "-".join(parts)
 
 
-_ID = {"gqa": "g{}", "t": "t{}", "page": "page{}", "lengths": "{}_lengths"}
+_ID = {"gqa": "g{}", "t": "t{}", "page": "page{}", "lengths": "{}_lengths",
+       "chunk": "chunk{}"}
 _SHORT = {"float32": "f32", "bfloat16": "bf16"}
 
 
@@ -650,6 +668,66 @@ class LinearCase(Case):
         return q, k, v, do, data
 
 
+@dataclasses.dataclass(frozen=True)
+class GatedCase(Case):
+    """``calls.Gated``: ``q [2, 16, 4, 8]``, ``k [2, 16, 4 / gqa, 8]`` (unit-norm rows, as the
+    delta rule needs), ``v [2, 16, 4 / gqa, 8]``, a log decay mixing, position by position,
+    decays near 0 (< 1e-8), near 1 (within 1e-4) and between. ``decay``: ``"scalar"`` (one
+    per head), ``"channel"`` (one per key channel), ``"delta"`` (one per head, and the delta
+    rule's ``beta`` in (0, 1)); log decay and beta are fp32 in every case, as layers compute
+    their gates. ``chunk`` 5 does not divide T, 8 does. ``data``: ``"packed"`` random
+    documents; ``"empty"`` row 0 has 9 keys and a document after them that sees none, row 1
+    has no key."""
+
+    path: ClassVar[str] = "gated"
+    decay: str = "scalar"
+    gqa: int = 1
+    dtype: str = "float32"
+    chunk: int = 8
+    data: str = "packed"
+    t: ClassVar[int] = 16
+
+    def segment_ids(self) -> np.ndarray:
+        if self.data == "packed":
+            return _documents(np.random.default_rng(7), B, self.t, p=0.15)
+        seg = np.zeros((B, self.t), np.int32)
+        seg[0, 11:] = 1
+        return seg
+
+    def kv_lengths(self) -> np.ndarray | None:
+        return np.asarray([9, 0], np.int32) if self.data == "empty" else None
+
+    def visible(self) -> np.ndarray:
+        """``[B, T, S]``: a query reads the keys written before it (itself included) in its
+        document, below its row's length."""
+        seg = self.segment_ids()
+        vis = np.tril(np.ones((self.t, self.t), bool))[None] & (
+            seg[:, :, None] == seg[:, None, :])
+        if self.kv_lengths() is not None:
+            vis = vis & (np.arange(self.t)[None, None, :] < self.kv_lengths()[:, None, None])
+        return vis
+
+    @functools.cache
+    def inputs(self):
+        """``(q, k, v, do, gates, data)``: ``gates = (log_decay, beta or None)``."""
+        rng = _rng(self)
+        q = _normal(rng, (B, self.t, N, H), self.dtype)
+        k = rng.standard_normal((B, self.t, self.kh, H), np.float32)
+        k = jnp.asarray(k / np.linalg.norm(k, axis=-1, keepdims=True), self.dtype)
+        v = _normal(rng, (B, self.t, self.kh, H), self.dtype)
+        do = _normal(rng, (B, self.t, N, H), self.dtype)
+        shape = (B, self.t, self.kh) + ((H,) if self.decay == "channel" else ())
+        u = rng.random(shape, np.float32)
+        near = rng.integers(0, 3, shape)  # 0: between (a > 0.37), 1: near 1, 2: near 0
+        log_decay = jnp.asarray(np.choose(near, [-u, -1e-4 * u, -20.0 - u]), jnp.float32)
+        beta = jnp.asarray(rng.random((B, self.t, self.kh), np.float32)) \
+            if self.decay == "delta" else None
+        data = {"segment_ids": jnp.asarray(self.segment_ids())}
+        if self.kv_lengths() is not None:
+            data["kv_lengths"] = jnp.asarray(self.kv_lengths())
+        return q, k, v, do, (log_decay, beta), data
+
+
 # --- the cases of each path: pairwise over its factors, plus a few by hand -----------------------
 
 FACTORS: dict[str, dict[str, tuple]] = {
@@ -667,15 +745,23 @@ FACTORS: dict[str, dict[str, tuple]] = {
                     "lengths": ("ragged", "aligned", "short")},
     "linear": {"causal": (True, False), "gqa": (1, 2, 4), "dtype": ("float32", "bfloat16"),
                "t": (13, 32), "data": ("none", "packed", "ragged", "empty")},
+    # Every case has documents (packing resets); "empty" adds key lengths. G of 1 and 2 only:
+    # each case is a compile of the interpreted kernel, and G = 4 adds nothing G = 2 does not.
+    "gated": {"decay": ("scalar", "channel", "delta"), "gqa": (1, 2),
+              "dtype": ("float32", "bfloat16"), "chunk": (5, 8), "data": ("packed", "empty")},
 }
 _CASE_TYPES = {"dense": DenseCase, "cached": CachedCase, "paged": PagedCase,
-               "paged_write": PagedWriteCase, "linear": LinearCase}
+               "paged_write": PagedWriteCase, "linear": LinearCase, "gated": GatedCase}
 
 CASES: dict[str, list[Case]] = {
     path: [_CASE_TYPES[path](**row) for row in pairwise(factors)]
     for path, factors in FACTORS.items()}
 CASES["dense"] += [DenseCase("causal", bias=True), DenseCase("local_or_global", gqa=2,
                                                             bias=True, data="ragged")]
+# DeBERTa's disentangled tables (self-attention only: T == S): GQA, bf16, a batch row without
+# keys and one with padding (tests/kernels/test_disentangled.py covers more, in fp32).
+CASES["dense"] += [DenseCase("full", mod="disentangled", gqa=2, dtype="bfloat16",
+                             data="empty")]
 
 
 # --- the reference -------------------------------------------------------------------------------
@@ -702,6 +788,9 @@ def reference_result(case: Case, grads: bool = True):
             return reference.linear_attention(q, k, v, causal=case.causal, **data)
         out, pull = jax.vjp(fn, q, k, v)
         return _np32((out, *pull(do)))
+    if isinstance(case, GatedCase):
+        q, k, v, do, gates, data = _f32(case.inputs())
+        return _np32(_gated_reference_vjp(q, k, v, do, gates, data))
     if isinstance(case, CachedCase):
         (q, _, _, lengths, mod), (k, v) = case.inputs()
         q, k, v = _f32((q, k, v))
@@ -751,6 +840,32 @@ def _linear_forward(backend, causal, chunk, q, k, v, do, data):
     return backend.linear(calls.Linear(q, k, v, causal=causal, chunk=chunk, **data))
 
 
+def _gated_vjp(fn, q, k, v, do, gates, data):
+    """``(out, dq, dk, dv, (d log_decay, d beta or None))`` of ``fn(q, k, v, gates)``."""
+    out, pull = jax.vjp(fn, q, k, v, gates)
+    return (out, *pull(do))
+
+
+@jax.jit
+def _gated_reference_vjp(q, k, v, do, gates, data):
+    def fn(q, k, v, gates):
+        log_decay, beta = gates
+        if beta is None:
+            return gated_reference.gated_recurrence(q, k, v, log_decay, **data)
+        return gated_reference.delta_recurrence(q, k, v, log_decay, beta, **data)
+    return _gated_vjp(fn, q, k, v, do, gates, data)
+
+
+def _gated(backend, chunk, q, k, v, do, gates, data):
+    def fn(q, k, v, gates):
+        return backend.gated(calls.Gated(q, k, v, gates[0], chunk=chunk, beta=gates[1], **data))
+    return _gated_vjp(fn, q, k, v, do, gates, data)
+
+
+def _gated_forward(backend, chunk, q, k, v, do, gates, data):
+    return backend.gated(calls.Gated(q, k, v, gates[0], chunk=chunk, beta=gates[1], **data))
+
+
 def _cached(backend, mask, q, k, v, lengths, mod):
     return backend.cached(calls.Cached(q, k, v, lengths, mask=mask, score_mod=mod))
 
@@ -766,7 +881,8 @@ def _paged_write(backend, mask, q, k_new, v_new, k, v, tables, lengths, mod):
 
 
 _PATH_OF = {_dense: "dense", _dense_forward: "dense", _linear: "linear",
-            _linear_forward: "linear", _cached: "cached", _paged: "paged",
+            _linear_forward: "linear", _gated: "gated", _gated_forward: "gated",
+            _cached: "cached", _paged: "paged",
             _paged_write: "paged_write"}
 _RUNNERS = tuple(_PATH_OF)
 _JIT = {f: jax.jit(f, static_argnums=(0, 1, 2) if f in (_linear, _linear_forward) else (0, 1))
@@ -808,7 +924,7 @@ class BackendSuite:
     backend: Any = None
     must_serve: tuple[str, ...] = ()
     must_serve_optional: tuple[str, ...] = ()
-    differentiable: tuple[str, ...] = ("dense", "linear")
+    differentiable: tuple[str, ...] = ("dense", "linear", "gated")
     jit: bool | tuple[str, ...] = True  # or the paths to compile
     # The block-table entries past a row's pages name a NaN page; False: a clean one nobody
     # owns (for a backend that gathers every entry of a row's table and then masks: 0 * NaN
@@ -956,6 +1072,26 @@ class BackendSuite:
         self._check_hidden_rows(case, got, grads, lambda do: self.run(
             _linear, *args[:5], do, data))
 
+    def check_gated(self, case: GatedCase):
+        q, k, v, do, gates, data = case.inputs()
+        tol = TOLERANCE["gated"][case.dtype]
+        grads = "gated" in self.differentiable
+        args = (case.chunk, q, k, v, do, gates, data)
+        with self.serving(case):
+            got = self.run(_gated if grads else _gated_forward, *args)
+        got = (*got[:4], *got[4]) if grads else (got,)  # the gates' gradients: flat
+        assert got[0].dtype == v.dtype and got[0].shape == q.shape[:3] + v.shape[3:], \
+            (got[0].dtype, got[0].shape)
+        for x, like in zip(got[1:], (q, k, v) + tuple(g for g in gates if g is not None)):
+            assert x.dtype == like.dtype and x.shape == like.shape, (x.dtype, x.shape)
+        got = _np32(got)
+        want = reference_result(case)
+        want = (*want[:4], *(g for g in want[4] if g is not None))
+        for name, x, y in zip(("out", "dq", "dk", "dv", "dlog_decay", "dbeta"), got, want):
+            assert_close(name, x, y, tol["out" if name == "out" else "grad"])
+        self._check_hidden_rows(case, got, grads, lambda do: self.run(
+            _gated, *args[:4], do, *args[5:]))
+
     def check_cached(self, case: CachedCase):
         (q, k, v, lengths, mod), _ = case.inputs()
         with self.serving(case):
@@ -1011,3 +1147,7 @@ class BackendSuite:
     @_path("linear")
     def test_linear(self, case):
         self.check_linear(case)
+
+    @_path("gated")
+    def test_gated(self, case):
+        self.check_gated(case)

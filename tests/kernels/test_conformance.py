@@ -10,7 +10,7 @@ pytest.register_assert_rewrite("tx.testing")  # detailed messages from its asser
 
 from tx.kernels import masks, reference  # noqa: E402
 from tx import testing  # noqa: E402
-from tx.attention import Backend, Decline  # noqa: E402
+from tx.attention import Backend, Decline, registry  # noqa: E402
 
 
 class TestXla(testing.BackendSuite):
@@ -18,9 +18,9 @@ class TestXla(testing.BackendSuite):
     every dense and paged case would cost most of this class's time."""
 
     backend = "xla"
-    must_serve = ("dense", "paged", "linear")
+    must_serve = ("dense", "paged", "linear", "gated")
     must_serve_optional = tuple(testing.OPTIONAL)
-    jit = ("linear",)  # a chunked scan: op by op, it would compile on every call
+    jit = ("linear", "gated")  # chunked scans: op by op, they would compile on every call
 
 
 class TestPallas(testing.BackendSuite):
@@ -28,7 +28,7 @@ class TestPallas(testing.BackendSuite):
     dense bias (a score modifier is its form) and bidirectional linear attention."""
 
     backend = "pallas"
-    must_serve = ("dense", "cached", "paged", "linear")
+    must_serve = ("dense", "cached", "paged", "linear", "gated")
     must_serve_optional = ("score_mod", "int8", "unbanded")
 
 
@@ -144,3 +144,25 @@ def test_a_wrong_backend_fails():
         suite.check_dense(testing.DenseCase("causal", mod="alibi"))
     with pytest.raises(AssertionError):
         suite.check_paged(testing.PagedCase("causal"))
+
+
+def test_a_wrong_recurrence_fails():
+    """The gated cases are not vacuous: a backend that carries the state across documents, or
+    lets padded positions write, fails them."""
+
+    class Leaky(Backend):
+        name = "leaky"
+
+        def __init__(self, drop):
+            self.drop = drop
+
+        def gated(self, call):
+            return registry.resolve(("xla",))[0].gated(
+                dataclasses.replace(call, **{self.drop: None}))
+
+    packed = testing.GatedCase("scalar", data="packed")
+    empty = testing.GatedCase("channel", data="empty")
+    with pytest.raises(AssertionError, match="out"):
+        _suite(Leaky("segment_ids")).check_gated(packed)
+    with pytest.raises(AssertionError, match="out"):
+        _suite(Leaky("kv_lengths")).check_gated(empty)

@@ -119,4 +119,6 @@ def test_a_mesh_change_does_not_block_resuming_and_saved_configs_fit_this_machin
     saved["mesh"] = {"data": 2, "fsdp": 2, "tensor": 2}
     assert configs_lib.diff(saved, config.to_dict()) == []
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert loop.saved_config(tmp_path).mesh.to_dict() == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert loop.saved_config(tmp_path).mesh.to_dict() == {"data": 1, "fsdp": 1, "tensor": 1,
+                                                          "context": 1,
+                                                          "context_attention": "ring"}

@@ -26,12 +26,16 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from tx.kernels import cpu_attention, reference
+from tx.kernels import cpu_attention, reference, score_mods
 from tx.kernels import masks as masks_lib
 from tx.kernels.flash_attention import registry_attention as _flash
 from tx.kernels.linear_attention import linear_attention as _linear_kernel
 from tx.kernels.linear_attention import linear_attention_chunked as _linear_chunked
 from tx.kernels.paged_attention import paged_attention as _paged_kernel
+from tx.kernels.delta_kernel import delta_rule_attention as _delta_kernel
+from tx.kernels.delta_rule import delta_chunked as _delta_chunked
+from tx.kernels.gated_chunked import gated_chunked as _gated_chunked
+from tx.kernels.gated_linear import gated_linear_attention as _gated_kernel
 from tx.attention import calls
 from tx.parallel import per_shard
 from tx.parallel import shard as shard_lib
@@ -111,6 +115,14 @@ def _bidirectional(q_f, k_f, v, kv_lengths):
     return out.reshape(b, t, n, -1).astype(v.dtype)
 
 
+def _no_tables(call, path: str) -> None:
+    """Declines a modifier with row/column tables (DeBERTa's, ``kernels.row_tables``): they
+    index a dense self-attention call's rows and columns, which a cache does not have."""
+    if any(x is not None for x in score_mods.tables(call.score_mod)):
+        raise Decline(f"{type(call.score_mod).__name__} holds row/column tables, which only "
+                      f"dense self-attention takes, not the {path} path")
+
+
 def _paged_kwargs(call: calls.Paged) -> dict:
     extra = {} if call.k_scales is None else {"k_scales": call.k_scales,
                                              "v_scales": call.v_scales}
@@ -131,11 +143,18 @@ class Xla(Backend):
         return reference.attention(call.q, call.k, call.v, **call.kwargs())
 
     def paged(self, call: calls.Paged):
+        _no_tables(call, "paged")
         return reference.paged_attention(call.q, call.k_pages, call.v_pages,
                                          call.block_tables, call.lengths, **_paged_kwargs(call))
 
     def linear(self, call: calls.Linear):
         return _linear_xla(call)
+
+    def gated(self, call: calls.Gated):
+        data = dict(chunk=call.chunk, segment_ids=call.segment_ids, kv_lengths=call.kv_lengths)
+        if call.beta is not None:
+            return _delta_chunked(call.q, call.k, call.v, call.log_decay, call.beta, **data)
+        return _gated_chunked(call.q, call.k, call.v, call.log_decay, **data)
 
 
 # -- pallas: our kernels ----------------------------------------------------------------------------
@@ -159,6 +178,7 @@ class Pallas(Backend):
         return self._flash(call.q, call.k, call.v, **call.kwargs())
 
     def cached(self, call: calls.Cached):
+        _no_tables(call, "cached")
         b, s, kh, h = call.k.shape
         pages = -(-s // _CACHE_PAGE)
         pad = pages * _CACHE_PAGE - s
@@ -182,6 +202,7 @@ class Pallas(Backend):
         that never shows a query later keys (causal, sliding window) runs as chunks: chunk
         ``c`` is exact with the length cut at its last token, since later keys are hidden
         from it anyway."""
+        _no_tables(call, "paged")
         q, page = call.q, call.k_pages.shape[2]
         t = 1 if q.ndim == 3 else q.shape[1]
         band = (call.mask or masks_lib.Full()).band()
@@ -208,6 +229,14 @@ class Pallas(Backend):
                           "einsums")
         return _linear_kernel(call.q_f, call.k_f, call.v, chunk=call.chunk,
                               segment_ids=call.segment_ids, kv_lengths=call.kv_lengths)
+
+    def gated(self, call: calls.Gated):
+        if call.beta is not None:  # forward kernel; gradients through the chunked jnp form
+            return _delta_kernel(call.q, call.k, call.v, call.log_decay, call.beta,
+                                 chunk=call.chunk, segment_ids=call.segment_ids,
+                                 kv_lengths=call.kv_lengths)
+        return _gated_kernel(call.q, call.k, call.v, call.log_decay, chunk=call.chunk,
+                             segment_ids=call.segment_ids, kv_lengths=call.kv_lengths)
 
 
 # -- cpu: the fused C++ kernel -----------------------------------------------------------------------

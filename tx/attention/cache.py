@@ -25,6 +25,7 @@ from flax import nnx
 
 from tx.kernels import masks as masks_lib
 from tx.attention import calls, quant, registry
+from tx.parallel import shard as shard_lib
 
 # Logical names of a cache's K/V ``[B, S, K, H]``: under a mesh (``tx.parallel``) the rows split
 # like the batch and the K/V heads like the attention heads.
@@ -79,6 +80,12 @@ class _NoCache:
                positions, segment_ids=None, kv_lengths=None, cross=False,
                score_mod=None) -> jax.Array:
         bias = None if cross else positions.bias(positions_bt, positions_bt)
+        context = _context_parallel()
+        if context is not None:  # the sequence is split over the mesh's context axis
+            return context.attend(q_btnh, k_bskh, v_bskh, parallel=shard_lib.active(),
+                                  mask=mask, segment_ids=segment_ids, kv_lengths=kv_lengths,
+                                  bias=bias, scale=scale, score_mod=score_mod,
+                                  implementation=implementation)
         # The score modifier sees the default (aligned) positions: relative distances within
         # a packed document equal those of its restarted positions.
         return registry.serve("dense", calls.Dense(
@@ -87,6 +94,15 @@ class _NoCache:
 
 
 NO_CACHE = _NoCache()
+
+
+def _context_parallel():
+    """``tx.parallel.context`` when the active mesh splits the sequence, else None."""
+    parallel = shard_lib.active()
+    if parallel is None or parallel.context == 1:
+        return None
+    from tx.parallel import context  # noqa: PLC0415  (it imports tx.attention)
+    return context
 
 
 class _RowCache(nnx.Module):

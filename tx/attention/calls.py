@@ -107,5 +107,21 @@ class Linear:
     kv_lengths: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Gated:
+    """A decay-gated linear recurrence (``kernels.gated_reference``) of ``q [B, T, N, Dk]``,
+    ``k [B, T, K, Dk]``, ``v [B, T, K, Dv]`` with ``log_decay [B, T, K]`` or ``[B, T, K, Dk]``
+    (<= 0); with ``beta [B, T, K]`` the gated delta rule. Causal, chunk by chunk."""
+
+    q: Any
+    k: Any
+    v: Any
+    log_decay: Any
+    chunk: int
+    segment_ids: Any = None  # [B, T]: each document starts from a zero state
+    kv_lengths: Any = None
+    beta: Any = None
+
+
 PATHS = {"dense": Dense, "cached": Cached, "paged": Paged, "paged_write": PagedWrite,
-         "linear": Linear}
+         "linear": Linear, "gated": Gated}

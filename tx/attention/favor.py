@@ -10,7 +10,10 @@ Gaussian norms, which lowers the variance at the same ``F``. Attention then cost
 ``O(T F H)`` instead of ``O(T^2 H)``: bidirectionally ``phi(Q) (phi(K)^T V)``; causally a
 prefix sum, computed chunkwise (``kernels.linear_attention``: exact quadratic form inside a
 chunk, a carried ``[K, F, H]`` state between chunks). Decoding keeps that state instead of a
-growing KV cache (``LinearStateCache``: constant size per sequence).
+growing KV cache (``LinearStateCache``: constant size per sequence). The ``xla`` path and
+decoding are the decay-gated recurrence of the recurrent layers with no decay (``a_t = 1``,
+``kernels.linear_chunked`` over ``kernels.gated_chunked``); the Pallas path is its own kernel
+(``kernels.linear_attention``, with the normaliser's backward and bf16 precision split).
 
 Stabilisation: a query's features are shifted by their row maximum (a per-query constant
 that cancels between numerator and denominator); keys are not shifted (a shift would have to
@@ -38,6 +41,8 @@ from tx.attention import patterns
 from tx.registry import Field, non_negative_int, positive_int
 from tx.attention import registry
 from tx.attention.layer import Attention
+from tx.kernels.linear_chunked import linear_attention_chunked
+from tx.layers.positions import Positions
 
 EPS = 1e-6
 
@@ -211,28 +216,22 @@ class FavorAttention(Attention):
 def _has_bias(positions) -> bool:
     """Whether a position module adds logits (T5, ALiBi): probe it on one position."""
     pos = jnp.zeros((1, 1), jnp.int32)
-    return positions.bias(pos, pos) is not None or positions.score_mod() is not None
+    return positions.bias(pos, pos) is not None or positions.score_mod() is not None or \
+        type(positions).qk_score_mod is not Positions.qk_score_mod  # DeBERTa's tables
 
 
 # --- decoding: a constant-size state ------------------------------------------------------------
 
 def causal_with_state(q_f, k_f, v, s_bkfh, z_bkf):
     """Causal linear attention of ``T`` new tokens after a state: the exact quadratic form
-    among the new tokens plus their queries against the carried state. Returns the output
-    ``[B, T, N, H]`` and the state after them."""
-    b, t, n, f = q_f.shape
-    k = k_f.shape[2]
-    q = q_f.reshape(b, t, k, n // k, f)
-    v32 = v.astype(jnp.float32)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    scores = jnp.where(causal, jnp.einsum("BTKGF,BSKF->BKGTS", q, k_f), 0.0)
-    num = jnp.einsum("BKGTS,BSKH->BTKGH", scores, v32) + \
-        jnp.einsum("BTKGF,BKFH->BTKGH", q, s_bkfh)
-    den = scores.sum(-1).transpose(0, 3, 1, 2) + jnp.einsum("BTKGF,BKF->BTKG", q, z_bkf)
-    out = num / jnp.where(den > 0, den, 1.0)[..., None]
-    s_bkfh = s_bkfh + jnp.einsum("BSKF,BSKH->BKFH", k_f, v32)
-    z_bkf = z_bkf + k_f.sum(axis=1).astype(jnp.float32)
-    return out.reshape(b, t, n, -1), s_bkfh, z_bkf
+    among the new tokens (one chunk) plus their queries against the carried state, through the
+    same recurrence as training (``kernels.linear_chunked``: the gated one with no decay).
+    Returns the output ``[B, T, N, H]`` (fp32) and the state after them."""
+    f32 = jnp.float32
+    out, (s_bkfh, z_bkf) = linear_attention_chunked(
+        q_f.astype(f32), k_f.astype(f32), v.astype(f32), chunk=q_f.shape[1],
+        initial_state=(s_bkfh, z_bkf), final_state=True)
+    return out, s_bkfh, z_bkf
 
 
 class LinearStateCache(nnx.Module):

@@ -136,9 +136,23 @@ class Attention(nnx.Module):
         b, t, _ = x_btd.shape
         x = x_btd.astype(self.dtype)
         src = x if context_bsd is None else context_bsd.astype(self.dtype)
-        q = rows_dot(x, self.q_dnh[...].astype(self.dtype), 1)  # [B, T, N, H]
-        k = rows_dot(src, self.k_dkh[...].astype(self.dtype), 1)  # [B, S, K, H]
-        v = rows_dot(src, self.v_dkh[...].astype(self.dtype), 1)
+        q, k, v = self.project_qkv(x, src)
+        if positions_bt is None:
+            start = 0 if self.cache is None else self.cache.start()
+            positions_bt = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if context_bsd is None:  # cross-attention has no positions to rotate
+            q, k = self.positions.rotate(q, k, positions_bt)
+        out = self._attend(q, k, v, positions_bt, segment_ids=segment_ids,
+                           kv_lengths=kv_lengths, cross=context_bsd is not None)
+        return self._project_out(out)
+
+    def project_qkv(self, x_btd: jax.Array, src_bsd: jax.Array):
+        """``q [B, T, N, H]`` from ``x`` and ``k, v [B, S, K, H]`` from ``src`` (``x`` itself,
+        an encoder's output, or a memory before ``x``): projections, biases, q/k norms, and
+        their shardings; positions are applied by the caller."""
+        q = rows_dot(x_btd, self.q_dnh[...].astype(self.dtype), 1)
+        k = rows_dot(src_bsd, self.k_dkh[...].astype(self.dtype), 1)
+        v = rows_dot(src_bsd, self.v_dkh[...].astype(self.dtype), 1)
         if self.q_bias_nh is not None:
             q = q + self.q_bias_nh[...].astype(self.dtype)[None, None]
             k = k + self.k_bias_kh[...].astype(self.dtype)[None, None]
@@ -149,24 +163,20 @@ class Attention(nnx.Module):
         q = parallel.constrain(q, ("batch", None, "heads", None))
         k = parallel.constrain(k, ("batch", None, "kv_heads", None))
         v = parallel.constrain(v, ("batch", None, "kv_heads", None))
-        if positions_bt is None:
-            start = 0 if self.cache is None else self.cache.start()
-            positions_bt = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        if context_bsd is None:  # cross-attention has no positions to rotate
-            q, k = self.positions.rotate(q, k, positions_bt)
-        out = self._attend(q, k, v, positions_bt, segment_ids=segment_ids,
-                           kv_lengths=kv_lengths, cross=context_bsd is not None)
-        return self._project_out(out)
+        return q, k, v
 
     def _attend(self, q_btnh, k_bskh, v_bskh, positions_bt, *, segment_ids, kv_lengths,
                 cross: bool) -> jax.Array:
         """Softmax attention through the cache (or none); variants override this."""
         cache = cache_lib.NO_CACHE if self.cache is None else self.cache
+        score_mod = self.logits_mod(cross=cross)
+        if not cross:  # a scheme whose logits read this call's q and k (DeBERTa's tables)
+            score_mod = score_mods.chain(self.positions.qk_score_mod(q_btnh, k_bskh, self),
+                                         score_mod)
         return cache.attend(q_btnh, k_bskh, v_bskh, positions_bt, mask=self.mask,
                             scale=self.scale, implementation=self.implementation,
                             positions=self.positions, segment_ids=segment_ids,
-                            kv_lengths=kv_lengths, cross=cross,
-                            score_mod=self.logits_mod(cross=cross))
+                            kv_lengths=kv_lengths, cross=cross, score_mod=score_mod)
 
     def logits_mod(self, *, cross: bool = False) -> score_mods.ScoreMod | None:
         """This layer's score modifier: the position scheme's (self-attention only), then the

@@ -152,7 +152,8 @@ def serve(path: str, call, implementation, *, fallback: tuple[str, Callable] | N
 
 
 _PATH_NAMES = {"dense": "attention", "cached": "contiguous-cache decode",
-               "paged": "paged decode", "paged_write": "paged decode", "linear": "linear attention"}
+               "paged": "paged decode", "paged_write": "paged decode", "linear": "linear attention",
+               "gated": "gated recurrence"}
 
 
 def summary(records) -> str:
@@ -204,6 +205,9 @@ def explain(model, batch) -> dict[str, dict[str, int]]:
     out: dict = collections.defaultdict(collections.Counter)
     for path, backend, method in records:
         out[_PATH_NAMES[path]][backend] += 1
+    shapes = getattr(model, "attention_shapes", None)
+    if callable(shapes):  # layers that see other lengths than the batch's (Funnel's pooling)
+        out["attention shapes"] = shapes(batch["inputs"].shape[1])
     return {k: dict(v) for k, v in out.items()}
 
 

@@ -159,21 +159,40 @@ class ByteLM:
     """Causal LM on random windows of the corpus stream (documents joined by EOS).
 
     ``batch(step)`` -> ``inputs``, ``targets`` (inputs shifted by one), ``weights`` (all 1).
+    ``contiguous=True``: row ``b`` of step ``t + 1`` continues row ``b`` of step ``t``
+    (Transformer-XL's memory needs this): the stream is cut into ``batch_size`` lanes, each
+    read ``seq_len`` tokens per step from its start, back to the start at the lane's end;
+    ``seed`` shuffles which lane feeds which row.
     """
 
     task = "lm"
     vocab_size = BYTE_VOCAB_SIZE
 
-    def __init__(self, corpus: Corpus, *, batch_size: int, seq_len: int, seed: int = 0):
+    def __init__(self, corpus: Corpus, *, batch_size: int, seq_len: int, seed: int = 0,
+                 contiguous: bool = False):
         self.corpus = corpus
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.seq_len = check_int("seq_len", seq_len, 1)
         self.seed = check_int("seed", seed, 0)
+        self.contiguous = bool(contiguous)
         _window_starts(step_rng(0, 0), corpus, 1, seq_len + 1)  # fail early if too short
+        if self.contiguous and self._windows_per_lane() < 1:
+            raise ValueError(f"contiguous=True: {batch_size} lanes of a {len(corpus.stream)}-"
+                             f"token stream are shorter than one window of {seq_len + 1}; "
+                             "lower batch_size or seq_len, or add text.")
+
+    def _windows_per_lane(self) -> int:
+        return (len(self.corpus.stream) // self.batch_size - 1) // self.seq_len
+
+    def _lane_starts(self, step: int) -> np.ndarray:
+        lane = len(self.corpus.stream) // self.batch_size
+        order = step_rng(self.seed, 0).permutation(self.batch_size)
+        return order * lane + (step % self._windows_per_lane()) * self.seq_len
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         rng = step_rng(self.seed, check_int("step", step, 0))
-        starts = _window_starts(rng, self.corpus, self.batch_size, self.seq_len + 1)
+        starts = self._lane_starts(step) if self.contiguous else \
+            _window_starts(rng, self.corpus, self.batch_size, self.seq_len + 1)
         window = self.corpus.stream[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
         return {"inputs": window[:, :-1], "targets": window[:, 1:],
                 "weights": np.ones((self.batch_size, self.seq_len), np.float32)}

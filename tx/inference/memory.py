@@ -46,6 +46,14 @@ def kv_storage_of(dtype, page_size: int | None) -> quant.KVQuant:
                      "or a tx.attention.quant.KVQuant.")
 
 
+def attention_shapes(config, tokens: int) -> dict[str, int] | None:
+    """``{"block 1: 8 queries x 16 keys": layers, ...}`` for a model that shortens its rows
+    (Funnel's pooling), at rows of ``tokens``; None for one whose every layer sees them all."""
+    body = getattr(config.head, "body", None)
+    shapes = getattr(body, "attention_shapes", None)
+    return None if shapes is None else shapes(tokens)
+
+
 def decoding_masks(config) -> tuple:
     """One mask per decoding self-attention layer (a decoder's layers; an encoder-decoder's
     decoder layers: its encoder and cross-attention keep no cache)."""
@@ -80,6 +88,8 @@ def kv_cache_bytes(config, batch: int, tokens: int, *, dtype="float32",
         _positive("page_size", page_size)
     kv = kv_storage_of(dtype, page_size)
     k, h = config.kv_heads, config.head_dim
+    width = getattr(config.positions, "cache_width", None)  # a scheme that widens K (XL)
+    h = h if width is None else width(config)
     kv.check(h, page_size, "dtype")
     total = 0
     for i, mask in enumerate(decoding_masks(config)):

@@ -55,6 +55,12 @@ class Positions(nnx.Module):
         takes it; prefer `score_mod`, which the Pallas kernels apply without the tensor."""
         return None
 
+    def qk_score_mod(self, q_btnh: jax.Array, k_bskh: jax.Array,
+                     attn) -> score_mods.ScoreMod | None:
+        """A logits modifier built from this self-attention call's q, k and the layer `attn`
+        (its projections), e.g. DeBERTa's disentangled tables; None when it has none."""
+        return None
+
 
 def sinusoidal(positions_bt: jax.Array, d_model: int) -> jax.Array:
     """Vaswani et al. (2017): `pe[2i] = sin(p / 10000^(2i/D))`, `pe[2i+1] = cos(...)`.
@@ -222,6 +228,8 @@ class NoPositions:
 class Sinusoidal:
     """Fixed sines added to the scaled token embeddings (Vaswani et al., 2017)."""
 
+    absolute = True  # embedded per position: no memory of earlier segments (memory_length)
+
     def build(self, cfg, *, causal: bool, rngs: nnx.Rngs) -> Positions:
         return SinusoidalPositions(cfg.d_model)
 
@@ -229,6 +237,8 @@ class Sinusoidal:
 @dataclasses.dataclass(frozen=True)
 class Learned:
     """A learned table of `max_len` absolute positions (GPT-2, BERT)."""
+
+    absolute = True  # embedded per position: no memory of earlier segments (memory_length)
 
     max_len: int = 512
 

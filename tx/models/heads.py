@@ -22,6 +22,7 @@ from flax import nnx
 from tx.config import cycle
 from tx.registry import Field, Registry, optional, positive_float, positive_int
 from tx.models import encoder as encoder_lib
+from tx.models import funnel as funnel_lib
 from tx.models.decoder import DecoderLM
 from tx.models.encoder import MaskedLM, SequenceClassifier
 from tx.models.outputs import ClsPooler, HeadTransform, MeanPooler, VocabHead
@@ -123,14 +124,18 @@ class LMHead(_VocabLogits):
 @dataclasses.dataclass(frozen=True)
 class MLMHead(_VocabLogits):
     """Masked-token prediction with a bidirectional encoder (BERT); ``transform`` adds BERT's
-    dense + activation + norm before the vocabulary projection."""
+    dense + activation + norm before the vocabulary projection; ``body`` (None: the config's
+    tower) builds another encoder body, e.g. ``tx.models.funnel.Funnel``."""
 
     transform: bool = False
+    body: object = None
     causal = False
     generates = False
     batch_keys = ("inputs", "targets", "weights")
 
     def build(self, cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+        if self.body is not None:
+            return self.body.build_mlm(cfg, self, rngs=rngs)
         return MaskedLM(cfg, rngs=rngs)
 
     def output(self, cfg, embed, *, rngs: nnx.Rngs, transform=None) -> VocabHead:
@@ -250,7 +255,7 @@ _VOCAB = (Field("tie_embeddings", True, "the vocab head reuses the embedding tab
           Field("final_softcap", None, "cap * tanh(logits / cap) on the vocab logits (Gemma 2: "
                 "30.0); None: off", type=float, check=optional(positive_float)))
 TASKS = Registry("task", "task", register_hint="tx.flags.register_head(task, fn, fields=...)",
-                 fields=_VOCAB)
+                 fields=_VOCAB, check=funnel_lib.check_flags)
 
 
 def _vocab(f) -> dict:
@@ -271,11 +276,13 @@ def _seq2seq_fields(v) -> dict | None:
 
 TASKS.register("lm", lambda f: LMHead(**_vocab(f)),
                prints=lambda v: type(v) is LMHead and _vocab_fields(v))
-TASKS.register("mlm", lambda f: MLMHead(**_vocab(f), transform=f.head_transform),
+TASKS.register("mlm", lambda f: MLMHead(**_vocab(f), transform=f.head_transform,
+                                        body=funnel_lib.from_flags(f)),
                fields=(Field("head_transform", False, "dense + activation + norm before the "
-                             "vocab head (BERT MLM)"),),
-               prints=lambda v: type(v) is MLMHead and dict(_vocab_fields(v),
-                                                            head_transform=v.transform))
+                             "vocab head (BERT MLM)"), *funnel_lib.FIELDS),
+               prints=lambda v: type(v) is MLMHead and funnel_lib.to_fields(v.body) is not None
+               and dict(_vocab_fields(v), head_transform=v.transform,
+                        **funnel_lib.to_fields(v.body)))
 TASKS.register("seq_cls", lambda f: Classifier(f.num_classes, POOLERS[f.pooler], f.head_bias),
                fields=(_CLASSES, Field("pooler", "mean", "seq_cls: mean over valid tokens, or "
                                        "'cls' = tanh(dense(first)) (BERT)",

@@ -16,6 +16,7 @@ from flax import nnx
 
 from tx.kernels import masks as masks_lib
 from tx.attention import Attention
+from tx.attention.memory import MemoryAttention
 from tx.config import ModelConfig
 from tx.layers import Embed
 from tx.layers.block import Block
@@ -26,14 +27,20 @@ def make_attention(cfg: ModelConfig, mask: masks_lib.Mask, *, positions=None,
     """Softmax attention under ``mask``, or the layer a schedule value builds itself
     (``build_attention``: e.g. FAVOR+)."""
     build = getattr(mask, "build_attention", None)
+    memory = getattr(cfg, "memory_length", 0)
+    if build is not None and memory:
+        raise ValueError(f"memory_length={memory}: layer {layer} is {mask!r}, which builds its "
+                         "own layer and takes no memory; use softmax patterns with a memory.")
     if build is not None:
         return build(cfg, layer=layer, positions=positions, rngs=rngs)
     a = cfg.attention
-    return Attention(cfg.d_model, a.num_heads, a.kv_heads, cfg.head_dim, mask=mask,
-                     implementation=a.implementation, positions=positions, use_bias=a.bias,
-                     out_bias=a.out_bias, scale=a.scale, score_mod=a.score_mod,
-                     sinks=a.sinks, qk_norm=cfg.norm if a.qk_norm else None, dtype=cfg.dtype,
-                     rngs=rngs)
+    # A memory, or positions that widen q and k (XL), need the layer that handles them.
+    cls = MemoryAttention if memory or getattr(positions, "extra_width", 0) else Attention
+    return cls(cfg.d_model, a.num_heads, a.kv_heads, cfg.head_dim, mask=mask,
+               implementation=a.implementation, positions=positions, use_bias=a.bias,
+               out_bias=a.out_bias, scale=a.scale, score_mod=a.score_mod,
+               sinks=a.sinks, qk_norm=cfg.norm if a.qk_norm else None, dtype=cfg.dtype,
+               rngs=rngs)
 
 
 class Tower(nnx.Module):

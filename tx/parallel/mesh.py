@@ -1,14 +1,17 @@
-"""The device mesh of a config: ``(data, fsdp, tensor)`` degrees, validated, and the rules that
-map the parameters' logical axis names onto those mesh axes.
+"""The device mesh of a config: ``(data, fsdp, tensor, context)`` degrees, validated, and the
+rules that map the parameters' (and activations') logical axis names onto those mesh axes.
 
 * ``data``: batch rows split across devices, parameters replicated (data parallel).
 * ``fsdp``: batch rows split too, and every parameter's ``embed`` dimension split across the
   same devices (ZeRO-3 style; XLA gathers a layer's weights just before using them).
 * ``tensor``: attention heads, MLP hidden units and the vocabulary split (Megatron style); a
   block's activations are summed across these devices after the output projections.
+* ``context``: the sequence split (context parallelism): activations ``[B, T, ...]`` split
+  on ``T``, attention computed as a ring (``tx.parallel.ring``) or by all-to-all
+  (``tx.parallel.ulysses``), as ``context_attention`` says.
 
 The default ``(1, 1, 1)`` runs on the first device exactly as tx always did; any other mesh
-must use every device (``data * fsdp * tensor == jax.device_count()``).
+must use every device (``data * fsdp * tensor * context == jax.device_count()``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import os
 import jax
 import numpy as np
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "tensor", "context")
+CONTEXT_ATTENTION = ("ring", "all_to_all")
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis name -> mesh axes, in order of precedence (``flax.linen.logical_to_mesh_axes``
@@ -34,6 +38,7 @@ RULES = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
+    ("length", "context"),
 )
 
 
@@ -49,18 +54,23 @@ class MeshConfig:
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
+    context: int = 1
+    context_attention: str = "ring"  # how attention runs on a split sequence
 
     def __post_init__(self):
         for name in AXES:
             _positive_int(name, getattr(self, name))
+        if self.context_attention not in CONTEXT_ATTENTION:
+            raise ValueError(f"mesh.context_attention={self.context_attention!r}: use one of "
+                             f"{CONTEXT_ATTENTION}.")
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.tensor)
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.data, self.fsdp, self.tensor, self.context)
 
     @property
     def size(self) -> int:
-        return self.data * self.fsdp * self.tensor
+        return self.data * self.fsdp * self.tensor * self.context
 
     @property
     def batch_shards(self) -> int:
@@ -70,10 +80,12 @@ class MeshConfig:
     def check_devices(self, device_count: int | None = None) -> None:
         n = jax.device_count() if device_count is None else device_count
         if self.size != 1 and self.size != n:
+            names = [f"mesh.{a}" for a in AXES if a != "context" or self.context > 1]
+            degrees = [str(d) for a, d in zip(AXES, self.shape) if a != "context" or d > 1]
             raise ValueError(
-                f"mesh.data * mesh.fsdp * mesh.tensor = {self.data} * {self.fsdp} * "
-                f"{self.tensor} = {self.size}, but jax.device_count() is {n}; choose degrees "
-                f"whose product is {n} (or all 1 for one device).")
+                f"{' * '.join(names)} = {' * '.join(degrees)} = {self.size}, but "
+                f"jax.device_count() is {n}; choose degrees whose product is {n} (or all 1 "
+                "for one device).")
 
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
         """Heads are split evenly over ``tensor``; MQA's single K/V head is replicated."""
@@ -87,6 +99,20 @@ class MeshConfig:
                 "K/V head, MQA, which every tensor shard keeps whole); pick a tensor degree "
                 "that divides num_kv_heads.")
 
+    def check_context(self, num_heads: int, num_kv_heads: int) -> None:
+        """All-to-all splits each tensor shard's heads over ``context`` (MQA's one K/V head
+        is gathered whole); the ring splits no heads."""
+        c, t = self.context, self.tensor
+        if c == 1 or self.context_attention != "all_to_all":
+            return
+        n, k = num_heads // t, max(1, num_kv_heads // t)
+        if n % c or (k % c and k != 1):
+            raise ValueError(
+                f"mesh.context_attention='all_to_all' splits heads over mesh.context={c}, "
+                f"which must divide the heads of each tensor shard (num_heads={num_heads}, "
+                f"num_kv_heads={num_kv_heads} over mesh.tensor={t}: {n} and {k}); use "
+                "mesh.context_attention='ring', or a context size that divides them.")
+
     def check_batch(self, batch: int, field: str = "batch") -> None:
         if batch % self.batch_shards:
             raise ValueError(
@@ -95,7 +121,7 @@ class MeshConfig:
 
 
 def make_mesh(config: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """A mesh with axes ``AXES``; ``(1, 1, 1)`` is the first device alone."""
+    """A mesh with axes ``AXES``; ``(1, 1, 1, 1)`` is the first device alone."""
     devices = jax.devices() if devices is None else list(devices)
     config.check_devices(len(devices))
     grid = np.asarray(devices[:config.size]).reshape(config.shape)

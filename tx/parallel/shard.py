@@ -37,6 +37,12 @@ class Parallel:
 
     mesh: jax.sharding.Mesh
     rules: tuple = mesh_lib.RULES
+    context_attention: str = "ring"  # mesh.context_attention: how a split sequence attends
+
+    @property
+    def context(self) -> int:
+        """The sequence split (1 on a mesh without a ``context`` axis)."""
+        return dict(zip(self.mesh.axis_names, self.mesh.devices.shape)).get("context", 1)
 
     @property
     def size(self) -> int:
@@ -108,6 +114,9 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
     parallel = active()
     if parallel is None:
         return x
+    if parallel.context > 1 and len(names) >= 3 and names[0] == "batch" and names[1] is None:
+        # An activation [B, T, ...]: its sequence splits over the context axis (if any).
+        names = ("batch", "length", *names[2:])
     return jax.lax.with_sharding_constraint(x, parallel.sharding(names, x.shape))
 
 

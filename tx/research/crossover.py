@@ -224,6 +224,9 @@ def table(rows: list[dict], found: Mapping[str, int | None], versus) -> str:
     out += _grid(rows, "decode_tokens_per_s", "{:,.0f}")
     out += ["", "KV-cache or state bytes per token at T (fp32, one sequence):", ""]
     out += _grid(rows, "cache_bytes_per_token", "{:,.0f}")
+    # Per sequence: a recurrent layer's constant state against softmax's growing cache.
+    out += ["", "KV-cache or state bytes per sequence at T (fp32):", ""]
+    out += _grid(rows, "cache_bytes", "{:,.0f}")
     out += ["", f"Crossover ({versus[0]} faster per token than {versus[1]} from this length "
             f"on): training {describe(found['train'], rows)}; "
             f"decode {describe(found['decode'], rows)}."]

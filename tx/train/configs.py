@@ -55,7 +55,7 @@ TRAIN = dict(
     keep_best=0,  # also keep this many best-by-eval-loss checkpoints (0: off)
     async_checkpoints=True,
 )
-MESH = dict(data=1, fsdp=1, tensor=1)
+MESH = dict(data=1, fsdp=1, tensor=1, context=1, context_attention="ring")
 # Pretrained starts (tx.train.pretrained): a source of weights and the swaps applied to them.
 INIT = dict(hf="", workdir="", swap=dict(num_kv_heads=0, kv_init="mean", layer_pattern="",
                                          window=0))
@@ -69,7 +69,7 @@ MAX_LEARNING_RATE = 10.0
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep", "train.keep_best",
                      "train.async_checkpoints", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                     "inference.kv_dtype")
+                     "mesh.context", "mesh.context_attention", "inference.kv_dtype")
 
 
 class ConfigError(ValueError):
@@ -224,6 +224,7 @@ def _check_mesh(resolved: Resolved) -> None:
         f"train.batch_size / train.grad_accum ({train.batch_size} / {train.grad_accum})"
     try:
         mesh.check_heads(resolved.model.num_heads, resolved.model.kv_heads)
+        mesh.check_context(resolved.model.num_heads, resolved.model.kv_heads)
         mesh.check_batch(resolved.micro_batch, field)
         mesh.check_devices()
     except ValueError as e:
@@ -308,6 +309,13 @@ def _check_data(resolved: Resolved):
     if eval_seq_len(d) < 1:
         raise ConfigError(f"config.data.eval_seq_len={d.eval_seq_len}: must be >= 1 (or unset: "
                           "data.seq_len).")
+    body = getattr(m.head, "body", None)  # a model with its own geometry (Funnel's pooling)
+    for name in ("seq_len", "eval_seq_len"):
+        t = d.seq_len if name == "seq_len" else eval_seq_len(d)
+        try:
+            getattr(body, "stages", lambda t: None)(t)
+        except ValueError as e:
+            raise ConfigError(f"config.data.{name}={t}: {e}") from None
     max_len = getattr(m.positions, "max_len", None)  # absolute positions' table size
     longest = max(d.seq_len, eval_seq_len(d))
     if max_len is not None and longest > max_len:

@@ -52,6 +52,8 @@ DOCS = {
     "mesh.data": "data-parallel degree (devices holding whole replicas)",
     "mesh.fsdp": "fully sharded data-parallel degree (parameters split across devices)",
     "mesh.tensor": "tensor-parallel degree (heads and MLP width split across devices)",
+    "mesh.context": "context-parallel degree (the sequence split across devices)",
+    "mesh.context_attention": "attention on a split sequence: ring or all_to_all (Ulysses)",
     # data (tx.data.make_dataset)
     "data.name": "the tx.data dataset (built-in or registered with register_dataset)",
     "data.seq_len": "tokens per example row",
@@ -253,6 +255,21 @@ def _backends(model) -> str:
     return f"  attention backends here: {', '.join(names)}{where}"
 
 
+def _shapes(model, config) -> list[str]:
+    """The attention shapes at ``data.seq_len`` of a model whose layers see shortened lengths
+    (a body with ``attention_shapes``: Funnel's pooled blocks)."""
+    shapes = getattr(getattr(model.head, "body", None), "attention_shapes", None)
+    seq_len = config.get("data", {}).get("seq_len") if hasattr(config, "get") else None
+    if not callable(shapes) or not isinstance(seq_len, int):
+        return []
+    try:
+        found = shapes(seq_len)
+    except ValueError as e:  # the run refuses it too; say why here
+        return [f"  attention shapes at data.seq_len={seq_len}: {e}"]
+    return [f"  attention shapes at data.seq_len={seq_len}: " +
+            "; ".join(f"{k} ({n} layer{'s' * (n != 1)})" for k, n in found.items())]
+
+
 def render(config: ml_collections.ConfigDict, resolved: dict[str, Any] | None = None,
            width: int = 100) -> str:
     """The text of ``--print_config``: the value trees (``resolved``, default
@@ -265,7 +282,8 @@ def render(config: ml_collections.ConfigDict, resolved: dict[str, Any] | None = 
             lines += [f"{title} (changes from the base model):", *(changes or ["  nothing"]),
                       ""]
             continue
-        lines += [f"{title} resolves to:", *value_tree(model, width), _backends(model), ""]
+        lines += [f"{title} resolves to:", *value_tree(model, width), _backends(model),
+                  *_shapes(model, config), ""]
         base = model
     table = docs()
     rows = [(f"--config.{path}={value!r}", doc(path, table)) for path, value in fields(config)]

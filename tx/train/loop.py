@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tx.attention import memory as xl_memory
 from tx.attention import registry
 from tx.inference import memory
 from tx.train import configs as configs_lib
@@ -75,6 +76,10 @@ def model_summary(resolved: Resolved, params) -> str:
              plural(cfg.attention.num_heads, "head"), plural(cfg.kv_heads, "K/V head")]
     if attention:
         shape.append(f"attention {attention}")
+    body = getattr(cfg.head, "body", None)  # a model that shortens rows (Funnel's pooling)
+    if hasattr(body, "stages"):
+        lengths = [str(s["length"]) for s in body.stages(resolved.data.seq_len)]
+        shape.append(f"rows {' -> '.join(lengths)} tokens")
     return (f"model: {param_count(params):,} parameters | KV cache "
             f"{kv_bytes_per_token(cfg):,} bytes/token | {', '.join(shape)}")
 
@@ -239,12 +244,42 @@ class _Run:
         self.progress(step, self.last["loss"], rate, elapsed / len(fetched))
 
 
+def _with_memory(model, resolved: Resolved):
+    """``model`` with an empty Transformer-XL memory per layer when the config asks for one
+    (``model.memory_length``): part of the state's ``rest``, so carried from step to step and
+    checkpointed, and a resumed run continues with the memory it stopped with."""
+    length = resolved.model.memory_length
+    if length:
+        if resolved.train.grad_accum != 1:
+            raise configs_lib.ConfigError(
+                f"config.train.grad_accum={resolved.train.grad_accum}: with "
+                f"model.memory_length={length} each row continues the same row of the previous "
+                "step, which micro-batches of other rows would break; use grad_accum=1.")
+        xl_memory.init_memory(model, resolved.micro_batch, length)
+    return model
+
+
+def _check_contiguous(resolved: Resolved, dataset) -> None:
+    length = resolved.model.memory_length
+    if length and not getattr(dataset, "contiguous", False):
+        raise configs_lib.ConfigError(
+            f"config.model.memory_length={length}: the memory needs each row to continue the "
+            f"previous step's row, which data {resolved.data.name!r} does not promise; set "
+            "config.data.options.contiguous=True (data bytes) or memory_length=0.")
+
+
+def _eval_rest(resolved: Resolved, rest):
+    """Eval rows start without the training memory (they do not continue its rows)."""
+    return xl_memory.cleared(rest) if resolved.model.memory_length else rest
+
+
 def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_fn,
            wall_start: float, stop: StopSignals) -> dict[str, Any]:
     train, config = resolved.train, resolved.config
     optimizer = make_optimizer(train)
     parallel = make_parallel(resolved)
-    state = create_state(lambda: build_model(resolved), optimizer, parallel)
+    state = create_state(lambda: _with_memory(build_model(resolved), resolved), optimizer,
+                         parallel)
     shardings = state_shardings(state, parallel)
     report = print_fn or (lambda line: None)
     report(model_summary(resolved, state.params))
@@ -267,6 +302,7 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
     if main:
         (workdir / "config.json").write_text(configs_lib.to_json(config))
     train_ds, eval_ds = configs_lib.make_datasets(resolved)
+    _check_contiguous(resolved, train_ds)
     train_step = make_train_step(state.graphdef, optimizer, parallel=parallel,
                                  shardings=shardings)
     train_step = _announced(train_step, report)  # which backend serves attention
@@ -288,7 +324,8 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
             stopping = agree(stop.requested())
             evals = {}
             if step % train.eval_every == 0 or step == train.steps:
-                evals = evaluate_params(eval_step, params, rest, eval_ds, train.eval_batches)
+                evals = evaluate_params(eval_step, params, _eval_rest(resolved, rest), eval_ds,
+                                        train.eval_batches)
                 report(eval_line(step, evals, metric))
             save = step % train.checkpoint_every == 0 or step == train.steps or stopping
             # Log before saving, so every checkpointed step is in metrics.jsonl.
@@ -313,7 +350,8 @@ def _train(resolved: Resolved, workdir: pathlib.Path, ckpt: Checkpointer, print_
     last = run.last
     if start >= train.steps:  # nothing left to train: report the restored model
         last = dict(log.records[-1]) if log.records else {"loss": float("nan")}
-        last.update(evaluate_params(eval_step, params, rest, eval_ds, train.eval_batches))
+        last.update(evaluate_params(eval_step, params, _eval_rest(resolved, rest), eval_ds,
+                                    train.eval_batches))
         report(eval_line(start, last, metric))
     if main:
         from tx.research import plots  # matplotlib is imported only when a run finishes

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from tx import parallel as parallel_lib
+from tx.parallel.context import check_model as check_context
 from tx.train.losses import loss_fn
 
 
@@ -90,6 +91,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
         with parallel_lib.use(parallel):
             def loss(p, r):
                 model = nnx.merge(graphdef, p, r, copy=True)
+                check_context(model, parallel)  # layers a split sequence cannot run
                 model.train()
                 value, metrics = loss_fn(model, batch)
                 return value, (metrics, nnx.split(model, nnx.Param, ...)[2])
@@ -122,6 +124,7 @@ def make_eval_step(graphdef, *, parallel: parallel_lib.Parallel | None = None,
     def step(params, rest, batch):
         with parallel_lib.use(parallel):
             model = nnx.merge(graphdef, params, rest, copy=True)
+            check_context(model, parallel)
             model.eval()
             value, metrics = loss_fn(model, batch)
             return {**metrics, "loss": value}

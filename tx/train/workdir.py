@@ -61,7 +61,9 @@ def build_model(resolved: Resolved) -> nnx.Module:
 
 def make_parallel(resolved: Resolved) -> parallel_lib.Parallel:
     """The config's device mesh (one device by default)."""
-    return parallel_lib.Parallel(parallel_lib.make_mesh(resolved.mesh))
+    mesh = resolved.mesh
+    return parallel_lib.Parallel(parallel_lib.make_mesh(mesh),
+                                 context_attention=mesh.context_attention)
 
 
 # ----------------------------------------------------------------------------- the config

@@ -11,7 +11,8 @@ Families, one module each: ``decoders`` (``llama`` with RoPE scaling, ``mistral`
 ``qkv_proj`` and ``gate_up_proj``), ``gemma2`` (soft-capped logits, sandwich norms,
 alternating sliding-window layers), ``bert`` (masked LM, sequence classification), ``t5``
 (conditional generation), ``qwen3`` (Qwen2 with per-head q/k norms), ``gemma3`` (Gemma 2 with
-q/k norms and a RoPE base per layer type), ``fnet`` (Fourier token mixing, masked LM). A
+q/k norms and a RoPE base per layer type), ``fnet`` (Fourier token mixing, masked LM),
+``funnel`` (Funnel Transformer: pooled blocks and an upsampling decoder, masked LM). A
 config option tx cannot reproduce raises a ``ValueError`` naming the option, rather than
 loading a model that computes something else. Layouts are described in
 ``common.py``, and so is a family: a module that maps ``config.json`` straight to a
@@ -41,6 +42,9 @@ from tx.interop.hf.common import FAMILIES, unsupported
 # file, named here or imported by research code (tx.interop.hf.common describes a family).
 # isort: off
 from tx.interop.hf import decoders, qwen2, phi3, gemma2, bert, t5, qwen3, gemma3, fnet  # noqa: F401
+from tx.interop.hf import funnel  # noqa: F401,E402  (Funnel Transformer, masked LM)
+from tx.interop.hf import deberta_v2  # noqa: F401,E402  (DeBERTa-v2/v3, masked LM)
+from tx.interop.hf import mamba2  # noqa: F401,E402  (Mamba-2 SSD, causal LM)
 # isort: on
 
 

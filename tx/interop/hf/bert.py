@@ -14,9 +14,10 @@ import jax
 
 from tx.kernels import masks
 from tx.config import AttentionConfig, EmbedConfig, ModelConfig
-from tx.interop.hf.common import (Entry, attention, check_architecture, dense, hf_activation,
-                                  linear, no_gemma_options, norm, one, register_family,
-                                  uniform_mask, unsupported)
+from tx.interop.hf.common import (Entry, attention, bert_mlm_head, bert_mlp,
+                                  check_architecture, dense, hf_activation, linear,
+                                  no_gemma_options, norm, one, register_family, uniform_mask,
+                                  unsupported)
 from tx.layers import LayerNorm, Learned, MLPConfig
 from tx.layers.mlp import gelu_exact
 from tx.models import heads
@@ -114,9 +115,7 @@ def _encoder_entries(encoder, cfg: ModelConfig) -> list[Entry]:
                                                              "self.value", "output.dense"),
                          n, n, h, bias=True)
         out += [*norm(p + "attention.output.LayerNorm", block.norms[0]),
-                *dense(p + "intermediate.dense", block.mlp.wi_gate),
-                *dense(p + "output.dense", block.mlp.wo),
-                *norm(p + "output.LayerNorm", block.norms[1])]
+                *bert_mlp(p, block)]
     return out
 
 
@@ -125,11 +124,9 @@ def entries(model, model_type: str) -> list[Entry]:
     out = _encoder_entries(model.encoder, cfg)
     head = model.head
     if isinstance(cfg.head, heads.MLMHead):
-        out += [*dense("cls.predictions.transform.dense", head.transform.dense),
-                *norm("cls.predictions.transform.LayerNorm", head.transform.norm),
-                # Untied, the decoder keeps its own bias and cls.predictions.bias goes unused.
-                one("cls.predictions.bias" if cfg.head.tie else
-                    "cls.predictions.decoder.bias", head.bias_v)]
+        # Untied, the decoder keeps its own bias and cls.predictions.bias goes unused.
+        out += bert_mlm_head(head, "cls.predictions.bias" if cfg.head.tie else
+                             "cls.predictions.decoder.bias")
         if not cfg.head.tie:
             out.append(linear("cls.predictions.decoder.weight", head.proj.kernel))
         return out

@@ -143,6 +143,22 @@ def norm(prefix: str, module, *, bias: bool = True, weight: str = "weight") -> l
     return out + [one(prefix + ".bias", module.bias)] if bias else out
 
 
+def bert_mlp(prefix: str, block) -> list[Entry]:
+    """A BERT-layout block's MLP and its post-norm (``intermediate.dense``, ``output.dense``,
+    ``output.LayerNorm``): BERT, FNet and DeBERTa share them."""
+    return [*dense(prefix + "intermediate.dense", block.mlp.wi_gate),
+            *dense(prefix + "output.dense", block.mlp.wo),
+            *norm(prefix + "output.LayerNorm", block.norms[1])]
+
+
+def bert_mlm_head(head, bias: str = "cls.predictions.bias") -> list[Entry]:
+    """BERT's masked-LM transform (dense, LayerNorm) and the output bias (``bias``: where the
+    checkpoint keeps it; the output weights are the tied embedding's)."""
+    return [*dense("cls.predictions.transform.dense", head.transform.dense),
+            *norm("cls.predictions.transform.LayerNorm", head.transform.norm),
+            one(bias, head.bias_v)]
+
+
 def heads_in(key, param, n, h) -> Entry:
     """torch ``[N*H, D]`` (or bias ``[N*H]``) <-> tx ``[D, N, H]`` (or ``[N, H]``)."""
     def to_tx(w):

@@ -20,8 +20,9 @@ from flax import nnx
 
 from tx.attention.fnet import FNet
 from tx.config import AttentionConfig, EmbedConfig, ModelConfig
-from tx.interop.hf.common import (Entry, check_architecture, dense, hf_activation,
-                                  no_gemma_options, norm, one, register_family, unsupported)
+from tx.interop.hf.common import (Entry, bert_mlm_head, bert_mlp, check_architecture, dense,
+                                  hf_activation, no_gemma_options, norm, one, register_family,
+                                  unsupported)
 from tx.layers import LayerNorm, Learned, MLPConfig
 from tx.layers.mlp import gelu_exact
 from tx.models import heads
@@ -116,14 +117,8 @@ def entries(model, model_type: str) -> list[Entry]:
            *dense(p + "projection", tower.embed_norm.projection)]
     for i, block in enumerate(tower.blocks):
         p = f"fnet.encoder.layer.{i}."
-        out += [*norm(p + "fourier.output.LayerNorm", block.norms[0]),
-                *dense(p + "intermediate.dense", block.mlp.wi_gate),
-                *dense(p + "output.dense", block.mlp.wo),
-                *norm(p + "output.LayerNorm", block.norms[1])]
-    head = model.head
-    return out + [*dense("cls.predictions.transform.dense", head.transform.dense),
-                  *norm("cls.predictions.transform.LayerNorm", head.transform.norm),
-                  one("cls.predictions.bias", head.bias_v)]
+        out += [*norm(p + "fourier.output.LayerNorm", block.norms[0]), *bert_mlp(p, block)]
+    return out + bert_mlm_head(model.head)
 
 
 def ignored(cfg: ModelConfig, model_type: str) -> tuple[str, ...]:

@@ -1,0 +1,309 @@
+"""Context parallelism: ring and all-to-all attention over the ``context`` mesh axis.
+
+The host-side plan (layouts, skipped tiles) and the refusals run here on one device. The
+equality checks need 8 devices, which JAX fixes at start-up, so one subprocess runs them all
+(this file as a script) and prints one JSON line per check:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
+      python -m tests.tx.test_context_parallel
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tx.kernels import masks, reference, score_mods
+from tx.parallel import MeshConfig, ring, ulysses
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+B, T, N, K, H = 4, 32, 4, 2, 8
+CASES = {  # name -> (mask, context, extra) for the ring-vs-reference checks
+    "causal/2": (masks.Causal(), 2, "alibi"),
+    "causal/8": (masks.Causal(), 8, "segments"),
+    "local/4": (masks.Local(T // 8), 4, "lengths"),
+    "local/8": (masks.Local(T // 8), 8, "t5"),
+    "bigbird/4": (masks.BigBird(4), 4, "segments"),
+    "bigbird/8": (masks.BigBird(4), 8, "mqa"),
+}
+
+
+# ----------------------------------------------------------------------- host-side plan
+
+def _visible_pairs(mask, layout, c, t):
+    """The plan from the dense mask, independently of tile maps: [c, c, 2, 2]."""
+    dense, chunk = mask.dense(t, t), t // (2 * c)
+    ids = ring.chunk_ids(layout, c)
+    out = np.zeros((c, c, 2, 2), bool)
+    for d in range(c):
+        for j in range(c):
+            for a in range(2):
+                for b in range(2):
+                    qa, kb = ids[d, a] * chunk, ids[(d - j) % c, b] * chunk
+                    out[d, j, a, b] = dense[qa:qa + chunk, kb:kb + chunk].any()
+    return out
+
+
+@pytest.mark.parametrize("mask", [masks.Causal(), masks.Local(7), masks.BigBird(4),
+                                  masks.Local(3, 3) | masks.GlobalTokens((0,))])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_plan_visits_exactly_the_chunk_pairs_the_mask_shows(mask, layout):
+    for c in (2, 4, 8):
+        np.testing.assert_array_equal(ring.visits(mask, layout, c, 64, 64),
+                                      _visible_pairs(mask, layout, c, 64))
+        order = ring.token_order(layout, c, 64)
+        assert sorted(order) == list(range(64))
+
+
+def test_zigzag_balances_causal_and_the_plan_skips_the_masked_half():
+    c, t = 8, 1024
+    zig = ring.stats(masks.Causal(), "zigzag", c, t, t)
+    flat = ring.stats(masks.Causal(), "contiguous", c, t, t)
+    assert zig["imbalance"] == 1.0 and flat["imbalance"] > 1.5
+    # 2c(2c+1)/2 of the (2c)^2 chunk pairs are visible under a causal mask.
+    assert zig["skipped_tiles"] == pytest.approx(1 - (2 * c + 1) / (4 * c))
+    assert ring.choose_layout(masks.Causal(), c, t, t) == "zigzag"
+    # A window of T/8 sees two chunks of 2c = 16: most of the ring is skipped.
+    assert ring.stats(masks.Local(t // 8), "contiguous", c, t, t)["skipped_steps"] > 0.7
+
+
+def test_bad_input_is_refused_by_name_before_tracing():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("context",))
+    q = jnp.zeros((1, 3, 2, 4))
+    with pytest.raises(ValueError, match=r"q_len \(T\)=3 must be divisible by 2 \* mesh.context"):
+        ring.ring_attention(q, q, q, mesh=mesh)
+    with pytest.raises(ValueError, match="num_kv_heads=6"):
+        ulysses.check_heads(8, 6, 4)
+    with pytest.raises(ValueError, match="context_attention='ulysses'"):
+        MeshConfig(context_attention="ulysses")
+    with pytest.raises(ValueError, match="num_heads=6"):
+        MeshConfig(context=4, context_attention="all_to_all").check_context(6, 6)
+    MeshConfig(context=4, context_attention="all_to_all").check_context(8, 1)  # MQA gathers
+    sinks = score_mods.Sinks(jnp.zeros((2,)))
+    q = jnp.zeros((1, 4, 2, 4))
+    with pytest.raises(ValueError, match="sink logits"):
+        ring.ring_attention(q, q, q, mesh=mesh, score_mod=sinks)
+
+
+def test_mesh_flags_select_the_context_axis():
+    from tx.train import configs as configs_lib
+    config = configs_lib.load_file(ROOT / "configs" / "mqar.py")
+    config.mesh.context, config.mesh.context_attention = 4, "all_to_all"
+    mesh = configs_lib.mesh_config(config)
+    assert mesh == MeshConfig(context=4, context_attention="all_to_all")
+    assert mesh.shape == (1, 1, 1, 4) and mesh.size == 4
+
+
+# --------------------------------------------------------------------------- 8 devices
+
+@pytest.fixture(scope="module")
+def eight():
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=flags)
+    proc = subprocess.run([sys.executable, "-m", "tests.tx.test_context_parallel"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {line.pop("check"): line for line in lines}
+
+
+def test_ring_equals_one_device_forward_and_gradients(eight):
+    for name in CASES:
+        err = eight["kernels"][name]
+        assert err["out"] < 1e-5 and err["grads"] < 1e-5, (name, err)
+        if CASES[name][2] in ("alibi", "t5"):  # the modifier's parameters get gradients
+            assert err["mod_grads"] < 1e-5, (name, err)
+    err = eight["kernels"]["2x2x2"]
+    assert err["out"] < 1e-5 and err["grads"] < 1e-5 and err["mod_grads"] < 1e-5, err
+
+
+def test_all_to_all_agrees_with_the_ring(eight):
+    for name, err in eight["a2a"].items():
+        assert err["out"] < 1e-5 and err["grads"] < 1e-5, (name, err)
+
+
+def test_decoder_trains_and_resumes_across_context_sizes(eight):
+    train = eight["train"]
+    for name in ("ring/2x1x1x4", "a2a/2x1x2x2"):
+        np.testing.assert_allclose(train[name], train["1x1x1x1"], rtol=1e-5, err_msg=name)
+    resume = eight["resume"]
+    np.testing.assert_allclose(resume["context1"], resume["context4"], rtol=1e-5)
+    assert "FourierMixing" in eight["refuse"]["message"]
+
+
+def test_collective_bytes_in_the_compiled_hlo_match_the_formula(eight):
+    for name, (hlo, formula) in eight["bench"].items():
+        assert hlo == formula > 0, name
+
+
+# ------------------------------------------------------------------ the subprocess side
+
+def _rel(a, b) -> float:
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-30))
+
+
+def _compare(fn, ref, q, k, v, mod):
+    """Relative max errors of output, dq/dk/dv and the modifier's parameter gradients."""
+    w = jax.random.normal(jax.random.key(9), q.shape)
+
+    def loss(f):
+        return lambda q, k, v, mod: jnp.sum(f(q, k, v, mod) * w)
+    out, expect = jax.jit(fn)(q, k, v, mod), jax.jit(ref)(q, k, v, mod)
+    got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3)))(q, k, v, mod)
+    want = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2, 3)))(q, k, v, mod)
+    res = {"out": _rel(out, expect), "grads": max(_rel(a, b) for a, b in zip(got[:3], want[:3]))}
+    if mod is not None:
+        res["mod_grads"] = max(_rel(a, b) for a, b in zip(jax.tree.leaves(got[3]),
+                                                          jax.tree.leaves(want[3])))
+    return res
+
+
+def _inputs(extra):
+    ks = jax.random.split(jax.random.key(0), 4)
+    kh = 1 if extra == "mqa" else K
+    q = jax.random.normal(ks[0], (B, T, N, H))
+    k, v = (jax.random.normal(s, (B, T, kh, H)) for s in ks[1:3])
+    kwargs, mod = {}, None
+    if extra == "segments":  # packed documents, not aligned with the chunks
+        seg = jnp.asarray(np.repeat([[0] * 10 + [1] * 13 + [2] * 9], B, axis=0), jnp.int32)
+        kwargs["segment_ids"] = (seg, seg)
+    if extra == "lengths":
+        kwargs["kv_lengths"] = jnp.array([T, 20, 7, 1], jnp.int32)
+    if extra == "alibi":
+        mod = score_mods.ALiBi(jnp.array([0.5, 0.25, 0.125, 0.0625]))
+    if extra == "t5":
+        mod = score_mods.T5Bias(jax.random.normal(ks[3], (16, N)), num_buckets=16,
+                                max_distance=32, bidirectional=True)
+    return q, k, v, kwargs, mod
+
+
+def _mesh(shape, names):
+    return jax.sharding.Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape),
+                             names)
+
+
+def check_kernels():
+    out = {}
+    for name, (mask, c, extra) in CASES.items():
+        q, k, v, kw, mod = _inputs(extra)
+        mesh = _mesh((c,), ("context",))
+        out[name] = _compare(
+            lambda q, k, v, m: ring.ring_attention(q, k, v, mesh=mesh, mask=mask,
+                                                   score_mod=m, **kw),
+            lambda q, k, v, m: reference.attention(q, k, v, mask=mask, score_mod=m, **kw),
+            q, k, v, mod)
+    q, k, v, kw, _ = _inputs("segments")
+    mod = _inputs("alibi")[-1]
+    mesh = _mesh((2, 2, 2), ("data", "tensor", "context"))
+    out["2x2x2"] = _compare(
+        lambda q, k, v, m: ring.ring_attention(q, k, v, mesh=mesh, mask=masks.Causal(),
+                                               score_mod=m, batch_axes="data",
+                                               head_axis="tensor", **kw),
+        lambda q, k, v, m: reference.attention(q, k, v, mask=masks.Causal(), score_mod=m,
+                                               **kw), q, k, v, mod)
+    return out
+
+
+def check_a2a():
+    out = {}
+    cases = {"causal/2": ((2,), ("context",), {}, "segments"),
+             "local/4-mqa": ((4,), ("context",), {}, "mqa"),
+             "bigbird/2x2x2": ((2, 2, 2), ("data", "tensor", "context"),
+                               {"batch_axes": "data", "head_axis": "tensor"}, "lengths")}
+    for name, (shape, names, axes, extra) in cases.items():
+        mask = masks.BigBird(4) if "bigbird" in name else \
+            masks.Local(T // 8) if "local" in name else masks.Causal()
+        q, k, v, kw, _ = _inputs(extra)
+        mesh = _mesh(shape, names)
+        out[name] = _compare(
+            lambda q, k, v, m: ulysses.all_to_all_attention(q, k, v, mesh=mesh, mask=mask,
+                                                            **axes, **kw),
+            lambda q, k, v, m: ring.ring_attention(q, k, v, mesh=mesh, mask=mask, **axes,
+                                                   **kw), q, k, v, None)
+    return out
+
+
+def check_bench():
+    """The benchmark's HLO reading at a smoke size: collective bytes equal the formula."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "context_parallel_bench", ROOT / "benchmarks" / "context_parallel.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.communication(64, 4, n=4, kh=4, h=8)
+    return {r["attention"]: [r["hlo_bytes"], r["formula_bytes"]] for r in rows[:2]}
+
+
+def _decoder(mesh, how="ring"):
+    from tests.tx import mesh_checks
+    config = mesh_checks.decoder(mesh[:3])
+    config.mesh.context, config.mesh.context_attention = mesh[3], how
+    return config
+
+
+def check_train_and_resume():
+    from tests.tx.mesh_checks import Trainer
+    from tx.train.checkpoint import Checkpointer
+    one = Trainer(_decoder((1, 1, 1, 1)))
+    ring4 = Trainer(_decoder((2, 1, 1, 4)))
+    train = {"1x1x1x1": one.train(0, 3), "ring/2x1x1x4": ring4.train(0, 3),
+             "a2a/2x1x2x2": Trainer(_decoder((2, 1, 2, 2), "all_to_all")).train(0, 3)}
+    print(json.dumps({"check": "train", **train}), flush=True)
+    # Saved at context 4 after 2 steps; restored at context 1 and continued.
+    ring4.reset().train(0, 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Checkpointer(tmp, keep=1, async_save=False)
+        s = ring4.state
+        ckpt.save(2, {"params": s.params, "rest": s.rest, "opt_state": s.opt_state},
+                  {"step": 2})
+        ckpt.wait()
+        one.reset()
+        s1 = one.state
+        restored, _ = ckpt.restore(2, {"params": s1.params, "rest": s1.rest,
+                                       "opt_state": s1.opt_state})
+        s1.params, s1.rest, s1.opt_state = (restored["params"], restored["rest"],
+                                            restored["opt_state"])
+        ckpt.close()
+    resume = {"context4": ring4.train(2, 2), "context1": one.train(2, 2)}
+    print(json.dumps({"check": "resume", **resume}), flush=True)
+
+
+def check_refuse():
+    from tests.tx.mesh_checks import Trainer
+    from tx.train import configs as configs_lib
+    config = configs_lib.load_file(ROOT / "configs" / "encoder_mlm.py")
+    m = config.model
+    m.d_model, m.d_ff, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 2, 4, 4
+    m.layer_pattern, m.max_len, config.data.seq_len = ("fnet", "full"), 16, 16
+    config.train.batch_size = 2
+    config.mesh.data, config.mesh.context = 2, 4
+    try:
+        t = Trainer(config)
+        t.train(0, 1)
+        return {"message": "not refused"}
+    except ValueError as e:
+        return {"message": str(e)}
+
+
+def main():
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    import time
+    for name, fn in (("kernels", check_kernels), ("a2a", check_a2a), ("refuse", check_refuse),
+                     ("bench", check_bench), ("train", check_train_and_resume)):
+        start = time.process_time()
+        out = fn()
+        if out is not None:
+            print(json.dumps({"check": name, **out}), flush=True)
+        print(f"{name}: {time.process_time() - start:.1f} s of CPU", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
