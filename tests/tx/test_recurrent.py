@@ -16,7 +16,7 @@ from flax import nnx
 
 from tx import flags, models
 from tx.attention import calls, recurrent, recurrent_ssd, registry
-from tx.flags import model_config
+from tx.flags import ModelFlags, model_config
 from tx.inference import Paged, beam_search, generate, kv_cache_bytes
 from tx.kernels.gated_reference import delta_recurrence, gated_recurrence
 
@@ -191,3 +191,27 @@ def test_hf_mamba2_options_tx_lacks_are_refused(option, match):
     hf.config_from_hf(config)  # the plain config maps
     with pytest.raises(ValueError, match=match):
         hf.config_from_hf({**config, **option})
+
+
+def test_training_a_recurrent_model_resumes_exactly(tmp_path):
+    """A recurrent run that loses its last checkpoint resumes from the one before and
+    gives the uninterrupted run's losses bit for bit (the layers' parameters, including the
+    decay's and the convolutions', travel in the checkpoint like any other)."""
+    import shutil
+    from tx.train import configs as configs_lib
+    from tx.train import loop
+    from tx.train.metrics import read_jsonl
+    model = ModelFlags(task="lm", **{**MIXED, "vocab_size": 264, "num_layers": 2,
+                                     "layer_pattern": "gdn,mamba2"})
+    config = configs_lib.experiment(model, dataset="bytes", seq_len=16, steps=4, batch_size=2,
+                                    warmup_steps=1, log_every=1, eval_batches=1, eval_every=4,
+                                    checkpoint_every=2, async_checkpoints=False,
+                                    options={"max_bytes": 50_000, "eval_fraction": 0.5})
+    losses = lambda: [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")]  # noqa: E731
+    loop.run(config, tmp_path, print_fn=None)
+    first = losses()
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    lines = []
+    loop.run(config, tmp_path, print_fn=lines.append)
+    assert any(line.startswith("resuming from step 2") for line in lines)
+    assert losses() == first and len(first) == 4 and first[-1] < first[0]
