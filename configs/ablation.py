@@ -96,20 +96,28 @@ LINEAR_VARIANTS = {"full": ("full",), "local": ("local",), "favor": ("favor",),
                    "hybrid": ("local", "local", "local", "favor")}
 
 
-def _linear():
-    mqar = sibling(__file__, "mqar")  # window 8: shorter than most key-query distances
-    mqar.train.update(steps=200, batch_size=32)
-    lm = sibling(__file__, "decoder_lm")  # 128-byte rows
-    lm.model.update(d_model=64, d_ff=256, window=32)
-    lm.train.update(steps=120, batch_size=8)
+def _hybrid_tasks(*, mqar_steps: int, lm_steps: int) -> ml_collections.ConfigDict:
+    """MQAR and the byte LM (128-byte rows) at 4 layers, as the linear and recurrent
+    comparisons run them: a 3:1 hybrid needs 4 layers, and every variant gets them."""
+    mqar = sibling(__file__, "mqar")
+    mqar.train.update(steps=mqar_steps, batch_size=32)
+    lm = sibling(__file__, "decoder_lm")
+    lm.model.update(d_model=64, d_ff=256)
+    lm.train.update(steps=lm_steps, batch_size=8)
     for task in (mqar, lm):
-        task.model.num_layers = 4  # the hybrid's 3:1 needs 4 layers; every variant gets them
+        task.model.num_layers = 4
         t = task.train
         t.warmup_steps = min(t.warmup_steps, t.steps // 10)
         t.eval_every = t.checkpoint_every = t.steps
         t.log_every, t.eval_batches = 10, 4
     config = ml_collections.ConfigDict()
     config.tasks = ml_collections.ConfigDict(dict(mqar=mqar, lm=lm))
+    return config
+
+
+def _linear():
+    config = _hybrid_tasks(mqar_steps=200, lm_steps=120)
+    config.tasks.lm.model.window = 32  # MQAR's window 8 is shorter than most recall distances
     config.variants = ml_collections.ConfigDict(
         {name: {"model": {"layer_pattern": pattern}} for name, pattern in
          LINEAR_VARIANTS.items()})
@@ -175,19 +183,7 @@ RECURRENT_VARIANTS = {"full": dict(layer_pattern=("full",)),
 
 
 def _recurrent():
-    mqar = sibling(__file__, "mqar")
-    mqar.train.update(steps=RECURRENT_STEPS["mqar"], batch_size=32)
-    lm = sibling(__file__, "decoder_lm")  # 128-byte rows
-    lm.model.update(d_model=64, d_ff=256)
-    lm.train.update(steps=RECURRENT_STEPS["lm"], batch_size=8)
-    for task in (mqar, lm):
-        task.model.num_layers = 4  # the hybrid's 3:1 needs 4 layers; every variant gets them
-        t = task.train
-        t.warmup_steps = min(t.warmup_steps, t.steps // 10)
-        t.eval_every = t.checkpoint_every = t.steps
-        t.log_every, t.eval_batches = 10, 4
-    config = ml_collections.ConfigDict()
-    config.tasks = ml_collections.ConfigDict(dict(mqar=mqar, lm=lm))
+    config = _hybrid_tasks(mqar_steps=RECURRENT_STEPS["mqar"], lm_steps=RECURRENT_STEPS["lm"])
     config.variants = ml_collections.ConfigDict(
         {name: {"model": changes} for name, changes in RECURRENT_VARIANTS.items()})
     # Speed: an untrained model the size of the LM task's; recurrences in chunks of 64.
