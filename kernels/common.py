@@ -6,6 +6,8 @@ Imports nothing from ``kernels``, so any module of the package can use it.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import jax.numpy as jnp
@@ -33,6 +35,18 @@ def round_up(x: int, m: int) -> int:
 def is_int(x: Any) -> bool:
     """A Python or numpy integer, but not a bool."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Triton launch parameters of a kernel without block-size options (the linear and
+    recurrent kernels): what :func:`compiler_params` reads."""
+
+    num_warps: int | None = 4
+    num_stages: int = 2
+
+
+DEFAULT_LAUNCH = Launch()
 
 
 def compiler_params(interpret: bool, launch: Any):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tx.kernels.common import compiler_params, next_pow2, round_up
+from tx.kernels.common import DEFAULT_LAUNCH, compiler_params, next_pow2, round_up
 from tx.kernels.delta_rule import delta_chunked
 from tx.kernels.gated_checks import DEFAULT_CHUNK, check_gated, mask_invalid
 from tx.kernels.online_softmax import dot as _dot
@@ -36,12 +36,6 @@ __all__ = ["delta_rule_attention"]
 
 _MIN_TILE = 16
 _HP = lax.Precision.HIGHEST
-
-
-@dataclasses.dataclass(frozen=True)
-class _Launch:
-    num_warps: int | None = 4
-    num_stages: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +136,7 @@ def _forward(cfg: _Config, q, k, v, log_decay, beta, segment_ids):
         functools.partial(_forward_kernel, cfg=cfg), grid=(b, n), in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, t, cfg.value_pad), lambda b_, h: (b_, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, n, t, cfg.value_pad), jnp.float32),
-        compiler_params=compiler_params(cfg.interpret, _Launch()), interpret=cfg.interpret,
+        compiler_params=compiler_params(cfg.interpret, DEFAULT_LAUNCH), interpret=cfg.interpret,
         name="delta_rule_fwd")(*args)
     return jnp.moveaxis(out, 1, 2)[:, :cfg.seq_len, :, :cfg.value_dim].astype(v.dtype)
 

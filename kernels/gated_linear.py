@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tx.kernels.common import compiler_params, next_pow2, round_up
+from tx.kernels.common import DEFAULT_LAUNCH, compiler_params, next_pow2, round_up
 from tx.kernels.gated_checks import DEFAULT_CHUNK, check_gated, mask_invalid
 from tx.kernels.online_softmax import dot as _dot
 
@@ -49,15 +49,6 @@ __all__ = ["gated_linear_attention", "DEFAULT_CHUNK"]
 _MIN_TILE = 16       # Triton's dot needs >= 16 along every dimension
 _CHANNEL_CHUNK = 16  # default chunk with a per-channel decay ([C, C, Dk] tile)
 _HP = lax.Precision.HIGHEST
-
-
-@dataclasses.dataclass(frozen=True)
-class _Launch:
-    num_warps: int | None = 4
-    num_stages: int = 2
-
-
-_LAUNCH = _Launch()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +130,22 @@ def _refs(cfg: _Config, refs):
     return None, refs
 
 
+def _carry(cfg: _Config, i, state, state_seg, k, v, g_ref, gcol, seg, seg_ref):
+    """The state after chunk ``i`` (the forward's and the dq kernel's recurrence): the old
+    state decayed over the chunk plus its keys decayed to the chunk's end; a document that
+    ends inside the chunk leaves nothing behind. Returns ``(state, its document id)``."""
+    c = cfg.chunk
+    g_last = _g_last(cfg, g_ref, i)                                         # [1, Dk|1]
+    k_dec = k * jnp.exp(g_last - gcol)                                      # [C, Dk]
+    carried = jnp.exp(g_last).reshape(-1, 1) * state
+    if cfg.has_segments:
+        last = seg_ref[i * c + c - 1]
+        k_dec = jnp.where((seg == last)[:, None], k_dec, 0.0)
+        carried = jnp.where(state_seg == last, carried, 0.0)
+        state_seg = last
+    return carried + _dot(k_dec, v, (0, 0), _HP), state_seg
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, g_ref, *refs, cfg: _Config):
     seg_ref, (o_ref,) = _refs(cfg, refs)
     c = cfg.chunk
@@ -153,15 +160,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, *refs, cfg: _Config):
         if cfg.has_segments:
             inter = jnp.where((seg == state_seg)[:, None], inter, 0.0)
         o_ref[pl.ds(pl.multiple_of(i * c, c), c), :] = (out + inter).astype(o_ref.dtype)
-        g_last = _g_last(cfg, g_ref, i)                                     # [1, Dk|1]
-        k_dec = k * jnp.exp(g_last - gcol)                                  # [C, Dk]
-        carried = jnp.exp(g_last).reshape(-1, 1) * state
-        if cfg.has_segments:
-            last = seg_ref[i * c + c - 1]
-            k_dec = jnp.where((seg == last)[:, None], k_dec, 0.0)
-            carried = jnp.where(state_seg == last, carried, 0.0)
-            state_seg = last
-        return carried + _dot(k_dec, v, (0, 0), _HP), state_seg
+        return _carry(cfg, i, state, state_seg, k, v, g_ref, gcol, seg, seg_ref)
 
     state = jnp.zeros((k_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
     seg0 = seg_ref[0] if cfg.has_segments else jnp.int32(0)
@@ -188,15 +187,7 @@ def _dq_kernel(k_ref, v_ref, g_ref, do_ref, *refs, cfg: _Config):
         if cfg.has_segments:
             dq_s = jnp.where((seg == state_seg)[:, None], dq_s, 0.0)
         dq_ref[rows, :] = dq + dq_s
-        g_last = _g_last(cfg, g_ref, i)
-        k_dec = k * jnp.exp(g_last - gcol)
-        carried = jnp.exp(g_last).reshape(-1, 1) * state
-        if cfg.has_segments:
-            last = seg_ref[i * c + c - 1]
-            k_dec = jnp.where((seg == last)[:, None], k_dec, 0.0)
-            carried = jnp.where(state_seg == last, carried, 0.0)
-            state_seg = last
-        return carried + _dot(k_dec, v, (0, 0), _HP), state_seg
+        return _carry(cfg, i, state, state_seg, k, v, g_ref, gcol, seg, seg_ref)
 
     state = jnp.zeros((k_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
     seg0 = seg_ref[0] if cfg.has_segments else jnp.int32(0)
@@ -273,7 +264,7 @@ def _call(cfg: _Config, kernel, name, in_keys, args, seg, out_keys, out_dims, b,
     return pl.pallas_call(
         functools.partial(kernel, cfg=cfg), grid=(b, n), in_specs=in_specs,
         out_specs=[sp[x] for x in out_keys], out_shape=out_shape,
-        compiler_params=compiler_params(cfg.interpret, _LAUNCH), interpret=cfg.interpret,
+        compiler_params=compiler_params(cfg.interpret, DEFAULT_LAUNCH), interpret=cfg.interpret,
         name=name)(*args)
 
 

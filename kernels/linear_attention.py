@@ -67,7 +67,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tx.kernels.common import compiler_params, next_pow2, round_up
+from tx.kernels.common import DEFAULT_LAUNCH, compiler_params, next_pow2, round_up
 from tx.kernels.linear_checks import (DEFAULT_CHUNK, MAX_FEATURES, MAX_HEAD_DIM,  # noqa: F401
                                     check_arguments)
 from tx.kernels.linear_chunked import linear_attention_chunked  # noqa: F401 (re-exported)
@@ -82,17 +82,6 @@ __all__ = ["linear_attention", "linear_attention_chunked", "check_arguments", "D
 _GPU_MAX_ROWS = 128
 _MIN_TILE = 16     # Triton's dot needs >= 16 along every dimension
 # The state ``[F, H]`` lives in registers: both are bounded.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Launch:
-    """Triton launch parameters (read by ``kernels.common.compiler_params``)."""
-
-    num_warps: int | None = 4
-    num_stages: int = 2
-
-
-_LAUNCH = _Launch()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,7 +352,7 @@ def _call(cfg: _Config, kernel, name, grid, in_specs, args, out_specs, out_shape
     return pl.pallas_call(
         functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs,
         out_specs=out_specs, out_shape=out_shape,
-        compiler_params=compiler_params(cfg.interpret, _LAUNCH), interpret=cfg.interpret,
+        compiler_params=compiler_params(cfg.interpret, DEFAULT_LAUNCH), interpret=cfg.interpret,
         name=name,
     )(*args)
 
