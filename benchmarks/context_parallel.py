@@ -3,6 +3,7 @@ the formula, ring steps skipped by the mask, load balance, and per-device memory
 
   python benchmarks/context_parallel.py            # T=4096 for the HLO, 8192 for the plans
   python benchmarks/context_parallel.py --t 1024   # quicker
+  python benchmarks/context_parallel.py --measure_24gib  # + longest T in 24 GiB (minutes)
 
 Prints three tables and one JSON line (``{"bench": "context_parallel", ...}``). Everything is
 compiled, nothing is run: the bytes are those of the collectives in the optimised HLO of one
@@ -169,6 +170,49 @@ def memory_fit(lengths, c):
             for name, pts in out.items()}
 
 
+def _program(name, t, c, b=1, n=8, kh=8, h=64):
+    """The compiled attention forward+backward of one setting at length ``t``."""
+    mask = masks.Causal()
+    if name == "one device (xla)":
+        attn = lambda q, k, v: reference.attention(q, k, v, mask=mask)
+    elif name == "ring":
+        mesh = _mesh(c)
+        attn = lambda q, k, v: ring.ring_attention(
+            q, k, v, mesh=mesh, mask=mask, layout="zigzag", permuted=True)
+    else:
+        mesh = _mesh(c)
+        attn = lambda q, k, v: ulysses.all_to_all_attention(
+            q, k, v, mesh=mesh, mask=mask, implementation=("xla",))
+    return _grad_program(attn, b, t, n, kh, h)
+
+
+def longest_measured(name, c, budget=24 * 2**30, start=1024, steps=4):
+    """The longest length whose compiled program (forward+backward, per device) fits in
+    ``budget``: doubling from ``start`` until a length does not fit, then ``steps`` bisections
+    between the last fit and the first miss, on multiples of ``start``. Every length reported
+    was compiled and its buffer assignment read; nothing is extrapolated.
+    Returns ``(longest that fits, its bytes, shortest that does not, its bytes)``."""
+    t, fit = start, None
+    while True:
+        used = memory(_program(name, t, c))
+        if used > budget:
+            miss = (t, used)
+            break
+        fit, t = (t, used), 2 * t
+    if fit is None:
+        return (0, 0, *miss)
+    for _ in range(steps):
+        mid = (fit[0] + miss[0]) // 2 // start * start
+        if mid in (fit[0], miss[0]):
+            break
+        used = memory(_program(name, mid, c))
+        if used > budget:
+            miss = (mid, used)
+        else:
+            fit = (mid, used)
+    return (*fit, *miss)
+
+
 def plans(t, c):
     cases = {"causal": masks.Causal(), "local(T/8)": masks.Local(t // 8),
              "bigbird": masks.BigBird(t // 64)}
@@ -188,6 +232,9 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=8)
     p.add_argument("--fit", type=int, nargs="*", default=[1024, 2048, 4096],
                    help="lengths whose compiled memory the 24 GiB extrapolation fits")
+    p.add_argument("--measure_24gib", action="store_true",
+                   help="compile at growing T (doubling, then bisection) for the longest "
+                        "length each setting fits in 24 GiB per device (minutes)")
     args = p.parse_args(argv)
     c = args.context
     comm = communication(args.t, c)
@@ -214,8 +261,20 @@ def main(argv=None):
             sizes = ", ".join(f"{m / 2**20:.1f}" for _, m in r["points"])
             print(f"{name:<18} MiB: {sizes:<30} longest T in 24 GiB ~ "
                   f"{r['longest_in_24GiB']:,}")
+    measured = {}
+    if args.measure_24gib:
+        print(f"\nlongest T in 24 GiB per device, measured: each T compiled (attention "
+              f"forward+backward, causal, B=1 N=K=8 H=64 fp32, context={c}), doubling from "
+              "1024 then bisecting")
+        for name in ("one device (xla)", "ring", "all_to_all"):
+            t_fit, m_fit, t_miss, m_miss = longest_measured(name, 1 if "one" in name else c)
+            measured[name] = {"longest_T": t_fit, "bytes": m_fit, "first_miss_T": t_miss,
+                              "first_miss_bytes": m_miss}
+            print(f"{name:<18} fits T={t_fit:,} ({m_fit / 2**30:.2f} GiB); "
+                  f"T={t_miss:,} needs {m_miss / 2**30:.2f} GiB", flush=True)
     print(json.dumps({"bench": "context_parallel", "devices": jax.device_count(),
-                      "communication": comm, "plans": plan, "memory_fit": fit}))
+                      "communication": comm, "plans": plan, "memory_fit": fit,
+                      "measured_24GiB": measured}))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,22 @@ from tx.kernels.block_sizes import MAX_HEAD_DIM
 from tx.kernels.common import SUPPORTED_DTYPES
 
 
-def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int, int]:
-    """Checks q ``[B,T,N,H]``, k/v ``[B,S,K,H]``; returns ``(B, T, S, N, K, H)``."""
+def check_qkv(q: Any, k: Any, v: Any, *,
+              value_dim: bool = False) -> tuple[int, int, int, int, int, int]:
+    """Checks q ``[B,T,N,H]``, k/v ``[B,S,K,H]``; returns ``(B, T, S, N, K, H)``.
+
+    ``value_dim``: the op takes values of their own head dim, ``v [B,S,K,Hv]`` (MLA's
+    expanded form: 192-wide q/k heads, 128-wide values)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name}.shape={getattr(x, 'shape', None)} must be 4-D: "
                              "q is [B, T, N, H] and k, v are [B, S, K, H].")
     (b, t, n, h), (bk, s, kh, hk) = q.shape, k.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k.shape={k.shape} and v.shape={v.shape} must match ([B, S, K, H]).")
+    if value_dim and k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k.shape={k.shape} and v.shape={v.shape} must agree in [B, S, K].")
+    if not value_dim and k.shape != v.shape:
+        raise ValueError(f"k.shape={k.shape} and v.shape={v.shape} must match ([B, S, K, H]); "
+                         "this op takes no value head dim of its own.")
     if bk != b:
         raise ValueError(f"k.shape[0]={bk} must equal q.shape[0]={b} (batch).")
     if hk != h:
@@ -36,6 +43,23 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int, int]:
         raise ValueError(f"dtypes must match: q.dtype={q.dtype}, k.dtype={k.dtype}, "
                          f"v.dtype={v.dtype}; cast them to one dtype.")
     return b, t, s, n, kh, h
+
+
+def check_value_dim(value_dim: Any, h: int, values: Any, scales: Any = None) -> None:
+    """``value_dim`` (values = the first ``value_dim`` key columns) against the key head dim
+    ``h``; with it no separate values (``values``, ``scales``) may be given."""
+    if value_dim is None:
+        if values is None:
+            raise ValueError("v is None: give the values, or value_dim=<width> to read them "
+                             "from the first key columns.")
+        return
+    if isinstance(value_dim, bool) or not isinstance(value_dim, (int, np.integer)) or \
+            not 1 <= value_dim <= h:
+        raise ValueError(f"value_dim={value_dim!r} must be an int in [1, {h}] (the key head "
+                         "dim): the values are the keys' first value_dim columns.")
+    if values is not None or scales is not None:
+        raise ValueError(f"value_dim={value_dim} reads the values from the keys: pass v=None "
+                         "(and v_scales=None), not separate values.")
 
 
 def check_mask(mask: Any) -> masks_lib.Mask:
@@ -98,12 +122,12 @@ def check_bias(bias: Any, b: int, t: int, s: int, n: int) -> None:
                          f"[{b} or 1, {n} or 1, {t}, {s}].")
 
 
-def check_dtype_and_head_dim(q) -> None:
-    """The dtypes and head dims the Pallas kernels take."""
+def check_dtype_and_head_dim(q, name: str = "q") -> None:
+    """The dtypes and head dims the Pallas kernels take (``name``: the argument checked)."""
     if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q.dtype={q.dtype} is not supported; cast q, k and v to float32, "
-                         "bfloat16 or float16.")
+        raise ValueError(f"{name}.dtype={q.dtype} is not supported; cast q, k and v to "
+                         "float32, bfloat16 or float16.")
     h = q.shape[-1]
     if not 1 <= h <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim={h} (q.shape[3]) must be in [1, "
+        raise ValueError(f"head_dim={h} ({name}.shape[3]) must be in [1, "
                          f"{MAX_HEAD_DIM}]; split larger heads.")

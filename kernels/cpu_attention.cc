@@ -48,8 +48,8 @@ Visibility visibility_of(I32 rows, I32 kv_len, ffi::Buffer<ffi::S8> visible, I32
 // The forward of one task's rows over its filled panel: o, and lse unless it is null.
 void attend_rows(const Dims& d, const Visibility& vis, int64_t bi, int64_t kh,
                  const Panel& panel, const float* qp, float* op, float* lp) {
-  int64_t hp = panel.hp, ld = panel.sp;
-  std::vector<float> qs(kSlots * hp), logits(kSlots * ld), acc(kSlots * hp);
+  int64_t hp = panel.hp, hvp = panel.hvp, ld = panel.sp;
+  std::vector<float> qs(kSlots * hp), logits(kSlots * ld), acc(kSlots * hvp);
   float m[kSlots], l[kSlots];
   for (int64_t first = 0; first < d.t * d.g; first += kSlots) {
     Group gr(d, vis, bi, kh, first);
@@ -62,8 +62,8 @@ void attend_rows(const Dims& d, const Visibility& vis, int64_t bi, int64_t kh,
           m[s] = sl.empty() ? 0.0f : tx_cpu::max_of(logits.data() + s * ld, sl.j0, sl.j1);
         }
         slot_exp(gr, logits.data(), ld, m, l);
-        with_vectors(hp / kLanes, [&](auto hv) {
-          slot_weighted_rows<hv()>(gr, logits.data(), ld, panel.v_rows.data(), hp,
+        with_vectors(hvp / kLanes, [&](auto hv) {
+          slot_weighted_rows<hv()>(gr, logits.data(), ld, panel.v_rows.data(), hvp,
                                    acc.data());
         });
       }
@@ -71,14 +71,14 @@ void attend_rows(const Dims& d, const Visibility& vis, int64_t bi, int64_t kh,
     for (int s = 0; s < kSlots; ++s) {
       const Slot& sl = gr.slot[s];
       if (!sl.real) continue;
-      float* out = op + row_at(d, bi, sl);
+      float* out = op + row_at(d, bi, sl, d.hv);
       float* row_lse = lp == nullptr ? nullptr : lp + (bi * d.n + sl.n) * d.t + sl.i;
       if (sl.empty()) {  // sees no key: zeros, and an lse the backward reads as "skip"
-        std::fill(out, out + d.h, 0.0f);
+        std::fill(out, out + d.hv, 0.0f);
         if (row_lse != nullptr) *row_lse = std::numeric_limits<float>::infinity();
         continue;
       }
-      for (int64_t c = 0; c < d.h; ++c) out[c] = acc[s * hp + c] / l[s];
+      for (int64_t c = 0; c < d.hv; ++c) out[c] = acc[s * hvp + c] / l[s];
       if (row_lse != nullptr) *row_lse = m[s] + std::log(l[s]);
     }
   }
@@ -88,14 +88,14 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_l
                    ffi::Buffer<ffi::S8> visible, I32 q_seg, I32 kv_seg, float scale,
                    int64_t dense, int64_t packed, ffi::ResultBuffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> lse) {
-  Dims d = dims_of(q.dimensions(), k.dimensions(), scale);
+  Dims d = dims_of(q.dimensions(), k.dimensions(), v.dimensions()[3], scale);
   Visibility vis = visibility_of(rows, kv_len, visible, q_seg, kv_seg, dense, packed);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = o->typed_data(), *lp = lse->typed_data();
   parallel_for(pool, d.b * d.k, work_of(d), [&](int64_t item) {
     int64_t bi = item / d.k, kh = item % d.k;
     Panel panel(d, /*backward=*/false);
-    panel.fill(d, kp, vp, bi, kh);
+    panel.fill(d, kp, vp, bi, kh, -1, d.hv);
     attend_rows(d, vis, bi, kh, panel, qp, op, lp);
   });
   return ffi::Error::Success();
@@ -106,7 +106,7 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_
                     F32 d_o, float scale, int64_t dense, int64_t packed,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
-  Dims d = dims_of(q.dimensions(), k.dimensions(), scale);
+  Dims d = dims_of(q.dimensions(), k.dimensions(), v.dimensions()[3], scale);
   Visibility vis = visibility_of(rows, kv_len, visible, q_seg, kv_seg, dense, packed);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *opp = o.typed_data(), *lp = lse.typed_data(), *dop = d_o.typed_data();
@@ -114,10 +114,10 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_
   parallel_for(pool, d.b * d.k, work_of(d), [&](int64_t item) {
     int64_t bi = item / d.k, kh = item % d.k;
     Panel panel(d, /*backward=*/true);
-    panel.fill(d, kp, vp, bi, kh);
-    int64_t hp = panel.hp, ld = panel.sp;
-    std::vector<float> qs(kSlots * hp), dos(kSlots * hp), p(kSlots * ld), ds(kSlots * ld),
-        dq_rows(kSlots * hp), dk_rows(d.s * hp, 0.0f), dv_rows(d.s * hp, 0.0f);
+    panel.fill(d, kp, vp, bi, kh, -1, d.hv);
+    int64_t hp = panel.hp, hvp = panel.hvp, ld = panel.sp;
+    std::vector<float> qs(kSlots * hp), dos(kSlots * hvp), p(kSlots * ld), ds(kSlots * ld),
+        dq_rows(kSlots * hp), dk_rows(d.s * hp, 0.0f), dv_rows(d.s * hvp, 0.0f);
     float row_lse[kSlots], delta[kSlots], sums[kSlots];
     for (int64_t first = 0; first < d.t * d.g; first += kSlots) {
       Group gr(d, vis, bi, kh, first);
@@ -126,12 +126,12 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_
         Slot& sl = gr.slot[s];
         row_lse[s] = delta[s] = 0.0f;
         if (!sl.real) continue;
-        int64_t at = row_at(d, bi, sl);
+        int64_t at = row_at(d, bi, sl, d.hv);  // in o and do
         row_lse[s] = lp[(bi * d.n + sl.n) * d.t + sl.i];
         if (std::isinf(row_lse[s])) sl.j0 = sl.j1 = 0;  // the forward saw no key here
         if (sl.empty()) continue;
-        for (int64_t c = 0; c < d.h; ++c) {
-          dos[s * hp + c] = dop[at + c];
+        for (int64_t c = 0; c < d.hv; ++c) {
+          dos[s * hvp + c] = dop[at + c];
           delta[s] += dop[at + c] * opp[at + c];
         }
       }
@@ -143,12 +143,14 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_
         slot_hide(d, vis, bi, gr, p.data(), ld);
         slot_exp(gr, p.data(), ld, row_lse, sums);
         // dp_j = do . v_j; ds_j = p_j (dp_j - delta) (zero where p is).
-        slot_dots(gr, dos.data(), hp, panel.vt.data(), d.h, panel.sp, ds.data(), ld);
+        slot_dots(gr, dos.data(), hvp, panel.vt.data(), d.hv, panel.sp, ds.data(), ld);
         for (int s = 0; s < kSlots; ++s)
           for (int64_t j = gr.u0; j < gr.u1; ++j)
             ds[s * ld + j] = p[s * ld + j] * (ds[s * ld + j] - delta[s]);
+        with_vectors(hvp / kLanes, [&](auto hv) {
+          slot_add_outer<hv()>(gr, p.data(), ld, dos.data(), hvp, dv_rows.data());
+        });
         with_vectors(hp / kLanes, [&](auto hv) {
-          slot_add_outer<hv()>(gr, p.data(), ld, dos.data(), hp, dv_rows.data());
           slot_add_outer<hv()>(gr, ds.data(), ld, qs.data(), hp, dk_rows.data());
           slot_weighted_rows<hv()>(gr, ds.data(), ld, panel.k_rows.data(), hp, dq_rows.data());
         });
@@ -156,16 +158,14 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 rows, I32 kv_
       for (int s = 0; s < kSlots; ++s) {
         const Slot& sl = gr.slot[s];
         if (!sl.real) continue;
-        float* out = dqp + row_at(d, bi, sl);
+        float* out = dqp + row_at(d, bi, sl, d.h);
         for (int64_t c = 0; c < d.h; ++c) out[c] = dq_rows[s * hp + c] * d.scale;
       }
     }
     for (int64_t j = 0; j < d.s; ++j) {
-      int64_t at = ((bi * d.s + j) * d.k + kh) * d.h;
-      for (int64_t c = 0; c < d.h; ++c) {
-        dkp[at + c] = dk_rows[j * hp + c];
-        dvp[at + c] = dv_rows[j * hp + c];
-      }
+      int64_t at = (bi * d.s + j) * d.k + kh;
+      for (int64_t c = 0; c < d.h; ++c) dkp[at * d.h + c] = dk_rows[j * hp + c];
+      for (int64_t c = 0; c < d.hv; ++c) dvp[at * d.hv + c] = dv_rows[j * hvp + c];
     }
   });
   return ffi::Error::Success();
@@ -182,19 +182,30 @@ Visibility cached_rows(const Dims& d, I32 lengths, int64_t lo, int64_t hi) {
   return vis;
 }
 
+// The values' width and their entries' stride: v's own [.., Hv], or with value_dim > 0 the
+// keys' first value_dim columns (v is then the keys themselves: a latent cache).
+void value_layout(int64_t value_dim, int64_t h, int64_t v_width, int64_t* hv,
+                  int64_t* stride) {
+  *hv = value_dim > 0 ? value_dim : v_width;
+  *stride = value_dim > 0 ? h : v_width;
+}
+
 // A contiguous cache's new rows: q [B, T, N, H] at positions lengths - T .. lengths - 1 over
-// k/v [B, S, K, H], of which each batch row's first lengths[b] slots are written (forward
-// only: decoding takes no gradients).
+// k [B, S, K, H], v [B, S, K, Hv], of which each batch row's first lengths[b] slots are
+// written (forward only: decoding takes no gradients).
 ffi::Error CachedForward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 lengths, float scale,
-                         int64_t lo, int64_t hi, ffi::ResultBuffer<ffi::F32> o) {
-  Dims d = dims_of(q.dimensions(), k.dimensions(), scale);
+                         int64_t lo, int64_t hi, int64_t value_dim,
+                         ffi::ResultBuffer<ffi::F32> o) {
+  int64_t hv, v_stride;
+  value_layout(value_dim, k.dimensions()[3], v.dimensions()[3], &hv, &v_stride);
+  Dims d = dims_of(q.dimensions(), k.dimensions(), hv, scale);
   Visibility vis = cached_rows(d, lengths, lo, hi);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float* op = o->typed_data();
   parallel_for(pool, d.b * d.k, work_of(d), [&](int64_t item) {
     int64_t bi = item / d.k, kh = item % d.k;
     Panel panel(d, /*backward=*/false);
-    panel.fill(d, kp, vp, bi, kh, vis.kv_len[bi]);
+    panel.fill(d, kp, vp, bi, kh, vis.kv_len[bi], v_stride);
     attend_rows(d, vis, bi, kh, panel, qp, op, nullptr);
   });
   return ffi::Error::Success();
@@ -204,10 +215,10 @@ ffi::Error CachedForward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 lengths,
 // table names in the pools [K, P, L, H].
 void attend_pages(ffi::ThreadPool& pool, F32 q, const float* kp, const float* vp,
                   ffi::AnyBuffer::Dimensions pd, I32 tables, I32 lengths, float scale,
-                  int64_t lo, int64_t hi, float* op) {
+                  int64_t lo, int64_t hi, int64_t hv, int64_t v_stride, float* op) {
   auto qd = q.dimensions();
   int64_t pages = pd[1], page = pd[2], per_row = tables.dimensions()[1];
-  Dims d{qd[0], qd[1], per_row * page, qd[2], pd[0], qd[3], qd[2] / pd[0], scale};
+  Dims d{qd[0], qd[1], per_row * page, qd[2], pd[0], qd[3], qd[2] / pd[0], scale, hv};
   Visibility vis = cached_rows(d, lengths, lo, hi);
   const float* qp = q.typed_data();
   const int32_t* tp = tables.typed_data();
@@ -217,7 +228,7 @@ void attend_pages(ffi::ThreadPool& pool, F32 q, const float* kp, const float* vp
     std::vector<int8_t> key_ok(d.s);
     Visibility mine = vis;
     if (!panel.fill_pages(d, kp, vp, tp + bi * per_row, pages, page, kh,
-                          vis.kv_len[bi], key_ok)) {
+                          vis.kv_len[bi], key_ok, v_stride)) {
       mine.key_ok = key_ok.data();
     }
     attend_rows(d, mine, bi, kh, panel, qp, op, nullptr);
@@ -225,10 +236,12 @@ void attend_pages(ffi::ThreadPool& pool, F32 q, const float* kp, const float* vp
 }
 
 ffi::Error PagedForward(ffi::ThreadPool pool, F32 q, F32 k_pages, F32 v_pages, I32 tables,
-                        I32 lengths, float scale, int64_t lo, int64_t hi,
+                        I32 lengths, float scale, int64_t lo, int64_t hi, int64_t value_dim,
                         ffi::ResultBuffer<ffi::F32> o) {
+  int64_t hv, v_stride;
+  value_layout(value_dim, k_pages.dimensions()[3], v_pages.dimensions()[3], &hv, &v_stride);
   attend_pages(pool, q, k_pages.typed_data(), v_pages.typed_data(), k_pages.dimensions(),
-               tables, lengths, scale, lo, hi, o->typed_data());
+               tables, lengths, scale, lo, hi, hv, v_stride, o->typed_data());
   return ffi::Error::Success();
 }
 
@@ -265,7 +278,7 @@ ffi::Error PagedWriteForward(ffi::ThreadPool pool, F32 q, F32 k_new, F32 v_new, 
       }
     }
   }
-  attend_pages(pool, q, kp, vp, pd, tables, lengths, scale, lo, hi, o->typed_data());
+  attend_pages(pool, q, kp, vp, pd, tables, lengths, scale, lo, hi, h, h, o->typed_data());
   return ffi::Error::Success();
 }
 
@@ -310,6 +323,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuCachedAttention, CachedForward,
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("lo")
                                   .Attr<int64_t>("hi")
+                                  .Attr<int64_t>("value_dim")  // > 0: v is k (latent)
                                   .Ret<F32>());  // o
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuPagedAttention, PagedForward,
@@ -323,6 +337,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuPagedAttention, PagedForward,
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("lo")
                                   .Attr<int64_t>("hi")
+                                  .Attr<int64_t>("value_dim")  // > 0: v_pages is k_pages
                                   .Ret<F32>());  // o
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TxCpuPagedWriteAttention, PagedWriteForward,

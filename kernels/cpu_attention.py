@@ -279,7 +279,8 @@ def _attend(q, k, v, seen, attrs):
 
 def _forward(q, k, v, seen, attrs):
     (b, t, n, _), f32 = q.shape, jnp.float32
-    out = (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct((b, n, t), f32))
+    out = (jax.ShapeDtypeStruct((b, t, n, v.shape[3]), f32),
+           jax.ShapeDtypeStruct((b, n, t), f32))
     call = jax.ffi.ffi_call("tx_cpu_attention_forward", out, vmap_method="sequential")
     return call(q, k, v, *seen, **dict(attrs))
 
@@ -300,7 +301,8 @@ def _attend_bwd(attrs, residuals, do):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _decline(kernel: str, q, unused: dict, reasons: list[str]) -> None:
+def _decline(kernel: str, q, unused: dict, reasons: list[str],
+             value_dim: int | None = None) -> None:
     """Raises ``NotImplementedError`` naming everything ``kernel`` does not serve: the
     arguments in ``unused`` that are not None, ``reasons``, and the head dim and backend
     limits both entry points share. Returns when there is nothing to decline."""
@@ -308,6 +310,8 @@ def _decline(kernel: str, q, unused: dict, reasons: list[str]) -> None:
         + reasons
     if q.shape[-1] > _MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
+    if value_dim is not None and value_dim > _MAX_HEAD_DIM:
+        reasons.append(f"value head dim {value_dim} > {_MAX_HEAD_DIM}")
     if jax.default_backend() != "cpu":
         reasons.append(f"backend {jax.default_backend()!r} (it runs on the CPU only)")
     if reasons:
@@ -332,11 +336,11 @@ def attention(q, k, v, *, mask=None, segment_ids=None, kv_lengths=None, scale=No
     score modifier, explicit positions, head dims past 256, or a backend other than the
     CPU. ``block_q`` is accepted and ignored (the kernel takes its rows four at a time)."""
     del block_q
-    checks.check_qkv(q, k, v)
+    checks.check_qkv(q, k, v, value_dim=True)  # values of their own head dim: MLA
     mask = masks_lib.Full() if mask is None else mask
     _decline("cpu attention", q, dict(bias=bias, q_positions=q_positions,
                                       kv_positions=kv_positions, score_mod=score_mod),
-             _mask_reasons(q, k, mask))
+             _mask_reasons(q, k, mask), v.shape[-1])
     _register()
     (b, t, _, h), s = q.shape, k.shape[1]
     rows, dense = _row_ranges(mask, t, s)
@@ -360,49 +364,67 @@ def _band_attrs(band) -> dict:
     return dict(lo=np.int64(lo), hi=np.int64(hi))
 
 
-def _cached_attrs(q, mask, scale, kernel: str, unused: dict) -> dict:
+def _cached_attrs(q, mask, scale, kernel: str, unused: dict, value_dim=None) -> dict:
     """The band and scale of a cache's call, after declining what the kernel does not serve."""
     mask = masks_lib.Full() if mask is None else mask
     band = mask.band() if isinstance(mask, masks_lib.Mask) else None
-    _decline(kernel, q, unused, [] if band is not None else [f"mask={mask!r} (not a band)"])
+    _decline(kernel, q, unused, [] if band is not None else [f"mask={mask!r} (not a band)"],
+             value_dim)
     _register()
     return dict(scale=np.float32(q.shape[-1] ** -0.5 if scale is None else scale),
                 **_band_attrs(band))
 
 
-def cached_attention(q, k, v, lengths, *, mask=None, scale=None, score_mod=None):
-    """New queries ``q [B, T, N, H]`` over a contiguous cache's ``k, v [B, S, K, H]``, of which
-    each row's first ``lengths [B]`` slots are written: query ``i`` sits at position
-    ``lengths - T + i`` and sees the keys below ``lengths`` that ``mask`` shows it (the cache's
-    ``q_positions`` / ``kv_positions`` in ``kernels.reference.attention``). Forward only, fp32
-    compute. Declines score modifiers, masks that are not a band, head dims past 256 and
-    backends other than the CPU."""
-    checks.check_qkv(q, k, v)
-    attrs = _cached_attrs(q, mask, scale, "cpu cached attention", dict(score_mod=score_mod))
+def cached_attention(q, k, v, lengths, *, mask=None, scale=None, score_mod=None,
+                     value_dim=None):
+    """New queries ``q [B, T, N, H]`` over a contiguous cache's ``k [B, S, K, H]``, ``v [B, S,
+    K, Hv]``, of which each row's first ``lengths [B]`` slots are written: query ``i`` sits at
+    position ``lengths - T + i`` and sees the keys below ``lengths`` that ``mask`` shows it
+    (the cache's ``q_positions`` / ``kv_positions`` in ``kernels.reference.attention``).
+    ``value_dim``: v is None and the values are ``k[..., :value_dim]`` (a latent cache, read
+    in place). Forward only, fp32 compute. Declines score modifiers, masks that are not a
+    band, head dims past 256 and backends other than the CPU."""
+    if value_dim is None:
+        checks.check_qkv(q, k, v, value_dim=True)
+    else:
+        checks.check_value_dim(value_dim, k.shape[-1], v)
+        checks.check_qkv(q, k, k)
+    hv = v.shape[-1] if value_dim is None else value_dim
+    attrs = _cached_attrs(q, mask, scale, "cpu cached attention", dict(score_mod=score_mod),
+                          hv)
     call = jax.ffi.ffi_call("tx_cpu_attention_cached",
-                            jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+                            jax.ShapeDtypeStruct(q.shape[:3] + (hv,), jnp.float32),
+                            vmap_method="sequential")
     f32 = jnp.float32
-    out = call(q.astype(f32), k.astype(f32), v.astype(f32), jnp.asarray(lengths, jnp.int32),
-               **attrs)
+    k = k.astype(f32)
+    v = k if value_dim is not None else v.astype(f32)  # the keys hold the values: one buffer
+    out = call(q.astype(f32), k, v, jnp.asarray(lengths, jnp.int32),
+               value_dim=np.int64(value_dim or 0), **attrs)
     return out.astype(q.dtype)
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mask=None, scale=None,
-                    k_scales=None, v_scales=None, score_mod=None):
+                    k_scales=None, v_scales=None, score_mod=None, value_dim=None):
     """``kernels.reference.paged_attention``'s signature and results for a decode step or
     prefill over fp32 (or cast) pages ``[K, P, L, H]``, read through the block tables in
-    place: no gathered copy of the sequence's K/V. Forward only. Declines (raises
-    ``NotImplementedError``) int8 pages, score modifiers, masks that are not a band, head
-    dims past 256 and backends other than the CPU."""
+    place: no gathered copy of the sequence's K/V. ``value_dim``: no v_pages, the values are
+    the first ``value_dim`` columns of the key pages (a latent cache). Forward only. Declines
+    (raises ``NotImplementedError``) int8 pages, score modifiers, masks that are not a band,
+    head dims past 256 and backends other than the CPU."""
+    if value_dim is not None:
+        checks.check_value_dim(value_dim, k_pages.shape[-1], v_pages, v_scales)
+    hv = v_pages.shape[-1] if value_dim is None else value_dim
     attrs = _cached_attrs(q, mask, scale, "cpu paged attention",
-                          dict(k_scales=k_scales, score_mod=score_mod))
+                          dict(k_scales=k_scales, score_mod=score_mod), hv)
     squeeze = q.ndim == 3
     q_btnh = (q[:, None] if squeeze else q).astype(jnp.float32)
     call = jax.ffi.ffi_call("tx_cpu_attention_paged",
-                            jax.ShapeDtypeStruct(q_btnh.shape, jnp.float32),
+                            jax.ShapeDtypeStruct(q_btnh.shape[:3] + (hv,), jnp.float32),
                             vmap_method="sequential")
-    out = call(q_btnh, k_pages.astype(jnp.float32), v_pages.astype(jnp.float32),
-               jnp.asarray(block_tables, jnp.int32), jnp.asarray(lengths, jnp.int32), **attrs)
+    k_pages = k_pages.astype(jnp.float32)
+    v_pages = k_pages if value_dim is not None else v_pages.astype(jnp.float32)
+    out = call(q_btnh, k_pages, v_pages, jnp.asarray(block_tables, jnp.int32),
+               jnp.asarray(lengths, jnp.int32), value_dim=np.int64(value_dim or 0), **attrs)
     out = out.astype(q.dtype)
     return out[:, 0] if squeeze else out
 
@@ -418,6 +440,9 @@ def paged_write_attention(q, k_new, v_new, k_pages, v_pages, block_tables, lengt
     attrs = _cached_attrs(q, mask, scale, "cpu paged attention", dict(score_mod=score_mod))
     if k_pages.dtype != jnp.float32 or v_pages.dtype != jnp.float32:
         raise NotImplementedError(f"the cpu paged kernel stores fp32 pages, not {k_pages.dtype}")
+    if k_pages.shape != v_pages.shape:
+        raise NotImplementedError(f"the cpu paged writer stores K and V of one head dim, not "
+                                  f"{k_pages.shape[-1]} and {v_pages.shape[-1]}")
     squeeze = q.ndim == 3
     f32 = jnp.float32
     q_btnh = (q[:, None] if squeeze else q).astype(f32)

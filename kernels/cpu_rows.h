@@ -16,13 +16,17 @@
 
 namespace tx_cpu {
 
+// h: the q/k head dim; hv: the values' (and the output's), h but for MLA's expanded form
+// (192 vs 128) or a latent cache (values = the keys' first hv columns).
 struct Dims {
   int64_t b, t, s, n, k, h, g;
   float scale;
+  int64_t hv;
 };
 
-Dims dims_of(ffi::AnyBuffer::Dimensions q, ffi::AnyBuffer::Dimensions k, float scale) {
-  return Dims{q[0], q[1], k[1], q[2], k[2], q[3], q[2] / k[2], scale};
+Dims dims_of(ffi::AnyBuffer::Dimensions q, ffi::AnyBuffer::Dimensions k, int64_t hv,
+             float scale) {
+  return Dims{q[0], q[1], k[1], q[2], k[2], q[3], q[2] / k[2], scale, hv};
 }
 
 struct Visibility {
@@ -77,12 +81,12 @@ class Scratch {
   std::unique_ptr<float[]> p_;
 };
 
-// One (batch row, K/V head): its keys transposed [H, Sp] and its values [S, Hp], padded with
-// zeros to whole vectors, so a row's logits are vector FMAs over keys and its output over
-// channels. The backward also reads the keys as rows (for dQ) and the values transposed
-// (for dP).
+// One (batch row, K/V head): its keys transposed [H, Sp] and its values [S, Hvp], padded
+// with zeros to whole vectors, so a row's logits are vector FMAs over keys and its output
+// over channels. The backward also reads the keys as rows (for dQ) and the values
+// transposed (for dP).
 struct Panel {
-  int64_t sp, hp, h;
+  int64_t sp, hp, h, hvp, hv;
   bool backward;
   Scratch kt, k_rows, vt, v_rows;
   // The transposed panels' row stride is padded by one vector past a whole number of them:
@@ -91,26 +95,30 @@ struct Panel {
       : sp((d.s + kLanes - 1) / kLanes * kLanes + kLanes),
         hp((d.h + kLanes - 1) / kLanes * kLanes),
         h(d.h),
+        hvp((d.hv + kLanes - 1) / kLanes * kLanes),
+        hv(d.hv),
         backward(backward),
         kt(d.h * sp),
         k_rows(backward ? d.s * hp : 0),
-        vt(backward ? d.h * sp : 0),
-        v_rows(d.s * hp) {}
-  // Batch row bi's keys [0, filled) of K/V head kh from k/v [B, S, K, H] (a contiguous
-  // cache passes its length: the slots past it hold nothing yet).
+        vt(backward ? d.hv * sp : 0),
+        v_rows(d.s * hvp) {}
+  // Batch row bi's keys [0, filled) of K/V head kh from k [B, S, K, H] and v (a contiguous
+  // cache passes its length: the slots past it hold nothing yet). v's entries are
+  // v_stride apart: hv for v [B, S, K, Hv]; h where v is k itself (a latent cache, whose
+  // values are each key's first hv columns).
   void fill(const Dims& d, const float* k, const float* v, int64_t bi, int64_t kh,
-            int64_t filled = -1) {
+            int64_t filled, int64_t v_stride) {
     int64_t upto = filled < 0 ? d.s : std::min<int64_t>(filled, d.s);
     for (int64_t j = 0; j < upto; ++j) {
       const float* kj = k + ((bi * d.s + j) * d.k + kh) * d.h;
-      const float* vj = v + ((bi * d.s + j) * d.k + kh) * d.h;
+      const float* vj = v + ((bi * d.s + j) * d.k + kh) * v_stride;
       for (int64_t c = 0; c < d.h; ++c) {
         kt[c * sp + j] = kj[c];
-        v_rows[j * hp + c] = vj[c];
-        if (backward) {
-          k_rows[j * hp + c] = kj[c];
-          vt[c * sp + j] = vj[c];
-        }
+        if (backward) k_rows[j * hp + c] = kj[c];
+      }
+      for (int64_t c = 0; c < d.hv; ++c) {
+        v_rows[j * hvp + c] = vj[c];
+        if (backward) vt[c * sp + j] = vj[c];
       }
       pad_row(j);
     }
@@ -119,20 +127,20 @@ struct Panel {
   // From a page pool [K, P, L, H] through batch row bi's block table (max_pages ids), the
   // first `len` keys; a key on a page id outside [0, P) reads as zero and key_ok[j] = 0.
   // Returns whether every page read was valid.
+  // v_pages' entries are v_stride apart, as in fill().
   bool fill_pages(const Dims& d, const float* k_pages, const float* v_pages,
                   const int32_t* table, int64_t pages, int64_t page, int64_t kh, int64_t len,
-                  std::vector<int8_t>& key_ok) {
+                  std::vector<int8_t>& key_ok, int64_t v_stride) {
     std::fill(key_ok.begin(), key_ok.end(), 1);
     bool all_valid = true;
     int64_t upto = std::min<int64_t>(len, d.s);
     for (int64_t j = 0; j < upto; ++j) {
       int64_t slot = page_slot(table, pages, page, j);
       bool valid = slot >= 0;
-      int64_t at = (kh * pages * page + (valid ? slot : 0)) * d.h;
-      for (int64_t c = 0; c < d.h; ++c) {
-        kt[c * sp + j] = valid ? k_pages[at + c] : 0.0f;
-        v_rows[j * hp + c] = valid ? v_pages[at + c] : 0.0f;
-      }
+      int64_t at = kh * pages * page + (valid ? slot : 0);
+      for (int64_t c = 0; c < d.h; ++c) kt[c * sp + j] = valid ? k_pages[at * d.h + c] : 0.0f;
+      for (int64_t c = 0; c < d.hv; ++c)
+        v_rows[j * hvp + c] = valid ? v_pages[at * v_stride + c] : 0.0f;
       pad_row(j);
       if (!valid) {
         key_ok[j] = 0;
@@ -149,18 +157,16 @@ struct Panel {
   // Group); those are the entries written here. Zeroing all S keys per task cost as much as
   // a decode step's attention itself.
   void pad_row(int64_t j) {
-    for (auto* rows : {&v_rows, &k_rows}) {
-      if (!rows->empty())
-        std::fill(rows->data() + j * hp + h, rows->data() + (j + 1) * hp, 0.0f);
-    }
+    std::fill(v_rows.data() + j * hvp + hv, v_rows.data() + (j + 1) * hvp, 0.0f);
+    if (!k_rows.empty()) std::fill(k_rows.data() + j * hp + h, k_rows.data() + (j + 1) * hp, 0.0f);
   }
   void pad_keys(int64_t upto) {
     int64_t end = std::min<int64_t>(sp, (upto + kLanes - 1) / kLanes * kLanes + kLanes);
-    for (auto* t : {&kt, &vt}) {
-      if (t->empty()) continue;
-      for (int64_t c = 0; c < h; ++c)
-        std::fill(t->data() + c * sp + upto, t->data() + c * sp + end, 0.0f);
-    }
+    for (int64_t c = 0; c < h; ++c)
+      std::fill(kt.data() + c * sp + upto, kt.data() + c * sp + end, 0.0f);
+    if (vt.empty()) return;
+    for (int64_t c = 0; c < hv; ++c)
+      std::fill(vt.data() + c * sp + upto, vt.data() + c * sp + end, 0.0f);
   }
 };
 
@@ -370,8 +376,9 @@ inline void slot_queries(const Dims& d, const Group& gr, const float* q, int64_t
   }
 }
 
-inline int64_t row_at(const Dims& d, int64_t bi, const Slot& sl) {
-  return ((bi * d.t + sl.i) * d.n + sl.n) * d.h;
+// Where a slot's row starts in a [B, T, N, width] array (q: h; the output: hv).
+inline int64_t row_at(const Dims& d, int64_t bi, const Slot& sl, int64_t width) {
+  return ((bi * d.t + sl.i) * d.n + sl.n) * width;
 }
 
 }  // namespace tx_cpu

@@ -107,12 +107,12 @@ def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg, row_params,
     rows = cfg.blocks.block_q * cfg.fold
     nq = -(-cfg.q_len // cfg.blocks.block_q)
     kv_head = _kv_head(cfg)
-    s_pad = k_p.shape[1]
+    s_pad, vp = k_p.shape[1], v_p.shape[3]
     in_specs = [
         _table_spec(table),
         pl.BlockSpec((None, None, rows, hp), lambda b, h, i: (b, h, i, 0)),
         pl.BlockSpec((None, s_pad, None, hp), lambda b, h, i: (b, 0, kv_head(h), 0)),
-        pl.BlockSpec((None, s_pad, None, hp), lambda b, h, i: (b, 0, kv_head(h), 0)),
+        pl.BlockSpec((None, s_pad, None, vp), lambda b, h, i: (b, 0, kv_head(h), 0)),
     ]
     args = [table, q_f, k_p, v_p]
     specs, extra = _row_inputs(cfg, rows, q_seg, kv_seg,
@@ -126,9 +126,9 @@ def _forward_call(cfg: _Config, table, q_f, k_p, v_p, q_seg, kv_seg, row_params,
     kernel = functools.partial(_forward_kernel, cfg=cfg, precision=_precision(q_f.dtype))
     return pl.pallas_call(
         kernel, grid=(b, hg, nq), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, rows, hp), lambda b, h, i: (b, h, i, 0)),
+        out_specs=[pl.BlockSpec((None, None, rows, vp), lambda b, h, i: (b, h, i, 0)),
                    pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q_f.shape, q_f.dtype),
+        out_shape=[jax.ShapeDtypeStruct((b, hg, rows_total, vp), q_f.dtype),
                    jax.ShapeDtypeStruct((b, hg, rows_total), jnp.float32)],
         compiler_params=compiler_params(cfg.interpret, cfg.blocks), interpret=cfg.interpret,
         name="flash_attention_fwd",
@@ -141,11 +141,14 @@ def _dq_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_seg
     rows = cfg.blocks.block_q_dq * cfg.fold
     nq = -(-cfg.q_len // cfg.blocks.block_q_dq)
     kv_head = _kv_head(cfg)
-    s_pad = k_p.shape[1]
+    s_pad, vp = k_p.shape[1], v_p.shape[3]
     row_tile = pl.BlockSpec((None, None, rows, hp), lambda b, h, i: (b, h, i, 0))
     row_vec = pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i))
     kv_full = pl.BlockSpec((None, s_pad, None, hp), lambda b, h, i: (b, 0, kv_head(h), 0))
-    in_specs = [_table_spec(table), row_tile, kv_full, kv_full, row_tile, row_vec,
+    # Values and the output's cotangent are Hv wide (H, but for MLA's expanded form).
+    v_full = pl.BlockSpec((None, s_pad, None, vp), lambda b, h, i: (b, 0, kv_head(h), 0))
+    do_tile = pl.BlockSpec((None, None, rows, vp), lambda b, h, i: (b, h, i, 0))
+    in_specs = [_table_spec(table), row_tile, kv_full, v_full, do_tile, row_vec,
                 row_vec]
     args = [table, q_f, k_p, v_p, do_f, lse, delta]
     specs, extra = _row_inputs(cfg, rows, q_seg, kv_seg,
@@ -182,10 +185,13 @@ def _dkv_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_se
     nk = -(-cfg.kv_len // block_k)
     s_pad = k_p.shape[1]
     kv_head = _kv_head(cfg)
+    vp = v_p.shape[3]
     q_full = pl.BlockSpec((None, None, rows_total, hp), lambda b, h, j: (b, h, 0, 0))
+    do_full = pl.BlockSpec((None, None, rows_total, vp), lambda b, h, j: (b, h, 0, 0))
     vec_full = pl.BlockSpec((None, None, rows_total), lambda b, h, j: (b, h, 0))
     kv_tile = pl.BlockSpec((None, block_k, None, hp), lambda b, h, j: (b, j, kv_head(h), 0))
-    in_specs = [_table_spec(table), q_full, kv_tile, kv_tile, q_full, vec_full, vec_full]
+    v_tile = pl.BlockSpec((None, block_k, None, vp), lambda b, h, j: (b, j, kv_head(h), 0))
+    in_specs = [_table_spec(table), q_full, kv_tile, v_tile, do_full, vec_full, vec_full]
     args = [table, q_f, k_p, v_p, do_f, lse, delta]
     specs, extra = _row_inputs(cfg, cfg.blocks.block_q_dkv * cfg.fold, q_seg, kv_seg,
                                (pl.BlockSpec((None, rows_total), lambda b, h, j: (b, 0)),
@@ -197,7 +203,9 @@ def _dkv_call(cfg: _Config, table, q_f, k_p, v_p, do_f, lse, delta, q_seg, kv_se
     out_dtype = k_p.dtype if cfg.group == cfg.fold else jnp.float32
     out_tile = pl.BlockSpec((None, block_k, None, hp), lambda b, h, j: (b, j, h, 0))
     out_shape = jax.ShapeDtypeStruct((b, s_pad, hg, hp), out_dtype)
-    out_specs, out_shapes = [out_tile, out_tile], [out_shape, out_shape]
+    dv_tile = pl.BlockSpec((None, block_k, None, vp), lambda b, h, j: (b, j, h, 0))
+    dv_shape = jax.ShapeDtypeStruct((b, s_pad, hg, vp), out_dtype)
+    out_specs, out_shapes = [out_tile, dv_tile], [out_shape, dv_shape]
     specs, extra = row_tables.inputs(cfg, folded, rows_total, lambda b, h, j: (b, h, 0, 0),
                                      block_k, lambda b, h, j: (b, h, j, 0))
     in_specs, args = in_specs + specs, args + extra
@@ -228,10 +236,11 @@ def _tables(cfg: _Config, segment_ids, kv_lengths):
 def _forward(cfg: _Config, q, k, v, segment_ids, kv_lengths, params, sinks, tables):
     table, _, _ = _tables(cfg, segment_ids, kv_lengths)
     q_seg, kv_seg = flash_layout.segments(cfg, segment_ids)
-    q_f, k_p, v_p = flash_layout.fold_rows(cfg, q), flash_layout.pad_kv(cfg, k), flash_layout.pad_kv(cfg, v)
+    q_f, k_p = flash_layout.fold_rows(cfg, q), flash_layout.pad_kv(cfg, k)
+    v_p = flash_layout.pad_kv(cfg, v, cfg.v_pad)
     o_f, lse = _forward_call(cfg, table, q_f, k_p, v_p, q_seg, kv_seg, (params, sinks),
                              row_tables.layout(cfg, tables))
-    return flash_layout.unfold_rows(cfg, o_f, q.dtype), (q_f, k_p, v_p, o_f, lse)
+    return flash_layout.unfold_rows(cfg, o_f, q.dtype, cfg.v_dim), (q_f, k_p, v_p, o_f, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -263,14 +272,16 @@ def _sinks_grad(cfg: _Config, sinks, lse, delta):
     return _per_head(cfg, -p_sink * delta)
 
 
-def _flash_bwd(cfg: _Config, residuals, do):
+def _flash_bwd(cfg: _Config, residuals, do, d_lse=None):
     q_f, k_p, v_p, o_f, lse, segment_ids, kv_lengths, params, sinks, tables = residuals
     folded = row_tables.layout(cfg, tables)
     _, dq_table, dkv_table = _tables(cfg, segment_ids, kv_lengths)
     q_seg, kv_seg = flash_layout.segments(cfg, segment_ids)
-    do_f = flash_layout.fold_rows(cfg, do.astype(q_f.dtype))
+    do_f = flash_layout.fold_rows(cfg, do.astype(q_f.dtype), cfg.v_pad)
     # delta_i = sum_h o_ih * do_ih = sum_j p_ij * dp_ij, the softmax-backward row term.
     delta = jnp.sum(o_f.astype(jnp.float32) * do_f.astype(jnp.float32), axis=-1)
+    if d_lse is not None:  # the lse's cotangent (kernels.flash_lse): d lse_i / d s_ij = p_ij
+        delta = delta - d_lse
     # Rows past T were never written by the forward kernel: pin them to "sees nothing".
     real = (jnp.arange(cfg.q_pad * cfg.fold, dtype=jnp.int32) // cfg.fold < cfg.q_len)[None, None]
     delta = jnp.where(real, delta, 0.0)
@@ -284,10 +295,10 @@ def _flash_bwd(cfg: _Config, residuals, do):
     kh = hg * cfg.fold // cfg.group
     if cfg.group != cfg.fold:  # head groups sharing a K/V head: sum their contributions
         dk_p = dk_p.reshape(b, s_pad, kh, hg // kh, hp).sum(axis=3)
-        dv_p = dv_p.reshape(b, s_pad, kh, hg // kh, hp).sum(axis=3)
+        dv_p = dv_p.reshape(b, s_pad, kh, hg // kh, dv_p.shape[3]).sum(axis=3)
     dq = flash_layout.unfold_rows(cfg, dq_out[0], q_f.dtype)
     dk = dk_p[:, :cfg.kv_len, :, :cfg.head_dim].astype(k_p.dtype)
-    dv = dv_p[:, :cfg.kv_len, :, :cfg.head_dim].astype(v_p.dtype)
+    dv = dv_p[:, :cfg.kv_len, :, :cfg.v_dim].astype(v_p.dtype)
     d_params = None if params is None else \
         _per_head(cfg, dq_out[1])[:, :params.shape[1]].astype(params.dtype)
     d_sinks = None if sinks is None else _sinks_grad(cfg, sinks, lse, delta).astype(sinks.dtype)
@@ -312,8 +323,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     kv_lengths: jax.Array | None = None, scale: float | None = None,
                     block_sizes: BlockSizes | None = None,
                     interpret: bool | None = None,
-                    score_mod: score_mods.ScoreMod | None = None) -> jax.Array:
-    """Flash attention, q ``[B,T,N,H]``, k/v ``[B,S,K,H]`` -> ``[B,T,N,H]`` in q's dtype.
+                    score_mod: score_mods.ScoreMod | None = None,
+                    return_lse: bool = False) -> jax.Array:
+    """Flash attention, q ``[B,T,N,H]``, k ``[B,S,K,H]``, v ``[B,S,K,Hv]`` -> ``[B,T,N,Hv]``
+    in q's dtype (``Hv`` may differ from ``H``: MLA's expanded form).
 
     Same semantics as ``kernels.reference.attention`` (bottom-right aligned masks, segment ids,
     key lengths, zeros for rows that see nothing), differentiable in q, k and v.
@@ -329,12 +342,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       score_mod: a ``kernels.score_mods`` value (ALiBi, T5 buckets, soft-capping, sinks, a
         user function) applied to the logits of visible pairs inside the kernels; its
         parameters get gradients from the backward kernels (per head, no ``[T, S]`` tensor).
+      return_lse: also return each row's natural log-sum-exp ``[B, T, N]`` fp32 (-1e30 for a
+        row that sees nothing), differentiable (``kernels.flash_lse``).
     """
-    b, t, s, n, kh, h = checks.check_qkv(q, k, v)
+    b, t, s, n, kh, h = checks.check_qkv(q, k, v, value_dim=True)
+    hv = v.shape[3]
     mask = checks.check_mask(mask)
     checks.check_segment_ids(segment_ids, b, t, s)
     checks.check_kv_lengths(kv_lengths, b)
     checks.check_dtype_and_head_dim(q)
+    checks.check_dtype_and_head_dim(v, "v")
     scale = checks.check_scale(scale, h)
     structure, params, sinks = score_mods.split(score_mods.check(score_mod, n), n, tables=True)
     row_tables.check_call(score_mod, b, t, s)
@@ -343,7 +360,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     fold = 1 if col_width else _group_fold(group)  # a column table is per query head
     if block_sizes is None:
         device_kind = "cpu" if interpret else None  # interpret mode uses the CPU entries
-        block_sizes = block_sizes_lib.default_block_sizes(h, fold, device_kind)
+        # Tiles sized for the wider of the q/k and v heads (they share the kernel's memory).
+        block_sizes = block_sizes_lib.default_block_sizes(max(h, hv), fold, device_kind)
     block_sizes_lib.check_block_sizes(block_sizes)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -353,9 +371,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                   has_segments=segment_ids is not None, has_lengths=kv_lengths is not None,
                   interpret=bool(interpret), mod=structure,
                   mod_width=0 if params is None else score_mods.pad_width(params.shape[1]),
-                  has_sinks=sinks is not None, row_width=row_width, col_width=col_width)
+                  has_sinks=sinks is not None, row_width=row_width, col_width=col_width,
+                  value_dim=0 if hv == h else hv,
+                  value_dim_pad=0 if hv == h else max(block_sizes_lib.MIN_BLOCK,
+                                                      next_pow2(hv)))
     if segment_ids is not None:
         segment_ids = (jnp.asarray(segment_ids[0]), jnp.asarray(segment_ids[1]))
+    if return_lse:  # (out, lse [B, T, N]), both differentiable (ring attention's blocks)
+        from tx.kernels import flash_lse  # noqa: PLC0415  (it builds on this module)
+        return flash_lse.with_lse(cfg, q, k, v, segment_ids, kv_lengths, params, sinks,
+                                  score_mods.tables(score_mod))
     return _flash_jit(cfg, q, k, v, segment_ids, kv_lengths, params, sinks,
                       score_mods.tables(score_mod))
 
@@ -371,7 +396,9 @@ def registry_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None,
                                   "modifier (kernels.score_mods) instead")
     if q_positions is not None or kv_positions is not None:
         raise NotImplementedError("the Pallas kernel uses bottom-right aligned positions only")
-    if q.dtype not in SUPPORTED_DTYPES or q.shape[-1] > block_sizes_lib.MAX_HEAD_DIM:
-        raise NotImplementedError(f"dtype {q.dtype} / head_dim {q.shape[-1]} unsupported")
+    if q.dtype not in SUPPORTED_DTYPES or \
+            max(q.shape[-1], v.shape[-1]) > block_sizes_lib.MAX_HEAD_DIM:
+        raise NotImplementedError(f"dtype {q.dtype} / head dims {q.shape[-1]}, {v.shape[-1]} "
+                                  "unsupported")
     return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, kv_lengths=kv_lengths,
                            scale=scale, score_mod=score_mod)

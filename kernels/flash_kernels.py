@@ -39,6 +39,18 @@ class Config:
     has_sinks: bool = False
     row_width: int = 0  # padded columns of the modifier's row / column tables (row_tables)
     col_width: int = 0
+    # Values of their own head dim Hv (MLA's expanded form: 192-wide q/k, 128-wide v) and
+    # its padding; 0: the values are H wide, as q and k (the common case).
+    value_dim: int = 0
+    value_dim_pad: int = 0
+
+    @property
+    def v_dim(self) -> int:
+        return self.value_dim or self.head_dim
+
+    @property
+    def v_pad(self) -> int:
+        return self.value_dim_pad or self.head_dim_pad
 
     @property
     def q_pad(self) -> int:
@@ -111,7 +123,8 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: Config, precision
         v = v_ref[pl.ds(kv_start, block_k), :]                             # [block_k, Hp]
         return online_softmax.update(m_prev, l_prev, acc, s, v, precision)
 
-    carry = (*tile_logits.initial_max(cfg, sinks_ref, rows), jnp.zeros(q.shape, jnp.float32))
+    carry = (*tile_logits.initial_max(cfg, sinks_ref, rows),
+             jnp.zeros((rows, v_ref.shape[-1]), jnp.float32))               # [rows, Hv_p]
     m, l, acc = tiles.visit_tiles(table_ref, visit, carry)
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)

@@ -103,6 +103,7 @@ class _Config:
     mod: Any = None       # tree structure of the score modifier (kernels.score_mods), or None
     mod_width: int = 0    # its parameter columns per head, padded to a power of two
     has_sinks: bool = False
+    value_dim: int = 0    # > 0: no V pages, the values are K's first value_dim columns
 
     @property
     def kv_len(self) -> int:
@@ -164,7 +165,8 @@ def _split_meta(cfg: _Config, lengths: jax.Array) -> jax.Array:
 def _split_refs(cfg: _Config, refs):
     """``(k_scales, v_scales, params, sinks, o, lse)`` refs; absent inputs are None."""
     refs = list(refs)
-    ks_ref, vs_ref = (refs.pop(0), refs.pop(0)) if cfg.quantised else (None, None)
+    ks_ref = refs.pop(0) if cfg.quantised else None
+    vs_ref = refs.pop(0) if cfg.quantised and not cfg.value_dim else None
     params_ref = refs.pop(0) if cfg.mod_width else None
     sinks_ref = refs.pop(0) if cfg.has_sinks else None
     return (ks_ref, vs_ref, params_ref, sinks_ref, *refs)
@@ -179,6 +181,12 @@ def _initial(cfg: _Config, sinks_ref, rows):
         return m, l
     first = pl.program_id(2) == 0
     return jnp.where(first, sinks_ref[...] * LOG2E, m), jnp.where(first, 1.0, l)
+
+
+def _latent_kernel(meta_ref, table_ref, q_ref, k_ref, *refs, cfg: _Config, precision):
+    """``_paged_kernel`` over pages whose first ``value_dim`` key columns are the values (MLA's
+    latent ``[c_kv, k_rope]``): one read of each page serves both."""
+    _paged_kernel(meta_ref, table_ref, q_ref, k_ref, None, *refs, cfg=cfg, precision=precision)
 
 
 def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, precision):
@@ -206,6 +214,8 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config,
         """K, V (``[..., L, Hp]``) and K's per-key scales (``[1, block_k]``, None for float
         pages) of pages ``ids`` (a scalar or ``[ppb]``). Int8 codes become q's dtype (exact:
         |code| <= 128); V is dequantised here, K's scale is folded into the logits."""
+        if cfg.value_dim:
+            return _read_latent(ids)
         k, v = k_ref[ids], v_ref[ids]
         if not cfg.quantised:
             return k, v, None
@@ -213,6 +223,19 @@ def _paged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config,
         v = (v.astype(jnp.float32) * v_scale).astype(q.dtype)
         k_scale = ks_ref[ids].astype(jnp.float32).reshape(1, block_k)
         return k.astype(q.dtype), v, k_scale
+
+    def _read_latent(ids):
+        """K and V from the same page: V is K with the columns past ``value_dim`` zeroed (the
+        accumulator keeps the key's width; the caller slices the output), dequantised with
+        K's scales."""
+        k = k_ref[ids]
+        col = lax.broadcasted_iota(jnp.int32, k.shape, k.ndim - 1)
+        if not cfg.quantised:
+            return k, jnp.where(col < cfg.value_dim, k, 0), None
+        scale = ks_ref[ids].astype(jnp.float32)
+        v = k.astype(jnp.float32) * scale[..., None]
+        v = jnp.where(col < cfg.value_dim, v, 0).astype(q.dtype)
+        return k.astype(q.dtype), v, scale.reshape(1, block_k)
 
     def load(first):
         """K and V of pages ``first .. first + ppb - 1`` (``[block_k, Hp]`` each, V zeroed
@@ -294,21 +317,25 @@ def _paged_call(cfg: _Config, meta, table, q_f, k_pages, v_pages, k_scales, v_sc
     # Quantised pages: this kv head's scales of every page, read like its codes.
     scale_spec = pl.BlockSpec((None, p, page), lambda b, h, s: (h, 0, 0))
     scales = [k_scales, v_scales] if cfg.quantised else []
+    pages = [k_pages, v_pages]
+    body = _paged_kernel
+    if cfg.value_dim:  # values are the keys' first columns: no V pages, no V scales
+        pages, scales, body = [k_pages], scales[:1], _latent_kernel
     extra, extra_specs = _row_inputs(cfg, kh, params, sinks)
-    kernel = functools.partial(_paged_kernel, cfg=cfg, precision=_precision(q_f.dtype))
+    kernel = functools.partial(body, cfg=cfg, precision=_precision(q_f.dtype))
     return pl.pallas_call(
         kernel, grid=(b, kh, cfg.split_k),
         in_specs=[pl.BlockSpec((None, None, _META_WIDTH), lambda b, h, s: (b, s, 0)),
                   pl.BlockSpec((None, cfg.table_width), lambda b, h, s: (b, 0)),
                   pl.BlockSpec((None, None, rows, hp), lambda b, h, s: (b, h, 0, 0)),
-                  kv_spec, kv_spec, *[scale_spec for _ in scales], *extra_specs],
+                  *[kv_spec for _ in pages], *[scale_spec for _ in scales], *extra_specs],
         out_specs=[pl.BlockSpec((None, None, None, rows, hp), lambda b, h, s: (s, b, h, 0, 0)),
                    pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0))],
         out_shape=[jax.ShapeDtypeStruct((cfg.split_k, b, kh, rows, hp), o_dtype),
                    jax.ShapeDtypeStruct((cfg.split_k, b, kh, rows), jnp.float32)],
         compiler_params=compiler_params(cfg.interpret, cfg), interpret=cfg.interpret,
         name="paged_attention",
-    )(meta, table, q_f, k_pages, v_pages, *scales, *extra)
+    )(meta, table, q_f, *pages, *scales, *extra)
 
 
 def _merge_splits(o_s, lse_s):
@@ -335,7 +362,7 @@ def _fold_rows(cfg: _Config, q_btnh):
 
 def _unfold_rows(cfg: _Config, o_f):
     b, kh = o_f.shape[:2]
-    t, g, h = cfg.q_len, cfg.group, cfg.head_dim
+    t, g, h = cfg.q_len, cfg.group, cfg.value_dim or cfg.head_dim
     o = o_f[:, :, :t * g, :h].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
     return o.reshape(b, t, kh * g, h).astype(cfg.out_dtype)
 
@@ -356,7 +383,8 @@ def _paged_jit(cfg: _Config, q, k_pages, v_pages, block_tables, lengths, k_scale
     h = cfg.head_dim
     if cfg.head_dim_pad != h:  # copies the pool: use head dims that are powers of two >= 16
         pad = ((0, 0), (0, 0), (0, 0), (0, cfg.head_dim_pad - h))
-        k_pages, v_pages = jnp.pad(k_pages, pad), jnp.pad(v_pages, pad)
+        k_pages = jnp.pad(k_pages, pad)
+        v_pages = None if v_pages is None else jnp.pad(v_pages, pad)
     meta = _split_meta(cfg, lengths)
     o_s, lse_s = _paged_call(cfg, meta, table, _fold_rows(cfg, q), k_pages, v_pages,
                              k_scales, v_scales, params, sinks)
@@ -373,7 +401,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     split_k: int | None = None, pages_per_block: int | None = None,
                     interpret: bool | None = None, k_scales: jax.Array | None = None,
                     v_scales: jax.Array | None = None,
-                    score_mod: score_mods.ScoreMod | None = None) -> jax.Array:
+                    score_mod: score_mods.ScoreMod | None = None,
+                    value_dim: int | None = None) -> jax.Array:
     """Attention of a few new tokens per sequence over a paged KV cache.
 
     Args:
@@ -401,12 +430,16 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         the kernel dequantises them in registers.
       score_mod: a ``kernels.score_mods`` value applied to the logits at (query position,
         key position) inside the kernel: ALiBi, T5 buckets, soft-capping, sinks, a function.
+      value_dim: the values are the first ``value_dim`` columns of the keys (MLA's latent
+        pages ``[c_kv, k_rope]``, stored once per token): pass ``v_pages=None`` (and no
+        ``v_scales``); int8 values are scaled by ``k_scales``. Each page is read once.
 
     Returns:
-      ``[B, N, H]`` or ``[B, T, N, H]`` (q's shape and dtype); rows that see no key are zero.
+      ``[B, N, H]`` or ``[B, T, N, H]`` (q's shape and dtype; the last dim ``value_dim`` when
+      given); rows that see no key are zero.
     """
     b, t, n, kh, h, p, page, max_pages = check_shapes(q, k_pages, v_pages, block_tables,
-                                                      lengths, k_scales, v_scales)
+                                                      lengths, k_scales, v_scales, value_dim)
     mask = checks.check_mask(mask)
     check_values(block_tables, lengths, t, p, page, max_pages)
     scale = checks.check_scale(scale, h)
@@ -431,7 +464,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                   interpret=bool(interpret), num_warps=tiles.num_warps,
                   num_stages=tiles.num_stages, mod=structure,
                   mod_width=0 if params is None else score_mods.pad_width(params.shape[1]),
-                  has_sinks=sinks is not None)
+                  has_sinks=sinks is not None, value_dim=int(value_dim or 0))
     return _paged_jit(cfg, q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales,
                       params, sinks)
 
@@ -451,7 +484,7 @@ def checked_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     """
     _, t, _, _, _, p, page, max_pages = check_shapes(
         q, k_pages, v_pages, block_tables, lengths, kwargs.get("k_scales"),
-        kwargs.get("v_scales"))
+        kwargs.get("v_scales"), kwargs.get("value_dim"))
     checks_fn = functools.partial(device_checks, t=t, p=p, page=page, max_pages=max_pages)
     err, _ = checkify.checkify(checks_fn)(block_tables, lengths)
     return err, paged_attention(q, k_pages, v_pages, block_tables, lengths, **kwargs)

@@ -16,6 +16,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from tx.kernels import block_sizes as block_sizes_lib
+from tx.kernels import checks
 from tx.kernels.common import SUPPORTED_DTYPES, is_int, next_pow2
 
 # Codes of quantised pages, and the dtypes their per-token scales may have.
@@ -65,8 +66,14 @@ def _check_page_dtypes(q, k_pages, v_pages, k_scales, v_scales):
                              f"{name}.astype(jnp.float32).")
 
 
-def check_shapes(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_scales=None):
-    """Shapes and dtypes of every argument; returns ``(B, T, N, K, H, P, L, max_pages)``."""
+def check_shapes(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_scales=None,
+                 value_dim=None):
+    """Shapes and dtypes of every argument; returns ``(B, T, N, K, H, P, L, max_pages)``.
+    With ``value_dim`` the values are the keys' first columns: no ``v_pages``/``v_scales``."""
+    if value_dim is not None:
+        checks.check_value_dim(value_dim, getattr(k_pages, "shape", (0,))[-1], v_pages,
+                               v_scales)
+        v_pages, v_scales = k_pages, k_scales  # checked as the keys are
     if getattr(q, "ndim", None) not in (3, 4):
         raise ValueError(f"q.shape={getattr(q, 'shape', None)} must be [B, N, H] (one new "
                          "token per sequence) or [B, T, N, H] (T new tokens).")

@@ -95,7 +95,9 @@ def _softmax(logits, score_mod):
         return jax.nn.softmax(logits, axis=-1)
     b, kh, g = logits.shape[:3]
     sink = sink.reshape(1, kh, g, 1, 1)
-    m = jnp.maximum(logits.max(axis=-1, keepdims=True), sink)
+    # A constant shift (its gradient cancels); differentiating the max through masked -inf
+    # logits gives NaN where XLA does not simplify it (--xla_backend_optimization_level=0).
+    m = jax.lax.stop_gradient(jnp.maximum(logits.max(axis=-1, keepdims=True), sink))
     e = jnp.exp(logits - m)
     return e / (e.sum(axis=-1, keepdims=True) + jnp.exp(sink - m))
 
@@ -156,7 +158,7 @@ def _dense_attention(q, k, v, mask, segment_ids, kv_lengths, scale, bias, q_posi
     probs = jnp.where(visible_bts[:, None, None], _softmax(logits, score_mod), 0.0)
     out = _weighted_values(probs, v, kv_major)
     out = jnp.where(visible_bts.any(axis=-1)[:, :, None, None, None], out, 0.0)
-    return out.reshape(q.shape)
+    return out.reshape(*q.shape[:3], v.shape[-1])
 
 
 def query_blocks(mask: masks_lib.Mask, b: int, t: int, s: int, n: int, *, aligned: bool,
@@ -190,7 +192,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
               bias: jax.Array | None = None, q_positions: jax.Array | None = None,
               kv_positions: jax.Array | None = None, block_q: int | None = None,
               score_mod: score_mods.ScoreMod | None = None) -> jax.Array:
-    """Dot-product attention, q ``[B,T,N,H]``, k/v ``[B,S,K,H]`` -> ``[B,T,N,H]``.
+    """Dot-product attention, q ``[B,T,N,H]``, k ``[B,S,K,H]``, v ``[B,S,K,Hv]`` ->
+    ``[B,T,N,Hv]`` (``Hv`` may differ from ``H``).
 
     Args:
       mask: a ``kernels.masks.Mask`` (``None`` means ``Full()``).
@@ -205,7 +208,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
       score_mod: a ``kernels.score_mods`` value applied to the scaled logits of visible pairs
         at their positions (ALiBi, T5 buckets, soft-capping, sinks, a user function).
     """
-    checks.check_qkv(q, k, v)
+    checks.check_qkv(q, k, v, value_dim=True)
     mask = _check(q, k, mask, segment_ids, kv_lengths, bias, q_positions, kv_positions,
                   score_mod)
     (b, t, n, _), s = q.shape, k.shape[1]
@@ -219,7 +222,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
     outs = []
     for q0, q1, k0, k1 in blocks:
         if k0 == k1:  # these rows see no key: zeros (and zero gradients)
-            outs.append(jnp.zeros((b, q1 - q0) + q.shape[2:], jnp.float32))
+            outs.append(jnp.zeros((b, q1 - q0, n, v.shape[-1]), jnp.float32))
             continue
         q_pos, kv_pos = q_positions[:, q0:q1], kv_positions[:, k0:k1]
         segments = None if segment_ids is None else (segment_ids[0][:, q0:q1],
@@ -257,7 +260,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     mask: masks_lib.Mask | None = None, scale: float | None = None,
                     k_scales: jax.Array | None = None,
                     v_scales: jax.Array | None = None,
-                    score_mod: score_mods.ScoreMod | None = None) -> jax.Array:
+                    score_mod: score_mods.ScoreMod | None = None,
+                    value_dim: int | None = None) -> jax.Array:
     """Reference for ``kernels.paged_attention``: gather each sequence's pages into K-major
     K/V ``[K, B, max_pages * L, H]``, then dense attention with the new tokens at positions
     ``lengths - T .. lengths - 1`` and keys past ``lengths`` as padding. Also the ``xla``
@@ -270,8 +274,15 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
     A page id outside ``[0, P)`` reads as an empty page (its keys hidden, as if past the
     length), as in the kernel: gathering it would clamp or wrap onto another sequence's page.
+
+    ``value_dim``: ``v_pages`` (and ``v_scales``) are None and the values are the first
+    ``value_dim`` columns of the (dequantised) keys; the output is ``[..., N, value_dim]``
+    (MLA's latent pages: ``[c_kv, k_rope]`` stored once per token).
     """
-    if (k_scales is None) != (v_scales is None):
+    checks.check_value_dim(value_dim, k_pages.shape[-1], v_pages, v_scales)
+    if value_dim is not None:
+        v_pages = v_scales = None
+    elif (k_scales is None) != (v_scales is None):
         raise ValueError("k_scales and v_scales must be given together (int8 pages) or not at "
                          f"all; got k_scales={'None' if k_scales is None else 'array'}, "
                          f"v_scales={'None' if v_scales is None else 'array'}.")
@@ -288,11 +299,16 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     real = (tables >= 0) & (tables < p)                                   # [B, max_pages]
     tables = jnp.where(real, tables, 0)
     # Whole pages, [K, B, max_pages, L, H] -> [K, B, S, H]: no transpose on the way.
-    k, v = k_pages[:, tables].reshape(kh, b, s, h), v_pages[:, tables].reshape(kh, b, s, h)
+    k = k_pages[:, tables].reshape(kh, b, s, h)
+    if value_dim is None:
+        v = v_pages[:, tables].reshape(kh, b, s, v_pages.shape[-1])
     if k_scales is not None:
         k = dequantise_pages(k, k_scales[:, tables].reshape(kh, b, s))
-        v = dequantise_pages(v, v_scales[:, tables].reshape(kh, b, s))
+        if value_dim is None:
+            v = dequantise_pages(v, v_scales[:, tables].reshape(kh, b, s))
         q_btnh = q_btnh.astype(jnp.float32)
+    if value_dim is not None:
+        v = k[..., :value_dim]
     real_bs = jnp.repeat(real, page, axis=1)                              # [B, S]
     # Zeroed values keep an empty page's contents, and a named page's slots past the row's
     # length (another sequence's page, stale or NaN), out of the weighted sum.
@@ -310,6 +326,26 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                kv_positions, score_mod=score_mod, kv_major=True)
     out = out.astype(out_dtype)
     return out[:, 0] if squeeze else out
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array | None, lengths: jax.Array, *,
+                     mask: masks_lib.Mask | None = None, scale: float | None = None,
+                     score_mod: score_mods.ScoreMod | None = None,
+                     value_dim: int | None = None) -> jax.Array:
+    """New queries ``q [B, T, N, H]`` over a contiguous cache ``k [B, S, K, H]``, ``v [B, S,
+    K, Hv]`` whose first ``lengths [B]`` slots are written, the queries at positions
+    ``lengths - T .. lengths - 1`` (``tx.attention.calls.Cached``). With ``value_dim``, v is
+    None and the values are ``k[..., :value_dim]``."""
+    checks.check_value_dim(value_dim, k.shape[-1], v)
+    if value_dim is not None:
+        v = k[..., :value_dim]
+    b, t = q.shape[:2]
+    lengths = lengths.astype(jnp.int32)
+    q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
+    s = k.shape[1]
+    kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return attention(q, k, v, mask=mask, kv_lengths=lengths, scale=scale,
+                     q_positions=q_positions, kv_positions=kv_positions, score_mod=score_mod)
 
 
 def linear_attention(q_f: jax.Array, k_f: jax.Array, v: jax.Array, *,

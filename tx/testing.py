@@ -18,8 +18,10 @@ promotion: a silent float32/bfloat16 mix inside a backend is an error here. The 
 * ``dense``: every mask of ``CATALOGUE`` (each kind in ``kernels.masks``, both compositions
   and :class:`Dilated`, a user's mask class), each modifier of ``MODIFIERS`` (ALiBi, T5
   buckets, soft-capping, sinks and :class:`HeadScale`, a user's modifier with per-head
-  parameters; DeBERTa's row/column tables, ``kernels.row_tables``, in a case of its own), G = N / K of 1, 2 and 4, fp32 and bf16, T = S, T < S, T > S and a length past
-  one kernel tile, packed documents and ragged key lengths. Rows that see no key give zeros
+  parameters; DeBERTa's row/column tables, ``kernels.row_tables``, in a case of its own),
+  G = N / K of 1, 2 and 4, fp32 and bf16, T = S, T < S, T > S and a length past one kernel
+  tile, packed documents and ragged key lengths; a few cases with values of their own head
+  dim (``UNEQUAL_HEAD_DIMS``, MLA's expanded form). Rows that see no key give zeros
   (not NaN) and zero gradients; gradients of q, k, v and of the modifier's parameters.
 * ``cached``: 1 and 3 new queries at the end of each row's ``lengths`` of a contiguous cache,
   against ``reference.attention`` at the cache's positions.
@@ -238,6 +240,7 @@ OPTIONAL = {
     "int8": "int8 pages with scales",
     "unbanded": "a mask that is no band, over a cache",
     "bidirectional": "bidirectional linear attention",
+    "value_head_dim": "values of their own head dim (MLA's expanded form)",
 }
 
 
@@ -298,7 +301,7 @@ class Case:
     def core(self) -> "Case":
         """This case without the optional features that can be dropped (a modifier, a bias,
         int8 pages): what a backend declining them is still held to."""
-        drop = {"mod": "none", "bias": False, "storage": "float32"}
+        drop = {"mod": "none", "bias": False, "storage": "float32", "head_dims": None}
         return dataclasses.replace(self, **{f.name: drop[f.name] for f in dataclasses.fields(
             self) if f.name in drop})
 
@@ -308,12 +311,14 @@ class Case:
         parts = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value in ("none", False) and field.name != "causal":
+            if (value in ("none", False) and field.name != "causal") or value is None:
                 continue
             if field.name == "causal":
                 value = "causal" if value else "bidirectional"
             elif field.name == "bias":
                 value = "bias"
+            elif field.name == "head_dims":
+                value = "h{}v{}".format(*value)
             else:
                 value = _ID.get(field.name, "{}").format(_SHORT.get(value, value))
             parts.append(value)
@@ -351,17 +356,25 @@ class DenseCase(Case):
     shape: str = "13x13"
     data: str = "none"
     bias: bool = False
+    # ``(H, Hv)``: q/k heads H wide and values Hv wide (MLA's expanded form); None: both H.
+    # Left out of the repr, so the equal-dims cases keep their seeds.
+    head_dims: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def t(self) -> int:
         return _DENSE_SHAPES[self.shape][0]
 
     @property
+    def dims(self) -> tuple[int, int]:
+        return self.head_dims or (H, H)
+
+    @property
     def s(self) -> int:
         return _DENSE_SHAPES[self.shape][1]
 
     def extras(self):
-        return super().extras() | ({"bias"} if self.bias else set())
+        return super().extras() | ({"bias"} if self.bias else set()) | (
+            {"value_head_dim"} if self.head_dims else set())
 
     def segment_ids(self) -> tuple[np.ndarray, np.ndarray] | None:
         if self.data not in ("packed", "orphan"):
@@ -396,9 +409,10 @@ class DenseCase(Case):
         """``(q, k, v, do, mod, data)``: inputs and output cotangent in ``dtype``, the
         modifier, and the keyword arrays of ``calls.Dense``."""
         rng = _rng(self)
-        q = _normal(rng, (B, self.t, N, H), self.dtype)
-        k, v = (_normal(rng, (B, self.s, self.kh, H), self.dtype) for _ in range(2))
-        do = _normal(rng, (B, self.t, N, H), self.dtype)
+        h, hv = self.dims
+        q = _normal(rng, (B, self.t, N, h), self.dtype)
+        k, v = (_normal(rng, (B, self.s, self.kh, d), self.dtype) for d in (h, hv))
+        do = _normal(rng, (B, self.t, N, hv), self.dtype)
         data = {}
         seg = self.segment_ids()
         if seg is not None:
@@ -762,6 +776,16 @@ CASES["dense"] += [DenseCase("causal", bias=True), DenseCase("local_or_global", 
 # keys and one with padding (tests/kernels/test_disentangled.py covers more, in fp32).
 CASES["dense"] += [DenseCase("full", mod="disentangled", gqa=2, dtype="bfloat16",
                              data="empty")]
+# Values of their own head dim (MLA: 192-wide q/k, 128-wide v), narrower and wider than q/k
+# and padded to other tile widths: two cases between them pairing masks, a modifier, G,
+# dtypes, shapes and data (each is a compile of the interpreted kernels, so not a product;
+# tests/kernels/test_flash_value_dim.py adds sinks, G = 3 and rows without keys).
+UNEQUAL_HEAD_DIMS = [
+    DenseCase("causal", gqa=2, data="packed", head_dims=(24, 16)),
+    DenseCase("local", mod="alibi", dtype="bfloat16", shape="13x5", data="ragged",
+              head_dims=(8, 20)),
+]
+CASES["dense"] += UNEQUAL_HEAD_DIMS
 
 
 # --- the reference -------------------------------------------------------------------------------
@@ -1016,7 +1040,9 @@ class BackendSuite:
         with self.serving(case):
             got = self.run(_dense if grads else _dense_forward, mask, q, k, v, do, mod, data)
         got = got if grads else (got,)
-        assert got[0].dtype == q.dtype and got[0].shape == q.shape, (got[0].dtype, got[0].shape)
+        out_shape = q.shape[:3] + v.shape[3:]
+        assert got[0].dtype == q.dtype and got[0].shape == out_shape, (got[0].dtype,
+                                                                      got[0].shape)
         for x, like in zip(got[1:4], (q, k, v)):
             assert x.dtype == like.dtype and x.shape == like.shape, (x.dtype, x.shape)
         got = _np32(got)

@@ -29,7 +29,7 @@ class TestPallas(testing.BackendSuite):
 
     backend = "pallas"
     must_serve = ("dense", "cached", "paged", "linear", "gated")
-    must_serve_optional = ("score_mod", "int8", "unbanded")
+    must_serve_optional = ("score_mod", "int8", "unbanded", "value_head_dim")
 
 
 class TestCpu(testing.BackendSuite):
@@ -39,6 +39,7 @@ class TestCpu(testing.BackendSuite):
 
     backend = "cpu"
     must_serve = ("dense", "cached", "paged", "paged_write")
+    must_serve_optional = ("value_head_dim",)
 
 
 class TestCudnn(testing.BackendSuite):

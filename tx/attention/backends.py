@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from tx.kernels import cpu_attention, reference, score_mods
 from tx.kernels import masks as masks_lib
+from tx.kernels.block_sizes import MAX_HEAD_DIM
 from tx.kernels.flash_attention import registry_attention as _flash
 from tx.kernels.linear_attention import linear_attention as _linear_kernel
 from tx.kernels.linear_attention import linear_attention_chunked as _linear_chunked
@@ -37,7 +38,7 @@ from tx.kernels.delta_rule import delta_chunked as _delta_chunked
 from tx.kernels.gated_chunked import gated_chunked as _gated_chunked
 from tx.kernels.gated_linear import gated_linear_attention as _gated_kernel
 from tx.attention import calls
-from tx.parallel import per_shard
+from tx.parallel import blocks, per_shard
 from tx.parallel import shard as shard_lib
 
 
@@ -128,7 +129,24 @@ def _paged_kwargs(call: calls.Paged) -> dict:
                                              "v_scales": call.v_scales}
     if call.score_mod is not None:
         extra["score_mod"] = call.score_mod
+    if call.value_dim is not None:  # values read from the keys: no v_scales of their own
+        extra.pop("v_scales", None)
+        extra["value_dim"] = call.value_dim
     return dict(mask=call.mask, scale=call.scale, **extra)
+
+
+def _same_head_dims(call: calls.Dense, why: str) -> None:
+    """Declines values whose head dim differs from the keys' (MLA's expanded form)."""
+    h, hv = call.k.shape[-1], call.v.shape[-1]
+    if h != hv:
+        raise Decline(f"values of head dim {hv} != the keys' {h}: {why}")
+
+
+def _latent_per_shard(call) -> None:
+    """Declines a latent cache (values = the keys' first columns) under a mesh: the per-shard
+    wrappers split a v of its own."""
+    if call.value_dim is not None and shard_lib.active() is not None:
+        raise Decline("pages whose keys hold the values do not run per shard yet")
 
 
 class Xla(Backend):
@@ -141,6 +159,18 @@ class Xla(Backend):
 
     def dense(self, call: calls.Dense):
         return reference.attention(call.q, call.k, call.v, **call.kwargs())
+
+    def cached(self, call: calls.Cached):
+        if call.value_dim is None:
+            # The dense fallback at the cache's positions is this same computation.
+            raise Decline("a contiguous cache is served through dense at its positions")
+        _no_tables(call, "cached")
+        return reference.cached_attention(call.q, call.k, None, call.lengths, mask=call.mask,
+                                          scale=call.scale, score_mod=call.score_mod,
+                                          value_dim=call.value_dim)
+
+    def block(self, call: calls.Block):
+        return blocks.reference(call)
 
     def paged(self, call: calls.Paged):
         _no_tables(call, "paged")
@@ -193,9 +223,10 @@ class Pallas(Backend):
                 kh, b * pages, _CACHE_PAGE, h)
 
         tables = jnp.arange(b * pages, dtype=jnp.int32).reshape(b, pages)
-        return self.paged(calls.Paged(call.q, as_pages(call.k), as_pages(call.v), tables,
+        v_pages = None if call.value_dim is not None else as_pages(call.v)
+        return self.paged(calls.Paged(call.q, as_pages(call.k), v_pages, tables,
                                       call.lengths, mask=call.mask, scale=call.scale,
-                                      score_mod=call.score_mod))
+                                      score_mod=call.score_mod, value_dim=call.value_dim))
 
     def paged(self, call: calls.Paged):
         """Decode steps of up to ``_MAX_PAGED_TOKENS`` tokens; a longer prefill under a mask
@@ -204,6 +235,10 @@ class Pallas(Backend):
         from it anyway."""
         _no_tables(call, "paged")
         q, page = call.q, call.k_pages.shape[2]
+        if call.k_pages.shape[-1] > MAX_HEAD_DIM:  # MLA's latent of DeepSeek-V3 is 576 wide
+            raise Decline(f"head dim {call.k_pages.shape[-1]} > {MAX_HEAD_DIM}, the widest "
+                          "tile the paged kernel holds")
+        _latent_per_shard(call)
         t = 1 if q.ndim == 3 else q.shape[1]
         band = (call.mask or masks_lib.Full()).band()
         if t > _MAX_PAGED_TOKENS and (band is None or band[1] > 0 or
@@ -222,6 +257,9 @@ class Pallas(Backend):
             c1 = min(t, c0 + _MAX_PAGED_TOKENS)
             outs.append(kernel(q[:, c0:c1], *args, call.lengths - (t - c1), **kwargs))
         return jnp.concatenate(outs, axis=1)
+
+    def block(self, call: calls.Block):
+        return blocks.flash(call)
 
     def linear(self, call: calls.Linear):
         if not call.causal:
@@ -255,8 +293,9 @@ def _whole_pool(fn: Callable) -> Callable:
 
 class Cpu(Backend):
     """``kernels/cpu_attention.cc`` through XLA's FFI: fp32 compute on the CPU backend, banded
-    and small dense masks, forward and backward; contiguous and paged caches read in place,
-    and a paged step stored and attended in one call."""
+    and small dense masks, forward and backward (values of their own head dim too);
+    contiguous and paged caches read in place (latent ones, whose values are the keys' first
+    columns, too: MLA), and a paged step stored and attended in one call."""
 
     name = "cpu"
 
@@ -270,10 +309,13 @@ class Cpu(Backend):
         return self._dense(call.q, call.k, call.v, **call.kwargs())
 
     def cached(self, call: calls.Cached):
+        _latent_per_shard(call)
+        extra = {} if call.value_dim is None else {"value_dim": call.value_dim}
         return self._cached(call.q, call.k, call.v, call.lengths, mask=call.mask,
-                            scale=call.scale, score_mod=call.score_mod)
+                            scale=call.scale, score_mod=call.score_mod, **extra)
 
     def paged(self, call: calls.Paged):
+        _latent_per_shard(call)
         return self._paged(call.q, call.k_pages, call.v_pages, call.block_tables, call.lengths,
                            **_paged_kwargs(call))
 
@@ -297,6 +339,7 @@ class Cudnn(Backend):
             raise Decline("cuDNN needs a GPU")
         if call.score_mod is not None:
             raise Decline("score modifiers are not expressed through jax.nn")
+        _same_head_dims(call, "jax.nn.dot_product_attention takes one head dim")
         if q.dtype.itemsize != 2:
             raise Decline(f"cuDNN flash attention takes fp16/bf16, not {q.dtype}")
         if call.segment_ids is not None or call.q_positions is not None or \

@@ -17,7 +17,8 @@ from typing import Any
 @dataclasses.dataclass(frozen=True)
 class Dense:
     """Softmax attention over this call's keys (training, encoders, prefill, and the general
-    form of every cache): ``q [B, T, N, H]``, ``k, v [B, S, K, H]``.
+    form of every cache): ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, Hv]`` (``Hv``
+    may differ from ``H``: MLA's expanded form) -> ``[B, T, N, Hv]``.
 
     ``q_positions [B, T]`` / ``kv_positions [B, S]`` (None: bottom-right aligned, -1: an empty
     slot) are where ``mask`` and ``score_mod`` are evaluated; ``bias [B, N, T, S]`` a dense
@@ -45,7 +46,11 @@ class Dense:
 class Cached:
     """New queries ``q [B, T, N, H]`` over a contiguous cache ``k, v [B, S, K, H]`` whose first
     ``lengths [B]`` slots are written, the new queries the last ``T`` of them (positions
-    ``lengths - T .. lengths - 1``)."""
+    ``lengths - T .. lengths - 1``).
+
+    ``value_dim``: when set, ``v`` is None and the values are the first ``value_dim`` columns
+    of the keys (``k[..., :value_dim]``; MLA's latent cache stores ``[c_kv, k_rope]`` once per
+    token); the output is ``[B, T, N, value_dim]``."""
 
     q: Any
     k: Any
@@ -54,6 +59,7 @@ class Cached:
     mask: Any = None
     scale: float | None = None
     score_mod: Any = None
+    value_dim: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +67,11 @@ class Paged:
     """New queries ``q [B, T, N, H]`` over a paged cache: ``k_pages, v_pages [K, P, L, H]``
     (int8 codes with ``k_scales, v_scales [K, P, L]``, or the compute dtype), sequence ``b``'s
     logical page ``j`` at physical page ``block_tables[b, j]``, ``lengths [B]`` tokens stored,
-    the new ones included."""
+    the new ones included.
+
+    ``value_dim``: when set, ``v_pages`` and ``v_scales`` are None and the values are the
+    first ``value_dim`` columns of the key pages (int8 codes scaled by ``k_scales``); the
+    output is ``[B, T, N, value_dim]`` (MLA's latent pages, stored once per token)."""
 
     q: Any
     k_pages: Any
@@ -73,6 +83,7 @@ class Paged:
     score_mod: Any = None
     k_scales: Any = None
     v_scales: Any = None
+    value_dim: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,5 +134,32 @@ class Gated:
     beta: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One block of ring attention (``tx.parallel.ring``): ``q [B, T, N, H]`` over ``k, v
+    [B, S, K, H]`` returning ``(o [B, T, N, H] fp32, lse [B, T, N] fp32)``, -1e30 for a row
+    that sees nothing, both differentiable. ``q_positions [T]`` / ``kv_positions [S]`` are the
+    chunks' global positions in a sequence of ``seq_len`` keys, where ``mask``,
+    ``kv_lengths [B]`` and ``score_mod`` (at global heads ``head0 + n`` of ``num_heads``,
+    rows ``batch0 + b``) apply; ``local_mask`` is the same mask at the block's own aligned
+    positions, or None where it has no such form (``tx.parallel.blocks``)."""
+
+    q: Any
+    k: Any
+    v: Any
+    q_positions: Any
+    kv_positions: Any
+    seq_len: int
+    scale: float
+    mask: Any = None
+    local_mask: Any = None
+    segment_ids: Any = None
+    kv_lengths: Any = None
+    score_mod: Any = None
+    head0: Any = 0
+    batch0: Any = 0
+    num_heads: int = 0
+
+
 PATHS = {"dense": Dense, "cached": Cached, "paged": Paged, "paged_write": PagedWrite,
-         "linear": Linear, "gated": Gated}
+         "linear": Linear, "gated": Gated, "block": Block}

@@ -153,7 +153,7 @@ def serve(path: str, call, implementation, *, fallback: tuple[str, Callable] | N
 
 _PATH_NAMES = {"dense": "attention", "cached": "contiguous-cache decode",
                "paged": "paged decode", "paged_write": "paged decode", "linear": "linear attention",
-               "gated": "gated recurrence"}
+               "gated": "gated recurrence", "block": "ring attention blocks"}
 
 
 def summary(records) -> str:

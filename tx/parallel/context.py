@@ -42,7 +42,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, parallel: Parallel, mask
                   batch_axes=batch_axes, head_axis=head_axis)
     if parallel.context_attention == "all_to_all":
         return ulysses.all_to_all_attention(q, k, v, implementation=implementation, **kwargs)
-    return ring.ring_attention(q, k, v, **kwargs)
+    return ring.ring_attention(q, k, v, implementation=implementation, **kwargs)
 
 
 def unshardable(model) -> list[str]:

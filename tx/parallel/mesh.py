@@ -113,6 +113,22 @@ class MeshConfig:
                 f"num_kv_heads={num_kv_heads} over mesh.tensor={t}: {n} and {k}); use "
                 "mesh.context_attention='ring', or a context size that divides them.")
 
+    def check_sequence(self, length: int, field: str = "seq_len") -> None:
+        """The ring cuts a sequence into ``2 * context`` chunks (two per device, the zigzag
+        layout's pairs); all-to-all splits it into ``context`` shards."""
+        c = self.context
+        if c == 1:
+            return
+        ways, why = (c, "all-to-all splits it into mesh.context shards") \
+            if self.context_attention == "all_to_all" else \
+            (2 * c, "ring attention cuts it into 2 * mesh.context chunks, two per device")
+        if length % ways:
+            raise ValueError(
+                f"{field}={length} must be divisible by {ways} under mesh.context={c} "
+                f"(mesh.context_attention={self.context_attention!r}: {why}); use a length "
+                f"that is a multiple of {ways} (e.g. {length + (-length) % ways}), or a "
+                "smaller mesh.context.")
+
     def check_batch(self, batch: int, field: str = "batch") -> None:
         if batch % self.batch_shards:
             raise ValueError(

@@ -29,10 +29,16 @@ a pair where no row's segment-id ranges meet or every key lies past the row's le
 Positions are global: a device evaluates the mask and the score modifier (ALiBi, T5
 buckets, ...) at the positions its chunks hold in the whole sequence, and a head index
 offset by its ``tensor`` shard, so a sharded run computes the logits of the unsharded one.
+A sink logit (``score_mods.Sinks``) joins each row's denominator once, not once per block:
+the ring returns the rows' log-sum-exp too (differentiable), and the sink is merged after
+it (:func:`_merge_sinks`).
 
-The blocks are ``jnp`` einsums (XLA on every device); a backend path that returns the
-log-sum-exp (``ring`` in ``tx.attention.backends``) would let the Pallas/cpu kernels serve
-them, and is not written yet.
+Each block runs through the device's backend order (``implementation``, as every attention
+call): the ``block`` path (``tx.attention.calls.Block``, ``tx.parallel.blocks``) returns the
+block's output and log-sum-exp, and its gradients given cotangents for both. ``pallas``
+serves it with the flash kernel (at the pair's local mask: ``Full`` or a shifted band),
+``xla`` with ``jnp`` einsums at global positions (every case); the ``cpu`` kernel has no
+such path yet, so on a CPU the order falls to ``xla``.
 """
 
 from __future__ import annotations
@@ -47,12 +53,14 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from tx.attention import calls, registry
 from tx.kernels import masks as masks_lib
 from tx.kernels import score_mods
-from tx.parallel import per_shard
+from tx.parallel import blocks, per_shard
+from tx.parallel import shard as shard_lib
+from tx.parallel.blocks import NEG
 
 AXIS = "context"
-NEG = -1e30  # the log-sum-exp of a row that sees no key: finite, so merges stay NaN-free
 LAYOUTS = ("zigzag", "contiguous", "auto")
 
 
@@ -119,12 +127,14 @@ def check_length(name: str, length: int, c: int) -> None:
 
 
 def check_score_mod(score_mod, num_heads: int):
-    score_mod = score_mods.check(score_mod, num_heads)
-    if score_mod is not None and score_mod.sink() is not None:
-        raise ValueError(f"score_mod={score_mod!r} has sink logits, which join each row's "
-                         "softmax once; context parallelism does not merge them yet: use "
-                         "mesh.context=1 for a layer with sinks.")
-    return score_mod
+    return score_mods.check(score_mod, num_heads)
+
+
+def _merge_sinks(o, lse, sinks):
+    """A sink joins each row's softmax once, as one more term of its denominator:
+    ``L' = logaddexp(L, sink)``, ``o' = o exp(L - L')`` (a row that sees no key stays 0)."""
+    new = jnp.logaddexp(lse, sinks.astype(jnp.float32)[None, None, :])     # [B, T, N]
+    return (o.astype(jnp.float32) * jnp.exp(lse - new)[..., None]).astype(o.dtype)
 
 
 # ------------------------------------------------------------------------------- one block
@@ -141,6 +151,9 @@ class _Static:
     num_heads: int  # all query heads (the score modifier's head index is global)
     layout: str
     table: Any  # visits(), hashable by value (_Table)
+    kinds: Any  # [c, c, 2, 2] index into ``local`` per visited pair (_Table)
+    local: tuple  # the pairs' distinct local masks (blocks.local_masks)
+    implementation: tuple  # the backend order each block is served by
     axis: str
     other_axes: tuple  # mesh axes that split rows or heads (the modifier's gradients sum)
     batch_axes: Any
@@ -148,41 +161,26 @@ class _Static:
     kv_split: bool  # K/V heads split like the query heads (False: one K/V head, replicated)
 
 
-def _block(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_len, score_mod, head0,
-           batch0):
-    """One (query chunk, key chunk) pair: ``(o [B,t,N,H] fp32, lse [B,t,N] fp32)``.
+def _block(st: _Static, kind, q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_len, score_mod,
+           head0, batch0):
+    """One (query chunk, key chunk) pair through the backends: ``(o [B,t,N,H] fp32,
+    lse [B,t,N] fp32)``. ``kind`` (traced) picks the pair's local mask from the plan
+    (``blocks.local_masks``): a kernel specialises on it, so each kind is one branch."""
+    segments = None if q_seg is None else (q_seg, kv_seg)
 
-    ``q_pos``/``kv_pos`` are the chunks' global positions ``[t]``/``[s]``; ``kv_len [B]`` the
-    valid keys per row (or None); ``head0``/``batch0`` the shard's first global head / row."""
-    b, tq, n, h = q.shape
-    kh = k.shape[2]
-    g = n // kh
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(b, tq, kh, g, h), k,
-                        preferred_element_type=jnp.float32) * st.scale
-    qp = q_pos.astype(jnp.int32)[None, None, None, :, None]
-    kp = kv_pos.astype(jnp.int32)[None, None, None, None, :]
-    if score_mod is not None:
-        head = head0 + jnp.arange(n, dtype=jnp.int32).reshape(1, kh, g, 1, 1)
-        batch = batch0 + jnp.arange(b, dtype=jnp.int32).reshape(b, 1, 1, 1, 1)
-        logits = score_mods.reference_logits(score_mod, logits, head=head, batch=batch,
-                                             q_pos=qp, kv_pos=kp, num_heads=st.num_heads)
-    visible = jnp.broadcast_to(st.mask.predicate(q_pos[:, None], kv_pos[None, :], st.s),
-                               (tq, k.shape[1]))[None]                      # [1|B, t, s]
-    if q_seg is not None:
-        visible = visible & (q_seg[:, :, None] == kv_seg[:, None, :])
-    if kv_len is not None:
-        visible = visible & (kv_pos[None, None, :] < kv_len[:, None, None])
-    visible = jnp.broadcast_to(visible, (b, tq, k.shape[1]))[:, None, None]  # [B,1,1,t,s]
-    logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
-    m = lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-    p = jnp.where(visible, jnp.exp(logits - m), 0.0)
-    l = p.sum(axis=-1, keepdims=True)
-    seen = l > 0
-    l_safe = jnp.where(seen, l, 1.0)
-    o = jnp.einsum("BKGTS,BSKH->BTKGH", (p / l_safe).astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-    lse = jnp.where(seen, m + jnp.log(l_safe), NEG)[..., 0]                 # [B,K,G,t]
-    return o.reshape(b, tq, n, h), jnp.moveaxis(lse.reshape(b, n, tq), 1, 2)
+    def branch(local):
+        def serve(q, k, v, score_mod):
+            call = calls.Block(q, k, v, q_positions=q_pos, kv_positions=kv_pos,
+                               seq_len=st.s, scale=st.scale, mask=st.mask, local_mask=local,
+                               segment_ids=segments, kv_lengths=kv_len, score_mod=score_mod,
+                               head0=head0, batch0=batch0, num_heads=st.num_heads)
+            with shard_lib.use(None):  # already per shard: backends must not wrap it again
+                return registry.serve("block", call, st.implementation)
+        return serve
+
+    if len(st.local) == 1:
+        return branch(st.local[0])(q, k, v, score_mod)
+    return lax.switch(kind, [branch(m) for m in st.local], q, k, v, score_mod)
 
 
 def _live(planned, q_seg, kv_seg, kv_pos, kv_len):
@@ -244,10 +242,11 @@ def _forward_local(st: _Static, q, k, v, q_seg, kv_seg, kv_len, score_mod):
     d = lax.axis_index(st.axis)
     head0, batch0 = _offsets(st, q.shape[0], q.shape[2])
     table = jnp.asarray(np.asarray(st.table))
+    kinds = jnp.asarray(np.asarray(st.kinds))
     qs, q_segs = _halves(q), _halves(q_seg)
     q_pos = _positions(st, d, st.t) + (st.s - st.t)  # bottom-right aligned
-    acc = [(jnp.zeros(qa.shape, jnp.float32), jnp.full(qa.shape[:3], NEG, jnp.float32))
-           for qa in qs]
+    acc = [(jnp.zeros((*qa.shape[:3], v.shape[-1]), jnp.float32),  # v's head dim (MLA)
+            jnp.full(qa.shape[:3], NEG, jnp.float32)) for qa in qs]
 
     def visit(j, acc, block):
         kv_pos = _positions(st, (d - j) % st.c, st.s)
@@ -256,8 +255,9 @@ def _forward_local(st: _Static, q, k, v, q_seg, kv_seg, kv_len, score_mod):
         for a in range(2):
             for bb in range(2):
                 def step(carry, a=a, bb=bb):
-                    part = _block(st, qs[a], ks[bb], vs[bb], q_pos[a], kv_pos[bb], q_segs[a],
-                                  kv_segs[bb], kv_len, score_mod, head0, batch0)
+                    part = _block(st, kinds[d, j, a, bb], qs[a], ks[bb], vs[bb], q_pos[a],
+                                  kv_pos[bb], q_segs[a], kv_segs[bb], kv_len, score_mod,
+                                  head0, batch0)
                     return _merge(carry, part)
                 live = _live(table[d, j, a, bb], q_segs[a], kv_segs[bb], kv_pos[bb], kv_len)
                 acc[a] = lax.cond(live, step, lambda carry: carry, acc[a])
@@ -273,12 +273,15 @@ def _forward_local(st: _Static, q, k, v, q_seg, kv_seg, kv_len, score_mod):
     return o.astype(q.dtype), lse
 
 
-def _backward_local(st: _Static, q, k, v, q_seg, kv_seg, kv_len, score_mod, o, lse, do):
+def _backward_local(st: _Static, q, k, v, q_seg, kv_seg, kv_len, score_mod, o, lse, do,
+                    dlse):
     d = lax.axis_index(st.axis)
     head0, batch0 = _offsets(st, q.shape[0], q.shape[2])
     table = jnp.asarray(np.asarray(st.table))
+    kinds = jnp.asarray(np.asarray(st.kinds))
     qs, q_segs = _halves(q), _halves(q_seg)
     os_, lses, dos = _halves(o.astype(jnp.float32)), _halves(lse), _halves(do.astype(jnp.float32))
+    dlses = _halves(dlse)
     q_pos = _positions(st, d, st.t) + (st.s - st.t)
     dq = [jnp.zeros(qa.shape, jnp.float32) for qa in qs]
     d_mod = jax.tree.map(jnp.zeros_like, score_mod)
@@ -296,11 +299,13 @@ def _backward_local(st: _Static, q, k, v, q_seg, kv_seg, kv_len, score_mod, o, l
                     dq_a, dkv, dm = carry
 
                     def f(qa, kb, vb, mod):
-                        return _block(st, qa, kb, vb, q_pos[a], kv_pos[bb], q_segs[a],
-                                      kv_segs[bb], kv_len, mod, head0, batch0)
+                        return _block(st, kinds[d, j, a, bb], qa, kb, vb, q_pos[a],
+                                      kv_pos[bb], q_segs[a], kv_segs[bb], kv_len, mod, head0,
+                                      batch0)
                     (o_p, lse_p), vjp = jax.vjp(f, qs[a], ks[bb], vs[bb], score_mod)
                     w = jnp.exp(lse_p - lses[a])                            # [B, t, N]
-                    d_lse = w * jnp.sum(dos[a] * (o_p - os_[a]), axis=-1)
+                    # O = sum_p w_p o_p and L = logsumexp_p lse_p: both move with lse_p.
+                    d_lse = w * (jnp.sum(dos[a] * (o_p - os_[a]), axis=-1) + dlses[a])
                     gq, gk, gv, gm = vjp((w[..., None] * dos[a], d_lse))
                     rows = slice(bb * half, (bb + 1) * half)
                     dkv = (dkv[0].at[:, rows].add(gk.astype(jnp.float32)),
@@ -343,6 +348,7 @@ def _specs(st: _Static):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ring(st, mesh, q, k, v, q_seg, kv_seg, kv_len, score_mod):
+    """``(o [B,T,N,H], lse [B,T,N] fp32)``, both differentiable (a sink merges into lse)."""
     return _ring_fwd(st, mesh, q, k, v, q_seg, kv_seg, kv_len, score_mod)[0]
 
 
@@ -360,16 +366,19 @@ def _ring_fwd(st, mesh, q, k, v, q_seg, kv_seg, kv_len, score_mod):
     q_spec = _specs(st)[0]
     o, lse = _mapped(st, mesh, _forward_local, (), (q_spec, PartitionSpec(*q_spec[:3])),
                      q, k, v, q_seg, kv_seg, kv_len, score_mod)
-    return o, (q, k, v, q_seg, kv_seg, kv_len, score_mod, o, lse)
+    return (o, lse), (q, k, v, q_seg, kv_seg, kv_len, score_mod, o, lse)
 
 
-def _ring_bwd(st, mesh, res, do):
+def _ring_bwd(st, mesh, res, cotangents):
     q, k, v, q_seg, kv_seg, kv_len, score_mod, o, lse = res
+    do, dlse = cotangents
     q_spec, kv_spec, _, _ = _specs(st)
     lse_spec = PartitionSpec(*q_spec[:3])
-    dq, dk, dv, d_mod = _mapped(st, mesh, _backward_local, (q_spec, lse_spec, q_spec),
+    dq, dk, dv, d_mod = _mapped(st, mesh, _backward_local,
+                                (q_spec, lse_spec, q_spec, lse_spec),
                                 (q_spec, kv_spec, kv_spec, PartitionSpec()),
-                                q, k, v, q_seg, kv_seg, kv_len, score_mod, o, lse, do)
+                                q, k, v, q_seg, kv_seg, kv_len, score_mod, o, lse, do,
+                                dlse.astype(jnp.float32))
     return dq, dk, dv, None, None, None, d_mod
 
 
@@ -380,7 +389,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.shardi
                    mask: masks_lib.Mask | None = None, segment_ids=None, kv_lengths=None,
                    scale: float | None = None, score_mod=None, layout: str = "auto",
                    axis: str = AXIS, batch_axes=None, head_axis=None,
-                   permuted: bool = False) -> jax.Array:
+                   permuted: bool = False, implementation=()) -> jax.Array:
     """Attention of q ``[B,T,N,H]`` over k/v ``[B,S,K,H]`` (tokens in natural order), the
     sequence split over ``mesh``'s ``axis`` and computed as a ring; the arguments of
     ``kernels.reference.attention`` otherwise (positions are the default aligned ones).
@@ -403,8 +412,10 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.shardi
     if layout == "auto":
         layout = choose_layout(mask, c, t, s)
     table = visits(mask, layout, c, t, s)
+    kinds, local = blocks.local_masks(mask, chunk_ids(layout, c), table, t, s)
     st = _Static(mask=mask, scale=h ** -0.5 if scale is None else float(scale), c=c, t=t, s=s,
-                 num_heads=n, layout=layout, table=_Table(table), axis=axis,
+                 num_heads=n, layout=layout, table=_Table(table), kinds=_Table(kinds),
+                 local=local, implementation=registry.check(implementation), axis=axis,
                  other_axes=_split_axes(batch_axes, head_axis),
                  batch_axes=batch_axes, head_axis=head_axis, kv_split=kh != 1)
     q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
@@ -413,7 +424,12 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.shardi
         q, k, v = q[:, q_order], k[:, kv_order], v[:, kv_order]
         if q_seg is not None:
             q_seg, kv_seg = q_seg[:, q_order], kv_seg[:, kv_order]
-    out = _ring(st, mesh, q, k, v, q_seg, kv_seg, kv_lengths, score_mod)
+    sinks = None if score_mod is None else score_mod.sink()
+    if isinstance(score_mod, score_mods.Sinks):  # nothing left inside the blocks
+        score_mod = None
+    out, lse = _ring(st, mesh, q, k, v, q_seg, kv_seg, kv_lengths, score_mod)
+    if sinks is not None:
+        out = _merge_sinks(out, lse, sinks)
     if not permuted:
         out = out[:, np.argsort(q_order)]
     return out
@@ -428,11 +444,11 @@ def _split_axes(batch_axes, head_axis) -> tuple:
 
 
 class _Table:
-    """A numpy bool table, hashable by value (a static argument of the traced ring)."""
+    """A numpy table, hashable by value (a static argument of the traced ring)."""
 
     def __init__(self, table: np.ndarray):
-        self.table = np.asarray(table, bool)
-        self._key = (self.table.shape, self.table.tobytes())
+        self.table = np.asarray(table)
+        self._key = (self.table.shape, self.table.dtype.str, self.table.tobytes())
 
     def __array__(self, dtype=None, copy=None):
         return self.table if dtype is None else self.table.astype(dtype)

@@ -14,7 +14,11 @@ Autodiff needs no help: the transpose of an ``all_to_all`` is the reverse ``all_
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
@@ -25,6 +29,54 @@ from tx.parallel import per_shard
 from tx.parallel import shard as shard_lib
 
 AXIS = "context"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadOffset(score_mods.ScoreMod):
+    """``inner`` on a device that holds ``local_heads`` of the ``num_heads`` heads, from head
+    ``offset`` (traced: it depends on the device). A backend numbers heads from 0; this
+    hands it the local rows of every per-head parameter (ALiBi slopes, T5 tables, sinks) and,
+    to a modifier that reads its head index (``ScoreFn``), the global one. Inside a kernel
+    the modifier's leaves are gone (only the parameter table travels), so the global head
+    index travels as one more parameter column."""
+
+    inner: Any
+    offset: Any
+    num_heads: int
+    local_heads: int
+    data_fields = ("inner", "offset")
+
+    @property
+    def width(self):
+        return self.inner.width + 1
+
+    @property
+    def relative(self):
+        return self.inner.relative
+
+    def _rows(self, x):  # [num_heads, ...] -> this device's [local_heads, ...]
+        return lax.dynamic_slice_in_dim(x, self.offset, self.local_heads, axis=0)
+
+    def head_params(self, num_heads):
+        own = self._rows(self.inner.head_params(self.num_heads))
+        head = self.offset + jnp.arange(self.local_heads, dtype=jnp.int32)
+        head = lax.stop_gradient(head.astype(jnp.float32))[:, None]
+        return jnp.concatenate([own, head], axis=1)
+
+    def modify(self, s, ctx):
+        head = ctx.param(self.inner.width).astype(jnp.int32)  # the global head index
+        if ctx.in_kernel:  # the table is per tile row already
+            return self.inner.modify(s, dataclasses.replace(ctx, head=head))
+        # The reference indexes the table by head: give it the global table.
+        return self.inner.modify(s, dataclasses.replace(
+            ctx, head=head, params=self.inner.head_params(self.num_heads)))
+
+    def sink(self):
+        sinks = self.inner.sink()
+        return None if sinks is None else self._rows(sinks)
+
+    def tables(self):
+        return self.inner.tables()
 
 
 def check_heads(num_heads: int, num_kv_heads: int, context: int) -> None:
@@ -53,22 +105,22 @@ def all_to_all_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     t_shards = 1 if head_axis is None else mesh.shape[head_axis]
     n, kh = q.shape[2] // t_shards, k.shape[2] // t_shards if k.shape[2] != 1 else 1
     check_heads(n, kh, c)
+    n_all = q.shape[2]
     for name, length in (("q_len (T)", q.shape[1]), ("kv_len (S)", k.shape[1])):
         if length % c:
             raise ValueError(f"{name}={length} must be divisible by mesh.context={c}; pad "
                              "the sequence to a multiple of it.")
-    if score_mods.check(score_mod, q.shape[2]) is not None:
-        # A backend indexes a modifier's heads from 0; after the all-to-all a device holds
-        # heads from an offset, which the call records cannot say yet.
-        raise ValueError(f"score_mod={score_mod!r}: mesh.context_attention='all_to_all' "
-                         "does not offset a modifier's heads yet; use "
-                         "mesh.context_attention='ring', which evaluates it at global heads.")
+    score_mod = score_mods.check(score_mod, q.shape[2])
+    if score_mod is not None and any(x is not None for x in score_mod.tables()):
+        raise ValueError(f"score_mod={type(score_mod).__name__} holds row/column tables "
+                         "(DeBERTa's) of the whole sequence, which the all-to-all does not "
+                         "reshard; use mesh.context_attention='ring'.")
     gather_kv = kh == 1 and c > 1  # MQA: every head group needs the one K/V head
     q_spec = PartitionSpec(batch_axes, axis, head_axis, None)
     kv_spec = PartitionSpec(batch_axes, axis, None if k.shape[2] == 1 else head_axis, None)
     seg_spec = PartitionSpec(batch_axes, axis)
 
-    def local(q, k, v, q_seg, kv_seg, kv_len):
+    def local(q, k, v, q_seg, kv_seg, kv_len, score_mod):
         def to_heads(x):  # [B, T/c, N, H] -> [B, T, N/c, H]
             return lax.all_to_all(x, axis, 2, 1, tiled=True)
 
@@ -79,8 +131,13 @@ def all_to_all_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
             k, v = to_heads(k), to_heads(v)
         segments = None if q_seg is None else tuple(
             lax.all_gather(x, axis, axis=1, tiled=True) for x in (q_seg, kv_seg))
+        if score_mod is not None:  # this device's heads: (tensor shard, context slice)
+            offset = lax.axis_index(axis) * q.shape[2]
+            if head_axis is not None:
+                offset = offset + lax.axis_index(head_axis) * q.shape[2] * c
+            score_mod = HeadOffset(score_mod, offset.astype(jnp.int32), n_all, q.shape[2])
         call = calls.Dense(q, k, v, mask=mask, segment_ids=segments, kv_lengths=kv_len,
-                           scale=scale)
+                           scale=scale, score_mod=score_mod)
         with shard_lib.use(None):  # already per shard: backends must not wrap it again
             out = registry.serve("dense", call, implementation)
         return lax.all_to_all(out, axis, 1, 2, tiled=True)  # back to the sequence split
@@ -88,9 +145,10 @@ def all_to_all_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
     specs = (q_spec, kv_spec, kv_spec, None if q_seg is None else seg_spec,
              None if kv_seg is None else seg_spec,
-             None if kv_lengths is None else PartitionSpec(batch_axes))
+             None if kv_lengths is None else PartitionSpec(batch_axes),
+             None if score_mod is None else PartitionSpec())
     return per_shard.shard_map(local, mesh, in_specs=specs, out_specs=q_spec)(
-        q, k, v, q_seg, kv_seg, kv_lengths)
+        q, k, v, q_seg, kv_seg, kv_lengths, score_mod)
 
 
 def collective_bytes(b: int, t: int, n: int, kh: int, h: int, c: int, itemsize: int = 4,

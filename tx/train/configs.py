@@ -225,10 +225,32 @@ def _check_mesh(resolved: Resolved) -> None:
     try:
         mesh.check_heads(resolved.model.num_heads, resolved.model.kv_heads)
         mesh.check_context(resolved.model.num_heads, resolved.model.kv_heads)
+        for name in ("seq_len", "eval_seq_len"):  # a sequence split over mesh.context
+            d = resolved.data
+            mesh.check_sequence(d.seq_len if name == "seq_len" else eval_seq_len(d),
+                                f"data.{name}")
+        _check_context_layers(resolved)
         mesh.check_batch(resolved.micro_batch, field)
         mesh.check_devices()
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
+
+
+def _check_context_layers(resolved: Resolved) -> None:
+    """A split sequence runs only through softmax attention: the model's other mixers
+    (FNet, FAVOR+, the recurrent layers) are named here, built abstractly, not compiled."""
+    if resolved.mesh.context == 1:
+        return
+    from flax import nnx  # noqa: PLC0415  (only a context-parallel config builds a model)
+
+    from tx import models  # noqa: PLC0415
+    from tx.parallel import context  # noqa: PLC0415
+    bad = context.unshardable(nnx.eval_shape(lambda: models.build(resolved.model)))
+    if bad:
+        raise ValueError(
+            f"mesh.context={resolved.mesh.context} splits the sequence, but these layers mix "
+            f"it by other means than softmax attention and cannot be split: {', '.join(bad)}"
+            "; use mesh.context=1 for this model (or softmax layers only).")
 
 
 def fit_mesh(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
