@@ -39,6 +39,14 @@ then timed against sequence length as ``:linear`` is, with the state or KV-cache
 sequence, and the length where Gated DeltaNet overtakes softmax.
 
   python experiments/ablate.py --config=configs/ablation.py:recurrent --workdir=/tmp/tx/recurrent
+
+``:mla`` compares K/V sharing with K/V compression at equal KV-cache bytes per token: MHA (4 K/V
+heads of 16: 128 values per token and layer), GQA-2 (64), MQA (32), and multi-head latent
+attention (``tx.attention.mla``) at two ranks matched to GQA and MQA: a latent of 48 plus a
+16-wide RoPE key (64 values) and of 24 plus 8 (32 values). Each 4-layer variant trains on MQAR
+recall and on the byte LM; the tables' KV bytes/token column shows the matched budgets.
+
+  python experiments/ablate.py --config=configs/ablation.py:mla --workdir=/tmp/tx/mla
 """
 
 import ml_collections
@@ -57,9 +65,11 @@ def get_config(arg=None):
         return _classics()
     if arg == "recurrent":
         return _recurrent()
+    if arg == "mla":
+        return _mla()
     if arg is not None:
         raise ValueError(f"ablation.py:{arg}: choose 'uptrain', 'linear', 'classics', "
-                         "'recurrent' or none (the MQAR sweep).")
+                         "'recurrent', 'mla' or none (the MQAR sweep).")
     config = sibling(__file__, "mqar")
     config.sweep = ml_collections.ConfigDict(dict(
         field="model.attention",  # any dotted field of this config
@@ -198,3 +208,27 @@ def _recurrent():
 # tasks, each compiling its own train step).
 RECURRENT_STEPS = {"mqar": 150, "lm": 80}
 RECURRENT_LENGTHS = (256, 1024, 4096)
+
+
+# d_model 64, 4 heads of 16. Per token and layer, MHA caches 2 * 4 * 16 = 128 values, GQA-2 64,
+# MQA 32; an MLA layer caches its latent plus the shared RoPE key, rank + rope_dim values, for
+# every head together: mla_64 matches GQA-2's bytes and mla_32 MQA's. MLA's per-head q/k nope
+# and v widths equal the softmax head_dim (16), no q compression.
+_MLA = dict(layer_pattern=("mla",), mla_nope_dim=16, mla_v_dim=16, mla_q_rank=0)
+MLA_VARIANTS = {"mha": dict(num_kv_heads=4),
+                "gqa": dict(num_kv_heads=2),
+                "mqa": dict(num_kv_heads=1),
+                "mla_64": dict(_MLA, mla_kv_rank=48, mla_rope_dim=16),
+                "mla_32": dict(_MLA, mla_kv_rank=24, mla_rope_dim=8)}
+# Budgets that keep the whole ablation within 10 minutes on 2 CPU cores (five variants, two
+# tasks, each compiling its own train step).
+MLA_STEPS = {"mqar": 400, "lm": 150}
+
+
+def _mla():
+    config = _hybrid_tasks(mqar_steps=MLA_STEPS["mqar"], lm_steps=MLA_STEPS["lm"])
+    for task in config.tasks.values():
+        task.model.update(num_heads=4, positions="rope")  # MLA rotates its RoPE key
+    config.variants = ml_collections.ConfigDict(
+        {name: {"model": changes} for name, changes in MLA_VARIANTS.items()})
+    return config

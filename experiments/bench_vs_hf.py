@@ -1,7 +1,7 @@
 """tx against Hugging Face ``transformers`` (PyTorch, eager) on the same weights, one process.
 
-For a GPT-2, a LLaMA (GQA, SwiGLU, RoPE) and a Mamba-2 (SSD recurrence, no attention) shape
-it builds a random ``transformers`` model, moves its weights into tx with ``tx.interop.hf`` and
+For a GPT-2, a LLaMA (GQA, SwiGLU, RoPE), a Mamba-2 (SSD recurrence, no attention) and a
+DeepSeek-V3 (dense: multi-head latent attention, ``tx.attention.mla``) shape it builds a random ``transformers`` model, moves its weights into tx with ``tx.interop.hf`` and
 times, alternating tx and PyTorch repetition by repetition (so a loaded machine slows both
 alike; medians reported):
 
@@ -11,12 +11,15 @@ alike; medians reported):
     guard); PyTorch runs ``torch.optim.AdamW`` with the same hyperparameters;
   * attention: one layer's causal attention alone, forward and backward, on the model's
     heads and the ``B x T`` batch, against PyTorch's ``scaled_dot_product_attention`` (a
-    fused flash kernel on CPU): tx's default implementations (what the layer runs: the fused
+    fused flash kernel on CPU; DeepSeek-V3: MLA's expanded form, q/k head dim
+    ``dn + dr`` and v head dim ``dv`` apart): tx's default implementations (what the layer runs: the fused
     ``cpu`` kernel, ``kernels/cpu_attention.cc``) and, as ``attention_xla``, the ``xla``
     reference alone;
   * decode: greedy generation of ``--new_tokens`` after a ``--prompt``-token prompt at each
     ``--decode_batches`` size (tx ``generate`` with the contiguous cache, HF ``generate``),
-    and tx's paged cache against its contiguous one.
+    and tx's paged cache against its contiguous one. tx decodes MLA in the absorbed form from
+    its latent cache; ``transformers`` caches the latent too but expands it to per-head K/V
+    for the whole prefix at every step.
 
 Mamba-2 has no attention or paged rows (its cache is a constant-size state). Without the CUDA
 package ``mamba_ssm`` (any CPU user) ``transformers`` runs its PyTorch reference path
@@ -32,6 +35,7 @@ per row.
   python experiments/bench_vs_hf.py                       # the README table
   python experiments/bench_vs_hf.py --models=llama --work=forward,train
   python experiments/bench_vs_hf.py --models=mamba2 --decode_batches=1 --torch_threads=1
+  python experiments/bench_vs_hf.py --models=deepseek_v3 --decode_batches=1
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ from tx.interop import hf
 from tx.train.step import init_state, make_train_step
 
 _MODELS = flags.DEFINE_list("models", ["gpt2", "llama", "mamba2"],
-                            "Model shapes: gpt2, llama, mamba2.")
+                            "Model shapes: gpt2, llama, mamba2, "
+                            "deepseek_v3.")
 _WORK = flags.DEFINE_list("work", ["forward", "train", "attention", "decode"], "What to time.")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width D.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Layers.")
@@ -103,7 +108,19 @@ def _shapes(name: str, d: int, layers: int, vocab: int, max_len: int) -> tuple[s
             hidden_size=d, num_hidden_layers=layers, num_heads=2 * d // 64, head_dim=64,
             state_size=64, n_groups=1, expand=2, conv_kernel=4, chunk_size=64,
             layer_norm_epsilon=1e-5, tie_word_embeddings=False, **common)
-    raise ValueError(f"--models: {name!r} is not one of gpt2, llama, mamba2.")
+    if name == "deepseek_v3":
+        # Every layer dense (first_k_dense_replace = layers): DeepSeek-V3's MLA proportions
+        # at width d (V3: d 7168, 128 heads of nope 128 + rope 64, v 128, kv rank 512 = 4
+        # heads' worth, q rank 1536), SwiGLU as LLaMA's row.
+        heads = max(4, d // 64)
+        return "DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
+            hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=heads, qk_nope_head_dim=64, qk_rope_head_dim=32,
+            v_head_dim=64, kv_lora_rank=d // 2, q_lora_rank=3 * d // 4,
+            first_k_dense_replace=layers, intermediate_size=(d * 8 // 3 + 15) // 16 * 16,
+            max_position_embeddings=max_len, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            **common)
+    raise ValueError(f"--models: {name!r} is not one of gpt2, llama, mamba2, deepseek_v3.")
 
 
 def build_pair(name: str):
@@ -212,9 +229,12 @@ def attention_row(name, model, ids, implementation, work):
     b, t = ids.shape
     n, kh, h = (model.config.attention.num_heads, model.config.attention.kv_heads,
                 model.config.head_dim)
+    hv, spec = h, _mla_spec(model)
+    if spec is not None:  # MLA's expanded form: every head its own K/V, v narrower than q/k
+        kh, h, hv = n, spec.qk_nope_head_dim + spec.qk_rope_head_dim, spec.v_head_dim
     rng = np.random.RandomState(2)
     q, k, v, do = (rng.standard_normal(shape).astype(np.float32)
-                   for shape in ((b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, t, n, h)))
+                   for shape in ((b, t, n, h), (b, t, kh, h), (b, t, kh, hv), (b, t, n, hv)))
 
     def loss(q, k, v):
         out = registry.attend(q, k, v, mask=masks.Causal(), implementation=implementation)
@@ -237,8 +257,14 @@ def attention_row(name, model, ids, implementation, work):
     tx_s, torch_s = interleaved(lambda: jax.block_until_ready(tx_grads(q, k, v)), torch_grads,
                                 _REPEATS.value)
     return dict(work=work, batch=b, tokens=b * t, tx_s=tx_s, torch_s=torch_s,
-                max_abs_grad_diff=diff, heads=n, kv_heads=kh, head_dim=h,
+                max_abs_grad_diff=diff, heads=n, kv_heads=kh, head_dim=h, v_head_dim=hv,
                 implementation=",".join(implementation))
+
+
+def _mla_spec(model):
+    """The ``tx.attention.mla.MLA`` value of the model's layers, or None."""
+    from tx.attention.mla import MLA
+    return next((m for m in model.config.attention.masks if isinstance(m, MLA)), None)
 
 
 def decode_rows(name, ref, model, batch):
@@ -340,11 +366,11 @@ def _versions(torch) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':<7}{'work':<21}{'B':>3}{'tx tok/s':>11}{'other tok/s':>13}{'ratio':>8}")
+    print(f"{'model':<12}{'work':<21}{'B':>3}{'tx tok/s':>11}{'other tok/s':>13}{'ratio':>8}")
     for r in rows:
         other = r.get("torch_tokens_per_s", r.get("contiguous_tokens_per_s"))
         ratio = r.get("tx_over_torch", r.get("paged_over_contiguous"))
-        print(f"{r['model']:<7}{r['work']:<21}{r['batch']:>3}{r['tx_tokens_per_s']:>11,.0f}"
+        print(f"{r['model']:<12}{r['work']:<21}{r['batch']:>3}{r['tx_tokens_per_s']:>11,.0f}"
               f"{other:>13,.0f}{ratio:>8.2f}")
     if rows:
         print("ratio: tx / PyTorch tokens/s (paged_vs_contiguous: tx paged / tx contiguous); "

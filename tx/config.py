@@ -207,6 +207,10 @@ class ModelConfig:
                          jnp.dtype(jnp.float16)):
             _fail("dtype", self.dtype, "use jnp.float32, jnp.bfloat16 or jnp.float16.")
         self._check_memory()
+        for i, layer in enumerate(self.attention.masks):  # layer values refuse what they cannot be
+            check = getattr(layer, "check_config", None)
+            if callable(check):
+                check(self, i)
 
     def _check_memory(self) -> None:
         m = self.memory_length

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from tx.attention import favor as _favor  # noqa: F401  (registers 'favor', 'local_favor')
 from tx.attention import fnet as _fnet  # noqa: F401  (registers 'fnet')
+from tx.attention import mla as _mla  # noqa: F401  (registers 'mla')
 from tx.attention import recurrent_ssd as _ssd  # noqa: F401  (registers 'gdn', 'mamba2'...)
 from tx.attention import deberta as _deberta  # noqa: F401  (registers positions 'deberta')
 from tx.attention import xl as _xl  # noqa: F401  (registers positions 'xl')

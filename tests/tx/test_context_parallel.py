@@ -31,8 +31,9 @@ CASES = {  # name -> (mask, context, extra) for the ring-vs-reference checks
     "local/4": (masks.Local(T // 8), 4, "lengths"),
     "local/8": (masks.Local(T // 8), 8, "t5"),
     "bigbird/4": (masks.BigBird(4), 4, "segments"),
-    "bigbird/8": (masks.BigBird(4), 8, "mqa"),
+    "bigbird/8": (masks.BigBird(4), 8, "mqa"),  # one K/V head, v wider than q/k (MLA-like)
 }
+SPARSE = masks.Local(3, 3) | masks.GlobalTokens((0,))  # no band: no local form per chunk pair
 
 
 # ----------------------------------------------------------------------- host-side plan
@@ -86,10 +87,31 @@ def test_bad_input_is_refused_by_name_before_tracing():
     with pytest.raises(ValueError, match="num_heads=6"):
         MeshConfig(context=4, context_attention="all_to_all").check_context(6, 6)
     MeshConfig(context=4, context_attention="all_to_all").check_context(8, 1)  # MQA gathers
-    sinks = score_mods.Sinks(jnp.zeros((2,)))
-    q = jnp.zeros((1, 4, 2, 4))
-    with pytest.raises(ValueError, match="sink logits"):
-        ring.ring_attention(q, q, q, mesh=mesh, score_mod=sinks)
+
+
+def test_config_refuses_what_a_split_sequence_cannot_run_before_building():
+    """At config time (``configs.resolve``), before the mesh or a step exists: a length the
+    ring cannot cut, heads all-to-all cannot split, a layer that is not softmax attention."""
+    from tx.train import configs as configs_lib
+
+    def refusal(name, **fields):
+        config = configs_lib.load_file(ROOT / "configs" / name)
+        config.mesh.context = 4
+        for key, value in fields.items():
+            section, field = key.split("__")
+            config[section][field] = value
+        with pytest.raises(configs_lib.ConfigError) as e:
+            configs_lib.resolve(config)
+        return str(e.value)
+
+    msg = refusal("mqar.py", data__seq_len=36)
+    assert "data.seq_len=36 must be divisible by 8 under mesh.context=4" in msg
+    assert "e.g. 40" in msg
+    msg = refusal("mqar.py", data__seq_len=36, mesh__context_attention="all_to_all",
+                  model__num_heads=6, model__num_kv_heads=6, model__d_model=48)
+    assert "num_heads=6" in msg and "mesh.context=4" in msg
+    msg = refusal("encoder_mlm.py", model__layer_pattern=("fnet", "full"), data__seq_len=64)
+    assert "mesh.context=4" in msg and "(FourierMixing)" in msg
 
 
 def test_mesh_flags_select_the_context_axis():
@@ -124,9 +146,22 @@ def test_ring_equals_one_device_forward_and_gradients(eight):
     assert err["out"] < 1e-5 and err["grads"] < 1e-5 and err["mod_grads"] < 1e-5, err
 
 
+def test_ring_blocks_run_through_the_backend_order(eight):
+    """implementation=("pallas",): every block through the flash kernel (interpret mode),
+    its lse's cotangent included, at shifted bands; a partly visible pair of a mask that is
+    no band has no local form, and only xla serves it."""
+    err = eight["blocks"]["pallas/local/4"]
+    assert err["out"] < 1e-5 and err["grads"] < 1e-5 and err["served"] == ["pallas"], err
+    # The default order on a CPU (cpu, xla): the cpu kernel has no block path.
+    assert eight["kernels"]["served"] == ["xla"], eight["kernels"]["served"]
+    assert "no local mask" in eight["blocks"]["pallas/sparse"]["message"]
+
+
 def test_all_to_all_agrees_with_the_ring(eight):
     for name, err in eight["a2a"].items():
         assert err["out"] < 1e-5 and err["grads"] < 1e-5, (name, err)
+    # T5 buckets, a user function of the head index and sinks, against one device.
+    assert eight["a2a"]["modifiers/2x2x2"]["mod_grads"] < 1e-5, eight["a2a"]
 
 
 def test_decoder_trains_and_resumes_across_context_sizes(eight):
@@ -136,6 +171,15 @@ def test_decoder_trains_and_resumes_across_context_sizes(eight):
     resume = eight["resume"]
     np.testing.assert_allclose(resume["context1"], resume["context4"], rtol=1e-5)
     assert "FourierMixing" in eight["refuse"]["message"]
+
+
+def test_generate_prefills_through_the_ring(eight):
+    gen = eight["generate"]
+    assert gen["context4"] == gen["one"]
+    # The prompt's attention ran as ring blocks; decoding through the cache (dense path).
+    assert "block" in gen["paths"] and {"cached", "dense"} & set(gen["paths"]), gen["paths"]
+    # MLA layers prefill their latent cache through the ring too, then decode absorbed.
+    assert gen["mla_context4"] == gen["mla_one"] and "block" in gen["mla_paths"], gen
 
 
 def test_collective_bytes_in_the_compiled_hlo_match_the_formula(eight):
@@ -152,11 +196,11 @@ def _rel(a, b) -> float:
 
 def _compare(fn, ref, q, k, v, mod):
     """Relative max errors of output, dq/dk/dv and the modifier's parameter gradients."""
-    w = jax.random.normal(jax.random.key(9), q.shape)
+    out, expect = jax.jit(fn)(q, k, v, mod), jax.jit(ref)(q, k, v, mod)
+    w = jax.random.normal(jax.random.key(9), expect.shape)  # v's head dim may differ from q's
 
     def loss(f):
         return lambda q, k, v, mod: jnp.sum(f(q, k, v, mod) * w)
-    out, expect = jax.jit(fn)(q, k, v, mod), jax.jit(ref)(q, k, v, mod)
     got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3)))(q, k, v, mod)
     want = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2, 3)))(q, k, v, mod)
     res = {"out": _rel(out, expect), "grads": max(_rel(a, b) for a, b in zip(got[:3], want[:3]))}
@@ -170,7 +214,8 @@ def _inputs(extra):
     ks = jax.random.split(jax.random.key(0), 4)
     kh = 1 if extra == "mqa" else K
     q = jax.random.normal(ks[0], (B, T, N, H))
-    k, v = (jax.random.normal(s, (B, T, kh, H)) for s in ks[1:3])
+    k = jax.random.normal(ks[1], (B, T, kh, H))
+    v = jax.random.normal(ks[2], (B, T, kh, H + H // 2 if extra == "mqa" else H))
     kwargs, mod = {}, None
     if extra == "segments":  # packed documents, not aligned with the chunks
         seg = jnp.asarray(np.repeat([[0] * 10 + [1] * 13 + [2] * 9], B, axis=0), jnp.int32)
@@ -185,15 +230,31 @@ def _inputs(extra):
     return q, k, v, kwargs, mod
 
 
+def _with_sinks(mod):
+    """``mod`` and a learned sink per head: the sink joins each row's softmax once."""
+    sinks = jax.random.normal(jax.random.key(5), (N,))
+    return score_mods.chain(mod, score_mods.Sinks(sinks))
+
+
 def _mesh(shape, names):
     return jax.sharding.Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape),
                              names)
 
 
 def check_kernels():
+    from tx.attention import registry
     out = {}
+    with registry.recording() as records:
+        _kernel_cases(out)
+    out["served"] = sorted({b for path, b, _ in records if path == "block"})
+    return out
+
+
+def _kernel_cases(out):
     for name, (mask, c, extra) in CASES.items():
         q, k, v, kw, mod = _inputs(extra)
+        if extra == "alibi":  # and sinks, merged once per row after the ring
+            mod = _with_sinks(mod)
         mesh = _mesh((c,), ("context",))
         out[name] = _compare(
             lambda q, k, v, m: ring.ring_attention(q, k, v, mesh=mesh, mask=mask,
@@ -209,6 +270,31 @@ def check_kernels():
                                                head_axis="tensor", **kw),
         lambda q, k, v, m: reference.attention(q, k, v, mask=masks.Causal(), score_mod=m,
                                                **kw), q, k, v, mod)
+
+
+def check_blocks():
+    from tx.attention import registry
+    out = {}
+    q, k, v, kw, _ = _inputs("segments")  # two rows: interpret mode is slow
+    q, k, v = q[:2], k[:2], v[:2]
+    kw = {"segment_ids": (kw["segment_ids"][0][:2], kw["segment_ids"][1][:2]),
+          "kv_lengths": jnp.array([T, 7], jnp.int32)}
+    for name, mask, c in (("pallas/local/4", masks.Local(T // 8), 4),):
+        mesh, impl = _mesh((c,), ("context",)), (name.split("/")[0],)
+        with registry.recording() as records:
+            out[name] = _compare(
+                lambda q, k, v, m: ring.ring_attention(q, k, v, mesh=mesh, mask=mask,
+                                                       implementation=impl, **kw),
+                lambda q, k, v, m: reference.attention(q, k, v, mask=mask, **kw),
+                q, k, v, None)
+        out[name]["served"] = sorted({b for path, b, _ in records if path == "block"})
+    try:
+        jax.eval_shape(lambda q: ring.ring_attention(
+            q, k, v, mesh=_mesh((4,), ("context",)), mask=SPARSE,
+            implementation=("pallas",)), q)
+        out["pallas/sparse"] = {"message": "served"}
+    except NotImplementedError as e:
+        out["pallas/sparse"] = {"message": str(e)}
     return out
 
 
@@ -228,6 +314,18 @@ def check_a2a():
                                                             **axes, **kw),
             lambda q, k, v, m: ring.ring_attention(q, k, v, mesh=mesh, mask=mask, **axes,
                                                    **kw), q, k, v, None)
+    # Per-head modifiers after the reshard to heads: each device's heads from its offset
+    # (tensor shard, then context slice), a user function reading the head index included.
+    q, k, v, kw, t5 = _inputs("t5")
+    user = score_mods.ScoreFn(lambda s, b, h, qp, kp: s + 0.1 * h.astype(jnp.float32))
+    mod = _with_sinks(score_mods.chain(t5, user))
+    mesh = _mesh((2, 2, 2), ("data", "tensor", "context"))
+    axes = {"batch_axes": "data", "head_axis": "tensor"}
+    out["modifiers/2x2x2"] = _compare(
+        lambda q, k, v, m: ulysses.all_to_all_attention(q, k, v, mesh=mesh, mask=masks.Causal(),
+                                                        score_mod=m, **axes),
+        lambda q, k, v, m: reference.attention(q, k, v, mask=masks.Causal(), score_mod=m),
+        q, k, v, mod)
     return out
 
 
@@ -276,6 +374,39 @@ def check_train_and_resume():
     print(json.dumps({"check": "resume", **resume}), flush=True)
 
 
+def check_generate():
+    """Greedy tokens of a prompt prefilled through the ring (context 4 x data 2) equal those
+    of one device; the cache holds the whole prompt and decoding continues through it."""
+    from flax import nnx
+
+    from tx import models, parallel as parallel_lib
+    from tx.attention import registry
+    from tx.flags import model_config
+    from tx.inference.generation import generate
+
+    def tokens(cfg):
+        prompt = jax.random.randint(jax.random.key(3), (2, 16), 0, cfg.vocab_size)
+        model = models.build(cfg)
+        one = generate(model, prompt, max_new_tokens=6).tokens
+        par = parallel_lib.Parallel(parallel_lib.make_mesh(MeshConfig(data=2, context=4)))
+        sharded = models.build(cfg)
+        parallel_lib.shard_module(sharded, par)  # its own compile: the inputs' shardings differ
+        with parallel_lib.use(par), registry.recording() as records:
+            split = generate(sharded, prompt, max_new_tokens=6).tokens
+        return np.asarray(one).tolist(), np.asarray(split).tolist(), records
+
+    shape = dict(d_model=32, d_ff=64, num_heads=4, max_len=32, num_layers=2)
+    one, split, records = tokens(model_config(num_kv_heads=2, **shape))
+    # MLA: the prompt's latent keys (one head of r + dr, values their first r columns).
+    mla_one, mla_split, mla_records = tokens(model_config(
+        layer_pattern="mla,full", mla_kv_rank=16, mla_rope_dim=8, mla_nope_dim=8, mla_v_dim=12,
+        positions="rope", **shape))
+    del nnx
+    return {"one": one, "context4": split, "mla_one": mla_one, "mla_context4": mla_split,
+            "paths": sorted({path for path, _, _ in records}),
+            "mla_paths": sorted({path for path, _, _ in mla_records})}
+
+
 def check_refuse():
     from tests.tx.mesh_checks import Trainer
     from tx.train import configs as configs_lib
@@ -296,7 +427,8 @@ def check_refuse():
 def main():
     jax.config.update("jax_numpy_rank_promotion", "raise")
     import time
-    for name, fn in (("kernels", check_kernels), ("a2a", check_a2a), ("refuse", check_refuse),
+    for name, fn in (("kernels", check_kernels), ("blocks", check_blocks), ("a2a", check_a2a),
+                     ("generate", check_generate), ("refuse", check_refuse),
                      ("bench", check_bench), ("train", check_train_and_resume)):
         start = time.process_time()
         out = fn()

@@ -12,12 +12,13 @@ from tx.kernels.masks import (EMPTY, FULL, PARTIAL, And, BigBird, Causal, Full, 
 from tx.attention.cache import KVCache, RollingKVCache, make_cache
 from tx.attention.favor import Favor, LocalGlobal
 from tx.attention.layer import Attention
+from tx.attention.mla import MLA, MLAttention
 from tx.attention.quant import int4_per_token_kv, int8_kv, kivi_kv
 from tx.attention import calls
 from tx.attention.backends import Backend, Decline
 from tx.attention.registry import attend, defaults, explain, names, register
 
-__all__ = ["Attention", "KVCache", "RollingKVCache", "make_cache", "attend", "register",
+__all__ = ["Attention", "MLA", "MLAttention", "KVCache", "RollingKVCache", "make_cache", "attend", "register",
            "Favor", "LocalGlobal", "int8_kv", "int4_per_token_kv", "kivi_kv",
            "names", "defaults", "explain", "Backend", "Decline", "calls", "Mask", "Full", "Causal", "Local", "Strided", "BigBird", "GlobalTokens",
            "And", "Or", "EMPTY", "PARTIAL", "FULL"]

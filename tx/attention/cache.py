@@ -9,6 +9,10 @@ Every cache, the paged one (``tx.attention.paged``) included, answers one protoc
   over and the positions at which the mask (and a position bias) is evaluated there. A slot
   with position ``-1`` is empty and nobody sees it.
 
+A latent cache (``value_dim``; MLA's ``[c_kv, k_rope]``, ``tx.attention.mla``) stores keys only,
+one K/V head wide: ``v_new`` is None and the values are the keys' first ``value_dim`` columns
+(``calls.Cached(..., value_dim=...)``), so each token is stored once for every head.
+
 ``NO_CACHE`` answers the same calls for training and encoders. The model enables decoding by
 attribute assignment (``attn.cache = KVCache(...)``), not by a ``decode`` flag.
 
@@ -109,20 +113,41 @@ class _RowCache(nnx.Module):
     """The cached ``attend``, ``start`` and ``fork`` / ``reorder`` for caches that hold every
     row's K/V in ``k``/``v``: storage dicts (``tx.attention.quant``) of parts ``[B, ...]``."""
 
-    def _init_storage(self, shape: tuple, dtype, kv: quant.KVQuant | None) -> None:
+    def _init_storage(self, shape: tuple, dtype, kv: quant.KVQuant | None,
+                      value_dim: int | None = None) -> None:
+        """``value_dim``: a latent cache (MLA) with no V store, its values the first
+        ``value_dim`` columns of the keys (stored once per token)."""
         kv = quant.float_kv(dtype) if kv is None else check_kv(kv, shape[-1])
+        if value_dim is not None and not 0 < value_dim <= shape[-1]:
+            raise ValueError(f"value_dim={value_dim!r}: the values are the first value_dim "
+                             f"columns of keys of width {shape[-1]}; give 1..{shape[-1]}.")
         if kv.residual:
             raise ValueError(f"kv_dtype={kv!r} quantises whole pages (KIVI), which needs the "
                              "paged cache: use cache=Paged(page_size), or int8 / "
                              "int4_per_token for a contiguous or rolling cache.")
         self.kv, self.dtype = kv, dtype
+        self.value_dim = value_dim
         self.k = buffers(kv.key, shape, dtype, ("batch",))
-        self.v = buffers(kv.value, shape, dtype, ("batch",))
+        self.v = nnx.data(None) if value_dim is not None else \
+            buffers(kv.value, shape, dtype, ("batch",))
+
+    def _stores(self, k_new=None, v_new=None) -> list:
+        """``(store, scheme, new)`` of each stored tensor: K and V, or K alone (latent)."""
+        out = [(self.k, self.kv.key, k_new)]
+        if self.v is not None:
+            out.append((self.v, self.kv.value, v_new))
+        return out
+
+    def _values(self, k: jax.Array, v: jax.Array | None) -> jax.Array:
+        """The values: ``v``, or the keys' first ``value_dim`` columns (a latent cache)."""
+        return k[..., :self.value_dim] if self.v is None else v
 
     def _stored(self) -> tuple[jax.Array, jax.Array]:
         """The whole cache as the compute dtype (dequantised when quantised)."""
-        return (self.kv.key.dequantise(read(self.k), self.dtype),
-                self.kv.value.dequantise(read(self.v), self.dtype))
+        k = self.kv.key.dequantise(read(self.k), self.dtype)
+        if self.v is None:
+            return k, self._values(k, None)
+        return k, self.kv.value.dequantise(read(self.v), self.dtype)
 
     def start(self) -> jax.Array:
         return self.index[...]
@@ -142,9 +167,16 @@ class _RowCache(nnx.Module):
             view = self.prefix_view(k, v, kv_pos, score_mod)
         if view is not None:
             # A backend's cached path knows these positions without them; one without it
-            # (or declining) attends densely at the positions.
-            return registry.serve("cached", calls.Cached(q_btnh, *view, mask=mask, scale=scale,
-                                                         score_mod=score_mod),
+            # (or declining) attends densely at the positions. A latent cache passes its
+            # keys only: the backend reads the values from their first columns.
+            k_view, v_view, lengths = view
+            if self.v is not None:
+                cached = calls.Cached(q_btnh, k_view, v_view, lengths, mask=mask,
+                                      scale=scale, score_mod=score_mod)
+            else:
+                cached = calls.Cached(q_btnh, k_view, None, lengths, mask=mask, scale=scale,
+                                      score_mod=score_mod, value_dim=self.value_dim)
+            return registry.serve("cached", cached,
                                   implementation, fallback=("dense", lambda: dense))
         return registry.serve("dense", dense, implementation)
 
@@ -154,7 +186,7 @@ class _RowCache(nnx.Module):
         return None
 
     def _map(self, fn, *, reshape: bool = False) -> None:
-        for store in (self.k, self.v):
+        for store, _, _ in self._stores():
             assign(store, {n: fn(x) for n, x in read(store).items()}, reshape=reshape)
 
     def fork(self, n: int) -> None:
@@ -170,8 +202,9 @@ class KVCache(_RowCache):
     ``dtype`` or quantised by ``kv`` (token-wise schemes, ``tx.attention.quant``)."""
 
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *,
-                 dtype=jnp.float32, kv: quant.KVQuant | None = None):
-        self._init_storage((batch, max_len, num_kv_heads, head_dim), dtype, kv)
+                 dtype=jnp.float32, kv: quant.KVQuant | None = None,
+                 value_dim: int | None = None):
+        self._init_storage((batch, max_len, num_kv_heads, head_dim), dtype, kv, value_dim)
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))  # tokens written so far
         self.max_len = max_len
 
@@ -181,7 +214,7 @@ class KVCache(_RowCache):
     def update(self, k_new, v_new):
         b, t = k_new.shape[:2]
         start = self.index[...]
-        for store, scheme, new in ((self.k, self.kv.key, k_new), (self.v, self.kv.value, v_new)):
+        for store, scheme, new in self._stores(k_new, v_new):
             parts = scheme.quantise(new)
             assign(store, {n: jax.lax.dynamic_update_slice_in_dim(x, parts[n], start, axis=1)
                            for n, x in read(store).items()})
@@ -201,8 +234,9 @@ class RollingKVCache(_RowCache):
     """
 
     def __init__(self, batch: int, window: int, num_kv_heads: int, head_dim: int, *,
-                 dtype=jnp.float32, kv: quant.KVQuant | None = None):
-        self._init_storage((batch, window, num_kv_heads, head_dim), dtype, kv)
+                 dtype=jnp.float32, kv: quant.KVQuant | None = None,
+                 value_dim: int | None = None):
+        self._init_storage((batch, window, num_kv_heads, head_dim), dtype, kv, value_dim)
         self.pos = nnx.Cache(jnp.full((window,), -1, jnp.int32))  # position held by each slot
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))
         self.window = window
@@ -214,7 +248,7 @@ class RollingKVCache(_RowCache):
         keep = min(t, self.window)  # only the newest `window` tokens survive in the ring
         slots = new_pos[t - keep:] % self.window
         out = []
-        for store, scheme, new in ((self.k, self.kv.key, k_new), (self.v, self.kv.value, v_new)):
+        for store, scheme, new in self._stores(k_new, v_new):
             ring, parts = read(store), scheme.quantise(new)
             # The new tokens are attended as stored (quantised), like the older ones.
             both = {n: jnp.concatenate([ring[n], parts[n]], axis=1) for n in ring}
@@ -223,7 +257,8 @@ class RollingKVCache(_RowCache):
         kv_pos = jnp.concatenate([self.pos[...], new_pos])
         self.pos[...] = self.pos[...].at[slots].set(new_pos[t - keep:])
         self.index[...] = start + t
-        return (*out, jnp.broadcast_to(new_pos, (b, t)),
+        k, v = out if len(out) == 2 else (out[0], self._values(out[0], None))
+        return (k, v, jnp.broadcast_to(new_pos, (b, t)),
                 jnp.broadcast_to(kv_pos, (b, self.window + t)))
 
     def prefix_view(self, k, v, kv_pos, score_mod):
@@ -235,7 +270,8 @@ class RollingKVCache(_RowCache):
         key = jnp.where(kv_pos[0] < 0, jnp.iinfo(jnp.int32).max, kv_pos[0])
         order = jnp.argsort(key)  # valid slots ascending (a contiguous range), empties last
         lengths = jnp.full((k.shape[0],), jnp.sum(kv_pos[0] >= 0), jnp.int32)
-        return jnp.take(k, order, axis=1), jnp.take(v, order, axis=1), lengths
+        v = None if self.v is None else jnp.take(v, order, axis=1)
+        return jnp.take(k, order, axis=1), v, lengths
 
 
 def _relative(score_mod) -> bool:
@@ -252,11 +288,14 @@ def rolling_window(mask: masks_lib.Mask) -> int | None:
 
 
 def make_cache(mask: masks_lib.Mask, batch: int, max_len: int, num_kv_heads: int,
-               head_dim: int, *, dtype=jnp.float32,
-               kv: quant.KVQuant | None = None) -> nnx.Module:
+               head_dim: int, *, dtype=jnp.float32, kv: quant.KVQuant | None = None,
+               value_dim: int | None = None) -> nnx.Module:
     """A rolling cache when the mask is a causal window shorter than ``max_len``; ``kv``
-    quantises its storage (None: ``dtype``)."""
+    quantises its storage (None: ``dtype``); ``value_dim``: a latent cache (no V store, the
+    values the keys' first ``value_dim`` columns)."""
     window = rolling_window(mask)
     if window is not None and window < max_len:
-        return RollingKVCache(batch, window, num_kv_heads, head_dim, dtype=dtype, kv=kv)
-    return KVCache(batch, max_len, num_kv_heads, head_dim, dtype=dtype, kv=kv)
+        return RollingKVCache(batch, window, num_kv_heads, head_dim, dtype=dtype, kv=kv,
+                              value_dim=value_dim)
+    return KVCache(batch, max_len, num_kv_heads, head_dim, dtype=dtype, kv=kv,
+                   value_dim=value_dim)

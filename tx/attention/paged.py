@@ -104,24 +104,32 @@ class PagedKVCache(nnx.Module):
     immutable, so a shared prefix page is quantised once for every row that holds it, and a
     copy-on-write copy of a partial page stays in full precision (it lives in the tail).
     Every array is K/V-head major: each stored part of a scheme is ``[K, P, ...]``.
+
+    ``value_dim``: a latent cache (MLA): one pool of keys ``[1, P, L, r + dr]`` and no V pool,
+    the values being the keys' first ``value_dim`` columns; pages are copied, shared and
+    forked exactly as K/V pages are.
     """
 
     def __init__(self, block_tables, num_pages: int, page_size: int, num_kv_heads: int,
                  head_dim: int, *, dtype=jnp.float32, fork_plan: ForkPlan | None = None,
-                 kv: quant.KVQuant | None = None):
+                 kv: quant.KVQuant | None = None, value_dim: int | None = None):
         _check_tables(block_tables, fork_plan, num_pages)
         kv = quant.float_kv(dtype) if kv is None else cache_lib.check_kv(kv, head_dim,
                                                                          page_size)
-        self.kv, self.dtype = kv, dtype
+        if value_dim is not None and not 0 < value_dim <= head_dim:
+            raise ValueError(f"value_dim={value_dim!r}: the values are the first value_dim "
+                             f"columns of keys of width {head_dim}; give 1..{head_dim}.")
+        self.kv, self.dtype, self.value_dim = kv, dtype, value_dim
         shape = (num_kv_heads, num_pages, page_size, head_dim)
         self.k_pages = _pool(kv.key, shape, dtype)
-        self.v_pages = _pool(kv.value, shape, dtype)
+        self.v_pages = _pool(kv.value, shape, dtype) if value_dim is None else nnx.data(None)
         self.k_tail = self.v_tail = nnx.data(None)
         rows = np.shape(block_tables)[0]
         if kv.residual:
             tail = (num_kv_heads, rows, page_size, head_dim)
             self.k_tail = _kv_major(jnp.zeros(tail, dtype), "batch")
-            self.v_tail = _kv_major(jnp.zeros(tail, dtype), "batch")
+            if value_dim is None:
+                self.v_tail = _kv_major(jnp.zeros(tail, dtype), "batch")
         self.block_tables = nnx.Cache(jnp.asarray(block_tables, jnp.int32),
                                       out_sharding=("batch", None), eager_sharding=False)
         self.index = nnx.Cache(jnp.zeros((), jnp.int32))
@@ -145,7 +153,7 @@ class PagedKVCache(nnx.Module):
         self._copy(self.fork_copies[...][:, 0], self.fork_copies[...][:, 1])
         self.block_tables.set_value(self.fork_tables[...])  # more rows: replace the array
         if self.kv.residual:  # each fork continues the prompt's partial page on its own
-            for tail in (self.k_tail, self.v_tail):
+            for _, _, tail in self._stores():
                 tail.set_value(jnp.repeat(tail[...], n, axis=1))
 
     def reorder(self, rows: jax.Array) -> None:
@@ -157,11 +165,18 @@ class PagedKVCache(nnx.Module):
         tables = self.block_tables[...][:, self.private_from:]
         self._copy(tables[rows].reshape(-1), tables.reshape(-1))
         if self.kv.residual:
-            for tail in (self.k_tail, self.v_tail):
+            for _, _, tail in self._stores():
                 tail[...] = tail[...][:, rows]
 
+    def _stores(self) -> list:
+        """``(pool, scheme, tail)`` of each stored tensor: K and V, or K alone (latent)."""
+        out = [(self.k_pages, self.kv.key, self.k_tail)]
+        if self.v_pages is not None:
+            out.append((self.v_pages, self.kv.value, self.v_tail))
+        return out
+
     def _copy(self, src, dst) -> None:
-        for store in (self.k_pages, self.v_pages):
+        for store, _, _ in self._stores():
             cache_lib.assign(store, {n: x.at[:, dst].set(x[:, src])
                                      for n, x in cache_lib.read(store).items()})
 
@@ -175,8 +190,7 @@ class PagedKVCache(nnx.Module):
         offsets = jnp.broadcast_to(pos % self.page_size, (b, t))
         # Rows sharing a prefix page write identical K/V there (same tokens, same positions);
         # token-wise quantisation is deterministic, so identical codes too.
-        for store, scheme, new in ((self.k_pages, self.kv.key, k_new),
-                                   (self.v_pages, self.kv.value, v_new)):
+        for (store, scheme, _), new in zip(self._stores(), (k_new, v_new)):
             parts = scheme.quantise(jnp.moveaxis(new, 2, 0))                # [K, B, T, ...]
             cache_lib.assign(store, {n: x.at[:, pages, offsets].set(parts[n])
                                      for n, x in cache_lib.read(store).items()})
@@ -195,8 +209,7 @@ class PagedKVCache(nnx.Module):
         ids = tables[:, jnp.minimum(cols, tables.shape[1] - 1)]            # [B, width]
         num_pages = jax.tree.leaves(cache_lib.read(self.k_pages))[0].shape[1]
         ids = jnp.where(jnp.arange(width)[None, :] < filled, ids, num_pages)  # past: dropped
-        for store, scheme, tail, new in ((self.k_pages, self.kv.key, self.k_tail, k_new),
-                                         (self.v_pages, self.kv.value, self.v_tail, v_new)):
+        for (store, scheme, tail), new in zip(self._stores(), (k_new, v_new)):
             kh, h = new.shape[2:]
             window = jnp.zeros((kh, b, width * size, h), self.dtype)
             window = jax.lax.dynamic_update_slice_in_dim(window, tail[...], 0, axis=2)
@@ -215,12 +228,12 @@ class PagedKVCache(nnx.Module):
         self.index[...] = start + t
 
     def _gather(self):
-        """Every row's pages as contiguous ``k, v [B, S, K, H]`` in the compute dtype."""
+        """Every row's pages as contiguous ``k, v [B, S, K, H]`` in the compute dtype (a
+        latent cache: ``v`` is the keys' first ``value_dim`` columns)."""
         tables = self.block_tables[...]
         b, w = tables.shape
         out = []
-        for store, scheme, tail in ((self.k_pages, self.kv.key, self.k_tail),
-                                    (self.v_pages, self.kv.value, self.v_tail)):
+        for store, scheme, tail in self._stores():
             pages = scheme.dequantise({n: x[:, tables]
                                        for n, x in cache_lib.read(store).items()},
                                       self.dtype)                           # [K, B, W, L, H]
@@ -229,12 +242,21 @@ class PagedKVCache(nnx.Module):
                 pages = jnp.where(current, tail[...][:, :, None], pages)
             kh, h = pages.shape[0], pages.shape[-1]
             out.append(jnp.moveaxis(pages, 0, 3).reshape(b, w * self.page_size, kh, h))
+        if self.v_pages is None:
+            out.append(out[0][..., :self.value_dim])
         return tuple(out)
 
     def _kernel_pages(self):
         """``(k_pages, v_pages, extra kwargs)`` for a paged kernel, or None when the storage
         is one no kernel reads (int4)."""
-        k, v = cache_lib.read(self.k_pages), cache_lib.read(self.v_pages)
+        k = cache_lib.read(self.k_pages)
+        if self.v_pages is None:  # latent: the values are read from the key pages
+            if isinstance(self.kv.key, quant.Float):
+                return k["x"], None, {}
+            if isinstance(self.kv.key, quant.Int8):
+                return k["codes"], None, {"k_scales": k["scale"]}
+            return None
+        v = cache_lib.read(self.v_pages)
         if isinstance(self.kv.key, quant.Float) and isinstance(self.kv.value, quant.Float):
             return k["x"], v["x"], {}
         if isinstance(self.kv.key, quant.Int8) and isinstance(self.kv.value, quant.Int8):
@@ -247,8 +269,9 @@ class PagedKVCache(nnx.Module):
         tokens in the pools and attend, in one call; None
         (nothing stored) when none has one or every one declines, when the pages are
         quantised, or when a position bias needs the general path."""
-        if not isinstance(self.kv.key, quant.Float) or not isinstance(self.kv.value, quant.Float):
-            return None
+        if not isinstance(self.kv.key, quant.Float) or \
+                not isinstance(self.kv.value, quant.Float) or self.v_pages is None:
+            return None  # (a write-and-attend call has no latent form: the general path)
         t = q_btnh.shape[1]
         end = self.index[...] + t
         if positions.bias(*self._positions(t, end)) is not None:
@@ -321,6 +344,7 @@ class PagedKVCache(nnx.Module):
             lengths = jnp.full((q_btnh.shape[0],), self.index[...], jnp.int32)
             return registry.serve("paged", calls.Paged(
                 q_btnh, k_pages, v_pages, self.block_tables[...], lengths, mask=mask,
-                scale=scale, score_mod=score_mod, **extra), implementation,
+                scale=scale, score_mod=score_mod, value_dim=self.value_dim, **extra),
+                implementation,
                 fallback=("dense", gathered))
         return registry.serve("dense", gathered(), implementation)

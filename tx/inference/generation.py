@@ -31,6 +31,7 @@ from tx.attention import registry
 from tx.attention.quant import KV_DTYPES, KVQuant
 from tx.inference.paged_cache import PagePool
 from tx.inference.sampling import Greedy
+from tx.parallel.prefill import prefill as context_prefill
 from tx.registry import Registry
 from tx.layers.block import Block
 from tx.models import Seq2Seq, Tower
@@ -224,6 +225,11 @@ def init_paged_cache(model, prompt_bt, max_new_tokens: int, *, page_size: int = 
         tables = pool.block_table(seq_ids, width=width)
     tables = jnp.asarray(tables, jnp.int32)  # one host-to-device copy, shared by every layer
     for attn in attentions:
+        # A layer that lays out its own pages (MLA: one latent pool, no V) builds them.
+        own = getattr(attn, "paged_cache", None)
+        if own is not None:
+            attn.cache = nnx.data(own(tables, pool.num_pages, page_size, fork_plan=plan, kv=kv))
+            continue
         _, k, h = attn.k_dkh[...].shape
         attn.cache = nnx.data(PagedKVCache(tables, pool.num_pages, page_size, k, h,
                                            dtype=attn.dtype, fork_plan=plan, kv=kv))
@@ -282,7 +288,8 @@ def _decode_cached(graphdef, state, prompt, source, lengths, key, *, max_new_tok
     context = _context(model, source, lengths)
     b = prompt.shape[0]
     key, sub = jax.random.split(key)
-    first = strategy(_last_logits(model, prompt, context), sub)  # prefill
+    with context_prefill(decoding_attentions(model)):  # the prompt split over mesh.context
+        first = strategy(_last_logits(model, prompt, context), sub)  # prefill
     first, done = _finish(jnp.zeros((b,), bool), first, stop_tokens)
     out = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(first)
     gen_len = jnp.ones((b,), jnp.int32)

@@ -12,6 +12,8 @@ A contiguous cache reserves ``tokens`` slots per sequence, except that a layer w
 a causal window shorter than that rolls over ``window`` slots. A paged cache rounds each
 sequence up to whole pages and keeps every position (pages are not rolled). A linear-attention
 layer (FAVOR+) keeps a constant-size fp32 state, ``batch · kv_heads · features · (head_dim + 1)``.
+An MLA layer (``tx.attention.mla``) stores one latent of ``kv_lora_rank + qk_rope_head_dim``
+values per token for all heads together (one "head", no separate values), quantised as keys.
 
 The figures are computed from the storage the caches allocate (``tx.attention.quant``), so
 they are exact for the K/V arrays; block tables and counters are not counted.
@@ -100,15 +102,22 @@ def kv_cache_bytes(config, batch: int, tokens: int, *, dtype="float32",
                                  "constant-size state, not K/V pages; plan without pages.")
             total += state(config, batch, tokens)
             continue
+        latent = getattr(mask, "latent_width", None)  # MLA: keys only, values inside them
+        heads, width, stores = (k, h, 2) if latent is None else (1, latent, 1)
+        if latent is not None:
+            kv.check(width, page_size, "dtype")
         if page_size is None:
-            window = cache_lib.rolling_window(mask)
+            window = None if latent is not None else cache_lib.rolling_window(mask)
             slots = window if window is not None and window < tokens else tokens
-            shape = (batch, slots, k, h)
+            shape = (batch, slots, heads, width)
         else:
-            shape = (k, batch * -(-tokens // page_size), page_size, h)  # a K-major pool
-        total += quant.nbytes(kv.key, shape) + quant.nbytes(kv.value, shape)
-        if kv.residual:  # each sequence's partial page, K and V, in the compute dtype
-            total += 2 * batch * page_size * k * h * jnp.dtype(config.dtype).itemsize
+            shape = (heads, batch * -(-tokens // page_size), page_size, width)  # K-major pool
+        total += quant.nbytes(kv.key, shape)
+        if stores == 2:
+            total += quant.nbytes(kv.value, shape)
+        if kv.residual:  # each sequence's partial page(s) in the compute dtype
+            total += stores * batch * page_size * heads * width * \
+                jnp.dtype(config.dtype).itemsize
     return total
 
 

@@ -62,7 +62,9 @@ def kv_bytes_per_token(cfg) -> int:
     if not getattr(cfg.head, "generates", False):
         return 0
     softmax = [m for m in memory.decoding_masks(cfg) if not hasattr(m, "state_bytes")]
-    return 2 * len(softmax) * cfg.kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    # An MLA layer stores one latent of ``latent_width`` values per token for all heads.
+    values = sum(getattr(m, "latent_width", 2 * cfg.kv_heads * cfg.head_dim) for m in softmax)
+    return values * jnp.dtype(cfg.dtype).itemsize
 
 
 def model_summary(resolved: Resolved, params) -> str:
@@ -73,7 +75,14 @@ def model_summary(resolved: Resolved, params) -> str:
     plural = lambda n, word: f"{n} {word}{'s' * (n != 1)}"
     attention = resolved.config.model.get("attention")
     shape = [plural(cfg.num_layers, "layer"), f"d_model {cfg.d_model}",
-             plural(cfg.attention.num_heads, "head"), plural(cfg.kv_heads, "K/V head")]
+             plural(cfg.attention.num_heads, "head")]
+    # MLA layers have no K/V heads: each caches one latent per token for all its heads.
+    masks = cfg.attention.masks
+    widths = sorted({m.latent_width for m in masks if hasattr(m, "latent_width")})
+    if not widths or any(not hasattr(m, "latent_width") for m in masks):
+        shape.append(plural(cfg.kv_heads, "K/V head"))
+    if widths:
+        shape.append(f"MLA latent {'/'.join(map(str, widths))} values/token")
     if attention:
         shape.append(f"attention {attention}")
     body = getattr(cfg.head, "body", None)  # a model that shortens rows (Funnel's pooling)

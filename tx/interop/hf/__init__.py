@@ -12,7 +12,8 @@ Families, one module each: ``decoders`` (``llama`` with RoPE scaling, ``mistral`
 alternating sliding-window layers), ``bert`` (masked LM, sequence classification), ``t5``
 (conditional generation), ``qwen3`` (Qwen2 with per-head q/k norms), ``gemma3`` (Gemma 2 with
 q/k norms and a RoPE base per layer type), ``fnet`` (Fourier token mixing, masked LM),
-``funnel`` (Funnel Transformer: pooled blocks and an upsampling decoder, masked LM). A
+``funnel`` (Funnel Transformer: pooled blocks and an upsampling decoder, masked LM),
+``deepseek_v3`` (every layer dense: multi-head latent attention, ``tx.attention.mla``). A
 config option tx cannot reproduce raises a ``ValueError`` naming the option, rather than
 loading a model that computes something else. Layouts are described in
 ``common.py``, and so is a family: a module that maps ``config.json`` straight to a
@@ -45,6 +46,7 @@ from tx.interop.hf import decoders, qwen2, phi3, gemma2, bert, t5, qwen3, gemma3
 from tx.interop.hf import funnel  # noqa: F401,E402  (Funnel Transformer, masked LM)
 from tx.interop.hf import deberta_v2  # noqa: F401,E402  (DeBERTa-v2/v3, masked LM)
 from tx.interop.hf import mamba2  # noqa: F401,E402  (Mamba-2 SSD, causal LM)
+from tx.interop.hf import deepseek_v3  # noqa: F401,E402  (DeepSeek-V3 dense, MLA)
 # isort: on
 
 
@@ -265,6 +267,9 @@ def load(path: str | os.PathLike, *, seed: int = 0, **overrides) -> nnx.Module:
     hf = _read_config(path)
     tensors = read_safetensors(path)
     model = models.build(_config(hf, tensors, **overrides), seed=seed)
+    family = _family(hf.get("model_type"))
+    if hasattr(family, "canonical_tensors"):  # a layout config.json names (rope_interleave)
+        tensors = family.canonical_tensors(hf, tensors)
     load_weights(model, tensors, source=", ".join(map(repr, safetensors_files(path))),
                  model_type=hf.get("model_type"))
     return model

@@ -180,6 +180,8 @@ def model_type(cfg: ModelConfig) -> str | None:
             return "mistral"
         if mask == masks.Causal():
             return "llama"
+        if not all(isinstance(m, masks.Mask) for m in a.masks):  # layer values (MLA): not
+            return None  # LLaMA's; a later family (deepseek_v3) may hold them
         unsupported("attention.masks", a.masks, "no HF LLaMA/Mistral equivalent.")
     if isinstance(cfg.norm, LayerNorm) and isinstance(cfg.positions, Learned) and \
             (mlp.activation, mlp.gated) == (jax.nn.gelu, False) and a.bias and mlp.bias and \
