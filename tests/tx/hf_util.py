@@ -3,6 +3,7 @@ once, and padded batches. No downloads."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 TOL = 1e-4  # fp32 max abs logit difference
@@ -35,6 +36,20 @@ def padded_batch(vocab: int, seed: int = 0, t: int = 12, lengths=(12, 7, 3)):
     ids = rng.randint(3, vocab, (len(lengths), t))
     valid = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
     return np.where(valid, ids, 0), valid, np.asarray(lengths, np.int32)
+
+
+def hf_logits(torch, ref, ids, valid):
+    """``transformers``' logits of ``ids [B, T]`` with ``valid [B, T]`` as attention mask."""
+    with torch.no_grad():
+        return ref(torch.tensor(ids), attention_mask=torch.tensor(
+            valid.astype(np.int64))).logits.numpy()
+
+
+def padded_logit_diff(torch, model, ref, vocab: int, seed: int = 0) -> float:
+    """Max |tx - HF| logit over the valid positions of a right-padded batch (rows 12, 8, 3)."""
+    ids, valid, lengths = padded_batch(vocab, seed, t=12, lengths=(12, 8, 3))
+    got = np.asarray(model(jnp.asarray(ids), lengths_b=jnp.asarray(lengths)))
+    return float(np.abs(got - hf_logits(torch, ref, ids, valid))[valid].max())
 
 
 def hf_greedy(torch, ref, prompt, *, new: int, eos: int, pad: int):

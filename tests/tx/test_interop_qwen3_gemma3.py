@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tx.hf_util import TOL, hf_greedy, hf_model, padded_batch
+from tests.tx.hf_util import TOL, hf_greedy, hf_logits, hf_model, padded_logit_diff
 from tx import models
 from tx.flags import ModelFlags, model_config, parse, to_flags
 from tx.inference import Contiguous, Paged, generate
@@ -50,15 +49,11 @@ FAMILIES = {
 
 
 def _hf_logits(ref, ids, valid):
-    with torch.no_grad():
-        return ref(torch.tensor(ids), attention_mask=torch.tensor(
-            valid.astype(np.int64))).logits.numpy()
+    return hf_logits(torch, ref, ids, valid)
 
 
 def _max_diff(model, ref, seed=0) -> float:
-    ids, valid, lengths = padded_batch(VOCAB, seed, t=12, lengths=(12, 8, 3))
-    got = np.asarray(model(jnp.asarray(ids), lengths_b=jnp.asarray(lengths)))
-    return float(np.abs(got - _hf_logits(ref, ids, valid))[valid].max())
+    return padded_logit_diff(torch, model, ref, VOCAB, seed)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
