@@ -51,6 +51,11 @@ def seq2seq(mesh):
     return _shrink(configs_lib.load_file(ROOT / "configs" / "seq2seq.py", "copy"), mesh)
 
 
+def encoder(mesh):
+    """Masked LM on bytes (BERT-style: learned absolute positions, rows padded to a length)."""
+    return _shrink(configs_lib.load_file(ROOT / "configs" / "encoder_mlm.py"), mesh)
+
+
 class Trainer:
     """The loop's pieces without its files: a state on the config's mesh and its step."""
 
@@ -68,11 +73,13 @@ class Trainer:
                                   self.parallel)
         return self
 
-    def train(self, start, steps):
+    def train(self, start, steps, reshape=None):
+        """Losses of steps ``start ...``; ``reshape`` maps each host batch first (e.g. pads
+        a seq2seq source to another length than the target's)."""
         state, out = self.state, []
         for i in range(start, start + steps):
-            state.params, state.rest, state.opt_state, m = self.step(*state.arrays(),
-                                                                     self.data.batch(i))
+            batch = self.data.batch(i) if reshape is None else reshape(self.data.batch(i))
+            state.params, state.rest, state.opt_state, m = self.step(*state.arrays(), batch)
             out.append(float(m["loss_sum"] / m["count"]))
         return out
 

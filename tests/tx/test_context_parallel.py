@@ -6,11 +6,16 @@ equality checks need 8 devices, which JAX fixes at start-up, so one subprocess r
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
       python -m tests.tx.test_context_parallel
+
+The README's context-parallel command runs as typed (the CLI in its own 8-device subprocess),
+made small by appended overrides.
 """
 
 import json
 import os
 import pathlib
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -125,10 +130,22 @@ def test_mesh_flags_select_the_context_axis():
 
 # --------------------------------------------------------------------------- 8 devices
 
+# The subprocesses compile many small programs and run each a few times: LLVM's optimisation
+# passes cost more than they save (the shared subprocess and the README run take ~40% less
+# time); XLA's own HLO passes are unchanged, and so are the losses here.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def _eight_devices() -> dict:
+    """The environment of a subprocess with 8 host CPU devices."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+                XLA_FLAGS=f"{flags} {FAST_COMPILE}")
+
+
 @pytest.fixture(scope="module")
 def eight():
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=flags)
+    env = _eight_devices()
     proc = subprocess.run([sys.executable, "-m", "tests.tx.test_context_parallel"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -173,6 +190,23 @@ def test_decoder_trains_and_resumes_across_context_sizes(eight):
     assert "FourierMixing" in eight["refuse"]["message"]
 
 
+def test_encoder_and_seq2seq_train_on_a_split_sequence(eight):
+    """Losses equal one device's; every attention layer ran split (the decoder's
+    cross-attention too: 16 queries over 32 encoder keys), none on a whole sequence."""
+    losses, routes, paths = (eight["families"][k] for k in ("losses", "routes", "paths"))
+    np.testing.assert_allclose(losses["encoder/ring/2x1x1x4"], losses["encoder/1x1x1x1"],
+                               rtol=1e-5)
+    for name in ("seq2seq/ring/2x1x1x4", "seq2seq/a2a/2x1x2x2"):
+        np.testing.assert_allclose(losses[name], losses["seq2seq/1x1x1x1"], rtol=1e-5,
+                                   err_msg=name)
+    # Two encoder layers; seq2seq: encoder self, decoder causal self and cross-attention.
+    assert routes["encoder/ring/2x1x1x4"] == {"ring_attention": 2}, routes
+    assert routes["seq2seq/ring/2x1x1x4"] == {"ring_attention": 3}, routes
+    assert routes["seq2seq/a2a/2x1x2x2"] == {"all_to_all_attention": 3}, routes
+    assert routes["seq2seq/1x1x1x1"] == {} and paths["seq2seq/1x1x1x1"] == ["dense"], paths
+    assert paths["encoder/ring/2x1x1x4"] == paths["seq2seq/ring/2x1x1x4"] == ["block"], paths
+
+
 def test_generate_prefills_through_the_ring(eight):
     gen = eight["generate"]
     assert gen["context4"] == gen["one"]
@@ -185,6 +219,61 @@ def test_generate_prefills_through_the_ring(eight):
 def test_collective_bytes_in_the_compiled_hlo_match_the_formula(eight):
     for name, (hlo, formula) in eight["bench"].items():
         assert hlo == formula > 0, name
+
+
+# ------------------------------------------------------------------ the README's command
+
+README_FLAG = "--config.mesh.context=4"
+# Appended to the README's command to keep the run small; the README's own flags (the config,
+# the data x context mesh) are kept as written.
+SMALL = ("--config.train.steps=3", "--config.model.d_model=32", "--config.model.d_ff=64",
+         "--config.model.num_layers=1", "--config.model.max_len=16", "--config.data.seq_len=16",
+         "--config.train.batch_size=2", "--config.train.eval_batches=1",
+         "--config.train.log_every=1", "--config.train.async_checkpoints=False")
+
+
+def _readme_command() -> list[str]:
+    """The README's context-parallel command: the one logical line (``\\`` continuations
+    joined) of a ```bash block that holds ``README_FLAG``."""
+    found, inside, line = [], False, ""
+    for raw in (ROOT / "README.md").read_text().splitlines():
+        if raw.startswith("```"):
+            inside, line = raw.strip() == "```bash", ""
+            continue
+        if not inside:
+            continue
+        line += raw.rstrip()
+        if line.endswith("\\"):
+            line = line[:-1] + " "
+            continue
+        if README_FLAG in line:
+            found.append(line)
+        line = ""
+    assert len(found) == 1, f"README.md: expected one ```bash line with {README_FLAG}: {found}"
+    return shlex.split(found[0])
+
+
+def test_the_readme_command_trains_a_decoder_on_a_split_sequence(tmp_path):
+    argv = _readme_command()
+    assert argv[:2] == ["python", "experiments/train.py"], argv
+    workdirs = [a for a in argv if a.startswith("--workdir=")]
+    assert len(workdirs) == 1, argv
+    argv = [sys.executable, *(f"--workdir={tmp_path}" if a in workdirs else a
+                              for a in argv[1:]), *SMALL]
+    env = _eight_devices()
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mesh = json.loads((tmp_path / "config.json").read_text())["mesh"]
+    assert (mesh["data"], mesh["context"]) == (2, 4), mesh
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and np.isfinite(losses).all(), rows
+    # The run names what served attention once: ring blocks (xla on a CPU) and no other
+    # path (a whole-sequence call would add "; attention: ...").
+    said = [r for r in (proc.stdout + proc.stderr).splitlines() if "attention" in r]
+    assert any(re.fullmatch(r"ring attention blocks: xla \(\d+ calls\)", r)
+               for r in said), said
 
 
 # ------------------------------------------------------------------ the subprocess side
@@ -407,6 +496,72 @@ def check_generate():
             "mla_paths": sorted({path for path, _, _ in mla_records})}
 
 
+def _family(make, mesh, how="ring"):
+    config = make(mesh[:3])
+    config.mesh.context, config.mesh.context_attention = mesh[3], how
+    return config
+
+
+def _seq2seq(mesh):
+    """One encoder and one decoder layer with T5 relative positions (a score modifier read at
+    global positions inside the ring); 8 query heads, 4 K/V heads, 16 target tokens."""
+    from tests.tx import mesh_checks
+    config = mesh_checks.seq2seq(mesh)
+    config.model.num_layers, config.model.positions = 1, "t5"
+    return config
+
+
+def _longer_source(batch):
+    """The source padded past every row's length to twice the target's: the decoder's 16
+    queries cross-attend over 32 encoder keys, both split over the context axis. The padding
+    is masked (``source_lengths``), and every mesh trains on the same padded batches."""
+    source = batch["source"]
+    return dict(batch, source=np.pad(source, ((0, 0), (0, source.shape[1]))))
+
+
+def _routes(counts):
+    """Counts the traced calls of the two context-parallel attentions (``context.attend``
+    reaches them through these module attributes), so a run that never split the sequence
+    cannot pass for one that did."""
+    def count(module, name):
+        fn = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        setattr(module, name, wrapped)
+        return lambda: setattr(module, name, fn)
+    return [count(ring, "ring_attention"), count(ulysses, "all_to_all_attention")]
+
+
+def check_families():
+    """The encoder (MLM) at context 4 (ring) and seq2seq at context 4 (ring) and context 2 x
+    tensor 2 (all-to-all), 3 steps each, against one device."""
+    import collections
+
+    from tests.tx import mesh_checks
+    from tx.attention import registry
+    runs = (("encoder/1x1x1x1", mesh_checks.encoder, (1, 1, 1, 1), "ring"),
+            ("encoder/ring/2x1x1x4", mesh_checks.encoder, (2, 1, 1, 4), "ring"),
+            ("seq2seq/1x1x1x1", _seq2seq, (1, 1, 1, 1), "ring"),
+            ("seq2seq/ring/2x1x1x4", _seq2seq, (2, 1, 1, 4), "ring"),
+            ("seq2seq/a2a/2x1x2x2", _seq2seq, (2, 1, 2, 2), "all_to_all"))
+    out = {"losses": {}, "routes": {}, "paths": {}}
+    for name, make, mesh, how in runs:
+        counts = collections.Counter()
+        undo = _routes(counts)
+        try:
+            with registry.recording() as records:  # the step traces in its first call
+                out["losses"][name] = mesh_checks.Trainer(_family(make, mesh, how)).train(
+                    0, 3, _longer_source if make is _seq2seq else None)
+        finally:
+            for restore in undo:
+                restore()
+        out["routes"][name] = dict(counts)
+        out["paths"][name] = sorted({path for path, _, _ in records})
+    return out
+
+
 def check_refuse():
     from tests.tx.mesh_checks import Trainer
     from tx.train import configs as configs_lib
@@ -429,7 +584,8 @@ def main():
     import time
     for name, fn in (("kernels", check_kernels), ("blocks", check_blocks), ("a2a", check_a2a),
                      ("generate", check_generate), ("refuse", check_refuse),
-                     ("bench", check_bench), ("train", check_train_and_resume)):
+                     ("bench", check_bench), ("train", check_train_and_resume),
+                     ("families", check_families)):
         start = time.process_time()
         out = fn()
         if out is not None:
