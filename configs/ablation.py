@@ -222,7 +222,7 @@ MLA_VARIANTS = {"mha": dict(num_kv_heads=4),
                 "mla_32": dict(_MLA, mla_kv_rank=24, mla_rope_dim=8)}
 # Budgets that keep the whole ablation within 10 minutes on 2 CPU cores (five variants, two
 # tasks, each compiling its own train step).
-MLA_STEPS = {"mqar": 400, "lm": 150}
+MLA_STEPS = {"mqar": 1200, "lm": 150}
 
 
 def _mla():
