@@ -251,16 +251,18 @@ _NO_POSITIONS = _NoBias()
 
 
 # -- flag name: 'mla' in attention / layer_pattern ---------------------------------------------
+# Flag defaults fit the small configs (d_model 64-128): DeepSeek-V3's own are 512 / 1536 / 64 /
+# 128 / 128 (``tx.interop.hf.deepseek_v3`` reads them from a checkpoint).
 FIELDS = (
-    Field("mla_kv_rank", 512, "MLA: kv_lora_rank, the latent K/V width per token",
+    Field("mla_kv_rank", 64, "MLA: kv_lora_rank, the latent K/V width per token (<= d_model)",
           check=positive_int),
     Field("mla_q_rank", 0, "MLA: q_lora_rank, the query latent width (0: no q compression)",
           check=non_negative_int),
-    Field("mla_rope_dim", 64, "MLA: qk_rope_head_dim, the shared RoPE key width (even)",
+    Field("mla_rope_dim", 16, "MLA: qk_rope_head_dim, the shared RoPE key width (even)",
           check=positive_int),
-    Field("mla_nope_dim", 128, "MLA: qk_nope_head_dim, each head's non-rotated q/k width",
+    Field("mla_nope_dim", 32, "MLA: qk_nope_head_dim, each head's non-rotated q/k width",
           check=non_negative_int),
-    Field("mla_v_dim", 128, "MLA: v_head_dim, each head's value width", check=positive_int),
+    Field("mla_v_dim", 32, "MLA: v_head_dim, each head's value width", check=positive_int),
 )
 
 

@@ -77,7 +77,8 @@ def model_summary(resolved: Resolved, params) -> str:
     shape = [plural(cfg.num_layers, "layer"), f"d_model {cfg.d_model}",
              plural(cfg.attention.num_heads, "head")]
     # MLA layers have no K/V heads: each caches one latent per token for all its heads.
-    masks = cfg.attention.masks
+    masks = cfg.attention.masks  # the schedule as built: cycled over, or cut to, the layers
+    masks = [masks[i % len(masks)] for i in range(cfg.num_layers)] if masks else []
     widths = sorted({m.latent_width for m in masks if hasattr(m, "latent_width")})
     if not widths or any(not hasattr(m, "latent_width") for m in masks):
         shape.append(plural(cfg.kv_heads, "K/V head"))
