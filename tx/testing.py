@@ -780,10 +780,20 @@ CASES["dense"] += [DenseCase("full", mod="disentangled", gqa=2, dtype="bfloat16"
 # and padded to other tile widths: two cases between them pairing masks, a modifier, G,
 # dtypes, shapes and data (each is a compile of the interpreted kernels, so not a product;
 # tests/kernels/test_flash_value_dim.py adds sinks, G = 3 and rows without keys).
-UNEQUAL_HEAD_DIMS = [
+UNEQUAL_HEAD_DIMS = [  # every mask of the catalogue and every modifier meets a v of its own width
     DenseCase("causal", gqa=2, data="packed", head_dims=(24, 16)),
     DenseCase("local", mod="alibi", dtype="bfloat16", shape="13x5", data="ragged",
               head_dims=(8, 20)),
+    DenseCase("full", mod="t5", gqa=4, shape="5x13", head_dims=(16, 8)),
+    DenseCase("local_two_sided", mod="softcap", data="packed", head_dims=(8, 24)),
+    DenseCase("strided", mod="sinks", gqa=2, dtype="bfloat16", data="ragged",
+              head_dims=(24, 16)),
+    DenseCase("bigbird", mod="head_scale", data="empty", head_dims=(16, 8)),
+    DenseCase("global", gqa=4, dtype="bfloat16", head_dims=(8, 20)),
+    DenseCase("local_or_global", mod="t5", data="ragged", head_dims=(24, 16)),
+    DenseCase("strided_and_local", mod="softcap", gqa=2, head_dims=(16, 8)),
+    DenseCase("dilated", mod="sinks", data="empty", head_dims=(8, 20)),
+    DenseCase("segment_memory", mod="alibi", gqa=2, head_dims=(24, 16)),
 ]
 CASES["dense"] += UNEQUAL_HEAD_DIMS
 
