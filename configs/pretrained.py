@@ -11,7 +11,7 @@ with its own ``tokenizer.json`` trains on your text tokenised with it (``:text``
 
   python experiments/train.py --config=configs/pretrained.py:text --workdir=/tmp/tx/ft \
       --config.init.hf=/models/tiny-llama --config.data.options.paths=notes/,docs/ \
-      --config.init.swap.layer_pattern=local,local,local,full --config.init.swap.window=128
+      --config.init.swap.layer_pattern=local,full --config.init.swap.window=128
 """
 
 from ml_collections import config_dict

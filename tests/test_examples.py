@@ -162,11 +162,12 @@ def test_dilated_mask_trains_in_the_flash_kernel_which_skips_its_empty_tiles(tmp
     # default tiles (64 wide on CPU) leave past key tiles wholly beyond the window's 10 keys.
     config = parse("dilated_mask", "--config.model.window=4", "--config.model.stride=3",
                    "--config.data.seq_len=192", "--config.model.num_layers=1",
+                   "--config.model.layer_pattern=dilated",
                    "--config.model.num_heads=2", steps=4)
     assert tuple(config.model.implementation) == ("pallas", "xla")
     run(config, tmp_path)
     model = models.build(configs.resolve(config).model)
-    (layer,) = attention_masks(model)  # layer_pattern=("dilated", "causal"), one layer
+    (layer,) = attention_masks(model)  # one layer: layer_pattern=dilated
     assert type(layer).__name__ == "Dilated" and (layer.window, layer.dilation) == (4, 3)
     dilated = [t for t in tables if t[0] == layer]
     assert {t[-1] for t in dilated} == {False, True}  # forward/dq and dk/dv lists

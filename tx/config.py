@@ -207,10 +207,26 @@ class ModelConfig:
                          jnp.dtype(jnp.float16)):
             _fail("dtype", self.dtype, "use jnp.float32, jnp.bfloat16 or jnp.float16.")
         self._check_memory()
+        self._check_schedules()
         for i, layer in enumerate(self.attention.masks):  # layer values refuse what they cannot be
             check = getattr(layer, "check_config", None)
             if callable(check):
                 check(self, i)
+
+    def _check_schedules(self) -> None:
+        """A schedule longer than its tower would be cut, training fewer patterns than it
+        names: refused (a shorter one is cycled over the layers)."""
+        towers = [("attention.masks", self.attention.masks, self.num_layers, "num_layers")]
+        if getattr(self.head, "masks", None):  # a seq2seq decoder's own schedule
+            towers.append(("head.masks", self.head.masks,
+                           getattr(self.head, "num_layers", None) or self.num_layers,
+                           "num_decoder_layers"))
+        for field, schedule, layers, count in towers:
+            if len(schedule) > layers:
+                _fail(f"{field} (layer_pattern)", schedule, f"names {len(schedule)} layers "
+                      f"but the tower has {layers}; the last {len(schedule) - layers} would "
+                      f"never be built. Give at most {layers} (a shorter schedule is cycled "
+                      f"over the layers) or raise {count}.")
 
     def _check_memory(self) -> None:
         m = self.memory_length

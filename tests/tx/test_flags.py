@@ -216,14 +216,17 @@ def _flags(draw):
     elif heads is not None:
         kw["num_kv_heads"] = heads
     layer = st.one_of(_expr(), st.sampled_from(["favor", "local_favor"]))
+    longest = 1  # a schedule longer than its tower is refused: draw the layers to fit
     if draw(st.booleans()):
         kw["layer_pattern"] = tuple(draw(st.lists(layer, min_size=1, max_size=3)))
         kw["attention"] = preset or ""
+        longest = len(kw["layer_pattern"])
     else:
         pattern = draw(st.none() | layer)
         kw["attention"] = "+".join(p for p in (preset, pattern) if p)
+    kw["num_layers"] = draw(st.integers(longest, 4))
     if kw["task"] == "seq2seq":
-        kw["num_decoder_layers"] = draw(st.none() | st.integers(1, 4))
+        kw["num_decoder_layers"] = draw(st.none() | st.integers(longest, 4))
     return kw
 
 
@@ -234,3 +237,14 @@ def test_parse_of_to_flags_is_the_identity(kw):
     printed = flags.to_flags(config)
     assert flags.model_config(**printed) == config
     assert flags.to_flags(flags.model_config(**printed)) == printed  # a fixed point
+
+
+def test_a_schedule_longer_than_the_layers_is_refused_not_cut():
+    """``layer_pattern=local,local,full`` on 2 layers would train ``local,local`` and drop
+    ``full``: refused by name; as many entries as layers, or fewer (cycled), are fine."""
+    with pytest.raises(ValueError, match=r"names 3 layers but the tower has 2.*raise num_layers"):
+        flags.model_config(layer_pattern="local,local,full", num_layers=2)
+    assert len(flags.model_config(layer_pattern="local,full", num_layers=2).attention.masks) == 2
+    with pytest.raises(ValueError, match=r"head.masks.*raise num_decoder_layers"):
+        flags.model_config(task="seq2seq", layer_pattern="local,full", num_layers=2,
+                           num_decoder_layers=1)
