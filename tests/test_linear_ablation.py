@@ -22,6 +22,8 @@ def tiny_linear():
         t.log_every = t.eval_every = t.checkpoint_every = 2
         t.async_checkpoints = False
     config.tasks.lm.data.seq_len = 32
+    for variant in config.variants.values():  # one layer holds one schedule entry (the
+        variant.model.layer_pattern = tuple(variant.model.layer_pattern)[:1]  # hybrid: local)
     c = config.crossover
     c.lengths, c.train_tokens, c.decode_tokens, c.repeats = (32,), 32, 2, 1
     c.model.num_layers, c.model.d_model, c.model.d_ff, c.model.linear_features = 1, 16, 32, 8

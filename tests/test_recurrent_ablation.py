@@ -18,8 +18,8 @@ RECURRENT = {"retnet", "gla", "mamba2", "gdn"}
 
 def tiny_recurrent():
     """One step on MQAR (the LM task runs the same plumbing, tests/test_linear_ablation.py)
-    and one speed length, on one-layer models (the hybrid keeps its schedule's first layer, a
-    Gated DeltaNet one): what is tested is the plumbing, and compiling dominates the time
+    and one speed length, on one-layer models (the hybrid's schedule cut to its first entry, a
+    Gated DeltaNet layer; a longer one is refused): what is tested is the plumbing, and compiling dominates the time
     here."""
     config = load_file(ROOT / "configs" / "ablation.py", "recurrent")
     assert set(config.tasks) == {"mqar", "lm"}
@@ -31,6 +31,8 @@ def tiny_recurrent():
         t.steps, t.warmup_steps, t.batch_size, t.eval_batches = 1, 0, 2, 1
         t.log_every = t.eval_every = t.checkpoint_every = 1
         t.async_checkpoints = False
+    for variant in config.variants.values():  # one layer holds one schedule entry
+        variant.model.layer_pattern = tuple(variant.model.layer_pattern)[:1]
     c = config.crossover
     c.lengths, c.train_tokens, c.decode_tokens, c.repeats = (16,), 16, 2, 1
     c.model.update(num_layers=1, d_model=16, d_ff=32, linear_features=8, recurrent_chunk=8)
